@@ -1,0 +1,125 @@
+"""The `mcp` command line: one small command per MLproject entry point, no logic.
+
+Options are generated from the stage's config dataclass, so the CLI, config files and
+logged params can never disagree. Precedence: defaults < --config FILE < command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from typing import Any, Callable
+
+import click
+from click.core import ParameterSource
+
+from mcp.config import PlannedStageConfig, StageConfig, TrainConfig, read_config_file
+from mcp.errors import McpError
+
+_CLICK_TYPES = {"int": click.INT, "float": click.FLOAT, "str": click.STRING}
+
+
+def config_options(cls: type[StageConfig]) -> Callable:
+    """Decorate a command with ``--config`` plus one option per field of ``cls``."""
+
+    def decorate(fn: Callable) -> Callable:
+        for f in reversed(dataclasses.fields(cls)):
+            flag = "--" + f.name.replace("_", "-")
+            kind = f.type if isinstance(f.type, str) else f.type.__name__
+            choices = f.metadata.get("choices")
+            help_text = f.metadata.get("help", "")
+            if kind == "bool":
+                # `--download` alone means true; `--download false` also works (MLproject passes values).
+                fn = click.option(flag, f.name, type=click.BOOL, default=f.default, is_flag=False,
+                                  flag_value=True, show_default=True, help=help_text)(fn)
+            else:
+                ptype = click.Choice(choices) if choices else _CLICK_TYPES[kind]
+                fn = click.option(flag, f.name, type=ptype, default=f.default, show_default=True,
+                                  help=help_text)(fn)
+        return click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+                            help="YAML or JSON file with option values (same keys); command-line options win.")(fn)
+
+    return decorate
+
+
+def explicit_values(ctx: click.Context, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Values from --config, overridden by the options actually typed on the command line."""
+    config_file = kwargs.pop("config_file", None)
+    values: dict[str, Any] = read_config_file(config_file) if config_file else {}
+    values = {str(k).replace("-", "_"): v for k, v in values.items()}
+    for name, value in kwargs.items():
+        if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP):
+            values[name] = value
+    return values
+
+
+def _fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(2)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="mcp-pipeline")
+def main() -> None:
+    """mcp: a tracked model compression pipeline (train, prune, quantize, distill, search, export)."""
+
+
+@main.command()
+@config_options(TrainConfig)
+@click.pass_context
+def train(ctx: click.Context, **kwargs: Any) -> None:
+    """Train a dense baseline; log it to MLflow and register it as <model>-<dataset>@baseline."""
+    from mcp.stages.train import checkpoint_config, run_train
+
+    source = kwargs.get("config_file") or "options"
+    try:
+        values = explicit_values(ctx, kwargs)
+        if values.get("resume"):
+            values = {**checkpoint_config(values["resume"]), **values}
+        cfg = TrainConfig.from_dict(values, source=source)
+        result = run_train(cfg)
+    except McpError as exc:
+        _fail(str(exc))
+    m = result.metrics
+    click.echo(f"run {result.run_id}: test_accuracy={m['test_accuracy']:.4f} params={int(m['params_total'])} "
+               f"macs={int(m['macs'])} latency_p50_cpu={m['latency_ms_p50_cpu']:.3f} ms "
+               f"train_time={m['train_time_s']:.1f} s")
+    click.echo(f"model: {result.model_uri}")
+    if result.registered_name:
+        click.echo(f"registered: models:/{result.registered_name}/{result.registered_version} "
+                   f"(alias: models:/{result.registered_name}@baseline)")
+
+
+def _planned(stage: str, issue: int) -> None:
+    @main.command(name=stage, help=f"{stage.capitalize()} stage: declared in MLproject, not implemented yet.")
+    @config_options(PlannedStageConfig)
+    def command(**kwargs: Any) -> None:
+        _fail(f"`mcp {stage}` is not implemented yet (planned in issue #{issue}); nothing was run")
+
+
+for _stage, _issue in (("prune", 3), ("quantize", 4), ("distill", 5), ("export", 6), ("benchmark", 6),
+                       ("search", 7)):
+    _planned(_stage, _issue)
+
+
+@main.command()
+def models() -> None:
+    """List the registered model names."""
+    from mcp.models import model_info, model_names
+
+    for name in model_names():
+        entry = model_info(name)
+        click.echo(f"{name:14s} {'(test) ' if entry.tiny else ''}{entry.description}")
+
+
+@main.command()
+def datasets() -> None:
+    """List the dataset names."""
+    from mcp.data import dataset_description, dataset_names
+
+    for name in dataset_names():
+        click.echo(f"{name:14s} {dataset_description(name)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,218 @@
+"""Typed, frozen stage configs.
+
+Each stage owns one dataclass. Its fields are the single source of truth for the
+CLI options (``mcp.cli`` builds click options from them), for config files
+(``--config FILE``, same keys) and for the params logged on every MLflow run.
+Validation raises :class:`mcp.errors.ConfigError` (a ``ValueError``) that names the
+bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from mcp.errors import ConfigError
+
+DEVICES = ("auto", "cpu", "cuda")
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULERS = ("cosine", "step", "constant")
+
+
+def option(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    """A config field with the metadata the CLI needs (help text, allowed choices)."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+def _coerce(name: str, kind: type, value: Any) -> Any:
+    """Coerce a value from a config file or the CLI to the field's type, or fail clearly."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off", ""):
+            return False
+        raise ConfigError(f"{name}={value!r} is not a boolean; use true or false")
+    if kind is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ConfigError(f"{name}={value!r} is not an integer")
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}={value!r} is not an integer") from None
+    if kind is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name}={value!r} is not a number")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}={value!r} is not a number") from None
+    if value is None:
+        return ""
+    return str(value)
+
+
+_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """Base class: construction from mappings, unknown-key errors, choice checks."""
+
+    @classmethod
+    def field_types(cls) -> dict[str, type]:
+        return {f.name: _TYPES[f.type] if isinstance(f.type, str) else f.type
+                for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        return {f.name: f.default for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], source: str = "config") -> "StageConfig":
+        types = cls.field_types()
+        clean: dict[str, Any] = {}
+        for raw_key, value in values.items():
+            key = str(raw_key).replace("-", "_")
+            if key not in types:
+                allowed = ", ".join(sorted(types))
+                raise ConfigError(f"unknown key {raw_key!r} in {source}; allowed keys: {allowed}")
+            clean[key] = _coerce(key, types[key], value)
+        return cls(**clean)
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value not in choices:
+                raise ConfigError(f"{f.name}={value!r} is not allowed; choose one of: {', '.join(choices)}")
+        self.validate()
+
+    def validate(self) -> None:  # overridden by stages
+        pass
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "StageConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _positive(name: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{name}={value!r} must be positive")
+
+
+def _in_unit_interval(name: str, value: float, low_open: bool = False) -> None:
+    ok = (0.0 < value < 1.0) if low_open else (0.0 <= value < 1.0)
+    if not ok:
+        interval = "(0, 1)" if low_open else "[0, 1)"
+        raise ConfigError(f"{name}={value!r} is outside {interval}")
+
+
+@dataclass(frozen=True)
+class DataOptions(StageConfig):
+    """Options every stage that touches data shares."""
+
+    dataset: str = option("digits", "Dataset name (see `mcp datasets`).")
+    data_dir: str = option("data", "Folder holding downloaded datasets or an image folder.")
+    download: bool = option(False, "Download torchvision datasets into --data-dir (needs a network).")
+    input_shape: str = option("", "CxHxW, e.g. 3x32x32: synthetic data shape / imagefolder resize. "
+                                  "Empty: the dataset's own.")
+    num_classes: int = option(0, "Classes for synthetic data (0: 10). Ignored for real datasets.")
+    val_fraction: float = option(0.1, "Share of the training split held out for validation.")
+    batch_size: int = option(32, "Mini-batch size.")
+    workers: int = option(0, "DataLoader worker processes.")
+    seed: int = option(0, "Random seed for weights, shuffling and augmentation.")
+    device: str = option("auto", "Where to run: auto picks cuda when available.", DEVICES)
+
+    def validate(self) -> None:
+        from mcp.data import dataset_names
+
+        if self.dataset not in dataset_names():
+            raise ConfigError(f"unknown dataset {self.dataset!r}; choose one of: {', '.join(dataset_names())}")
+        _positive("batch_size", self.batch_size)
+        _in_unit_interval("val_fraction", self.val_fraction, low_open=True)
+        if self.workers < 0:
+            raise ConfigError(f"workers={self.workers!r} must be 0 or more")
+        if self.num_classes < 0 or self.num_classes == 1:
+            raise ConfigError(f"num_classes={self.num_classes!r} must be 0 (default) or at least 2")
+        if self.input_shape:
+            from mcp.data import parse_shape
+
+            parse_shape(self.input_shape)
+
+
+@dataclass(frozen=True)
+class TrainConfig(DataOptions):
+    """`mcp train`: train a dense baseline and register it."""
+
+    model: str = option("lenet300_100", "Model name (see `mcp models`).")
+    epochs: int = option(60, "Training epochs.")
+    optimizer: str = option("sgd", "Optimizer.", OPTIMIZERS)
+    lr: float = option(0.05, "Peak learning rate.")
+    momentum: float = option(0.9, "SGD momentum.")
+    nesterov: bool = option(True, "Nesterov momentum (SGD).")
+    weight_decay: float = option(5e-4, "Weight decay (decoupled for AdamW).")
+    scheduler: str = option("cosine", "Learning-rate schedule over epochs.", SCHEDULERS)
+    step_size: int = option(10, "Epochs between LR drops (step schedule).")
+    gamma: float = option(0.1, "LR multiplier at each drop (step schedule).")
+    label_smoothing: float = option(0.0, "Label smoothing of the cross-entropy loss.")
+    patience: int = option(0, "Early stopping: epochs without val-accuracy gain (0: off).")
+    checkpoint_dir: str = option("checkpoints", "Where the per-epoch checkpoint is written.")
+    resume: str = option("", "Checkpoint file to resume from (its settings are the defaults).")
+    register: bool = option(True, "Register the model as <model>-<dataset> with alias 'baseline'.")
+
+    def validate(self) -> None:
+        super().validate()
+        from mcp.models import model_names
+
+        if self.model not in model_names():
+            raise ConfigError(f"unknown model {self.model!r}; choose one of: {', '.join(model_names())}")
+        _positive("epochs", self.epochs)
+        _positive("lr", self.lr)
+        _positive("step_size", self.step_size)
+        _positive("gamma", self.gamma)
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"momentum={self.momentum!r} is outside [0, 1)")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay={self.weight_decay!r} must be 0 or more")
+        _in_unit_interval("label_smoothing", self.label_smoothing)
+        if self.patience < 0:
+            raise ConfigError(f"patience={self.patience!r} must be 0 (off) or more")
+
+
+@dataclass(frozen=True)
+class PlannedStageConfig(StageConfig):
+    """Options of stages that are declared but not built yet."""
+
+    model: str = option("lenet300_100", "Model name (see `mcp models`).")
+    dataset: str = option("digits", "Dataset name (see `mcp datasets`).")
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or JSON mapping of option names to values."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    text = p.read_text()
+    try:
+        if p.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as exc:  # noqa: BLE001 - parser errors vary by library
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML/JSON: {first}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(p)!r} must hold a mapping of option names to values")
+    return data

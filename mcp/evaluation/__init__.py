@@ -1,0 +1,1 @@
+"""Metrics (accuracy, params, MACs, sizes, latency, memory) and plots."""

@@ -1,0 +1,72 @@
+"""The registry itself, kept free of model definitions to avoid import cycles."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from torch import nn
+
+from mcp.errors import ConfigError
+
+Factory = Callable[..., nn.Module]
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    factory: Factory
+    tiny: bool
+    description: str
+
+
+_MODELS: dict[str, ModelEntry] = {}
+
+
+def register_model(name: str, *, tiny: bool = False) -> Callable[[Factory], Factory]:
+    """Register ``factory(num_classes, input_shape, **kw) -> nn.Module`` under ``name``."""
+
+    def wrap(factory: Factory) -> Factory:
+        if name in _MODELS:
+            raise ValueError(f"model {name!r} registered twice")
+        doc = (inspect.getdoc(factory) or "").splitlines()
+        _MODELS[name] = ModelEntry(name, factory, tiny, doc[0] if doc else "")
+        return factory
+
+    return wrap
+
+
+def model_names(include_tiny: bool = True) -> list[str]:
+    return sorted(n for n, e in _MODELS.items() if include_tiny or not e.tiny)
+
+
+def model_info(name: str) -> ModelEntry:
+    if name not in _MODELS:
+        raise ConfigError(f"unknown model {name!r}; choose one of: {', '.join(model_names())}")
+    return _MODELS[name]
+
+
+def create_model(name: str, num_classes: int, input_shape: Sequence[int], **kw: Any) -> nn.Module:
+    entry = model_info(name)
+    shape = tuple(int(s) for s in input_shape)
+    if len(shape) != 3 or min(shape) <= 0:
+        raise ConfigError(f"input_shape={input_shape!r} must be (channels, height, width) with positive sizes")
+    if num_classes < 2:
+        raise ConfigError(f"num_classes={num_classes!r} must be at least 2")
+    allowed = [p for p in inspect.signature(entry.factory).parameters if p not in ("num_classes", "input_shape")]
+    unknown = sorted(set(kw) - set(allowed))
+    if unknown:
+        raise ConfigError(f"model {name!r} does not take {', '.join(unknown)}; "
+                          f"it takes: {', '.join(allowed) or 'no extra arguments'}")
+    model = entry.factory(num_classes=num_classes, input_shape=shape, **kw)
+    model.mcp_recipe = {"name": name, "num_classes": num_classes, "input_shape": list(shape), "kwargs": dict(kw)}
+    return model
+
+
+def model_from_recipe(recipe: dict[str, Any]) -> nn.Module:
+    """Rebuild a model's architecture from the recipe stored beside its weights."""
+    try:
+        return create_model(recipe["name"], recipe["num_classes"], recipe["input_shape"], **recipe.get("kwargs", {}))
+    except KeyError as exc:
+        raise ConfigError(f"model recipe lacks the key {exc.args[0]!r}: {recipe!r}") from None

@@ -1,0 +1,137 @@
+"""`mcp train`: train a dense model, log everything, register it as the baseline."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mcp.config import TrainConfig
+from mcp.errors import McpError
+
+
+@dataclass
+class TrainResult:
+    run_id: str
+    model_uri: str
+    registered_name: str | None
+    registered_version: str | None
+    metrics: dict[str, float]
+    checkpoint: Path
+    model: nn.Module
+
+
+def checkpoint_config(path: str) -> dict[str, Any]:
+    """The settings a checkpoint was trained with: the defaults for ``--resume``."""
+    from mcp.training.checkpoint import load_checkpoint
+
+    return dict(load_checkpoint(path).get("config", {}))
+
+
+def _describe(recipe: Any) -> str:
+    if not isinstance(recipe, dict):
+        return "an unknown model"
+    shape = "x".join(map(str, recipe.get("input_shape", [])))
+    return f"model {recipe.get('name')!r} (input {shape}, {recipe.get('num_classes')} classes)"
+
+
+def final_metrics(model: nn.Module, input_shape: tuple[int, ...], device: str) -> dict[str, float]:
+    """Glossary metrics that apply to a dense model (accuracy is added by the caller)."""
+    from mcp.evaluation.metrics import count_macs, count_params, latency_metrics, size_bytes_fp32
+
+    metrics: dict[str, float] = dict(count_params(model))
+    metrics["macs"] = float(count_macs(model, input_shape))
+    metrics["size_bytes_fp32"] = float(size_bytes_fp32(model))
+    metrics.update(latency_metrics(model, input_shape, "cpu"))
+    if device == "cuda":
+        metrics.update(latency_metrics(model, input_shape, "cuda"))
+    return metrics
+
+
+def run_train(cfg: TrainConfig, show_progress: bool | None = None) -> TrainResult:
+    """Everything that can fail on bad input fails before the MLflow run starts."""
+    from mcp import tracking
+    from mcp.data import load_dataset, make_loaders
+    from mcp.evaluation.metrics import peak_memory_mb
+    from mcp.evaluation.plots import plot_training_curves
+    from mcp.models import create_model
+    from mcp.training import EarlyStopping, ProgressBar, Trainer, build_optimizer, build_scheduler, evaluate
+    from mcp.training import resolve_device
+    from mcp.training.checkpoint import CheckpointEveryEpoch, load_checkpoint, restore_trainer
+
+    device = resolve_device(cfg.device)
+    splits = load_dataset(cfg.dataset, cfg.data_dir, cfg.download, cfg.input_shape or None,
+                          cfg.num_classes, cfg.val_fraction)
+    train_loader, val_loader, test_loader = make_loaders(
+        splits, cfg.batch_size, cfg.workers, cfg.seed, pin_memory=device == "cuda")
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.model, splits.num_classes, splits.input_shape)
+    optimizer = build_optimizer(model.to(device), cfg.optimizer, cfg.lr, cfg.momentum, cfg.nesterov,
+                                cfg.weight_decay)
+    scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.epochs, cfg.step_size, cfg.gamma)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    trainer = Trainer(model, optimizer, scheduler, train_loader, val_loader, epochs=cfg.epochs, device=device,
+                      loss_fn=loss_fn, seed=cfg.seed)
+    resumed_from: dict[str, Any] = {}
+    if cfg.resume:
+        resumed_from = load_checkpoint(cfg.resume)
+        if resumed_from.get("recipe") != model.mcp_recipe:
+            raise McpError(f"checkpoint {cfg.resume!r} does not match: it was saved for "
+                           f"{_describe(resumed_from.get('recipe'))}, this run builds {_describe(model.mcp_recipe)}")
+        restore_trainer(trainer, resumed_from, cfg.resume)
+        if trainer.epoch >= cfg.epochs:
+            raise McpError(f"checkpoint {cfg.resume!r} already completed {trainer.epoch} epochs; "
+                           f"pass --epochs larger than {trainer.epoch} to train on")
+
+    params = {**cfg.to_dict(), **{f"data_{k}": v for k, v in splits.summary().items()},
+              "device_resolved": device, "cpu_threads": torch.get_num_threads()}
+    tags = {"mcp.model": cfg.model, "mcp.dataset": cfg.dataset}
+    if resumed_from:
+        tags["mcp.resumed_from_run"] = str(resumed_from.get("run_id", ""))
+    with tracking.stage_run("train", params, tags, run_name=f"train-{cfg.model}-{cfg.dataset}") as run:
+        run_id = run.info.run_id
+        if resumed_from.get("run_id"):
+            tracking.runs.mark_killed(resumed_from["run_id"])
+        for epoch in range(trainer.epoch):  # the resumed epochs, so the curves are whole
+            tracking.log_metrics({k: v[epoch] for k, v in trainer.history.items() if k != "epoch"}, step=epoch)
+        ckpt = Path(cfg.checkpoint_dir) / run_id / "last.pt"
+        trainer.callbacks = [
+            ProgressBar(f"train {cfg.model}/{cfg.dataset}", disable=None if show_progress is None
+                        else not show_progress),
+            EarlyStopping(cfg.patience),
+            CheckpointEveryEpoch(ckpt, {"config": cfg.to_dict(), "recipe": model.mcp_recipe, "run_id": run_id}),
+            tracking.EpochLogger(),
+        ]
+        wall0 = time.perf_counter()
+        trainer.fit()
+        test = evaluate(model, test_loader, device)
+        metrics = {"test_accuracy": test["accuracy"], "test_loss": test["loss"],
+                   "best_val_accuracy": trainer.best_val_accuracy, "best_epoch": float(trainer.best_epoch),
+                   "epochs_trained": float(trainer.epoch), "train_time_s": trainer.train_time_s,
+                   "wall_time_s": time.perf_counter() - wall0}
+        metrics.update(final_metrics(model, splits.input_shape, device))
+        metrics["peak_memory_mb"] = peak_memory_mb(device)
+        tracking.log_metrics(metrics)
+
+        with tempfile.TemporaryDirectory() as tmp:
+            png = plot_training_curves(trainer.history, Path(tmp) / "training_curves.png",
+                                       title=f"{cfg.model} on {cfg.dataset}")
+            tracking.log_artifact(png, "plots")
+        example = next(iter(test_loader))[0][:4]
+        info = tracking.log_model(model, example, {"dataset": cfg.dataset,
+                                                   "class_names": splits.class_names})
+        reg_name = reg_version = None
+        if cfg.register:
+            reg_name = tracking.registered_name(cfg.model, cfg.dataset)
+            version_tags = {"mcp.stage": "train", "source_run": run_id,
+                            **{k: f"{metrics[k]:.6g}" for k in
+                               ("test_accuracy", "params_total", "macs", "size_bytes_fp32",
+                                "latency_ms_p50_cpu")}}
+            reg_version = tracking.register_model(info.model_uri, reg_name, "baseline", version_tags).version
+    return TrainResult(run_id, f"runs:/{run_id}/{tracking.models.ARTIFACT_PATH}", reg_name,
+                       str(reg_version) if reg_version else None, metrics, ckpt, model)

@@ -1,0 +1,98 @@
+"""Logging, registering and loading models.
+
+A model is logged with MLflow's PyTorch flavor (so ``mlflow.pytorch.load_model`` and
+pyfunc serving work) and, beside it, the recipe that rebuilds its architecture plus
+its ``state_dict``. :func:`load_model` prefers recipe + state_dict, which survives
+code changes that break pickles and checks that weights and architecture match.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from mcp.errors import McpError
+
+RECIPE_FILE = "mcp_recipe.json"
+STATE_FILE = "mcp_state_dict.pt"
+ARTIFACT_PATH = "model"
+
+
+def registered_name(model: str, dataset: str) -> str:
+    """Registry naming convention: ``<model>-<dataset>``."""
+    return f"{model}-{dataset}"
+
+
+def _requirements() -> list[str]:
+    import mlflow
+    import torchvision
+
+    return [f"torch=={torch.__version__.split('+')[0]}", f"torchvision=={torchvision.__version__.split('+')[0]}",
+            f"mlflow=={mlflow.__version__}"]
+
+
+def log_model(model: nn.Module, example: torch.Tensor, extra_recipe: Mapping[str, Any] | None = None):
+    """Log ``model`` (moved to CPU, eval mode) into the active run; returns MLflow's ModelInfo."""
+    import mlflow
+    from mlflow.models import infer_signature
+
+    recipe = dict(getattr(model, "mcp_recipe", {}) or {})
+    if not recipe:
+        raise ValueError("model has no mcp_recipe; build it with mcp.models.create_model")
+    recipe.update(extra_recipe or {})
+    model = model.to("cpu").eval()
+    x = example.to("cpu")
+    with torch.no_grad():
+        y = model(x)
+    signature = infer_signature(x.numpy(), y.numpy())
+    with tempfile.TemporaryDirectory() as tmp:
+        recipe_path, state_path = Path(tmp) / RECIPE_FILE, Path(tmp) / STATE_FILE
+        recipe_path.write_text(json.dumps(recipe, indent=2))
+        torch.save(model.state_dict(), state_path)
+        return mlflow.pytorch.log_model(
+            model, name=ARTIFACT_PATH, signature=signature, input_example=x.numpy(),
+            extra_files=[str(recipe_path), str(state_path)], pip_requirements=_requirements(),
+        )
+
+
+def register_model(model_uri: str, name: str, alias: str | None, tags: Mapping[str, Any]):
+    """Register ``model_uri`` as a new version of ``name`` with ``tags`` and move ``alias`` to it."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    version = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in tags.items()})
+    if alias:
+        MlflowClient().set_registered_model_alias(name, alias, version.version)
+    return version
+
+
+def load_model(uri: str, device: str = "cpu") -> nn.Module:
+    """Load a model logged by mcp from a ``runs:/``, ``models:/`` or local URI, in eval mode."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from mcp.models import model_from_recipe
+
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    except (MlflowException, OSError) as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise McpError(f"cannot load model {uri!r}: {msg[:200]}") from None
+    extra = local / "extra_files"
+    if (extra / RECIPE_FILE).is_file() and (extra / STATE_FILE).is_file():
+        recipe = json.loads((extra / RECIPE_FILE).read_text())
+        model = model_from_recipe(recipe)
+        state = torch.load(extra / STATE_FILE, map_location="cpu", weights_only=True)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as exc:
+            raise McpError(f"model {uri!r}: weights do not match its recipe {recipe.get('name')!r}: "
+                           f"{str(exc).splitlines()[0][:200]}") from None
+    else:
+        model = mlflow.pytorch.load_model(uri, map_location="cpu")
+    return model.to(device).eval()

@@ -1,0 +1,84 @@
+"""Stage runs: start (or join, under `mlflow run`) a run, and end it FAILED on any error."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from mcp.training.loop import Callback
+
+
+def _mlflow():
+    import mlflow
+
+    return mlflow
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, params: Mapping[str, Any], tags: Mapping[str, str] | None = None,
+              run_name: str | None = None) -> Iterator[Any]:
+    """One MLflow run for one stage call.
+
+    Under ``mlflow run`` the run already exists (``MLFLOW_RUN_ID``) and is joined;
+    otherwise a new top-level run starts in the store ``MLFLOW_TRACKING_URI`` names
+    (MLflow's default: SQLite ``mlflow.db`` in the working directory). Any exception,
+    Ctrl-C included, ends the run FAILED before it propagates.
+    """
+    mlflow = _mlflow()
+    run = mlflow.start_run(run_name=run_name, tags={"mcp.stage": stage, **(tags or {})})
+    try:
+        log_params(params)
+        yield run
+    except BaseException:
+        mlflow.end_run(status="FAILED")
+        raise
+    mlflow.end_run(status="FINISHED")
+
+
+def _param_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "" if value is None else str(value)
+
+
+def log_params(params: Mapping[str, Any]) -> None:
+    """Log params, plus the whole mapping as ``config.json``.
+
+    Under ``mlflow run`` MLflow has already logged the entry point's parameters as typed
+    (an empty string as ``''``); params are immutable, so keys it logged are kept and the
+    resolved values live in ``config.json``.
+    """
+    mlflow = _mlflow()
+    run = mlflow.active_run()
+    existing = mlflow.get_run(run.info.run_id).data.params if run else {}
+    mlflow.log_params({k: _param_text(v) for k, v in params.items() if k not in existing})
+    mlflow.log_dict(dict(params), "config.json")
+
+
+def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
+    _mlflow().log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+
+def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
+    _mlflow().log_artifact(str(path), artifact_path=artifact_path)
+
+
+def mark_killed(run_id: str) -> None:
+    """Mark a run that died without ending (for example the run a checkpoint came from)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    try:
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, status="KILLED")
+    except MlflowException:
+        pass  # the run lives in another store: nothing to mark here
+
+
+class EpochLogger(Callback):
+    """Log each epoch's metrics with ``step=epoch``."""
+
+    def on_epoch_end(self, trainer, epoch: int, logs: dict[str, float]) -> None:
+        log_metrics(logs, step=epoch)

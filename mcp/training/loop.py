@@ -1,0 +1,189 @@
+"""The train/evaluate loop. Logging, progress, early stopping and checkpoints are callbacks.
+
+Every epoch reseeds torch's RNG and the loader's shuffle from (seed, epoch), so a run
+resumed from a checkpoint continues exactly as an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+
+class Callback:
+    """Hooks called by :class:`Trainer`; override what you need."""
+
+    def on_fit_start(self, trainer: "Trainer") -> None: ...
+    def on_epoch_start(self, trainer: "Trainer", epoch: int) -> None: ...
+    def on_batch_end(self, trainer: "Trainer", batch: int, loss: float) -> None: ...
+    def on_epoch_end(self, trainer: "Trainer", epoch: int, logs: dict[str, float]) -> None: ...
+    def on_fit_end(self, trainer: "Trainer") -> None: ...
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: str | torch.device = "cpu") -> dict[str, float]:
+    """Mean cross-entropy and top-1 accuracy of ``model`` on ``loader`` (eval mode)."""
+    was_training = model.training
+    model.eval()
+    loss_sum, correct, count = 0.0, 0, 0
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        out = model(x)
+        loss_sum += nn.functional.cross_entropy(out, y, reduction="sum").item()
+        correct += (out.argmax(1) == y).sum().item()
+        count += y.numel()
+    model.train(was_training)
+    return {"loss": loss_sum / max(count, 1), "accuracy": correct / max(count, 1)}
+
+
+class Trainer:
+    """Train ``model`` for ``epochs``, validating after each; keeps the best-val weights."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler | None, train_loader: DataLoader,
+                 val_loader: DataLoader, *, epochs: int, device: str = "cpu",
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                 seed: int = 0, callbacks: Iterable[Callback] = (), restore_best: bool = True):
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.train_loader, self.val_loader = train_loader, val_loader
+        self.epochs, self.device, self.seed = epochs, device, seed
+        self.loss_fn = loss_fn or nn.CrossEntropyLoss()
+        self.callbacks: list[Callback] = list(callbacks)
+        self.restore_best = restore_best
+        self.epoch = 0  # epochs completed
+        self.history: dict[str, list[float]] = {}
+        self.best_val_accuracy = -1.0
+        self.best_epoch = -1
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.should_stop = False
+        self.train_time_s = 0.0
+
+    # ----------------------------------------------------------------- state for checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+            "history": self.history,
+            "best_val_accuracy": self.best_val_accuracy,
+            "best_epoch": self.best_epoch,
+            "best_state": self.best_state,
+            "train_time_s": self.train_time_s,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler and state.get("scheduler"):
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.epoch = int(state["epoch"])
+        self.history = {k: list(v) for k, v in state["history"].items()}
+        self.best_val_accuracy = float(state["best_val_accuracy"])
+        self.best_epoch = int(state["best_epoch"])
+        self.best_state = state["best_state"]
+        self.train_time_s = float(state.get("train_time_s", 0.0))
+
+    # ----------------------------------------------------------------- the loop
+    def _call(self, hook: str, *args: Any) -> None:
+        for cb in self.callbacks:
+            getattr(cb, hook)(self, *args)
+
+    def _reseed(self, epoch: int) -> None:
+        torch.manual_seed(self.seed * 100_003 + epoch)
+        gen = getattr(self.train_loader, "generator", None)
+        if gen is not None:
+            gen.manual_seed(self.seed * 100_003 + epoch)
+
+    def train_one_epoch(self, epoch: int) -> dict[str, float]:
+        self.model.train()
+        loss_sum, correct, count = 0.0, 0, 0
+        for i, (x, y) in enumerate(self.train_loader):
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            out = self.model(x)
+            loss = self.loss_fn(out, y)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            n = y.numel()
+            loss_sum += loss.item() * n
+            correct += (out.argmax(1) == y).sum().item()
+            count += n
+            self._call("on_batch_end", i, loss.item())
+        return {"train_loss": loss_sum / max(count, 1), "train_accuracy": correct / max(count, 1)}
+
+    def fit(self) -> dict[str, list[float]]:
+        self.model.to(self.device)
+        self._call("on_fit_start")
+        while self.epoch < self.epochs and not self.should_stop:
+            epoch = self.epoch
+            self._reseed(epoch)
+            lr = self.optimizer.param_groups[0]["lr"]
+            self._call("on_epoch_start", epoch)
+            t0 = time.perf_counter()
+            logs = self.train_one_epoch(epoch)
+            self.train_time_s += time.perf_counter() - t0
+            val = evaluate(self.model, self.val_loader, self.device)
+            logs.update(val_loss=val["loss"], val_accuracy=val["accuracy"], lr=lr)
+            if self.scheduler:
+                self.scheduler.step()
+            if val["accuracy"] >= self.best_val_accuracy:  # ties: the later, better-converged epoch
+                self.best_val_accuracy, self.best_epoch = val["accuracy"], epoch
+                self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            for key, value in {"epoch": float(epoch), **logs}.items():
+                self.history.setdefault(key, []).append(value)
+            self.epoch = epoch + 1
+            self._call("on_epoch_end", epoch, logs)
+        if self.restore_best and self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+        self._call("on_fit_end")
+        return self.history
+
+
+class EarlyStopping(Callback):
+    """Stop when val accuracy has not improved for ``patience`` epochs."""
+
+    def __init__(self, patience: int):
+        self.patience = patience
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int, logs: dict[str, float]) -> None:
+        if self.patience > 0 and epoch - trainer.best_epoch >= self.patience:
+            trainer.should_stop = True
+
+
+class ProgressBar(Callback):
+    """An epoch bar with the latest metrics, and a transient batch bar (tqdm, on stderr)."""
+
+    def __init__(self, desc: str = "train", disable: bool | None = None):
+        self.desc, self.disable = desc, disable
+        self.epochs = self.batches = None
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        from tqdm.auto import tqdm
+
+        self._tqdm = tqdm
+        self.epochs = tqdm(total=trainer.epochs, initial=trainer.epoch, desc=self.desc, unit="epoch",
+                           disable=self.disable, dynamic_ncols=True)
+
+    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
+        self.batches = self._tqdm(total=len(trainer.train_loader), desc=f"epoch {epoch + 1}", unit="batch",
+                                  leave=False, disable=self.disable, dynamic_ncols=True)
+
+    def on_batch_end(self, trainer: Trainer, batch: int, loss: float) -> None:
+        self.batches.update(1)
+        if batch % 10 == 0:
+            self.batches.set_postfix(loss=f"{loss:.3f}")
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int, logs: dict[str, float]) -> None:
+        self.batches.close()
+        self.epochs.update(1)
+        self.epochs.set_postfix(loss=f"{logs['train_loss']:.3f}", val_acc=f"{logs['val_accuracy']:.4f}",
+                                lr=f"{logs['lr']:.3g}")
+
+    def on_fit_end(self, trainer: Trainer) -> None:
+        self.epochs.close()
+

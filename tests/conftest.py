@@ -1,0 +1,68 @@
+"""Every test runs against a temporary MLflow store in a temporary working directory,
+never the user's ``mlflow.db``."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def mlflow_store(tmp_path_factory):
+    work = tmp_path_factory.mktemp("mlflow-work")
+    old_cwd, old_uri = os.getcwd(), os.environ.get("MLFLOW_TRACKING_URI")
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    os.chdir(work)
+    try:
+        import mlflow
+
+        mlflow.set_tracking_uri(uri)
+        yield uri
+    finally:
+        os.chdir(old_cwd)
+        if old_uri is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = old_uri
+
+
+@pytest.fixture
+def experiment(request, mlflow_store, monkeypatch):
+    """A fresh MLflow experiment per test, so run queries see only that test's runs."""
+    import mlflow
+
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", request.node.nodeid)[-200:]
+    experiment_id = mlflow.set_experiment(name).experiment_id
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", name)
+    yield experiment_id
+    if mlflow.active_run():
+        mlflow.end_run()
+
+
+def runs_of(experiment_id: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient().search_runs([experiment_id], run_view_type=3)  # ALL
+
+
+@pytest.fixture
+def cli():
+    """Invoke the click CLI in-process; returns click's Result."""
+    from click.testing import CliRunner
+
+    from mcp.cli import main
+
+    def invoke(*args: str):
+        return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+    return invoke
+
+
+PYTHON = sys.executable

@@ -1,0 +1,102 @@
+"""The project's files agree with each other: MLproject <-> CLI, conda.yaml <-> pyproject."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import tomllib
+
+import click
+import pytest
+import yaml
+
+from conftest import PYTHON, ROOT
+
+MLPROJECT = yaml.safe_load((ROOT / "MLproject").read_text())
+ENTRY_POINTS = MLPROJECT["entry_points"]
+
+
+def _command(entry: dict) -> click.Command:
+    from mcp.cli import main
+
+    words = entry["command"].split()
+    assert words[:3] == ["python", "-m", "mcp"], entry["command"]
+    return main.commands[words[3]]
+
+
+def _same_default(mlproject_default, click_default) -> bool:
+    if isinstance(click_default, bool):
+        return str(mlproject_default).lower() == str(click_default).lower()
+    if isinstance(click_default, (int, float)):
+        return float(mlproject_default) == float(click_default)
+    return str(mlproject_default) == str(click_default)
+
+
+def test_every_stage_has_an_entry_point():
+    assert set(ENTRY_POINTS) >= {"main", "train", "prune", "quantize", "distill", "export", "search", "benchmark"}
+    assert MLPROJECT["conda_env"] == "conda.yaml"
+
+
+@pytest.mark.parametrize("name", sorted(ENTRY_POINTS))
+def test_mlproject_parameters_are_cli_options_with_same_defaults(name):
+    entry = ENTRY_POINTS[name]
+    command = _command(entry)
+    options = {p.name: p for p in command.params if isinstance(p, click.Option)}
+    for param, spec in entry.get("parameters", {}).items():
+        assert param in options, f"{name}: parameter {param} is not an option of `mcp {command.name}`"
+        assert _same_default(spec["default"], options[param].default), (
+            f"{name}: {param} default {spec['default']!r} != CLI default {options[param].default!r}")
+        assert spec["type"] in ("string", "float", "path", "uri")
+        flag = "--" + param.replace("_", "-")
+        assert re.search(rf"{flag} \{{{param}\}}", entry["command"]), f"{name}: {param} not passed as {flag}"
+    # and the other way round: every CLI option (but --config) is reachable from MLproject
+    missing = set(options) - set(entry.get("parameters", {})) - {"config_file"}
+    assert not missing, f"{name}: CLI options missing from MLproject: {sorted(missing)}"
+
+
+def _normalise(req: str) -> str:
+    return req.replace(" ", "").lower()
+
+
+def test_conda_env_installs_the_pyproject_dependencies():
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    deps = {_normalise(d) for d in pyproject["project"]["dependencies"]}
+    conda = yaml.safe_load((ROOT / "conda.yaml").read_text())
+    pip_section = next(d["pip"] for d in conda["dependencies"] if isinstance(d, dict) and "pip" in d)
+    assert {_normalise(d) for d in pip_section} == deps
+
+
+def test_help_on_every_command():
+    from mcp.cli import main
+
+    for name in main.commands:
+        out = subprocess.run([PYTHON, "-m", "mcp", name, "--help"], capture_output=True, text=True, cwd=ROOT)
+        assert out.returncode == 0, out.stderr
+        assert "Usage:" in out.stdout
+        if name not in ("models", "datasets"):
+            assert "--config" in out.stdout
+
+
+@pytest.mark.parametrize("stage", ["prune", "quantize", "distill", "export", "search", "benchmark"])
+def test_planned_stages_fail_clearly(cli, stage):
+    from click.testing import CliRunner
+
+    from mcp.cli import main
+
+    result = CliRunner().invoke(main, [stage])
+    assert result.exit_code != 0
+    assert "not implemented yet" in result.output
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    command = re.search(r"^(python -m pytest[^\n]*)$", readme, re.M)
+    assert command, "README has no `python -m pytest ...` line"
+    assert command.group(1) in ci
+
+
+def test_run_outputs_are_ignored():
+    ignored = (ROOT / ".gitignore").read_text().split()
+    for entry in ("mlruns/", "mlflow.db", "*.onnx", ".venv/", "data/", "checkpoints/"):
+        assert entry in ignored
