@@ -98,5 +98,5 @@ def test_ci_runs_the_readme_test_command():
 
 def test_run_outputs_are_ignored():
     ignored = (ROOT / ".gitignore").read_text().split()
-    for entry in ("mlruns/", "mlflow.db", "*.onnx", ".venv/", "data/", "checkpoints/"):
+    for entry in ("mlruns/", "mlflow.db", "*.onnx", ".venv/", "/data/", "/checkpoints/"):
         assert entry in ignored

@@ -1,0 +1,13 @@
+"""Dataset registry: ``load_dataset(name, ...)`` returns seeded train/val/test splits."""
+
+from mcp.data.registry import (
+    DataSplits,
+    dataset_description,
+    dataset_names,
+    load_dataset,
+    make_loaders,
+    parse_shape,
+    register_dataset,
+)
+
+__all__ = ["DataSplits", "dataset_description", "dataset_names", "load_dataset", "make_loaders", "parse_shape", "register_dataset"]

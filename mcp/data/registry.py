@@ -1,0 +1,329 @@
+"""Datasets by name, each a function returning fixed, seeded train/val/test splits.
+
+Splits never depend on the training seed: the test set of a dataset is the same for
+every run, so runs compare side by side. Nothing here downloads unless asked to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+
+from mcp.errors import ConfigError, McpError
+
+SPLIT_SEED = 0  # fixed: the split is part of the dataset, not of the experiment
+TEST_FRACTION = 0.2  # for datasets that ship without a test split
+
+
+@dataclass
+class DataSplits:
+    name: str
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    class_names: list[str]
+
+    def summary(self) -> dict[str, object]:
+        return {
+            "dataset": self.name,
+            "input_shape": "x".join(map(str, self.input_shape)),
+            "num_classes": self.num_classes,
+            "train_size": len(self.train),
+            "val_size": len(self.val),
+            "test_size": len(self.test),
+        }
+
+
+Loader = Callable[..., DataSplits]
+_DATASETS: dict[str, Loader] = {}
+
+
+def register_dataset(name: str) -> Callable[[Loader], Loader]:
+    def wrap(fn: Loader) -> Loader:
+        if name in _DATASETS:
+            raise ValueError(f"dataset {name!r} registered twice")
+        _DATASETS[name] = fn
+        return fn
+
+    return wrap
+
+
+def dataset_names() -> list[str]:
+    return sorted(_DATASETS)
+
+
+def dataset_description(name: str) -> str:
+    doc = (_DATASETS[name].__doc__ or "").strip().splitlines()
+    return doc[0] if doc else ""
+
+
+def parse_shape(text: str) -> tuple[int, int, int]:
+    """'3x32x32' -> (3, 32, 32)."""
+    parts = text.lower().replace(",", "x").split("x")
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) <= 0:
+        raise ConfigError(f"input_shape={text!r} is not of the form CxHxW with positive sizes, e.g. 3x32x32")
+    return shape  # type: ignore[return-value]
+
+
+def load_dataset(
+    name: str,
+    data_dir: str | Path = "data",
+    download: bool = False,
+    input_shape: str | tuple[int, int, int] | None = None,
+    num_classes: int = 0,
+    val_fraction: float = 0.1,
+) -> DataSplits:
+    if name not in _DATASETS:
+        raise ConfigError(f"unknown dataset {name!r}; choose one of: {', '.join(dataset_names())}")
+    shape = parse_shape(input_shape) if isinstance(input_shape, str) and input_shape else input_shape or None
+    return _DATASETS[name](
+        data_dir=Path(data_dir), download=download, input_shape=shape,
+        num_classes=num_classes, val_fraction=val_fraction,
+    )
+
+
+def make_loaders(splits: DataSplits, batch_size: int, workers: int = 0, seed: int = 0,
+                 pin_memory: bool = False) -> tuple[DataLoader, DataLoader, DataLoader]:
+    gen = torch.Generator().manual_seed(seed)
+    common = dict(batch_size=batch_size, num_workers=workers, pin_memory=pin_memory,
+                  persistent_workers=workers > 0)
+    train = DataLoader(splits.train, shuffle=True, generator=gen, drop_last=False, **common)
+    val = DataLoader(splits.val, shuffle=False, **common)
+    test = DataLoader(splits.test, shuffle=False, **common)
+    return train, val, test
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _split_indices(n: int, fraction: float, labels: np.ndarray | None = None,
+                   seed: int = SPLIT_SEED) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded (stratified when labels are given) split into (keep, held_out) indices."""
+    rng = np.random.default_rng(seed)
+    if labels is None:
+        perm = rng.permutation(n)
+        k = max(1, int(round(n * fraction)))
+        return np.sort(perm[k:]), np.sort(perm[:k])
+    keep, held = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        k = int(round(len(idx) * fraction))
+        if len(idx) > 1:
+            k = min(max(k, 1), len(idx) - 1)
+        held.append(idx[:k])
+        keep.append(idx[k:])
+    return np.sort(np.concatenate(keep)), np.sort(np.concatenate(held))
+
+
+class _Transformed(Dataset):
+    """Apply a per-sample tensor transform to a tensor dataset (train-time augmentation)."""
+
+    def __init__(self, base: Dataset, transform: Callable[[torch.Tensor], torch.Tensor]):
+        self.base, self.transform = base, transform
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int):
+        x, y = self.base[i]
+        return self.transform(x), y
+
+
+def _tensor_splits(name: str, x: torch.Tensor, y: torch.Tensor, val_fraction: float,
+                   class_names: list[str]) -> DataSplits:
+    """Stratified test/val split of in-memory data, normalised with train statistics."""
+    labels = y.numpy()
+    rest, test_idx = _split_indices(len(y), TEST_FRACTION, labels)
+    train_rel, val_rel = _split_indices(len(rest), val_fraction, labels[rest])
+    train_idx, val_idx = rest[train_rel], rest[val_rel]
+    mean = x[train_idx].mean(dim=(0, 2, 3), keepdim=True)
+    std = x[train_idx].std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+    x = (x - mean) / std
+    return DataSplits(
+        name=name,
+        train=TensorDataset(x[train_idx], y[train_idx]),
+        val=TensorDataset(x[val_idx], y[val_idx]),
+        test=TensorDataset(x[test_idx], y[test_idx]),
+        input_shape=tuple(x.shape[1:]),  # type: ignore[arg-type]
+        num_classes=len(class_names),
+        class_names=class_names,
+    )
+
+
+# ----------------------------------------------------------------------------- datasets
+
+
+@register_dataset("digits")
+def _digits(val_fraction: float, **_: object) -> DataSplits:
+    """scikit-learn's bundled 8x8 handwritten digits (1,797 real images, 10 classes)."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(bunch.target, dtype=torch.long)
+    return _tensor_splits("digits", x, y, val_fraction, [str(c) for c in range(10)])
+
+
+@register_dataset("synthetic")
+def _synthetic(input_shape: tuple[int, int, int] | None, num_classes: int, val_fraction: float,
+               **_: object) -> DataSplits:
+    """Random class prototypes plus noise: learnable, any shape, instant. For tests and speed checks."""
+    shape = input_shape or (3, 32, 32)
+    classes = num_classes or 10
+    gen = torch.Generator().manual_seed(SPLIT_SEED)
+    n = 80 * classes
+    prototypes = torch.randn((classes, *shape), generator=gen)
+    y = torch.arange(n) % classes
+    x = prototypes[y] + 1.5 * torch.randn((n, *shape), generator=gen)
+    return _tensor_splits("synthetic", x, y, val_fraction, [f"class_{c}" for c in range(classes)])
+
+
+_TORCHVISION = {
+    # name: (class name, folder checked, mean, std, input shape, augment)
+    "cifar10": ("CIFAR10", "cifar-10-batches-py", (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
+                (3, 32, 32), "crop_flip"),
+    "cifar100": ("CIFAR100", "cifar-100-python", (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762),
+                 (3, 32, 32), "crop_flip"),
+    "mnist": ("MNIST", "MNIST", (0.1307,), (0.3081,), (1, 28, 28), "none"),
+    "fashion_mnist": ("FashionMNIST", "FashionMNIST", (0.2860,), (0.3530,), (1, 28, 28), "flip"),
+}
+
+
+def _train_augment(kind: str, size: tuple[int, int]) -> list:
+    from torchvision import transforms as T
+
+    pad = max(1, size[0] // 8)
+    return {
+        "crop_flip": [T.RandomCrop(size, padding=pad), T.RandomHorizontalFlip()],
+        "flip": [T.RandomHorizontalFlip()],
+        "none": [],
+    }[kind]
+
+
+def _torchvision_dataset(name: str, data_dir: Path, download: bool, val_fraction: float) -> DataSplits:
+    import torchvision
+    from torchvision import transforms as T
+
+    cls_name, folder, mean, std, shape, augment = _TORCHVISION[name]
+    cls = getattr(torchvision.datasets, cls_name)
+    normalize = [T.ToTensor(), T.Normalize(mean, std)]
+    train_tf = T.Compose(_train_augment(augment, shape[1:]) + normalize)
+    eval_tf = T.Compose(normalize)
+    try:
+        train_aug = cls(str(data_dir), train=True, download=download, transform=train_tf)
+        train_eval = cls(str(data_dir), train=True, download=False, transform=eval_tf)
+        test = cls(str(data_dir), train=False, download=False, transform=eval_tf)
+    except (RuntimeError, OSError) as exc:
+        if download:
+            raise McpError(f"could not download dataset {name!r} into {str(data_dir)!r}: "
+                           f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        raise McpError(
+            f"dataset {name!r} not found in data_dir {str(data_dir)!r} (expected torchvision's layout, "
+            f"{str(data_dir / folder)!r}); pass --download to fetch it where a network exists") from None
+    labels = np.asarray(train_aug.targets)
+    train_idx, val_idx = _split_indices(len(labels), val_fraction, labels)
+    return DataSplits(
+        name=name,
+        train=Subset(train_aug, train_idx.tolist()),
+        val=Subset(train_eval, val_idx.tolist()),
+        test=test,
+        input_shape=shape,
+        num_classes=len(train_aug.classes),
+        class_names=[str(c) for c in train_aug.classes],
+    )
+
+
+def _make_torchvision_loader(name: str) -> Loader:
+    def load(data_dir: Path, download: bool, val_fraction: float, **_: object) -> DataSplits:
+        return _torchvision_dataset(name, data_dir, download, val_fraction)
+
+    load.__doc__ = f"torchvision's {_TORCHVISION[name][0]} from --data-dir (--download to fetch)."
+    return load
+
+
+for _name in _TORCHVISION:
+    register_dataset(_name)(_make_torchvision_loader(_name))
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+_IMAGEFOLDER_LAYOUT = ("expected class subfolders (data_dir/<class>/<image>) or split folders "
+                       "(data_dir/train/<class>/..., optional val/ and test/)")
+
+
+@register_dataset("imagefolder")
+def _imagefolder(data_dir: Path, input_shape: tuple[int, int, int] | None, val_fraction: float,
+                 **_: object) -> DataSplits:
+    """Any folder of class subfolders, optionally split into train/, val/, test/."""
+    from torchvision import transforms as T
+    from torchvision.datasets import ImageFolder
+
+    if not data_dir.is_dir():
+        raise McpError(f"data_dir {str(data_dir)!r} does not exist; {_IMAGEFOLDER_LAYOUT}")
+    shape = input_shape or (3, 32, 32)
+    channels, size = shape[0], shape[1:]
+    if channels not in (1, 3):
+        raise ConfigError(f"input_shape channels={channels} for imagefolder; allowed: 1 (grayscale) or 3 (RGB)")
+    mean, std = ((0.5,), (0.5,)) if channels == 1 else ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    base = [T.Grayscale(1)] if channels == 1 else [T.Lambda(_to_rgb)]
+    base.append(T.Resize(size))
+    normalize = [T.ToTensor(), T.Normalize(mean, std)]
+    train_tf = T.Compose(base + _train_augment("crop_flip", size) + normalize)
+    eval_tf = T.Compose(base + normalize)
+
+    def folder(path: Path, tf) -> ImageFolder:
+        try:
+            return ImageFolder(str(path), transform=tf)
+        except (FileNotFoundError, RuntimeError) as exc:
+            raise McpError(f"no images found under {str(path)!r} ({exc.__class__.__name__}); "
+                           f"{_IMAGEFOLDER_LAYOUT}; image types: {', '.join(IMAGE_EXTENSIONS)}") from None
+
+    has_splits = (data_dir / "train").is_dir()
+    root = data_dir / "train" if has_splits else data_dir
+    train_aug, train_eval = folder(root, train_tf), folder(root, eval_tf)
+    labels = np.asarray(train_aug.targets)
+    pool = np.arange(len(labels))
+    if has_splits and (data_dir / "test").is_dir():
+        test: Dataset = folder(data_dir / "test", eval_tf)
+        _check_classes(train_aug, test, "test")
+    else:
+        pool, test_idx = _split_indices(len(labels), TEST_FRACTION, labels)
+        test = Subset(train_eval, test_idx.tolist())
+    if has_splits and (data_dir / "val").is_dir():
+        val: Dataset = folder(data_dir / "val", eval_tf)
+        _check_classes(train_aug, val, "val")
+        train_idx = pool
+    else:
+        keep, held = _split_indices(len(pool), val_fraction, labels[pool])
+        train_idx, val = pool[keep], Subset(train_eval, pool[held].tolist())
+    if len(train_idx) == 0 or len(val) == 0 or len(test) == 0:
+        raise McpError(f"image folder {str(data_dir)!r} has too few images ({len(labels)}) to make "
+                       f"train/val/test splits; add images or provide train/, val/ and test/ folders")
+    return DataSplits(
+        name="imagefolder",
+        train=Subset(train_aug, train_idx.tolist()),
+        val=val,
+        test=test,
+        input_shape=shape,
+        num_classes=len(train_aug.classes),
+        class_names=list(train_aug.classes),
+    )
+
+
+def _to_rgb(image):
+    return image.convert("RGB")
+
+
+def _check_classes(train, other, split: str) -> None:
+    if other.classes != train.classes:
+        raise McpError(f"the {split}/ folder's classes {other.classes} differ from train/'s {train.classes}")
