@@ -79,11 +79,7 @@ def test_help_on_every_command():
 
 @pytest.mark.parametrize("stage", ["prune", "quantize", "distill", "export", "search", "benchmark"])
 def test_planned_stages_fail_clearly(cli, stage):
-    from click.testing import CliRunner
-
-    from mcp.cli import main
-
-    result = CliRunner().invoke(main, [stage])
+    result = cli(stage)
     assert result.exit_code != 0
     assert "not implemented yet" in result.output
 
