@@ -13,7 +13,7 @@ from typing import Any, Callable
 import click
 from click.core import ParameterSource
 
-from mcp.config import PlannedStageConfig, StageConfig, TrainConfig, read_config_file
+from mcp.config import PlannedStageConfig, PruneConfig, StageConfig, TrainConfig, read_config_file
 from mcp.errors import McpError
 
 _CLICK_TYPES = {"int": click.INT, "float": click.FLOAT, "str": click.STRING}
@@ -90,6 +90,32 @@ def train(ctx: click.Context, **kwargs: Any) -> None:
                    f"(alias: models:/{result.registered_name}@baseline)")
 
 
+@main.command()
+@config_options(PruneConfig)
+@click.pass_context
+def prune(ctx: click.Context, **kwargs: Any) -> None:
+    """Prune a trained model (default: <model>-<dataset>@baseline, trained first if missing) on a
+    schedule, fine-tune it at a reduced LR, and register it as a new version."""
+    from mcp.stages.prune import comparison_markdown, run_prune
+
+    source = kwargs.get("config_file") or "options"
+    try:
+        cfg = PruneConfig.from_dict(explicit_values(ctx, kwargs), source=source)
+        result = run_prune(cfg)
+    except McpError as exc:
+        _fail(str(exc))
+    if result.comparison:
+        click.echo(comparison_markdown(result.comparison))
+        return
+    m = result.metrics
+    click.echo(f"run {result.run_id}: test_accuracy={m['test_accuracy']:.4f} "
+               f"(baseline {m['baseline_test_accuracy']:.4f}) pruned={m['pruned_fraction']:.4f} "
+               f"params_nonzero={int(m['params_nonzero'])} macs={int(m['macs'])} "
+               f"latency_p50_cpu={m['latency_ms_p50_cpu']:.3f} ms time={m['training_time_s']:.1f} s")
+    if result.registered_name:
+        click.echo(f"registered: models:/{result.registered_name}/{result.registered_version}")
+
+
 def _planned(stage: str, issue: int) -> None:
     @main.command(name=stage, help=f"{stage.capitalize()} stage: declared in MLproject, not implemented yet.")
     @config_options(PlannedStageConfig)
@@ -97,7 +123,7 @@ def _planned(stage: str, issue: int) -> None:
         _fail(f"`mcp {stage}` is not implemented yet (planned in issue #{issue}); nothing was run")
 
 
-for _stage, _issue in (("prune", 3), ("quantize", 4), ("distill", 5), ("export", 6), ("benchmark", 6),
+for _stage, _issue in (("quantize", 4), ("distill", 5), ("export", 6), ("benchmark", 6),
                        ("search", 7)):
     _planned(_stage, _issue)
 

@@ -187,6 +187,76 @@ class TrainConfig(DataOptions):
             raise ConfigError(f"patience={self.patience!r} must be 0 (off) or more")
 
 
+CRITERIA = ("magnitude", "bn_scaling", "second_order", "apoz", "regression", "sensitivity")
+SCOPES = ("global", "layerwise")
+GRANULARITIES = ("unstructured", "structured")
+PRUNE_SCHEDULES = ("one_shot", "iterative", "gradual")
+COMPARE = ("", "schedules", "criteria")
+
+
+@dataclass(frozen=True)
+class PruneConfig(DataOptions):
+    """`mcp prune`: prune a trained model on a schedule, fine-tune it, register it."""
+
+    model: str = option("lenet300_100", "Model name; its baseline is models:/<model>-<dataset>@baseline.")
+    model_uri: str = option("", "Model to prune (runs:/ or models:/ URI). Empty: the registered baseline, "
+                                "trained first when there is none.")
+    criterion: str = option("magnitude", "Importance criterion.", CRITERIA)
+    scope: str = option("global", "One threshold across layers, or the same ratio in every layer.", SCOPES)
+    granularity: str = option("unstructured", "Single weights (masks) or whole channels (removed).",
+                              GRANULARITIES)
+    schedule: str = option("one_shot", "When to prune.", PRUNE_SCHEDULES)
+    sparsity: float = option(0.9, "Target sparsity: share of weights (unstructured) or channels (structured).")
+    initial_sparsity: float = option(0.0, "Gradual schedule: sparsity of its first step.")
+    prune_steps: int = option(10, "Iterative/gradual: number of pruning steps.")
+    prune_epochs: int = option(20, "Iterative/gradual: epochs over which the steps are spread.")
+    epochs: int = option(40, "Fine-tuning epochs in all (the pruning span included).")
+    ratios_file: str = option("", "YAML mapping of layer name to ratio (scope layerwise).")
+    keep_first: bool = option(False, "Do not prune the first layer.")
+    keep_last: bool = option(False, "Do not prune the last layer.")
+    ignored_layers: str = option("", "Comma-separated layer names never to prune.")
+    norm: int = option(1, "Magnitude criterion: 1 (L1) or 2 (L2) norm.")
+    hessian: str = option("fisher", "Second-order criterion: diagonal Hessian estimate.", ("fisher", "hutchinson"))
+    calib_batches: int = option(8, "Training batches used by data-driven criteria.")
+    bn_l1: float = option(0.0, "Network-slimming L1 penalty on BatchNorm scales during fine-tuning.")
+    optimizer: str = option("sgd", "Optimizer for fine-tuning.", OPTIMIZERS)
+    lr: float = option(0.01, "Fine-tuning learning rate (reduced: a fifth of training's).")
+    momentum: float = option(0.9, "SGD momentum.")
+    weight_decay: float = option(5e-4, "Weight decay.")
+    scheduler: str = option("cosine", "Fine-tuning LR schedule.", SCHEDULERS)
+    compare: str = option("", "Run all schedules or all criteria (supported at this granularity) as nested "
+                              "runs and log a comparison table and plot.", COMPARE)
+    register: bool = option(True, "Register the pruned model as a new version of <model>-<dataset>.")
+
+    def validate(self) -> None:
+        super().validate()
+        from mcp.models import model_names
+
+        if self.model not in model_names():
+            raise ConfigError(f"unknown model {self.model!r}; choose one of: {', '.join(model_names())}")
+        _in_unit_interval("sparsity", self.sparsity)
+        _in_unit_interval("initial_sparsity", self.initial_sparsity)
+        if self.schedule == "gradual" and self.initial_sparsity > self.sparsity:
+            raise ConfigError(f"initial_sparsity={self.initial_sparsity!r} is above sparsity={self.sparsity!r}")
+        _positive("epochs", self.epochs)
+        _positive("prune_steps", self.prune_steps)
+        _positive("lr", self.lr)
+        _positive("calib_batches", self.calib_batches)
+        if self.schedule != "one_shot" and not 0 < self.prune_epochs <= self.epochs:
+            raise ConfigError(f"prune_epochs={self.prune_epochs!r} must be in [1, epochs={self.epochs}]")
+        if self.norm not in (1, 2):
+            raise ConfigError(f"norm={self.norm!r} is not allowed; choose 1 or 2")
+        if self.bn_l1 < 0 or self.weight_decay < 0:
+            raise ConfigError("bn_l1 and weight_decay must be 0 or more")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"momentum={self.momentum!r} is outside [0, 1)")
+        if self.ratios_file and self.scope != "layerwise":
+            raise ConfigError("ratios_file needs scope 'layerwise'")
+
+    def ignored(self) -> list[str]:
+        return [n.strip() for n in self.ignored_layers.split(",") if n.strip()]
+
+
 @dataclass(frozen=True)
 class PlannedStageConfig(StageConfig):
     """Options of stages that are declared but not built yet."""

@@ -8,11 +8,7 @@ from typing import Mapping, Sequence
 
 def plot_training_curves(history: Mapping[str, Sequence[float]], path: str | Path, title: str = "") -> Path:
     """Loss, accuracy and learning rate per epoch, one panel each."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     epochs = list(history["epoch"])
     fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(13, 3.8))
     ax_loss.plot(epochs, history["train_loss"], label="train")
@@ -29,9 +25,72 @@ def plot_training_curves(history: Mapping[str, Sequence[float]], path: str | Pat
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _pyplot().close(fig)
     return path
+
+
+def plot_pruning_curves(history: Mapping[str, Sequence[float]], path: str | Path, title: str = "") -> Path:
+    """Validation accuracy and losses per epoch, with the sparsity schedule overlaid."""
+    plt = _pyplot()
+    epochs = list(history["epoch"])
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(12, 4))
+    for ax, keys, label in ((ax_acc, ("train_accuracy", "val_accuracy"), "accuracy"),
+                            (ax_loss, ("train_loss", "val_loss"), "loss")):
+        for key in keys:
+            ax.plot(epochs, history[key], label=key.split("_")[0])
+        ax.set(xlabel="epoch", ylabel=label, title=f"{label} during pruning and fine-tuning")
+        ax.grid(alpha=0.3)
+        twin = ax.twinx()
+        twin.step(epochs, history["pruned_fraction"], where="post", color="tab:red", alpha=0.6, label="sparsity")
+        twin.set_ylabel("sparsity (red)")
+        twin.set_ylim(0, 1)
+        ax.legend(loc="center right")
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_bars(values: Mapping[str, float], path: str | Path, ylabel: str, title: str = "") -> Path:
+    """One bar per key (per-layer sparsity, per-layer sizes, ...)."""
+    plt = _pyplot()
+    names = list(values)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(names) + 2), 4))
+    ax.bar(range(len(names)), [values[n] for n in names], color="tab:blue")
+    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
+    ax.set(ylabel=ylabel, title=title)
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_comparison(rows: Sequence[Mapping[str, object]], label: str, path: str | Path, title: str = "") -> Path:
+    """Accuracy vs size and accuracy vs CPU latency, one point per compared variant."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, x_key, x_label in ((axes[0], "size_kib", "size (KiB, non-zero fp32)"),
+                               (axes[1], "latency_ms_p50_cpu", "CPU latency p50 (ms)")):
+        for row in rows:
+            ax.scatter(row[x_key], row["test_accuracy"], s=40)
+            ax.annotate(str(row[label]), (row[x_key], row["test_accuracy"]), textcoords="offset points",
+                        xytext=(4, 4), fontsize=8)
+        ax.set(xlabel=x_label, ylabel="test accuracy")
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)

@@ -67,6 +67,12 @@ def create_model(name: str, num_classes: int, input_shape: Sequence[int], **kw: 
 def model_from_recipe(recipe: dict[str, Any]) -> nn.Module:
     """Rebuild a model's architecture from the recipe stored beside its weights."""
     try:
-        return create_model(recipe["name"], recipe["num_classes"], recipe["input_shape"], **recipe.get("kwargs", {}))
+        model = create_model(recipe["name"], recipe["num_classes"], recipe["input_shape"], **recipe.get("kwargs", {}))
     except KeyError as exc:
         raise ConfigError(f"model recipe lacks the key {exc.args[0]!r}: {recipe!r}") from None
+    if recipe.get("pruning_history"):  # structured pruning: replay it to get the smaller shapes
+        from mcp.pruning.pruner import replay_pruning
+
+        replay_pruning(model, recipe["input_shape"], recipe["pruning_history"])
+    model.mcp_recipe = dict(recipe)
+    return model

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,35 +39,17 @@ def _describe(recipe: Any) -> str:
     return f"model {recipe.get('name')!r} (input {shape}, {recipe.get('num_classes')} classes)"
 
 
-def final_metrics(model: nn.Module, input_shape: tuple[int, ...], device: str) -> dict[str, float]:
-    """Glossary metrics that apply to a dense model (accuracy is added by the caller)."""
-    from mcp.evaluation.metrics import count_macs, count_params, latency_metrics, size_bytes_fp32
-
-    metrics: dict[str, float] = dict(count_params(model))
-    metrics["macs"] = float(count_macs(model, input_shape))
-    metrics["size_bytes_fp32"] = float(size_bytes_fp32(model))
-    metrics.update(latency_metrics(model, input_shape, "cpu"))
-    if device == "cuda":
-        metrics.update(latency_metrics(model, input_shape, "cuda"))
-    return metrics
-
-
 def run_train(cfg: TrainConfig, show_progress: bool | None = None) -> TrainResult:
     """Everything that can fail on bad input fails before the MLflow run starts."""
     from mcp import tracking
-    from mcp.data import load_dataset, make_loaders
     from mcp.evaluation.metrics import peak_memory_mb
     from mcp.evaluation.plots import plot_training_curves
     from mcp.models import create_model
+    from mcp.stages.common import final_metrics, log_and_register, log_plot, setup_data
     from mcp.training import EarlyStopping, ProgressBar, Trainer, build_optimizer, build_scheduler, evaluate
-    from mcp.training import resolve_device
     from mcp.training.checkpoint import CheckpointEveryEpoch, load_checkpoint, restore_trainer
 
-    device = resolve_device(cfg.device)
-    splits = load_dataset(cfg.dataset, cfg.data_dir, cfg.download, cfg.input_shape or None,
-                          cfg.num_classes, cfg.val_fraction)
-    train_loader, val_loader, test_loader = make_loaders(
-        splits, cfg.batch_size, cfg.workers, cfg.seed, pin_memory=device == "cuda")
+    device, splits, (train_loader, val_loader, test_loader) = setup_data(cfg)
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model, splits.num_classes, splits.input_shape)
     optimizer = build_optimizer(model.to(device), cfg.optimizer, cfg.lr, cfg.momentum, cfg.nesterov,
@@ -118,20 +99,13 @@ def run_train(cfg: TrainConfig, show_progress: bool | None = None) -> TrainResul
         metrics["peak_memory_mb"] = peak_memory_mb(device)
         tracking.log_metrics(metrics)
 
-        with tempfile.TemporaryDirectory() as tmp:
-            png = plot_training_curves(trainer.history, Path(tmp) / "training_curves.png",
-                                       title=f"{cfg.model} on {cfg.dataset}")
-            tracking.log_artifact(png, "plots")
-        example = next(iter(test_loader))[0][:4]
-        info = tracking.log_model(model, example, {"dataset": cfg.dataset,
-                                                   "class_names": splits.class_names})
-        reg_name = reg_version = None
-        if cfg.register:
-            reg_name = tracking.registered_name(cfg.model, cfg.dataset)
-            version_tags = {"mcp.stage": "train", "source_run": run_id,
-                            **{k: f"{metrics[k]:.6g}" for k in
-                               ("test_accuracy", "params_total", "macs", "size_bytes_fp32",
-                                "latency_ms_p50_cpu")}}
-            reg_version = tracking.register_model(info.model_uri, reg_name, "baseline", version_tags).version
-    return TrainResult(run_id, f"runs:/{run_id}/{tracking.models.ARTIFACT_PATH}", reg_name,
-                       str(reg_version) if reg_version else None, metrics, ckpt, model)
+        log_plot(plot_training_curves, "training_curves.png", trainer.history, title=f"{cfg.model} on {cfg.dataset}")
+        reg_name = tracking.registered_name(cfg.model, cfg.dataset) if cfg.register else None
+        version_tags = {"mcp.stage": "train", "source_run": run_id,
+                        **{k: f"{metrics[k]:.6g}" for k in
+                           ("test_accuracy", "params_total", "macs", "size_bytes_fp32", "latency_ms_p50_cpu")}}
+        _, reg_version = log_and_register(model, next(iter(test_loader))[0][:4],
+                                          {"dataset": cfg.dataset, "class_names": splits.class_names},
+                                          reg_name, "baseline", version_tags)
+    return TrainResult(run_id, f"runs:/{run_id}/{tracking.models.ARTIFACT_PATH}", reg_name, reg_version,
+                       metrics, ckpt, model)

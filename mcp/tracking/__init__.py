@@ -6,9 +6,9 @@ import os
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 from mcp.tracking.runs import EpochLogger, log_artifact, log_metrics, log_params, stage_run
-from mcp.tracking.models import load_model, log_model, register_model, registered_name
+from mcp.tracking.models import alias_exists, load_model, log_model, register_model, registered_name
 
 __all__ = [
     "EpochLogger", "log_artifact", "log_metrics", "log_params", "stage_run",
-    "load_model", "log_model", "register_model", "registered_name",
+    "alias_exists", "load_model", "log_model", "register_model", "registered_name",
 ]

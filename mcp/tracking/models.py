@@ -71,6 +71,18 @@ def register_model(model_uri: str, name: str, alias: str | None, tags: Mapping[s
     return version
 
 
+def alias_exists(name: str, alias: str) -> bool:
+    """Whether registered model ``name`` has a version with ``alias``."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        MlflowClient().get_model_version_by_alias(name, alias)
+        return True
+    except MlflowException:
+        return False
+
+
 def load_model(uri: str, device: str = "cpu") -> nn.Module:
     """Load a model logged by mcp from a ``runs:/``, ``models:/`` or local URI, in eval mode."""
     import mlflow

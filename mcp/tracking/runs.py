@@ -23,10 +23,12 @@ def stage_run(stage: str, params: Mapping[str, Any], tags: Mapping[str, str] | N
     Under ``mlflow run`` the run already exists (``MLFLOW_RUN_ID``) and is joined;
     otherwise a new top-level run starts in the store ``MLFLOW_TRACKING_URI`` names
     (MLflow's default: SQLite ``mlflow.db`` in the working directory). Any exception,
-    Ctrl-C included, ends the run FAILED before it propagates.
+    Ctrl-C included, ends the run FAILED before it propagates. Started while another
+    run is active, it is a nested run of that one.
     """
     mlflow = _mlflow()
-    run = mlflow.start_run(run_name=run_name, tags={"mcp.stage": stage, **(tags or {})})
+    nested = mlflow.active_run() is not None  # a stage inside a stage (baseline, compared variants)
+    run = mlflow.start_run(run_name=run_name, nested=nested, tags={"mcp.stage": stage, **(tags or {})})
     try:
         log_params(params)
         yield run
@@ -58,6 +60,18 @@ def log_params(params: Mapping[str, Any]) -> None:
 
 def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
     _mlflow().log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+
+def set_tag(key: str, value: str) -> None:
+    _mlflow().set_tag(key, value)
+
+
+def active_run_id() -> str:
+    return _mlflow().active_run().info.run_id
+
+
+def log_text(text: str, artifact_file: str) -> None:
+    _mlflow().log_text(text, artifact_file)
 
 
 def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:

@@ -19,6 +19,7 @@ class Callback:
 
     def on_fit_start(self, trainer: "Trainer") -> None: ...
     def on_epoch_start(self, trainer: "Trainer", epoch: int) -> None: ...
+    def on_after_backward(self, trainer: "Trainer") -> None: ...
     def on_batch_end(self, trainer: "Trainer", batch: int, loss: float) -> None: ...
     def on_epoch_end(self, trainer: "Trainer", epoch: int, logs: dict[str, float]) -> None: ...
     def on_fit_end(self, trainer: "Trainer") -> None: ...
@@ -55,6 +56,7 @@ class Trainer:
         self.callbacks: list[Callback] = list(callbacks)
         self.restore_best = restore_best
         self.epoch = 0  # epochs completed
+        self.global_step = 0  # optimizer steps taken
         self.history: dict[str, list[float]] = {}
         self.best_val_accuracy = -1.0
         self.best_epoch = -1
@@ -66,6 +68,7 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         return {
             "epoch": self.epoch,
+            "global_step": self.global_step,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler else None,
@@ -82,6 +85,7 @@ class Trainer:
         if self.scheduler and state.get("scheduler"):
             self.scheduler.load_state_dict(state["scheduler"])
         self.epoch = int(state["epoch"])
+        self.global_step = int(state.get("global_step", 0))
         self.history = {k: list(v) for k, v in state["history"].items()}
         self.best_val_accuracy = float(state["best_val_accuracy"])
         self.best_epoch = int(state["best_epoch"])
@@ -108,7 +112,9 @@ class Trainer:
             loss = self.loss_fn(out, y)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            self._call("on_after_backward")
             self.optimizer.step()
+            self.global_step += 1
             n = y.numel()
             loss_sum += loss.item() * n
             correct += (out.argmax(1) == y).sum().item()

@@ -44,7 +44,8 @@ def build_optimizer(model: nn.Module, name: str, lr: float, momentum: float = 0.
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, kind: str, epochs: int, step_size: int = 10,
-                    gamma: float = 0.1) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-epoch schedule: ``scheduler.step()`` once after every epoch."""
+                    gamma: float = 0.1, start_epoch: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-epoch schedule: ``scheduler.step()`` once after every epoch. ``start_epoch``
+    continues a schedule on a new optimizer (after a structured pruning step)."""
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda epoch: lr_factor(kind, epoch, epochs, step_size, gamma))
+        optimizer, lambda epoch: lr_factor(kind, epoch + start_epoch, epochs, step_size, gamma))

@@ -1,0 +1,227 @@
+"""Cutting: masks for unstructured pruning, Torch-Pruning for structured pruning.
+
+Both take the scores of a criterion and a target (one sparsity for global scope, or a
+ratio per layer for layer-wise scope) and reach it exactly: unstructured to the weight,
+structured to the channel (Torch-Pruning's rounding, at most one channel per layer).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from mcp.errors import ConfigError
+from mcp.pruning.importance import Scores
+
+PRUNABLE = (nn.Conv2d, nn.Linear)
+
+
+def layers_in_order(model: nn.Module, input_shape) -> list[tuple[str, nn.Module]]:
+    """Conv and linear layers in execution order (one forward pass on zeros)."""
+    names = {m: n for n, m in model.named_modules() if isinstance(m, PRUNABLE)}
+    order: list[nn.Module] = []
+    hooks = [m.register_forward_hook(lambda mod, i, o: order.append(mod)) for m in names]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *input_shape, device=next(model.parameters()).device))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    seen: list[nn.Module] = []
+    for m in order:
+        if m not in seen:
+            seen.append(m)
+    return [(names[m], m) for m in seen]
+
+
+def select_layers(model: nn.Module, input_shape, keep_first: bool, keep_last: bool,
+                  ignored: list[str]) -> tuple[dict[str, nn.Module], list[str]]:
+    """(layers in scope, names of all conv/linear layers in execution order)."""
+    ordered = layers_in_order(model, input_shape)
+    all_names = [n for n, _ in ordered]
+    unknown = [n for n in ignored if n not in all_names]
+    if unknown:
+        raise ConfigError(f"ignored_layers has unknown layer(s) {', '.join(unknown)}; "
+                          f"this model's layers are: {', '.join(all_names)}")
+    skip = set(ignored)
+    if keep_first:
+        skip.add(all_names[0])
+    if keep_last:
+        skip.add(all_names[-1])
+    layers = {n: m for n, m in ordered if n not in skip}
+    if not layers:
+        raise ConfigError("no layer is left to prune after keep_first/keep_last/ignored_layers")
+    return layers, all_names
+
+
+def _kth_mask(scores: torch.Tensor, n_prune: int) -> torch.Tensor:
+    """Keep-mask that zeroes exactly the ``n_prune`` lowest scores (ties: lowest index first)."""
+    flat = scores.flatten()
+    mask = torch.ones_like(flat, dtype=torch.bool)
+    if n_prune > 0:
+        idx = torch.argsort(flat, stable=True)[:n_prune]
+        mask[idx] = False
+    return mask.view_as(scores)
+
+
+class UnstructuredPruner:
+    """Weight masks on the layers in scope, kept exact through training.
+
+    Masks are monotone: a weight once pruned gets score -inf and stays pruned, so the
+    sparsity of a schedule only grows. Use :meth:`enforce` after every optimizer step
+    and :meth:`mask_grads` after every backward pass (see ``MaskCallback``)."""
+
+    def __init__(self, layers: Mapping[str, nn.Module], scope: str):
+        self.layers, self.scope = dict(layers), scope
+        self.masks: dict[nn.Module, torch.Tensor] = {
+            m: torch.ones_like(m.weight, dtype=torch.bool) for m in self.layers.values()}
+
+    def step(self, scores: Scores, target: float | Mapping[str, float]) -> None:
+        ranked = {}
+        for m in self.layers.values():
+            if m not in scores.weight:
+                raise ValueError(f"criterion gave no weight scores for {type(m).__name__}")
+            s = scores.weight[m].detach().float().clone()
+            s[~self.masks[m]] = float("-inf")
+            ranked[m] = s
+        if self.scope == "global":
+            assert isinstance(target, float)
+            flat = torch.cat([s.flatten().cpu() for s in ranked.values()])
+            keep = _kth_mask(flat, round(target * flat.numel()))
+            offset = 0
+            for m, s in ranked.items():
+                self.masks[m] = keep[offset: offset + s.numel()].view_as(s).to(s.device)
+                offset += s.numel()
+        else:
+            for name, m in self.layers.items():
+                ratio = target[name] if isinstance(target, Mapping) else target
+                self.masks[m] = _kth_mask(ranked[m], round(ratio * ranked[m].numel()))
+        self.enforce()
+
+    @torch.no_grad()
+    def enforce(self) -> None:
+        for m, mask in self.masks.items():
+            m.weight.mul_(mask)
+
+    @torch.no_grad()
+    def mask_grads(self) -> None:
+        for m, mask in self.masks.items():
+            if m.weight.grad is not None:
+                m.weight.grad.mul_(mask)
+
+    def layer_sparsity(self) -> dict[str, float]:
+        return {n: 1.0 - self.masks[m].float().mean().item() for n, m in self.layers.items()}
+
+    def sparsity(self) -> float:
+        total = sum(mask.numel() for mask in self.masks.values())
+        return 1.0 - sum(int(mask.sum()) for mask in self.masks.values()) / total
+
+
+class ScoreImportance:
+    """A Torch-Pruning importance built from a criterion's :class:`Scores`: a channel's
+    score is the sum over its dependency group (the producing layer's filter, the BN
+    channel, the consumers' input weights, residual partners). Global scope normalises
+    each group by its mean, as Torch-Pruning's own importances do."""
+
+    def __init__(self, normalize: bool):
+        self.normalize = normalize
+        self.scores = Scores()
+
+    @torch.no_grad()
+    def __call__(self, group) -> torch.Tensor | None:
+        from torch_pruning.pruner import function as F
+
+        total: torch.Tensor | None = None
+        for i, (dep, idxs) in enumerate(group):
+            layer, fn = dep.layer, dep.pruning_fn
+            root = group[i].root_idxs
+            if any(r is None for r in root):
+                continue
+            local = None
+            if fn in (F.prune_conv_out_channels, F.prune_linear_out_channels):
+                if layer in self.scores.weight:
+                    local = self.scores.weight[layer].flatten(1).sum(1)[idxs]
+                elif layer in self.scores.out_channel:
+                    local = self.scores.out_channel[layer][idxs]
+            elif fn in (F.prune_conv_in_channels, F.prune_linear_in_channels):
+                if layer in self.scores.weight:
+                    per_in = self.scores.weight[layer].transpose(0, 1).flatten(1).sum(1)
+                    if fn == F.prune_conv_in_channels and layer.groups not in (1, layer.in_channels):
+                        per_in = per_in.repeat(layer.groups)
+                    if per_in.numel() == 1 and layer.groups > 1:
+                        continue  # depthwise: its out-channel entry in the group carries the score
+                    local = per_in[idxs]
+                elif layer in self.scores.in_channel:
+                    local = self.scores.in_channel[layer][idxs]
+            elif fn == F.prune_batchnorm_out_channels and layer in self.scores.out_channel:
+                local = self.scores.out_channel[layer][idxs]
+            if local is None:
+                continue
+            if total is None:
+                total = torch.zeros(len(group[0].idxs), dtype=torch.float32, device=local.device)
+            total.scatter_add_(0, torch.tensor(root, device=local.device), local.float())
+        if total is None:
+            return None
+        # deterministic tie-break (untrained BN scales are all 1): lower index, lower score
+        total = total + 1e-6 * total.abs().mean().clamp_min(1e-12) * torch.linspace(0, 1, len(total),
+                                                                                   device=total.device)
+        if self.normalize:
+            total = total / total.mean().clamp_min(1e-12)
+        return total
+
+
+class StructuredPruner:
+    """Physically remove channels with Torch-Pruning's dependency graph (residual
+    additions, BatchNorm, depthwise convs and flattening handled by Torch-Pruning).
+
+    ``schedule(target, steps)`` gives each event's channel sparsity; it is applied to
+    ``sparsity`` (global scope, or every layer alike) or to each layer's own ratio in
+    ``ratios``. :meth:`step` performs the next event."""
+
+    def __init__(self, model: nn.Module, input_shape, layers: Mapping[str, nn.Module], all_names: list[str],
+                 scope: str, schedule, steps: int, sparsity: float, ratios: Mapping[str, float] | None = None):
+        import torch_pruning as tp
+
+        modules = dict(model.named_modules())
+        in_scope = set(layers.values())
+        # The output layer keeps its outputs (the classes); layers out of scope keep theirs.
+        ignored = [modules[n] for n in all_names if modules[n] not in in_scope] + [modules[all_names[-1]]]
+        self.importance = ScoreImportance(normalize=scope == "global")
+        device = next(model.parameters()).device
+        self.pruner = tp.pruner.BasePruner(
+            model, torch.zeros(1, *input_shape, device=device), importance=self.importance,
+            global_pruning=scope == "global", pruning_ratio=sparsity,
+            pruning_ratio_dict={layers[n]: r for n, r in (ratios or {}).items()} or None,
+            iterative_steps=steps, ignored_layers=ignored,
+            # Torch-Pruning asks for steps + 1 ratios, the first being the unpruned state
+            iterative_pruning_ratio_scheduler=lambda target, n: [0.0] + list(schedule(target, n)),
+        )
+        self.layers = dict(layers)
+        self.initial_out = {n: _out_channels(m) for n, m in layers.items()}
+        self.history: list = []
+
+    def step(self, scores: Scores) -> None:
+        self.importance.scores = scores
+        self.pruner.step()
+        self.history = [list(h) if isinstance(h, tuple) else h for h in self.pruner.pruning_history()]
+
+    def layer_sparsity(self) -> dict[str, float]:
+        return {n: 1.0 - _out_channels(m) / self.initial_out[n] for n, m in self.layers.items()}
+
+
+def _out_channels(m: nn.Module) -> int:
+    return m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+
+
+def replay_pruning(model: nn.Module, input_shape, history: list) -> nn.Module:
+    """Rebuild a structured-pruned architecture from Torch-Pruning's pruning history."""
+    import torch_pruning as tp
+
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.zeros(1, *input_shape))
+    graph.load_pruning_history([tuple(h) for h in history])
+    return model
