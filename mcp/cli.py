@@ -13,7 +13,8 @@ from typing import Any, Callable
 import click
 from click.core import ParameterSource
 
-from mcp.config import PlannedStageConfig, PruneConfig, StageConfig, TrainConfig, read_config_file
+from mcp.config import (PlannedStageConfig, PruneConfig, SensitivityConfig, StageConfig, TrainConfig,
+                        read_config_file)
 from mcp.errors import McpError
 
 _CLICK_TYPES = {"int": click.INT, "float": click.FLOAT, "str": click.STRING}
@@ -114,6 +115,26 @@ def prune(ctx: click.Context, **kwargs: Any) -> None:
                f"latency_p50_cpu={m['latency_ms_p50_cpu']:.3f} ms time={m['training_time_s']:.1f} s")
     if result.registered_name:
         click.echo(f"registered: models:/{result.registered_name}/{result.registered_version}")
+
+
+@main.command()
+@config_options(SensitivityConfig)
+@click.pass_context
+def sensitivity(ctx: click.Context, **kwargs: Any) -> None:
+    """Prune each layer alone at a sweep of ratios; log the accuracy drops, gradient norms,
+    plots and suggested per-layer ratios (YAML for `mcp prune --ratios-file`)."""
+    from mcp.stages.sensitivity import run_sensitivity
+
+    source = kwargs.get("config_file") or "options"
+    try:
+        cfg = SensitivityConfig.from_dict(explicit_values(ctx, kwargs), source=source)
+        result = run_sensitivity(cfg)
+    except McpError as exc:
+        _fail(str(exc))
+    click.echo(f"run {result.run_id}: suggested ratios for {cfg.target_sparsity:.0%} "
+               f"(reached {result.suggested_sparsity:.4f}), artifact suggested_ratios.yaml:")
+    for layer, ratio in result.suggested.items():
+        click.echo(f"  {layer}: {ratio}")
 
 
 def _planned(stage: str, issue: int) -> None:

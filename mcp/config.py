@@ -258,6 +258,44 @@ class PruneConfig(DataOptions):
 
 
 @dataclass(frozen=True)
+class SensitivityConfig(DataOptions):
+    """`mcp sensitivity`: prune each layer alone at a sweep of ratios; suggest per-layer ratios."""
+
+    model: str = option("lenet300_100", "Model name; its baseline is models:/<model>-<dataset>@baseline.")
+    model_uri: str = option("", "Model to analyse (runs:/ or models:/ URI). Empty: the registered baseline, "
+                                "trained first when there is none.")
+    criterion: str = option("magnitude", "Importance criterion.", CRITERIA)
+    granularity: str = option("unstructured", "Single weights or whole channels.", GRANULARITIES)
+    sweep: str = option("0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9", "Comma-separated ratios to try in each layer.")
+    target_sparsity: float = option(0.8, "Overall sparsity the suggested per-layer ratios reach.")
+    calib_batches: int = option(8, "Training batches used by data-driven criteria and gradient norms.")
+    norm: int = option(1, "Magnitude criterion: 1 (L1) or 2 (L2) norm.")
+    hessian: str = option("fisher", "Second-order criterion: diagonal Hessian estimate.", ("fisher", "hutchinson"))
+
+    def validate(self) -> None:
+        super().validate()
+        from mcp.models import model_names
+
+        if self.model not in model_names():
+            raise ConfigError(f"unknown model {self.model!r}; choose one of: {', '.join(model_names())}")
+        ratios = self.sweep_ratios()
+        _in_unit_interval("target_sparsity", self.target_sparsity)
+        if self.target_sparsity > max(ratios):
+            raise ConfigError(f"target_sparsity={self.target_sparsity!r} is above the largest swept ratio "
+                              f"{max(ratios)}")
+        _positive("calib_batches", self.calib_batches)
+
+    def sweep_ratios(self) -> list[float]:
+        try:
+            ratios = sorted({float(r) for r in self.sweep.split(",") if r.strip()})
+        except ValueError:
+            raise ConfigError(f"sweep={self.sweep!r} must be comma-separated numbers in (0, 1)") from None
+        if not ratios or not all(0.0 < r < 1.0 for r in ratios):
+            raise ConfigError(f"sweep={self.sweep!r} must be comma-separated numbers in (0, 1)")
+        return ratios
+
+
+@dataclass(frozen=True)
 class PlannedStageConfig(StageConfig):
     """Options of stages that are declared but not built yet."""
 

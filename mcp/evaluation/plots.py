@@ -94,3 +94,29 @@ def plot_comparison(rows: Sequence[Mapping[str, object]], label: str, path: str 
     if title:
         fig.suptitle(title)
     return _save(fig, path)
+
+
+def plot_sensitivity(table: Sequence[Mapping[str, object]], layers: Sequence[str], ratios: Sequence[float],
+                     path: str | Path, title: str = "") -> Path:
+    """Accuracy drop per layer and ratio: a heatmap and one line per layer."""
+    import numpy as np
+
+    plt = _pyplot()
+    drop = np.zeros((len(layers), len(ratios)))
+    for row in table:
+        drop[layers.index(row["layer"]), ratios.index(row["ratio"])] = 100 * float(row["drop"])
+    fig, (ax_map, ax_lines) = plt.subplots(1, 2, figsize=(13, max(4.0, 0.3 * len(layers) + 1.5)))
+    image = ax_map.imshow(drop, aspect="auto", cmap="magma_r")
+    ax_map.set_xticks(range(len(ratios)), [f"{r:.2f}" for r in ratios], fontsize=8)
+    ax_map.set_yticks(range(len(layers)), layers, fontsize=7)
+    ax_map.set(xlabel="ratio pruned in this layer alone", title="validation accuracy drop (points)")
+    fig.colorbar(image, ax=ax_map)
+    for i, layer in enumerate(layers):
+        ax_lines.plot(ratios, drop[i], marker="o", markersize=3, label=layer)
+    ax_lines.set(xlabel="ratio", ylabel="accuracy drop (points)", title="per-layer sensitivity")
+    ax_lines.grid(alpha=0.3)
+    if len(layers) <= 12:
+        ax_lines.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from mcp.config import DataOptions
+from mcp.errors import McpError
 
 
 def setup_data(cfg: DataOptions):
@@ -58,3 +59,36 @@ def log_and_register(model: nn.Module, example: torch.Tensor, extra_recipe: Mapp
         return info.model_uri, None
     version = tracking.register_model(info.model_uri, registered, alias, tags)
     return info.model_uri, str(version.version)
+
+
+def find_base_model(model: str, model_uri: str, dataset: str, splits) -> tuple[nn.Module | None, str]:
+    """The model a compression stage starts from: ``model_uri``, else the registered
+    ``<model>-<dataset>@baseline``. (None, its URI) when no baseline exists yet."""
+    from mcp import tracking
+
+    uri = model_uri
+    if not uri:
+        name = tracking.registered_name(model, dataset)
+        uri = f"models:/{name}@baseline"
+        if not tracking.alias_exists(name, "baseline"):
+            return None, uri
+    loaded = tracking.load_model(uri)
+    recipe = loaded.mcp_recipe
+    if tuple(recipe["input_shape"]) != tuple(splits.input_shape) or recipe["num_classes"] != splits.num_classes:
+        raise McpError(f"model {uri!r} expects input {recipe['input_shape']} and {recipe['num_classes']} classes; "
+                       f"dataset {dataset!r} gives {list(splits.input_shape)} and {splits.num_classes}")
+    return loaded, uri
+
+
+def train_baseline(cfg: DataOptions, show_progress: bool | None) -> tuple[nn.Module, str]:
+    """Train and register ``<model>-<dataset>@baseline`` with train's defaults, as a run
+    nested in the active one; tag the active run with it as ``mcp.parent_model``."""
+    from mcp import tracking
+    from mcp.config import TrainConfig
+    from mcp.stages.train import run_train
+
+    train_cfg = TrainConfig(model=cfg.model, **{k: getattr(cfg, k) for k in DataOptions.defaults()})
+    trained = run_train(train_cfg, show_progress=show_progress)
+    uri = f"models:/{trained.registered_name}/{trained.registered_version}"
+    tracking.runs.set_tag("mcp.parent_model", uri)
+    return trained.model, uri

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from mcp.config import PRUNE_SCHEDULES, DataOptions, PruneConfig, TrainConfig
-from mcp.errors import ConfigError, McpError
+from mcp.config import PRUNE_SCHEDULES, PruneConfig
+from mcp.errors import ConfigError
 
 
 @dataclass
@@ -79,34 +79,15 @@ def calibration_batches(loader: DataLoader, n: int) -> list[tuple[torch.Tensor, 
     return batches
 
 
-def _base_model(cfg: PruneConfig, splits) -> tuple[nn.Module | None, str]:
-    """(model or None when the baseline must be trained first, its URI)."""
-    from mcp import tracking
-
-    uri = cfg.model_uri
-    if not uri:
-        name = tracking.registered_name(cfg.model, cfg.dataset)
-        if not tracking.alias_exists(name, "baseline"):
-            return None, f"models:/{name}@baseline"
-        uri = f"models:/{name}@baseline"
-    model = tracking.load_model(uri)
-    recipe = model.mcp_recipe
-    if tuple(recipe["input_shape"]) != tuple(splits.input_shape) or recipe["num_classes"] != splits.num_classes:
-        raise McpError(f"model {uri!r} expects input {recipe['input_shape']} and {recipe['num_classes']} classes; "
-                       f"dataset {cfg.dataset!r} gives {list(splits.input_shape)} and {splits.num_classes}")
-    return model, uri
-
-
 def run_prune(cfg: PruneConfig, show_progress: bool | None = None) -> PruneResult:
     from mcp import tracking
     from mcp.models import create_model
     from mcp.pruning import Pruning
-    from mcp.stages.common import setup_data
-    from mcp.stages.train import run_train
+    from mcp.stages.common import find_base_model, setup_data, train_baseline
 
     device, splits, loaders = setup_data(cfg)
     ratios = read_ratios(cfg.ratios_file) if cfg.ratios_file else {}
-    base, base_uri = _base_model(cfg, splits)
+    base, base_uri = find_base_model(cfg.model, cfg.model_uri, cfg.dataset, splits)
     # Check every variant against the architecture before any run starts.
     probe = copy.deepcopy(base) if base is not None else create_model(cfg.model, splits.num_classes,
                                                                        splits.input_shape)
@@ -118,11 +99,7 @@ def run_prune(cfg: PruneConfig, show_progress: bool | None = None) -> PruneResul
     tags = {"mcp.model": cfg.model, "mcp.dataset": cfg.dataset, "mcp.parent_model": base_uri}
     with tracking.stage_run("prune", params, tags, run_name=f"prune-{cfg.model}-{cfg.dataset}") as run:
         if base is None:  # no baseline yet: train one first, as a nested run
-            train_cfg = TrainConfig(model=cfg.model, **{k: getattr(cfg, k) for k in DataOptions.defaults()})
-            trained = run_train(train_cfg, show_progress=show_progress)
-            base = trained.model
-            base_uri = f"models:/{trained.registered_name}/{trained.registered_version}"
-            tracking.runs.set_tag("mcp.parent_model", base_uri)
+            base, base_uri = train_baseline(cfg, show_progress)
         base_metrics = _evaluate(base, loaders[2], device)
         tracking.log_metrics({"baseline_test_accuracy": base_metrics["accuracy"]})
         if len(runs) == 1:
