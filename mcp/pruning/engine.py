@@ -97,9 +97,7 @@ class Pruning:
         state = self.criterion.before_prune(self.model, scored, self.batches, self.device) if self.structured else {}
         scores = self.criterion.scores(self.model, scored, self.batches, self.device)
         if self.structured:
-            before = len(self.cut.history)
-            self.cut.step(scores)
-            state["pruned_out"] = {name: idxs for name, is_out, idxs in self.cut.history[before:] if is_out}
+            state["pruned_out"] = self.cut.step(scores)
             self.criterion.after_prune(self.model, state, self.batches, self.device)
             self.model.mcp_recipe = {**getattr(self.model, "mcp_recipe", {}),
                                      "pruning_history": self._base_history + self.cut.history}

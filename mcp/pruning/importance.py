@@ -235,15 +235,18 @@ class APoZ(Criterion):
         return Scores(out_channel={layer: 1.0 - zeros[layer] / counts[layer] for layer in zeros})
 
 
-def _consumer_inputs(mod: nn.Module, inp: torch.Tensor, positions: int, gen: torch.Generator):
-    """(samples, in_channels, k) rows of a consumer's input: unfolded patches for convs."""
+def _consumer_inputs(mod: nn.Module, inp: torch.Tensor, positions: int, gen: torch.Generator,
+                     take: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(samples, in_channels, k) rows of a consumer's input (unfolded patches for convs, at
+    ``positions`` sampled output positions per image, or at ``take``), and the positions."""
     if isinstance(mod, nn.Linear):
-        return inp.reshape(-1, inp.shape[-1], 1)
+        return inp.reshape(-1, inp.shape[-1], 1), None
     cols = nn.functional.unfold(inp, mod.kernel_size, mod.dilation, mod.padding, mod.stride)  # N, C*k, L
     n, ck, length = cols.shape
-    take = torch.randperm(length, generator=gen)[:positions]
+    if take is None:
+        take = torch.randperm(length, generator=gen)[:positions]
     cols = cols[:, :, take].permute(0, 2, 1).reshape(-1, ck)
-    return cols.reshape(cols.shape[0], mod.in_channels, -1)
+    return cols.reshape(cols.shape[0], mod.in_channels, -1), take
 
 
 def _consumer_weight(mod: nn.Module) -> torch.Tensor:
@@ -273,7 +276,7 @@ class Regression(Criterion):
         rows: dict[nn.Module, list[torch.Tensor]] = {m: [] for m in consumers}
         gen = torch.Generator().manual_seed(0)
         _record(model, consumers, batches, device,
-                lambda mod, inp, out: rows[mod].append(_consumer_inputs(mod, inp, self.positions, gen)))
+                lambda mod, inp, out: rows[mod].append(_consumer_inputs(mod, inp, self.positions, gen)[0]))
         return {m: torch.cat(r) for m, r in rows.items() if r}
 
     def scores(self, model, layers, batches, device) -> Scores:
@@ -287,42 +290,47 @@ class Regression(Criterion):
         return Scores(in_channel=scores)
 
     def before_prune(self, model, layers, batches, device) -> dict:
-        """Record each consumer's original output (without bias) as the refit target."""
-        targets: dict[str, torch.Tensor] = {}
+        """Record each consumer's original output (without bias) at sampled positions: the
+        refit targets."""
+        targets: dict[str, list[torch.Tensor]] = {}
+        takes: dict[str, list[torch.Tensor | None]] = {}
         names = {m: n for n, m in model.named_modules()}
         gen = torch.Generator().manual_seed(1)
 
         def keep(mod, inp, out) -> None:
-            x = _consumer_inputs(mod, inp, self.positions, gen)
+            x, take = _consumer_inputs(mod, inp, self.positions, gen)
             targets.setdefault(names[mod], []).append(torch.einsum("sck,ock->so", x, _consumer_weight(mod)))
+            takes.setdefault(names[mod], []).append(take)
 
         consumers = [m for m in layers.values() if _is_plain_consumer(m)]
         _record(model, consumers, batches, device, keep)
-        return {"targets": {k: torch.cat(v) for k, v in targets.items()}}
+        return {"targets": {k: torch.cat(v) for k, v in targets.items()}, "takes": takes}
 
     @torch.no_grad()
     def after_prune(self, model, state, batches, device) -> None:
-        targets = state.get("targets", {})
+        """Refit consumers one by one in execution order, each on the inputs that the
+        already refitted layers before it produce (ThiNet's layer-by-layer order)."""
         modules = dict(model.named_modules())
-        consumers = [modules[n] for n in targets if n in modules and _is_plain_consumer(modules[n])]
-        rows: dict[nn.Module, list[torch.Tensor]] = {m: [] for m in consumers}
-        gen = torch.Generator().manual_seed(1)  # the same sampled positions as before_prune
-        _record(model, consumers, batches, device,
-                lambda mod, inp, out: rows[mod].append(_consumer_inputs(mod, inp, self.positions, gen)))
-        names = {m: n for n, m in model.named_modules()}
         pruned_out = state.get("pruned_out", {})
-        for mod, parts in rows.items():
+        for name, y in state.get("targets", {}).items():  # insertion order = execution order
+            mod = modules.get(name)
+            if mod is None or not _is_plain_consumer(mod):
+                continue
+            takes = iter(state["takes"][name])
+            parts: list[torch.Tensor] = []
+            _record(model, [mod], batches, device,
+                    lambda m, inp, out: parts.append(_consumer_inputs(m, inp, 0, None, next(takes))[0]))
             x = torch.cat(parts).flatten(1)  # S, C'*k
-            y = targets[names[mod]]  # S, O
-            if y.shape[1] != mod.weight.shape[0]:  # this consumer lost outputs too: keep their targets only
-                removed = set(pruned_out.get(names[mod], []))
-                if y.shape[1] - len(removed) != mod.weight.shape[0]:
-                    continue  # pruned as a non-root member of a group: no refit
-                y = y[:, [i for i in range(y.shape[1]) if i not in removed]]
             if x.shape[1] >= x.shape[0]:
                 continue  # too few calibration rows for a well-posed refit
-            ridge = 1e-3 * x.pow(2).mean() * torch.eye(x.shape[1], device=x.device)
-            w = torch.linalg.solve(x.T @ x + ridge * x.shape[0], x.T @ y)  # C'*k, O
+            if y.shape[1] != mod.weight.shape[0]:  # this consumer lost outputs too: keep their targets only
+                removed = set(pruned_out.get(name, []))
+                if y.shape[1] - len(removed) != mod.weight.shape[0]:
+                    continue  # should not happen: the pruner reports every layer's removed outputs
+                y = y[:, [i for i in range(y.shape[1]) if i not in removed]]
+            gram = x.T @ x
+            ridge = 1e-3 * gram.diagonal().mean() * torch.eye(x.shape[1], device=x.device)
+            w = torch.linalg.solve(gram + ridge, x.T @ y)  # C'*k, O
             mod.weight.copy_(w.T.reshape(mod.weight.shape))
 
 

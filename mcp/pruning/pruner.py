@@ -205,10 +205,20 @@ class StructuredPruner:
         self.initial_out = {n: _out_channels(m) for n, m in layers.items()}
         self.history: list = []
 
-    def step(self, scores: Scores) -> None:
+    def step(self, scores: Scores) -> dict[str, list[int]]:
+        """Prune the next event; returns the output channels each layer lost (by name)."""
+        from torch_pruning.pruner import function as F
+
         self.importance.scores = scores
-        self.pruner.step()
+        names = {m: n for n, m in self.pruner.model.named_modules()}
+        removed: dict[str, list[int]] = {}
+        for group in self.pruner.step(interactive=True):
+            for dep, idxs in group:
+                if dep.pruning_fn in (F.prune_conv_out_channels, F.prune_linear_out_channels):
+                    removed[names[dep.layer]] = sorted(int(i) for i in idxs)
+            group.prune()
         self.history = [list(h) if isinstance(h, tuple) else h for h in self.pruner.pruning_history()]
+        return removed
 
     def layer_sparsity(self) -> dict[str, float]:
         return {n: 1.0 - _out_channels(m) / self.initial_out[n] for n, m in self.layers.items()}
