@@ -82,15 +82,14 @@ def _weight_params(layers: dict[str, nn.Module]) -> list[nn.Module]:
     return list(layers.values())
 
 
-def _grad_pass(model: nn.Module, batches: Batches, device: str,
-               per_batch: Callable[[], None], create_graph: bool = False) -> None:
+def _grad_pass(model: nn.Module, batches: Batches, device: str, per_batch: Callable[[], None]) -> None:
     """Run forward/backward over ``batches``; ``per_batch`` reads the gradients after each."""
     was_training = model.training
     model.eval()  # BN statistics stay as they are; dropout off
     for x, y in batches:
         model.zero_grad(set_to_none=True)
         loss = nn.functional.cross_entropy(model(x.to(device)), y.to(device))
-        loss.backward(create_graph=create_graph)
+        loss.backward()
         per_batch()
     model.zero_grad(set_to_none=True)
     model.train(was_training)
@@ -141,21 +140,25 @@ class SecondOrder(Criterion):
     def scores(self, model, layers, batches, device) -> Scores:
         mods = _weight_params(layers)
         diag = {m: torch.zeros_like(m.weight) for m in mods}
-        gen = torch.Generator(device="cpu").manual_seed(0)
+        if self.hessian == "fisher":  # E[g^2] of batch gradients
+            def fisher() -> None:
+                for m in mods:
+                    diag[m] += m.weight.grad.detach() ** 2
 
-        def fisher() -> None:
-            for m in mods:
-                diag[m] += m.weight.grad.detach() ** 2
-
-        def hutchinson() -> None:
-            grads = [m.weight.grad for m in mods]
-            vs = [(torch.randint(0, 2, g.shape, generator=gen) * 2 - 1).to(g) for g in grads]
-            hvs = torch.autograd.grad(grads, [m.weight for m in mods], grad_outputs=vs, retain_graph=False)
-            for m, v, hv in zip(mods, vs, hvs):
-                diag[m] += (v * hv).detach()
-
-        _grad_pass(model, batches, device, fisher if self.hessian == "fisher" else hutchinson,
-                   create_graph=self.hessian == "hutchinson")
+            _grad_pass(model, batches, device, fisher)
+        else:  # Hutchinson: E[v * Hv] with Rademacher v, by double backprop
+            gen = torch.Generator(device="cpu").manual_seed(0)
+            was_training = model.training
+            model.eval()
+            params = [m.weight for m in mods]
+            for x, y in batches:
+                loss = nn.functional.cross_entropy(model(x.to(device)), y.to(device))
+                grads = torch.autograd.grad(loss, params, create_graph=True)
+                vs = [(torch.randint(0, 2, g.shape, generator=gen) * 2 - 1).to(g) for g in grads]
+                hvs = torch.autograd.grad(grads, params, grad_outputs=vs)
+                for m, v, hv in zip(mods, vs, hvs):
+                    diag[m] += (v * hv).detach()
+            model.train(was_training)
         n = max(len(batches), 1)
         return Scores(weight={m: 0.5 * (diag[m] / n).clamp_min(0) * m.weight.detach() ** 2 for m in mods})
 
@@ -286,7 +289,7 @@ class Regression(Criterion):
             # contribution of channel c to output o for sample s: sum_k x[s,c,k] w[o,c,k]
             contrib = torch.einsum("sck,ock->sco", x, w)  # S, C, O
             gram = torch.einsum("sco,sdo->cd", contrib, contrib) / contrib.shape[0]  # C x C
-            scores[mod] = _greedy_thinet(gram)
+            scores[mod] = _greedy_thinet(gram.cpu()).to(w.device)
         return Scores(in_channel=scores)
 
     def before_prune(self, model, layers, batches, device) -> dict:
