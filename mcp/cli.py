@@ -13,7 +13,7 @@ from typing import Any, Callable
 import click
 from click.core import ParameterSource
 
-from mcp.config import (PlannedStageConfig, PruneConfig, SensitivityConfig, StageConfig, TrainConfig,
+from mcp.config import (PlannedStageConfig, PruneConfig, QuantizeConfig, SensitivityConfig, StageConfig, TrainConfig,
                         read_config_file)
 from mcp.errors import McpError
 
@@ -65,6 +65,15 @@ def main() -> None:
     """mcp: a tracked model compression pipeline (train, prune, quantize, distill, search, export)."""
 
 
+def _run_stage(ctx: click.Context, kwargs: dict[str, Any], config_cls: type[StageConfig], run: Any):
+    """Build the config from options (and --config), run the stage; user errors exit 2."""
+    try:
+        cfg = config_cls.from_dict(explicit_values(ctx, kwargs), source=kwargs.get("config_file") or "options")
+        return cfg, run(cfg)
+    except McpError as exc:
+        _fail(str(exc))
+
+
 @main.command()
 @config_options(TrainConfig)
 @click.pass_context
@@ -99,12 +108,7 @@ def prune(ctx: click.Context, **kwargs: Any) -> None:
     schedule, fine-tune it at a reduced LR, and register it as a new version."""
     from mcp.stages.prune import comparison_markdown, run_prune
 
-    source = kwargs.get("config_file") or "options"
-    try:
-        cfg = PruneConfig.from_dict(explicit_values(ctx, kwargs), source=source)
-        result = run_prune(cfg)
-    except McpError as exc:
-        _fail(str(exc))
+    cfg, result = _run_stage(ctx, kwargs, PruneConfig, run_prune)
     if result.comparison:
         click.echo(comparison_markdown(result.comparison))
         return
@@ -125,16 +129,34 @@ def sensitivity(ctx: click.Context, **kwargs: Any) -> None:
     plots and suggested per-layer ratios (YAML for `mcp prune --ratios-file`)."""
     from mcp.stages.sensitivity import run_sensitivity
 
-    source = kwargs.get("config_file") or "options"
-    try:
-        cfg = SensitivityConfig.from_dict(explicit_values(ctx, kwargs), source=source)
-        result = run_sensitivity(cfg)
-    except McpError as exc:
-        _fail(str(exc))
+    cfg, result = _run_stage(ctx, kwargs, SensitivityConfig, run_sensitivity)
     click.echo(f"run {result.run_id}: suggested ratios for {cfg.target_sparsity:.0%} "
                f"(reached {result.suggested_sparsity:.4f}), artifact suggested_ratios.yaml:")
     for layer, ratio in result.suggested.items():
         click.echo(f"  {layer}: {ratio}")
+
+
+@main.command()
+@config_options(QuantizeConfig)
+@click.pass_context
+def quantize(ctx: click.Context, **kwargs: Any) -> None:
+    """Quantize a trained or pruned model (default: <model>-<dataset>@baseline, trained first if
+    missing): INT8 PTQ / dynamic, QAT, fixed point at 2-8 bits, k-means sharing, Huffman coding,
+    or the whole Deep Compression pipeline. Measures it in ONNX Runtime, encodes it for its real
+    size, and registers it as a new version."""
+    from mcp.stages.quantize import run_quantize
+
+    cfg, result = _run_stage(ctx, kwargs, QuantizeConfig, run_quantize)
+    m = result.metrics
+    click.echo(f"run {result.run_id}: {cfg.method} test_accuracy torch={m['test_accuracy']:.4f} "
+               f"onnx={m['onnx_test_accuracy']:.4f} (baseline {m['baseline_test_accuracy']:.4f}) "
+               f"size fp32={int(m['size_bytes_fp32'])} B compressed={int(m['size_bytes_compressed'])} B "
+               f"({m['compression_ratio']:.1f}x) onnx={int(m['size_bytes_onnx'])} B")
+    for stage, size in result.stages.items():
+        click.echo(f"  after {stage}: {size} B ({result.stages['fp32'] / size:.1f}x)")
+    click.echo(f"deployed as {result.tags['mcp.deploy_format']}: {result.tags['mcp.deploy_note']}")
+    if result.registered_name:
+        click.echo(f"registered: models:/{result.registered_name}/{result.registered_version}")
 
 
 def _planned(stage: str, issue: int) -> None:
@@ -144,7 +166,7 @@ def _planned(stage: str, issue: int) -> None:
         _fail(f"`mcp {stage}` is not implemented yet (planned in issue #{issue}); nothing was run")
 
 
-for _stage, _issue in (("quantize", 4), ("distill", 5), ("export", 6), ("benchmark", 6),
+for _stage, _issue in (("distill", 5), ("export", 6), ("benchmark", 6),
                        ("search", 7)):
     _planned(_stage, _issue)
 

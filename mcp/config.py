@@ -195,12 +195,25 @@ COMPARE = ("", "schedules", "criteria")
 
 
 @dataclass(frozen=True)
-class PruneConfig(DataOptions):
-    """`mcp prune`: prune a trained model on a schedule, fine-tune it, register it."""
+class StartModel(DataOptions):
+    """A stage that starts from a trained model: a registered baseline or a model URI."""
 
     model: str = option("lenet300_100", "Model name; its baseline is models:/<model>-<dataset>@baseline.")
-    model_uri: str = option("", "Model to prune (runs:/ or models:/ URI). Empty: the registered baseline, "
-                                "trained first when there is none.")
+    model_uri: str = option("", "Model to start from (runs:/ or models:/ URI). Empty: the registered "
+                                "baseline, trained first when there is none.")
+
+    def validate(self) -> None:
+        super().validate()
+        from mcp.models import model_names
+
+        if self.model not in model_names():
+            raise ConfigError(f"unknown model {self.model!r}; choose one of: {', '.join(model_names())}")
+
+
+@dataclass(frozen=True)
+class PruneConfig(StartModel):
+    """`mcp prune`: prune a trained model on a schedule, fine-tune it, register it."""
+
     criterion: str = option("magnitude", "Importance criterion.", CRITERIA)
     scope: str = option("global", "One threshold across layers, or the same ratio in every layer.", SCOPES)
     granularity: str = option("unstructured", "Single weights (masks) or whole channels (removed).",
@@ -230,10 +243,6 @@ class PruneConfig(DataOptions):
 
     def validate(self) -> None:
         super().validate()
-        from mcp.models import model_names
-
-        if self.model not in model_names():
-            raise ConfigError(f"unknown model {self.model!r}; choose one of: {', '.join(model_names())}")
         _in_unit_interval("sparsity", self.sparsity)
         _in_unit_interval("initial_sparsity", self.initial_sparsity)
         if self.schedule == "gradual" and self.initial_sparsity > self.sparsity:
@@ -258,12 +267,9 @@ class PruneConfig(DataOptions):
 
 
 @dataclass(frozen=True)
-class SensitivityConfig(DataOptions):
+class SensitivityConfig(StartModel):
     """`mcp sensitivity`: prune each layer alone at a sweep of ratios; suggest per-layer ratios."""
 
-    model: str = option("lenet300_100", "Model name; its baseline is models:/<model>-<dataset>@baseline.")
-    model_uri: str = option("", "Model to analyse (runs:/ or models:/ URI). Empty: the registered baseline, "
-                                "trained first when there is none.")
     criterion: str = option("magnitude", "Importance criterion.", CRITERIA)
     granularity: str = option("unstructured", "Single weights or whole channels.", GRANULARITIES)
     sweep: str = option("0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9", "Comma-separated ratios to try in each layer.")
@@ -274,10 +280,6 @@ class SensitivityConfig(DataOptions):
 
     def validate(self) -> None:
         super().validate()
-        from mcp.models import model_names
-
-        if self.model not in model_names():
-            raise ConfigError(f"unknown model {self.model!r}; choose one of: {', '.join(model_names())}")
         ratios = self.sweep_ratios()
         _in_unit_interval("target_sparsity", self.target_sparsity)
         if self.target_sparsity > max(ratios):
@@ -293,6 +295,72 @@ class SensitivityConfig(DataOptions):
         if not ratios or not all(0.0 < r < 1.0 for r in ratios):
             raise ConfigError(f"sweep={self.sweep!r} must be comma-separated numbers in (0, 1)")
         return ratios
+
+
+QUANT_METHODS = ("ptq_int8", "dynamic_int8", "qat", "fixed_point", "kmeans", "huffman", "deep_compression")
+OBSERVERS = ("minmax", "percentile", "entropy")
+KMEANS_INITS = ("forgy", "density", "linear")
+
+
+@dataclass(frozen=True)
+class QuantizeConfig(StartModel):
+    """`mcp quantize`: quantize a registered model (dense or pruned), encode it, export it, register it."""
+
+    method: str = option("ptq_int8", "Quantization method.", QUANT_METHODS)
+    bits: int = option(8, "Weight bit-width, 2-8 (fixed_point, qat, kmeans, huffman, deep_compression).")
+    bits_file: str = option("", "YAML mapping of layer name to bits; other layers get --bits.")
+    act_bits: int = option(0, "fixed_point / qat: activation bits, 2-8 (0: float activations).")
+    symmetric: bool = option(True, "fixed_point / qat: symmetric weight grid (else asymmetric, zero point).")
+    per_channel: bool = option(True, "fixed_point / qat: one scale per output channel (else per tensor).")
+    observer: str = option("minmax", "Activation range calibration (ptq_int8, fixed_point with act_bits).",
+                           OBSERVERS)
+    calib_batches: int = option(16, "Training batches used for calibration.")
+    reduce_range: bool = option(True, "ptq_int8 / dynamic_int8: INT8 weights in [-64, 64] (ONNX Runtime's "
+                                      "reduce_range), so x86 CPUs without VNNI do not saturate.")
+    kmeans_init: str = option("linear", "k-means centroid initialisation.", KMEANS_INITS)
+    share_biases: bool = option(False, "kmeans / huffman / deep_compression: share the biases too (their own "
+                                       "2^bits codebook per layer).")
+    ignored_layers: str = option("", "Comma-separated layer names left in float32.")
+    epochs: int = option(10, "Fine-tuning epochs (qat; centroid fine-tuning for kmeans, huffman, "
+                             "deep_compression). 0: none.")
+    optimizer: str = option("sgd", "Optimizer for fine-tuning.", OPTIMIZERS)
+    lr: float = option(0.005, "Fine-tuning learning rate.")
+    momentum: float = option(0.9, "SGD momentum.")
+    weight_decay: float = option(0.0, "Weight decay while fine-tuning.")
+    scheduler: str = option("cosine", "Fine-tuning LR schedule.", SCHEDULERS)
+    sparsity: float = option(0.94, "deep_compression: weight sparsity of its pruning step.")
+    prune_schedule: str = option("gradual", "deep_compression: pruning schedule.", PRUNE_SCHEDULES)
+    prune_epochs: int = option(80, "deep_compression: epochs of its pruning step (fine-tuning included).")
+    ratios_file: str = option("", "deep_compression: per-layer pruning ratios (YAML), layer-wise scope.")
+    opset: int = option(17, "ONNX opset of the exported model.")
+    register: bool = option(True, "Register the quantized model as a new version of <model>-<dataset>.")
+
+    def validate(self) -> None:
+        super().validate()
+        if not 2 <= self.bits <= 8:
+            raise ConfigError(f"bits={self.bits!r} is outside the allowed bit-widths 2-8")
+        if self.act_bits and not 2 <= self.act_bits <= 8:
+            raise ConfigError(f"act_bits={self.act_bits!r} must be 0 (float activations) or 2-8")
+        if self.method in ("ptq_int8", "dynamic_int8") and (self.bits != 8 or self.bits_file):
+            raise ConfigError(f"method {self.method} is 8-bit; use fixed_point or qat for bits={self.bits}")
+        if self.epochs < 0:
+            raise ConfigError(f"epochs={self.epochs!r} must be 0 or more")
+        if self.method == "qat" and self.epochs == 0:
+            raise ConfigError("method qat needs epochs >= 1 (fixed_point is the same grid without training)")
+        if self.method == "deep_compression" and self.prune_epochs < 1:
+            raise ConfigError(f"prune_epochs={self.prune_epochs!r} must be at least 1")
+        _positive("lr", self.lr)
+        _positive("calib_batches", self.calib_batches)
+        _in_unit_interval("sparsity", self.sparsity)
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"momentum={self.momentum!r} is outside [0, 1)")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay={self.weight_decay!r} must be 0 or more")
+        if not 13 <= self.opset <= 21:
+            raise ConfigError(f"opset={self.opset!r} is outside the supported ONNX opsets 13-21")
+
+    def ignored(self) -> tuple[str, ...]:
+        return tuple(n.strip() for n in self.ignored_layers.split(",") if n.strip())
 
 
 @dataclass(frozen=True)

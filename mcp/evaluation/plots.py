@@ -120,3 +120,25 @@ def plot_sensitivity(table: Sequence[Mapping[str, object]], layers: Sequence[str
     if title:
         fig.suptitle(title)
     return _save(fig, path)
+
+
+def plot_layer_quant(rows: Sequence[Mapping[str, object]], path: str | Path, title: str = "") -> Path:
+    """Per quantized layer: its bit-width, and its float32 vs encoded size."""
+    import numpy as np
+
+    plt = _pyplot()
+    names = [str(r["layer"]) for r in rows]
+    x = np.arange(len(names))
+    fig, (ax_bits, ax_size) = plt.subplots(1, 2, figsize=(max(10.0, 0.7 * len(names) + 4), 4))
+    ax_bits.bar(x, [float(r["bits"]) for r in rows], color="tab:blue")
+    ax_bits.set_ylabel("weight bits")
+    ax_bits.set_ylim(0, 8.5)
+    ax_size.bar(x - 0.2, [float(r["bytes_fp32"]) / 1024 for r in rows], 0.4, label="float32")
+    ax_size.bar(x + 0.2, [float(r["bytes_compressed"]) / 1024 for r in rows], 0.4, label="encoded")
+    ax_size.set_ylabel("KiB")
+    ax_size.set_yscale("log")
+    ax_size.legend()
+    for ax in (ax_bits, ax_size):
+        ax.set_xticks(x, names, rotation=60, ha="right", fontsize=8)
+    fig.suptitle(title)
+    return _save(fig, path)

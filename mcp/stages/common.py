@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -78,6 +79,14 @@ def find_base_model(model: str, model_uri: str, dataset: str, splits) -> tuple[n
         raise McpError(f"model {uri!r} expects input {recipe['input_shape']} and {recipe['num_classes']} classes; "
                        f"dataset {dataset!r} gives {list(splits.input_shape)} and {splits.num_classes}")
     return loaded, uri
+
+
+def probe_model(base: nn.Module | None, model: str, splits) -> nn.Module:
+    """A copy of the starting model (or, when its baseline is still to be trained, a fresh
+    one of the same architecture) to check a stage's settings on before any run starts."""
+    from mcp.models import create_model
+
+    return copy.deepcopy(base) if base is not None else create_model(model, splits.num_classes, splits.input_shape)
 
 
 def train_baseline(cfg: DataOptions, show_progress: bool | None) -> tuple[nn.Module, str]:

@@ -81,16 +81,14 @@ def calibration_batches(loader: DataLoader, n: int) -> list[tuple[torch.Tensor, 
 
 def run_prune(cfg: PruneConfig, show_progress: bool | None = None) -> PruneResult:
     from mcp import tracking
-    from mcp.models import create_model
     from mcp.pruning import Pruning
-    from mcp.stages.common import find_base_model, setup_data, train_baseline
+    from mcp.stages.common import find_base_model, probe_model, setup_data, train_baseline
 
     device, splits, loaders = setup_data(cfg)
     ratios = read_ratios(cfg.ratios_file) if cfg.ratios_file else {}
     base, base_uri = find_base_model(cfg.model, cfg.model_uri, cfg.dataset, splits)
     # Check every variant against the architecture before any run starts.
-    probe = copy.deepcopy(base) if base is not None else create_model(cfg.model, splits.num_classes,
-                                                                       splits.input_shape)
+    probe = probe_model(base, cfg.model, splits)
     runs = variants(cfg, probe)
     for variant in runs:
         Pruning(copy.deepcopy(probe), splits.input_shape, spec_of(variant, ratios), [], "cpu")

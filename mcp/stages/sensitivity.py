@@ -74,10 +74,9 @@ def run_sensitivity(cfg: SensitivityConfig, show_progress: bool | None = None) -
 
     from mcp import tracking
     from mcp.evaluation.plots import plot_bars, plot_sensitivity
-    from mcp.models import create_model
     from mcp.pruning import PruneSpec, Pruning, create_criterion, prune
     from mcp.pruning.pruner import select_layers
-    from mcp.stages.common import find_base_model, log_plot, setup_data, train_baseline
+    from mcp.stages.common import find_base_model, log_plot, probe_model, setup_data, train_baseline
     from mcp.stages.prune import _log_csv, calibration_batches
     from mcp.training import evaluate
 
@@ -85,8 +84,7 @@ def run_sensitivity(cfg: SensitivityConfig, show_progress: bool | None = None) -
     ratios = cfg.sweep_ratios()
     create_criterion(cfg.criterion, cfg.granularity)
     base, base_uri = find_base_model(cfg.model, cfg.model_uri, cfg.dataset, splits)
-    probe = base if base is not None else create_model(cfg.model, splits.num_classes, splits.input_shape)
-    Pruning(copy.deepcopy(probe), splits.input_shape,
+    Pruning(probe_model(base, cfg.model, splits), splits.input_shape,
             PruneSpec(criterion=cfg.criterion, granularity=cfg.granularity, scope="layerwise"), [], "cpu")
 
     params = {**cfg.to_dict(), **{f"data_{k}": v for k, v in splits.summary().items()}, "device_resolved": device}

@@ -1,0 +1,162 @@
+"""The quantization verb: ``Quantizer(model, input_shape, QuantSpec)`` attaches a method
+to a model's conv/linear layers; ``finish()`` writes the quantized weights into plain
+parameters and returns their encodable form (for the honest compressed size)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from mcp.config import QUANT_METHODS
+from mcp.errors import ConfigError
+from mcp.quantization.codec import Codebook, Uniform, encode, inference_state
+from mcp.quantization.kmeans import KMEANS_INITS, WeightSharing
+from mcp.quantization.uniform import OBSERVERS, LayerQuant, QuantSim
+
+METHODS = QUANT_METHODS
+SHARING = ("kmeans", "huffman", "deep_compression")  # k-means weight sharing
+TRAINED = ("qat", "kmeans", "huffman", "deep_compression")  # fine-tune after attaching
+MIN_BITS, MAX_BITS = 2, 8
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    method: str
+    bits: int = 8
+    layer_bits: Mapping[str, int] = field(default_factory=dict)
+    act_bits: int = 0
+    symmetric: bool = True
+    per_channel: bool = True
+    observer: str = "minmax"
+    kmeans_init: str = "linear"
+    ignored_layers: tuple[str, ...] = ()
+    share_biases: bool = False  # k-means methods: biases get their own codebooks too
+    reduce_range: bool = True  # INT8 methods: ONNX Runtime's [-64, 64] weights (no u8s8 saturation on AVX2)
+    seed: int = 0
+
+    @property
+    def coding(self) -> str:
+        return "huffman" if self.method in ("huffman", "deep_compression") else "fixed"
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown quantization method {self.method!r}; choose one of {', '.join(METHODS)}")
+        for where, b in [("bits", self.bits), *((f"bits of layer {k}", v) for k, v in self.layer_bits.items())]:
+            if not (isinstance(b, int) and MIN_BITS <= b <= MAX_BITS):
+                raise ConfigError(f"{where}={b!r} is outside the allowed bit-widths {MIN_BITS}-{MAX_BITS}")
+        if self.act_bits and not MIN_BITS <= self.act_bits <= MAX_BITS:
+            raise ConfigError(f"act_bits={self.act_bits!r} must be 0 (float activations) or {MIN_BITS}-{MAX_BITS}")
+        if self.observer not in OBSERVERS:
+            raise ConfigError(f"unknown observer {self.observer!r}; choose one of {', '.join(OBSERVERS)}")
+        if self.kmeans_init not in KMEANS_INITS:
+            raise ConfigError(f"unknown kmeans_init {self.kmeans_init!r}; choose one of {', '.join(KMEANS_INITS)}")
+        if self.method in ("ptq_int8", "dynamic_int8") and (self.bits != 8 or self.layer_bits):
+            raise ConfigError(f"method {self.method} is 8-bit; use fixed_point or qat for other bit-widths")
+
+
+class Quantizer:
+    def __init__(self, model: nn.Module, input_shape: Sequence[int], spec: QuantSpec):
+        from mcp.pruning.pruner import layers_in_order
+
+        spec.validate()
+        self.model, self.spec = model, spec
+        ordered = layers_in_order(model, input_shape)
+        self.order = [n for n, _ in ordered]
+        unknown = sorted((set(spec.layer_bits) | set(spec.ignored_layers)) - set(self.order))
+        if unknown:
+            raise ConfigError(f"unknown layer(s) {', '.join(unknown)}; this model's layers are: "
+                              f"{', '.join(self.order)}")
+        layers = {n: m for n, m in ordered if n not in spec.ignored_layers}
+        if spec.method == "dynamic_int8":  # run-time activation quantization of the fully connected layers
+            layers = {n: m for n, m in layers.items() if isinstance(m, nn.Linear)}
+        if not layers:
+            raise ConfigError(f"no layer to quantize with {spec.method} (ignored: {', '.join(spec.ignored_layers)})")
+        self.layers = layers
+        self.bits = {n: spec.layer_bits.get(n, spec.bits) for n in layers}
+        self.sim: QuantSim | None = None
+        self.sharing: WeightSharing | None = None
+        if spec.method in SHARING:
+            self.sharing = WeightSharing(layers, self.bits, spec.kmeans_init, spec.seed, spec.share_biases)
+        else:
+            act = {"ptq_int8": 8, "dynamic_int8": 8}.get(spec.method, spec.act_bits)
+            plan = {n: LayerQuant(self.bits[n], act) for n in layers}
+            symmetric = True if spec.method in ("ptq_int8", "dynamic_int8") else spec.symmetric
+            per_channel = True if spec.method in ("ptq_int8", "dynamic_int8") else spec.per_channel
+            self.sim = QuantSim(model, layers, plan, symmetric=symmetric, per_channel=per_channel,
+                                observer=spec.observer,
+                                reduce_range=spec.reduce_range and spec.method in ("ptq_int8", "dynamic_int8"))
+            self.sim.set_mode("dynamic" if spec.method == "dynamic_int8" else
+                              "train" if spec.method == "qat" else "fixed")
+
+    def calibrate(self, batches, device: str) -> None:
+        """Static activation ranges (ptq_int8, fixed_point with act_bits) from calibration batches."""
+        if self.sim is not None and self.spec.method in ("ptq_int8", "fixed_point"):
+            self.sim.calibrate(batches, device)
+
+    def freeze(self) -> None:
+        """After QAT: activations use the ranges tracked during training."""
+        if self.sim is not None and self.spec.method == "qat":
+            self.sim.set_mode("fixed")
+
+    @torch.no_grad()
+    def finish(self) -> dict[str, Codebook | Uniform]:
+        """Bake the quantized weights; return ``state_dict key -> encodable weight``."""
+        entries: dict[str, Codebook | Uniform] = {}
+        if self.sharing is not None:
+            for key, (centroids, labels, mask) in self.sharing.codebooks().items():
+                entries[key] = Codebook(centroids.cpu().numpy().astype(np.float32),
+                                                     labels.cpu().numpy(), mask.cpu().numpy())
+            self.sharing.bake()
+        else:
+            assert self.sim is not None
+            for name, (q, scale, zero) in self.sim.integers().items():
+                entries[f"{name}.weight"] = Uniform(q.cpu().numpy(), scale.cpu().numpy().reshape(-1),
+                                                    zero.cpu().numpy().reshape(-1), self.bits[name],
+                                                    self.sim.symmetric, 0 if self.sim.per_channel else -1)
+            self.sim.bake()
+        return entries
+
+    def signed_integers(self, entries: Mapping[str, Codebook | Uniform]) -> list[np.ndarray | None]:
+        """Per layer in execution order: ``q - zero`` for uniform weights that fit INT8, else None."""
+        out: list[np.ndarray | None] = []
+        for name in self.order:
+            e = entries.get(f"{name}.weight")
+            if not isinstance(e, Uniform):
+                out.append(None)
+                continue
+            shape = [1] * e.q.ndim
+            if e.axis >= 0:
+                shape[e.axis] = -1
+            ints = e.q - e.zero.reshape(shape)
+            out.append(ints if np.abs(ints).max(initial=0) <= 127 else None)
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        """For the recipe and the run: method, scheme and per-layer bits."""
+        return {"method": self.spec.method, "bits": dict(self.bits), "act_bits": self.spec.act_bits,
+                "share_biases": self.spec.share_biases and self.sharing is not None,
+                "symmetric": self.spec.symmetric, "per_channel": self.spec.per_channel,
+                "observer": self.spec.observer, "coding": self.spec.coding}
+
+
+def layer_table(model: nn.Module, entries: Mapping[str, Codebook | Uniform], bits: Mapping[str, int],
+                coding: str) -> list[dict[str, Any]]:
+    """Per quantized tensor (a layer's weight, or its bias when shared): bits, params,
+    non-zeros, distinct values, fp32 and encoded bytes (each tensor encoded alone, so
+    the bytes are real)."""
+    state = inference_state(model)
+    header = len(encode([], coding))
+    rows = []
+    for key, entry in entries.items():
+        layer, param = key.rsplit(".", 1)
+        w = state[key]
+        nonzero = w[w != 0]
+        rows.append({"layer": layer if param == "weight" else key, "param": param, "bits": bits[layer],
+                     "params": w.numel(), "nonzero": int(nonzero.numel()),
+                     "distinct_nonzero": int(torch.unique(nonzero).numel()), "bytes_fp32": 4 * w.numel(),
+                     "bytes_compressed": len(encode([entry], coding)) - header})
+    return rows
