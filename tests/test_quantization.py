@@ -246,6 +246,30 @@ def test_ptq_int8_onnx_agrees_with_the_fake_quant_model(trained_cnn, digits, tmp
     assert weights and all(i.data_type == onnx.TensorProto.INT8 for i in weights)
 
 
+@pytest.mark.parametrize("observer", ["percentile", "entropy"])
+def test_ptq_int8_observers_calibrate_in_both_worlds(trained_cnn, digits, tmp_path, observer):
+    from mcp.export import export_onnx, ort_evaluate, ort_session
+    from mcp.quantization.onnx_int8 import static_int8
+
+    splits, train, test = digits
+    calib = [b for _, b in zip(range(4), train)]
+    int8 = static_int8(export_onnx(trained_cnn, splits.input_shape, tmp_path / "fp32.onnx"), tmp_path / "q.onnx",
+                       calib, observer)
+    sim = copy.deepcopy(trained_cnn)
+    q = Quantizer(sim, splits.input_shape, QuantSpec("ptq_int8", observer=observer))
+    q.calibrate(calib, "cpu")
+    reference = Quantizer(copy.deepcopy(trained_cnn), splits.input_shape, QuantSpec("ptq_int8"))
+    reference.calibrate(calib, "cpu")
+    # a clipping observer never widens the min/max range, and narrows some
+    pairs = [(q.sim.act[n].hi.item(), reference.sim.act[n].hi.item()) for n in q.sim.act]
+    assert all(h <= m for h, m in pairs) and any(h < m for h, m in pairs)
+    from mcp.training import evaluate
+
+    ort_acc = ort_evaluate(ort_session(int8), test)["accuracy"]
+    assert abs(ort_acc - evaluate(sim, test, "cpu")["accuracy"]) < 0.03
+    assert ort_acc > 0.8
+
+
 def test_dynamic_int8_quantizes_the_fully_connected_layers(digits, tmp_path):
     from mcp.export import export_onnx, ort_predict, ort_session
     from mcp.quantization.onnx_int8 import dynamic_int8
