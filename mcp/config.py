@@ -22,9 +22,10 @@ OPTIMIZERS = ("sgd", "adamw")
 SCHEDULERS = ("cosine", "step", "constant")
 
 
-def option(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
-    """A config field with the metadata the CLI needs (help text, allowed choices)."""
-    return field(default=default, metadata={"help": help, "choices": choices})
+def option(default: Any, help: str, choices: tuple[str, ...] | None = None, flag_value: str | None = None) -> Any:
+    """A config field with the metadata the CLI needs (help text, allowed choices, and
+    the value a string option takes when given without one)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "flag_value": flag_value})
 
 
 def _coerce(name: str, kind: type, value: Any) -> Any:
@@ -108,6 +109,15 @@ def _positive(name: str, value: float) -> None:
         raise ConfigError(f"{name}={value!r} must be positive")
 
 
+def _optimizer_settings(cfg: Any) -> None:
+    """The checks every stage that trains shares: lr, momentum, weight decay."""
+    _positive("lr", cfg.lr)
+    if not 0.0 <= cfg.momentum < 1.0:
+        raise ConfigError(f"momentum={cfg.momentum!r} is outside [0, 1)")
+    if cfg.weight_decay < 0:
+        raise ConfigError(f"weight_decay={cfg.weight_decay!r} must be 0 or more")
+
+
 def _in_unit_interval(name: str, value: float, low_open: bool = False) -> None:
     ok = (0.0 < value < 1.0) if low_open else (0.0 <= value < 1.0)
     if not ok:
@@ -146,6 +156,7 @@ class DataOptions(StageConfig):
             from mcp.data import parse_shape
 
             parse_shape(self.input_shape)
+        super().validate()
 
 
 @dataclass(frozen=True)
@@ -175,13 +186,9 @@ class TrainConfig(DataOptions):
         if self.model not in model_names():
             raise ConfigError(f"unknown model {self.model!r}; choose one of: {', '.join(model_names())}")
         _positive("epochs", self.epochs)
-        _positive("lr", self.lr)
+        _optimizer_settings(self)
         _positive("step_size", self.step_size)
         _positive("gamma", self.gamma)
-        if not 0.0 <= self.momentum < 1.0:
-            raise ConfigError(f"momentum={self.momentum!r} is outside [0, 1)")
-        if self.weight_decay < 0:
-            raise ConfigError(f"weight_decay={self.weight_decay!r} must be 0 or more")
         _in_unit_interval("label_smoothing", self.label_smoothing)
         if self.patience < 0:
             raise ConfigError(f"patience={self.patience!r} must be 0 (off) or more")
@@ -210,8 +217,46 @@ class StartModel(DataOptions):
             raise ConfigError(f"unknown model {self.model!r}; choose one of: {', '.join(model_names())}")
 
 
+URI_SCHEMES = ("runs:/", "models:/", "file:", "mlflow-artifacts:/", "s3://", "gs://", "wasbs://", "hdfs://")
+PARENT = "parent"
+
+
+def check_model_ref(name: str, value: str, allow_parent: bool = False) -> None:
+    """A model reference: an mcp model name (its registered baseline), a registered
+    ``name@alias``, or a model URI (``runs:/``, ``models:/``, ...)."""
+    from mcp.models import model_names
+
+    if (allow_parent and value == PARENT) or value in model_names() or value.startswith(URI_SCHEMES):
+        return
+    registered, sep, alias = value.partition("@")
+    if sep and registered and alias and "/" not in value:
+        return
+    parent = f"'{PARENT}' (the model the stage starts from), " if allow_parent else ""
+    raise ConfigError(f"{name}={value!r} is not a model reference; use {parent}a model name (its "
+                      f"<model>-<dataset>@baseline), a registered <name>@<alias>, or a runs:/ or models:/ URI")
+
+
 @dataclass(frozen=True)
-class PruneConfig(StartModel):
+class RecoveryOptions(StartModel):
+    """A compression stage whose fine-tuning can be distillation from another model."""
+
+    distill_from: str = option("", "Fine-tune by distillation from this model: 'parent' (the model the stage "
+                                   "starts from; `--distill-from` alone), a model name, <name>@<alias> or a URI. "
+                                   "Empty: plain cross-entropy.", flag_value=PARENT)
+    distill_temperature: float = option(4.0, "Distillation temperature T (the KD term is scaled by T^2).")
+    distill_alpha: float = option(0.9, "Weight of the distillation term; 1 - alpha weighs the labels' CE.")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.distill_from:
+            check_model_ref("distill_from", self.distill_from, allow_parent=True)
+        _positive("distill_temperature", self.distill_temperature)
+        if not 0.0 <= self.distill_alpha <= 1.0:
+            raise ConfigError(f"distill_alpha={self.distill_alpha!r} is outside [0, 1]")
+
+
+@dataclass(frozen=True)
+class PruneConfig(RecoveryOptions):
     """`mcp prune`: prune a trained model on a schedule, fine-tune it, register it."""
 
     criterion: str = option("magnitude", "Importance criterion.", CRITERIA)
@@ -249,16 +294,14 @@ class PruneConfig(StartModel):
             raise ConfigError(f"initial_sparsity={self.initial_sparsity!r} is above sparsity={self.sparsity!r}")
         _positive("epochs", self.epochs)
         _positive("prune_steps", self.prune_steps)
-        _positive("lr", self.lr)
+        _optimizer_settings(self)
         _positive("calib_batches", self.calib_batches)
         if self.schedule != "one_shot" and not 0 < self.prune_epochs <= self.epochs:
             raise ConfigError(f"prune_epochs={self.prune_epochs!r} must be in [1, epochs={self.epochs}]")
         if self.norm not in (1, 2):
             raise ConfigError(f"norm={self.norm!r} is not allowed; choose 1 or 2")
-        if self.bn_l1 < 0 or self.weight_decay < 0:
-            raise ConfigError("bn_l1 and weight_decay must be 0 or more")
-        if not 0.0 <= self.momentum < 1.0:
-            raise ConfigError(f"momentum={self.momentum!r} is outside [0, 1)")
+        if self.bn_l1 < 0:
+            raise ConfigError(f"bn_l1={self.bn_l1!r} must be 0 or more")
         if self.ratios_file and self.scope != "layerwise":
             raise ConfigError("ratios_file needs scope 'layerwise'")
 
@@ -298,12 +341,13 @@ class SensitivityConfig(StartModel):
 
 
 QUANT_METHODS = ("ptq_int8", "dynamic_int8", "qat", "fixed_point", "kmeans", "huffman", "deep_compression")
+FINE_TUNED_METHODS = ("qat", "kmeans", "huffman", "deep_compression")
 OBSERVERS = ("minmax", "percentile", "entropy")
 KMEANS_INITS = ("forgy", "density", "linear")
 
 
 @dataclass(frozen=True)
-class QuantizeConfig(StartModel):
+class QuantizeConfig(RecoveryOptions):
     """`mcp quantize`: quantize a registered model (dense or pruned), encode it, export it, register it."""
 
     method: str = option("ptq_int8", "Quantization method.", QUANT_METHODS)
@@ -349,18 +393,51 @@ class QuantizeConfig(StartModel):
             raise ConfigError("method qat needs epochs >= 1 (fixed_point is the same grid without training)")
         if self.method == "deep_compression" and self.prune_epochs < 1:
             raise ConfigError(f"prune_epochs={self.prune_epochs!r} must be at least 1")
-        _positive("lr", self.lr)
+        _optimizer_settings(self)
         _positive("calib_batches", self.calib_batches)
         _in_unit_interval("sparsity", self.sparsity)
-        if not 0.0 <= self.momentum < 1.0:
-            raise ConfigError(f"momentum={self.momentum!r} is outside [0, 1)")
-        if self.weight_decay < 0:
-            raise ConfigError(f"weight_decay={self.weight_decay!r} must be 0 or more")
         if not 13 <= self.opset <= 21:
             raise ConfigError(f"opset={self.opset!r} is outside the supported ONNX opsets 13-21")
+        if self.distill_from and (self.method not in FINE_TUNED_METHODS or self.epochs == 0):
+            raise ConfigError(f"distill_from needs fine-tuning: a method of {', '.join(FINE_TUNED_METHODS)} "
+                              f"with epochs >= 1 (got method {self.method}, epochs {self.epochs})")
 
     def ignored(self) -> tuple[str, ...]:
         return tuple(n.strip() for n in self.ignored_layers.split(",") if n.strip())
+
+
+@dataclass(frozen=True)
+class DistillConfig(DataOptions):
+    """`mcp distill`: train a student on a teacher's softened outputs (and features); register it."""
+
+    teacher: str = option("resnet20", "Teacher: a model name (its <model>-<dataset>@baseline, trained first when "
+                                      "missing), a registered <name>@<alias>, or a runs:/ or models:/ URI.")
+    student: str = option("lenet300_100", "Student: a model name (trained from scratch) or a model URI / "
+                                          "<name>@<alias> (fine-tuned from its weights; zeros stay zero).")
+    temperature: float = option(4.0, "Softmax temperature T of the KD term (which is scaled by T^2).")
+    alpha: float = option(0.9, "Weight of the KD term; 1 - alpha weighs the cross-entropy on labels.")
+    hint_layers: str = option("", "Feature (hint) loss: 'auto' (penultimate features) or comma-separated "
+                                  "student_layer=teacher_layer pairs. Empty: none.")
+    hint_weight: float = option(1.0, "Weight of the hint loss (mean-squared error after the adapter).")
+    epochs: int = option(60, "Training epochs.")
+    optimizer: str = option("sgd", "Optimizer.", OPTIMIZERS)
+    lr: float = option(0.05, "Peak learning rate (lower it when the student starts from trained weights).")
+    momentum: float = option(0.9, "SGD momentum.")
+    weight_decay: float = option(5e-4, "Weight decay.")
+    scheduler: str = option("cosine", "Learning-rate schedule over epochs.", SCHEDULERS)
+    label_smoothing: float = option(0.0, "Label smoothing of the cross-entropy term.")
+    register: bool = option(True, "Register the student as a new version of <student>-<dataset>.")
+
+    def validate(self) -> None:
+        super().validate()
+        check_model_ref("teacher", self.teacher)
+        check_model_ref("student", self.student)
+        from mcp.distillation import DistillSpec
+
+        DistillSpec(self.temperature, self.alpha, self.hint_layers, self.hint_weight, self.label_smoothing)
+        _positive("epochs", self.epochs)
+        _optimizer_settings(self)
+        _in_unit_interval("label_smoothing", self.label_smoothing)
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,22 @@ def experiment(request, mlflow_store, monkeypatch):
         mlflow.end_run()
 
 
+@pytest.fixture
+def own_store(tmp_path, monkeypatch):
+    """A tracking store (and so a model registry) of the test's own, for tests whose
+    registered baselines would change what other tests find."""
+    import mlflow
+
+    old = mlflow.get_tracking_uri()
+    uri = f"sqlite:///{tmp_path / 'own.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    if mlflow.active_run():
+        mlflow.end_run()
+    mlflow.set_tracking_uri(old)
+
+
 def runs_of(experiment_id: str):
     from mlflow import MlflowClient
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from mcp.config import TrainConfig
+from mcp.config import DistillConfig, PruneConfig, QuantizeConfig, TrainConfig
 from mcp.errors import ConfigError
 
 
@@ -83,3 +83,28 @@ def test_bool_options_take_a_flag_or_a_value(monkeypatch, cli):
     seen = _run_train_spy(monkeypatch)
     cli("train", "--download", "--nesterov", "false")
     assert seen["cfg"].download is True and seen["cfg"].nesterov is False
+
+
+@pytest.mark.parametrize("cls, changes, message", [
+    (PruneConfig, {"distill_from": "nope"}, "distill_from='nope' is not a model reference; use 'parent'"),
+    (PruneConfig, {"distill_alpha": -0.1}, "distill_alpha=-0.1 is outside [0, 1]"),
+    (PruneConfig, {"distill_temperature": 0.0}, "distill_temperature=0.0 must be positive"),
+    (PruneConfig, {"momentum": 1.0}, "momentum=1.0 is outside [0, 1)"),
+    (QuantizeConfig, {"method": "qat", "epochs": 0, "distill_from": "parent"}, "method qat needs epochs >= 1"),
+    (QuantizeConfig, {"method": "kmeans", "epochs": 0, "distill_from": "parent"}, "distill_from needs fine-tuning"),
+    (DistillConfig, {"student": "runs/abc"}, "student='runs/abc' is not a model reference"),
+    (DistillConfig, {"teacher": "@baseline"}, "teacher='@baseline' is not a model reference"),
+    (DistillConfig, {"temperature": -1.0}, "temperature=-1.0 must be positive"),
+    (DistillConfig, {"hint_layers": "fc1"}, "hint_layers item 'fc1' is not student_layer=teacher_layer"),
+    (DistillConfig, {"weight_decay": -1.0}, "weight_decay=-1.0 must be 0 or more"),
+])
+def test_distillation_settings_are_checked(cls, changes, message):
+    with pytest.raises(ConfigError) as info:
+        cls(**changes)
+    assert message in str(info.value)
+
+
+def test_model_references_that_are_accepted():
+    for ref in ("lenet5", "lenet5-digits@champion", "runs:/0123/model", "models:/lenet5-digits/3"):
+        assert DistillConfig(teacher=ref).teacher == ref
+    assert PruneConfig(distill_from="parent").distill_from == "parent"

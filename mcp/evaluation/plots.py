@@ -6,17 +6,29 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 
-def plot_training_curves(history: Mapping[str, Sequence[float]], path: str | Path, title: str = "") -> Path:
-    """Loss, accuracy and learning rate per epoch, one panel each."""
+LOSS_PARTS = ("ce_loss", "kd_loss", "hint_loss")  # a distillation loss's terms, when training logged them
+
+
+def plot_training_curves(history: Mapping[str, Sequence[float]], path: str | Path, title: str = "",
+                         reference: Mapping[str, float] | None = None) -> Path:
+    """Loss (and its distillation terms), accuracy (with ``reference`` levels such as a
+    teacher's accuracy as dotted lines) and learning rate per epoch, one panel each."""
     plt = _pyplot()
     epochs = list(history["epoch"])
     fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(13, 3.8))
     ax_loss.plot(epochs, history["train_loss"], label="train")
     ax_loss.plot(epochs, history["val_loss"], label="val")
+    for part in LOSS_PARTS:
+        if part in history:
+            ax_loss.plot(epochs, history[part], linestyle="--", label=f"train {part.removesuffix('_loss')}")
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
+    if all(v > 0 for key in ("train_loss", "val_loss", *LOSS_PARTS) for v in history.get(key, ())):
+        ax_loss.set_yscale("log")  # the first epochs would flatten the rest on a linear axis
     ax_loss.legend()
     ax_acc.plot(epochs, history["train_accuracy"], label="train")
     ax_acc.plot(epochs, history["val_accuracy"], label="val")
+    for i, (label, level) in enumerate((reference or {}).items()):
+        ax_acc.axhline(level, linestyle=":", color=f"C{i + 2}", label=label)
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
     ax_acc.legend()
     ax_lr.plot(epochs, history["lr"], color="tab:green")
@@ -51,10 +63,12 @@ def plot_pruning_curves(history: Mapping[str, Sequence[float]], path: str | Path
     plt = _pyplot()
     epochs = list(history["epoch"])
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(12, 4))
+    parts = tuple(k for k in LOSS_PARTS if k in history)  # distillation as the recovery loss
     for ax, keys, label in ((ax_acc, ("train_accuracy", "val_accuracy"), "accuracy"),
-                            (ax_loss, ("train_loss", "val_loss"), "loss")):
+                            (ax_loss, ("train_loss", "val_loss", *parts), "loss")):
         for key in keys:
-            ax.plot(epochs, history[key], label=key.split("_")[0])
+            ax.plot(epochs, history[key], label=key.removesuffix("_loss").removesuffix("_accuracy"),
+                    linestyle="--" if key in parts else "-")
         ax.set(xlabel="epoch", ylabel=label, title=f"{label} during pruning and fine-tuning")
         ax.grid(alpha=0.3)
         twin = ax.twinx()

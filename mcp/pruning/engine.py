@@ -175,3 +175,27 @@ class BNL1Penalty(Callback):
         for m in trainer.model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine and m.weight.grad is not None:
                 m.weight.grad.add_(self.strength * torch.sign(m.weight))
+
+
+class KeepSparsity(Callback):
+    """Keeps the zeros of an already pruned model zero while it trains further (for
+    example as a distillation student): its zero weights become fixed masks."""
+
+    def __init__(self, model: nn.Module):
+        layers = {name: m for name, m in model.named_modules()
+                  if isinstance(m, (nn.Conv2d, nn.Linear)) and bool((m.weight == 0).any())}
+        self.cut = UnstructuredPruner(layers, "layerwise")
+        self.cut.masks = {m: m.weight.detach() != 0 for m in layers.values()}
+
+    @property
+    def active(self) -> bool:
+        return bool(self.cut.layers)
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        self.cut.masks = {m: mask.to(m.weight.device) for m, mask in self.cut.masks.items()}
+
+    def on_after_backward(self, trainer: Trainer) -> None:
+        self.cut.mask_grads()
+
+    def on_batch_end(self, trainer: Trainer, batch: int, loss: float) -> None:
+        self.cut.enforce()

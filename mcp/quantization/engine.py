@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mcp.config import QUANT_METHODS
+from mcp.config import FINE_TUNED_METHODS, QUANT_METHODS
 from mcp.errors import ConfigError
 from mcp.quantization.codec import Codebook, Uniform, encode, inference_state
 from mcp.quantization.kmeans import KMEANS_INITS, WeightSharing
@@ -19,7 +19,7 @@ from mcp.quantization.uniform import OBSERVERS, LayerQuant, QuantSim
 
 METHODS = QUANT_METHODS
 SHARING = ("kmeans", "huffman", "deep_compression")  # k-means weight sharing
-TRAINED = ("qat", "kmeans", "huffman", "deep_compression")  # fine-tune after attaching
+TRAINED = FINE_TUNED_METHODS  # fine-tune after attaching
 MIN_BITS, MAX_BITS = 2, 8
 
 

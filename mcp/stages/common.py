@@ -10,7 +10,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from mcp.config import DataOptions
+from mcp.config import DataOptions, RecoveryOptions
 from mcp.errors import McpError
 
 
@@ -62,22 +62,34 @@ def log_and_register(model: nn.Module, example: torch.Tensor, extra_recipe: Mapp
     return info.model_uri, str(version.version)
 
 
-def find_base_model(model: str, model_uri: str, dataset: str, splits) -> tuple[nn.Module | None, str]:
-    """The model a compression stage starts from: ``model_uri``, else the registered
-    ``<model>-<dataset>@baseline``. (None, its URI) when no baseline exists yet."""
+def resolve_model_ref(ref: str, dataset: str, splits) -> tuple[nn.Module | None, str, str]:
+    """Load the model ``ref`` names (see :func:`mcp.config.check_model_ref`) and check it
+    fits the dataset. Returns (model, URI, architecture name); the model is None when
+    ``ref`` is a model name whose ``<model>-<dataset>@baseline`` is still to be trained."""
     from mcp import tracking
+    from mcp.config import URI_SCHEMES
+    from mcp.models import model_names
 
-    uri = model_uri
-    if not uri:
-        name = tracking.registered_name(model, dataset)
+    if ref in model_names():
+        name = tracking.registered_name(ref, dataset)
         uri = f"models:/{name}@baseline"
         if not tracking.alias_exists(name, "baseline"):
-            return None, uri
+            return None, uri, ref
+    else:
+        uri = ref if ref.startswith(URI_SCHEMES) else f"models:/{ref}"
     loaded = tracking.load_model(uri)
+    uri = tracking.models.pin_version(uri)
     recipe = loaded.mcp_recipe
     if tuple(recipe["input_shape"]) != tuple(splits.input_shape) or recipe["num_classes"] != splits.num_classes:
         raise McpError(f"model {uri!r} expects input {recipe['input_shape']} and {recipe['num_classes']} classes; "
                        f"dataset {dataset!r} gives {list(splits.input_shape)} and {splits.num_classes}")
+    return loaded, uri, recipe["name"]
+
+
+def find_base_model(model: str, model_uri: str, dataset: str, splits) -> tuple[nn.Module | None, str]:
+    """The model a compression stage starts from: ``model_uri``, else the registered
+    ``<model>-<dataset>@baseline``. (None, its URI) when no baseline exists yet."""
+    loaded, uri, _ = resolve_model_ref(model_uri or model, dataset, splits)
     return loaded, uri
 
 
@@ -89,15 +101,44 @@ def probe_model(base: nn.Module | None, model: str, splits) -> nn.Module:
     return copy.deepcopy(base) if base is not None else create_model(model, splits.num_classes, splits.input_shape)
 
 
-def train_baseline(cfg: DataOptions, show_progress: bool | None) -> tuple[nn.Module, str]:
-    """Train and register ``<model>-<dataset>@baseline`` with train's defaults, as a run
-    nested in the active one; tag the active run with it as ``mcp.parent_model``."""
+def train_baseline(cfg: DataOptions, show_progress: bool | None, model: str | None = None,
+                   tag: str | None = "mcp.parent_model") -> tuple[nn.Module, str]:
+    """Train and register ``<model>-<dataset>@baseline`` (default: ``cfg.model``) with
+    train's defaults, as a run nested in the active one; tag the active run with it."""
     from mcp import tracking
     from mcp.config import TrainConfig
     from mcp.stages.train import run_train
 
-    train_cfg = TrainConfig(model=cfg.model, **{k: getattr(cfg, k) for k in DataOptions.defaults()})
+    train_cfg = TrainConfig(model=model or cfg.model, **{k: getattr(cfg, k) for k in DataOptions.defaults()})
     trained = run_train(train_cfg, show_progress=show_progress)
     uri = f"models:/{trained.registered_name}/{trained.registered_version}"
-    tracking.runs.set_tag("mcp.parent_model", uri)
+    if tag:
+        tracking.runs.set_tag(tag, uri)
     return trained.model, uri
+
+
+def recovery_teacher(cfg: RecoveryOptions, base: nn.Module | None, base_uri: str,
+                     splits) -> tuple[nn.Module | None, str]:
+    """The teacher of distillation-as-recovery: (model or None, its URI); ("", None) when
+    ``distill_from`` is empty. 'parent' is the model the stage starts from (``base``),
+    None while that baseline is still to be trained."""
+    from mcp.config import PARENT
+
+    if not cfg.distill_from:
+        return None, ""
+    if cfg.distill_from == PARENT:
+        return base, base_uri
+    teacher, uri, _ = resolve_model_ref(cfg.distill_from, cfg.dataset, splits)
+    if teacher is None:
+        raise McpError(f"distill_from={cfg.distill_from!r}: {uri} does not exist; train it first "
+                       f"(mcp train --model {cfg.distill_from} --dataset {cfg.dataset})")
+    return teacher, uri
+
+
+def recovery_loss(cfg: RecoveryOptions, teacher: nn.Module | None, device: str):
+    """The Trainer's ``batch_loss`` for distillation-as-recovery (None: plain CE)."""
+    if teacher is None:
+        return None
+    from mcp.distillation import Distiller, DistillSpec
+
+    return Distiller(teacher, DistillSpec(cfg.distill_temperature, cfg.distill_alpha)).to(device)

@@ -82,11 +82,12 @@ def calibration_batches(loader: DataLoader, n: int) -> list[tuple[torch.Tensor, 
 def run_prune(cfg: PruneConfig, show_progress: bool | None = None) -> PruneResult:
     from mcp import tracking
     from mcp.pruning import Pruning
-    from mcp.stages.common import find_base_model, probe_model, setup_data, train_baseline
+    from mcp.stages.common import find_base_model, probe_model, recovery_teacher, setup_data, train_baseline
 
     device, splits, loaders = setup_data(cfg)
     ratios = read_ratios(cfg.ratios_file) if cfg.ratios_file else {}
     base, base_uri = find_base_model(cfg.model, cfg.model_uri, cfg.dataset, splits)
+    teacher, teacher_uri = recovery_teacher(cfg, base, base_uri, splits)
     # Check every variant against the architecture before any run starts.
     probe = probe_model(base, cfg.model, splits)
     runs = variants(cfg, probe)
@@ -98,10 +99,14 @@ def run_prune(cfg: PruneConfig, show_progress: bool | None = None) -> PruneResul
     with tracking.stage_run("prune", params, tags, run_name=f"prune-{cfg.model}-{cfg.dataset}") as run:
         if base is None:  # no baseline yet: train one first, as a nested run
             base, base_uri = train_baseline(cfg, show_progress)
+            teacher, teacher_uri = recovery_teacher(cfg, base, base_uri, splits)
+        if teacher_uri:
+            tracking.runs.set_tag("mcp.distill_from", teacher_uri)
         base_metrics = _evaluate(base, loaders[2], device)
         tracking.log_metrics({"baseline_test_accuracy": base_metrics["accuracy"]})
         if len(runs) == 1:
-            result = _prune_one(cfg, ratios, base, base_uri, splits, loaders, device, show_progress)
+            result = _prune_one(cfg, ratios, base, base_uri, splits, loaders, device, show_progress, teacher,
+                                teacher_uri)
             result.run_id = run.info.run_id
             return result
         rows = []
@@ -110,7 +115,7 @@ def run_prune(cfg: PruneConfig, show_progress: bool | None = None) -> PruneResul
             with tracking.stage_run("prune", variant.to_dict(), {**tags, "mcp.compare": label},
                                     run_name=f"prune-{label}"):
                 one = _prune_one(variant.replace(register=False), ratios, base, base_uri, splits, loaders, device,
-                                 show_progress)
+                                 show_progress, teacher, teacher_uri)
             rows.append(_comparison_row(label, one.metrics))
         _log_comparison(rows, cfg.compare)
         return PruneResult(run.info.run_id, {}, base, {}, None, None, rows)
@@ -124,13 +129,15 @@ def _evaluate(model: nn.Module, loader: DataLoader, device: str) -> dict[str, fl
 
 
 def _prune_one(cfg: PruneConfig, ratios: dict[str, float], base: nn.Module, base_uri: str, splits, loaders,
-               device: str, show_progress: bool | None) -> PruneResult:
-    """Prune a copy of ``base`` per ``cfg`` inside the active run; log and register it."""
+               device: str, show_progress: bool | None, teacher: nn.Module | None = None,
+               teacher_uri: str = "") -> PruneResult:
+    """Prune a copy of ``base`` per ``cfg`` inside the active run (fine-tuning by
+    distillation from ``teacher`` when given); log and register it."""
     from mcp import tracking
     from mcp.evaluation.metrics import count_macs, count_params, peak_memory_mb, size_bytes_fp32
     from mcp.evaluation.plots import plot_bars, plot_pruning_curves
     from mcp.pruning import BNL1Penalty, Pruning, PruningCallback, event_steps
-    from mcp.stages.common import final_metrics, log_and_register, log_plot
+    from mcp.stages.common import final_metrics, log_and_register, log_plot, recovery_loss
     from mcp.training import Callback, ProgressBar, Trainer, build_optimizer, build_scheduler
 
     train_loader, val_loader, test_loader = loaders
@@ -180,7 +187,8 @@ def _prune_one(cfg: PruneConfig, ratios: dict[str, float], base: nn.Module, base
         callbacks.insert(1, BNL1Penalty(cfg.bn_l1))
     trainer = Trainer(model, optimizer, build_scheduler(optimizer, cfg.scheduler, cfg.epochs), train_loader,
                       val_loader, epochs=cfg.epochs, device=device, seed=cfg.seed, callbacks=callbacks,
-                      restore_best=False)  # the best epoch may precede the last pruning step
+                      restore_best=False,  # the best epoch may precede the last pruning step
+                      batch_loss=recovery_loss(cfg, teacher, device))
     trainer.fit()
     training_time = time.perf_counter() - t0
 
@@ -209,6 +217,7 @@ def _prune_one(cfg: PruneConfig, ratios: dict[str, float], base: nn.Module, base
     tags = {"mcp.stage": "prune", "source_run": run_id, "parent_model": base_uri, "criterion": cfg.criterion,
             "scope": cfg.scope, "granularity": cfg.granularity, "schedule": cfg.schedule,
             "sparsity": f"{metrics['pruned_fraction']:.4f}", "target_sparsity": cfg.sparsity,
+            **({"distilled_from": teacher_uri} if teacher_uri else {}),
             **{k: f"{metrics[k]:.6g}" for k in ("test_accuracy", "params_nonzero", "macs", "latency_ms_p50_cpu")}}
     _, version = log_and_register(model, next(iter(test_loader))[0][:4], {"dataset": cfg.dataset,
                                   "class_names": splits.class_names}, reg_name, None, tags)

@@ -63,6 +63,8 @@ def prune_config(cfg: QuantizeConfig, base_uri: str) -> PruneConfig:
     """deep_compression's pruning step: the prune stage with these settings."""
     data = {k: getattr(cfg, k) for k in DataOptions.defaults()}
     return PruneConfig(model=cfg.model, model_uri=base_uri, sparsity=cfg.sparsity, schedule=cfg.prune_schedule,
+                       distill_from=cfg.distill_from, distill_temperature=cfg.distill_temperature,
+                       distill_alpha=cfg.distill_alpha,
                        epochs=cfg.prune_epochs, prune_epochs=max(1, cfg.prune_epochs // 2),
                        scope="layerwise" if cfg.ratios_file else "global", ratios_file=cfg.ratios_file,
                        ignored_layers=",".join(cfg.ignored()), register=False, **data)
@@ -71,11 +73,12 @@ def prune_config(cfg: QuantizeConfig, base_uri: str) -> PruneConfig:
 def run_quantize(cfg: QuantizeConfig, show_progress: bool | None = None) -> QuantizeResult:
     from mcp import tracking
     from mcp.quantization import Quantizer
-    from mcp.stages.common import find_base_model, probe_model, setup_data, train_baseline
+    from mcp.stages.common import find_base_model, probe_model, recovery_teacher, setup_data, train_baseline
 
     device, splits, loaders = setup_data(cfg)
     layer_bits = read_bits(cfg.bits_file) if cfg.bits_file else {}
     base, base_uri = find_base_model(cfg.model, cfg.model_uri, cfg.dataset, splits)
+    teacher, teacher_uri = recovery_teacher(cfg, base, base_uri, splits)
     Quantizer(probe_model(base, cfg.model, splits), splits.input_shape,
               spec_of(cfg, layer_bits))  # bad layers or bits: fail now
     if cfg.method == "deep_compression":
@@ -87,7 +90,11 @@ def run_quantize(cfg: QuantizeConfig, show_progress: bool | None = None) -> Quan
     with tracking.stage_run("quantize", params, tags, run_name=f"quantize-{cfg.method}-{cfg.model}") as run:
         if base is None:
             base, base_uri = train_baseline(cfg, show_progress)
-        result = _quantize(cfg, layer_bits, base, base_uri, splits, loaders, device, show_progress)
+            teacher, teacher_uri = recovery_teacher(cfg, base, base_uri, splits)
+        if teacher_uri:
+            tracking.runs.set_tag("mcp.distill_from", teacher_uri)
+        result = _quantize(cfg, layer_bits, base, base_uri, splits, loaders, device, show_progress, teacher,
+                           teacher_uri)
         result.run_id = run.info.run_id
         return result
 
@@ -103,14 +110,15 @@ def _predict(model: nn.Module, loader, device: str) -> tuple[np.ndarray, np.ndar
 
 
 def _quantize(cfg: QuantizeConfig, layer_bits: dict[str, int], base: nn.Module, base_uri: str, splits, loaders,
-              device: str, show_progress: bool | None) -> QuantizeResult:
+              device: str, show_progress: bool | None, teacher: nn.Module | None,
+              teacher_uri: str) -> QuantizeResult:
     from mcp import tracking
     from mcp.evaluation.metrics import peak_memory_mb, size_bytes_fp32
     from mcp.evaluation.plots import plot_layer_quant, plot_training_curves
     from mcp.export import export_onnx, ort_evaluate, ort_predict, ort_session
     from mcp.quantization import Quantizer, encode_model, layer_table
     from mcp.quantization.engine import TRAINED
-    from mcp.stages.common import final_metrics, log_and_register, log_plot
+    from mcp.stages.common import final_metrics, log_and_register, log_plot, recovery_loss
     from mcp.stages.prune import _evaluate, _log_csv, calibration_batches
     from mcp.training import ProgressBar, Trainer, build_optimizer, build_scheduler
 
@@ -140,6 +148,7 @@ def _quantize(cfg: QuantizeConfig, layer_bits: dict[str, int], base: nn.Module, 
         optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.momentum, True, cfg.weight_decay)
         trainer = Trainer(model, optimizer, build_scheduler(optimizer, cfg.scheduler, cfg.epochs), train_loader,
                           val_loader, epochs=cfg.epochs, device=device, seed=cfg.seed, restore_best=False,
+                          batch_loss=recovery_loss(cfg, teacher, device),
                           callbacks=[ProgressBar(f"quantize {cfg.method}", disable=None if show_progress is None
                                                  else not show_progress), tracking.EpochLogger()])
         trainer.fit()
@@ -201,6 +210,7 @@ def _quantize(cfg: QuantizeConfig, layer_bits: dict[str, int], base: nn.Module, 
     run_id = tracking.runs.active_run_id()
     version_tags = {"mcp.stage": "quantize", "source_run": run_id, "parent_model": base_uri, "method": cfg.method,
                     "bits": bits_tag, "deploy_format": deploy_format, "sparsity": f"{metrics['sparsity']:.4f}",
+                    **({"distilled_from": teacher_uri} if teacher_uri else {}),
                     **{k: f"{metrics[k]:.6g}" for k in ("test_accuracy", "onnx_test_accuracy", "size_bytes_compressed",
                                                          "size_bytes_onnx", "compression_ratio")}}
     _, version = log_and_register(model, next(iter(test_loader))[0][:4],

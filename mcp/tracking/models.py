@@ -83,6 +83,21 @@ def alias_exists(name: str, alias: str) -> bool:
         return False
 
 
+def pin_version(uri: str) -> str:
+    """``models:/<name>@<alias>`` -> ``models:/<name>/<version>`` (an alias moves; the
+    version it points at now is what provenance tags should name). Other URIs unchanged."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    if not uri.startswith("models:/") or "@" not in uri:
+        return uri
+    name, _, alias = uri.removeprefix("models:/").partition("@")
+    try:
+        return f"models:/{name}/{MlflowClient().get_model_version_by_alias(name, alias).version}"
+    except MlflowException:
+        return uri
+
+
 def load_model(uri: str, device: str = "cpu") -> nn.Module:
     """Load a model logged by mcp from a ``runs:/``, ``models:/`` or local URI, in eval mode."""
     import mlflow

@@ -14,6 +14,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 
+# (model, x, y) -> (loss, logits, named parts of the loss as floats, averaged into the epoch's logs)
+BatchLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict[str, float]]]
+
+
 class Callback:
     """Hooks called by :class:`Trainer`; override what you need."""
 
@@ -48,11 +52,13 @@ class Trainer:
                  scheduler: torch.optim.lr_scheduler.LRScheduler | None, train_loader: DataLoader,
                  val_loader: DataLoader, *, epochs: int, device: str = "cpu",
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-                 seed: int = 0, callbacks: Iterable[Callback] = (), restore_best: bool = True):
+                 seed: int = 0, callbacks: Iterable[Callback] = (), restore_best: bool = True,
+                 batch_loss: BatchLoss | None = None):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.train_loader, self.val_loader = train_loader, val_loader
         self.epochs, self.device, self.seed = epochs, device, seed
         self.loss_fn = loss_fn or nn.CrossEntropyLoss()
+        self.batch_loss = batch_loss
         self.callbacks: list[Callback] = list(callbacks)
         self.restore_best = restore_best
         self.epoch = 0  # epochs completed
@@ -106,10 +112,14 @@ class Trainer:
     def train_one_epoch(self, epoch: int) -> dict[str, float]:
         self.model.train()
         loss_sum, correct, count = 0.0, 0, 0
+        part_sums: dict[str, float] = {}
         for i, (x, y) in enumerate(self.train_loader):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            out = self.model(x)
-            loss = self.loss_fn(out, y)
+            if self.batch_loss is not None:
+                loss, out, parts = self.batch_loss(self.model, x, y)
+            else:
+                out = self.model(x)
+                loss, parts = self.loss_fn(out, y), {}
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self._call("on_after_backward")
@@ -119,8 +129,11 @@ class Trainer:
             loss_sum += loss.item() * n
             correct += (out.argmax(1) == y).sum().item()
             count += n
+            for key, value in parts.items():
+                part_sums[key] = part_sums.get(key, 0.0) + value * n
             self._call("on_batch_end", i, loss.item())
-        return {"train_loss": loss_sum / max(count, 1), "train_accuracy": correct / max(count, 1)}
+        return {"train_loss": loss_sum / max(count, 1), "train_accuracy": correct / max(count, 1),
+                **{key: total / max(count, 1) for key, total in part_sums.items()}}
 
     def fit(self) -> dict[str, list[float]]:
         self.model.to(self.device)
