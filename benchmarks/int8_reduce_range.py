@@ -6,8 +6,9 @@ Trains a small CNN on digits, quantizes it with `ptq_int8` with and without
 `reduce_range`, and prints, over the whole test split, the accuracy of the PyTorch
 fake-quant model, of the ONNX Runtime model with its integer kernels, and of the same
 ONNX model with graph optimisations off (ONNX Runtime's reference QDQ arithmetic), and
-how often their predictions agree. On x86 CPUs without VNNI the u8 x s8 kernels sum
-pairs of products into saturating 16-bit integers: full-range weights overflow them.
+how often their predictions agree. ONNX Runtime's x86 u8 x s8 kernels can sum pairs
+of products into saturating 16-bit integers (the non-VNNI path): full-range weights
+overflow them.
 No MLflow run is made.
 """
 

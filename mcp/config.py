@@ -132,7 +132,7 @@ class DataOptions(StageConfig):
     dataset: str = option("digits", "Dataset name (see `mcp datasets`).")
     data_dir: str = option("data", "Folder holding downloaded datasets or an image folder.")
     download: bool = option(False, "Download torchvision datasets into --data-dir (needs a network).")
-    input_shape: str = option("", "CxHxW, e.g. 3x32x32: synthetic data shape / imagefolder resize. "
+    input_shape: str = option("", "CxHxW, e.g. 3x32x32: synthetic data shape / imagefolder or digits resize. "
                                   "Empty: the dataset's own.")
     num_classes: int = option(0, "Classes for synthetic data (0: 10). Ignored for real datasets.")
     val_fraction: float = option(0.1, "Share of the training split held out for validation.")
@@ -360,7 +360,7 @@ class QuantizeConfig(RecoveryOptions):
                            OBSERVERS)
     calib_batches: int = option(16, "Training batches used for calibration.")
     reduce_range: bool = option(True, "ptq_int8 / dynamic_int8: INT8 weights in [-64, 64] (ONNX Runtime's "
-                                      "reduce_range), so x86 CPUs without VNNI do not saturate.")
+                                      "reduce_range), so its u8 x s8 kernels cannot saturate.")
     kmeans_init: str = option("linear", "k-means centroid initialisation.", KMEANS_INITS)
     share_biases: bool = option(False, "kmeans / huffman / deep_compression: share the biases too (their own "
                                        "2^bits codebook per layer).")
@@ -438,6 +438,70 @@ class DistillConfig(DataOptions):
         _positive("epochs", self.epochs)
         _optimizer_settings(self)
         _in_unit_interval("label_smoothing", self.label_smoothing)
+
+
+@dataclass(frozen=True)
+class ExportConfig(StartModel):
+    """`mcp export`: the deployable ONNX model of a registered version, checked, parity-tested, registered."""
+
+    model_uri: str = option("", "Model to export: models:/<name>/<version>, models:/<name>@<alias>, runs:/... "
+                                "Empty: models:/<model>-<dataset>@baseline.")
+    opset: int = option(17, "ONNX opset (float models; a quantized model keeps the opset it was made with).")
+    optimize: bool = option(True, "Apply ONNX Runtime's basic offline graph optimisations to float models, "
+                                  "kept when they remove nodes.")
+    atol: float = option(1e-3, "Parity: largest allowed |PyTorch - ONNX Runtime| logit difference "
+                               "(float models).")
+    min_agreement: float = option(0.99, "Parity: smallest allowed share of equal predictions (every model).")
+    parity_samples: int = option(256, "Parity: test images in the fixed batch compared.")
+    register: bool = option(True, "Register the ONNX model as a new version of the same name, tag format=onnx.")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.model_uri:
+            check_model_ref("model_uri", self.model_uri)
+        if not 13 <= self.opset <= 21:
+            raise ConfigError(f"opset={self.opset!r} is outside the supported ONNX opsets 13-21")
+        _positive("atol", self.atol)
+        if not 0.0 < self.min_agreement <= 1.0:
+            raise ConfigError(f"min_agreement={self.min_agreement!r} is outside (0, 1]")
+        _positive("parity_samples", self.parity_samples)
+
+
+@dataclass(frozen=True)
+class BenchmarkConfig(DataOptions):
+    """`mcp benchmark`: deployed ONNX models measured side by side (accuracy, latency, throughput, memory)."""
+
+    model: str = option("lenet300_100", "With no --models and no --registered-model: every version of "
+                                        "<model>-<dataset>.")
+    models: str = option("", "Comma-separated models: URIs, <name>@<alias>, or model names (their baselines).")
+    registered_model: str = option("", "Every (PyTorch) version of this registered model.")
+    baseline: str = option("", "Reference for speedups and ratios (one of the models). Empty: the version with "
+                               "alias 'baseline' when listed, else the first.")
+    threads: int = option(1, "ONNX Runtime intra-op threads (and torch threads) for the CPU measurements.")
+    throughput_batch: int = option(64, "Batch size of the throughput measurement.")
+    warmup: int = option(20, "Warm-up runs before timing.")
+    iters: int = option(200, "Timed runs at batch 1, at least (p50/p95 come from these).")
+    seconds: float = option(2.0, "At least this long per timing (batch 1, then throughput): short runs on a "
+                                 "busy machine are noisy.")
+    opset: int = option(17, "ONNX opset of float models exported for the benchmark.")
+
+    def validate(self) -> None:
+        super().validate()
+        from mcp.models import model_names
+
+        if self.model not in model_names():
+            raise ConfigError(f"unknown model {self.model!r}; choose one of: {', '.join(model_names())}")
+        for ref in self.model_refs():
+            check_model_ref("models", ref)
+        if self.baseline:
+            check_model_ref("baseline", self.baseline)
+        for name in ("threads", "throughput_batch", "warmup", "iters", "seconds"):
+            _positive(name, getattr(self, name))
+        if not 13 <= self.opset <= 21:
+            raise ConfigError(f"opset={self.opset!r} is outside the supported ONNX opsets 13-21")
+
+    def model_refs(self) -> list[str]:
+        return [r.strip() for r in self.models.split(",") if r.strip()]
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@ never the user's ``mlflow.db``."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
@@ -46,20 +47,35 @@ def experiment(request, mlflow_store, monkeypatch):
         mlflow.end_run()
 
 
+@contextlib.contextmanager
+def separate_store(path: Path, monkeypatch):
+    """Switch MLflow to a fresh SQLite store at ``path`` (a model registry of its own),
+    with an experiment of its own; switch back, active experiment included, afterwards."""
+    import mlflow
+    from mlflow.tracking.fluent import _get_experiment_id
+
+    old_uri, old_experiment = mlflow.get_tracking_uri(), _get_experiment_id()
+    uri = f"sqlite:///{path}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("tests")
+    try:
+        yield uri
+    finally:
+        if mlflow.active_run():
+            mlflow.end_run()
+        mlflow.set_tracking_uri(old_uri)
+        if old_experiment is not None:
+            mlflow.set_experiment(experiment_id=old_experiment)
+
+
 @pytest.fixture
 def own_store(tmp_path, monkeypatch):
     """A tracking store (and so a model registry) of the test's own, for tests whose
     registered baselines would change what other tests find."""
-    import mlflow
-
-    old = mlflow.get_tracking_uri()
-    uri = f"sqlite:///{tmp_path / 'own.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
-    yield uri
-    if mlflow.active_run():
-        mlflow.end_run()
-    mlflow.set_tracking_uri(old)
+    with separate_store(tmp_path / "own.db", monkeypatch) as uri:
+        yield uri
 
 
 def runs_of(experiment_id: str):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mcp.data import dataset_names, load_dataset, make_loaders
-from mcp.errors import McpError
+from mcp.errors import ConfigError, McpError
 
 
 def _labels(ds) -> np.ndarray:
@@ -122,3 +122,17 @@ def test_imagefolder_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(McpError, match="no images found under .*empty"):
         load_dataset("imagefolder", data_dir=tmp_path / "empty")
+
+
+def test_digits_resize_to_a_larger_input():
+    small, large = load_dataset("digits"), load_dataset("digits", input_shape="1x32x32")
+    assert large.input_shape == (1, 32, 32) and len(large.train) == len(small.train)
+    x_small, y_small = small.test[:5]
+    x_large, y_large = large.test[:5]
+    assert torch.equal(y_small, y_large)  # the same images in the same splits, only bigger
+    pooled = torch.nn.functional.adaptive_avg_pool2d(x_large, 8)
+    corr = torch.corrcoef(torch.stack([pooled.flatten(), x_small.flatten()]))[0, 1]
+    assert corr > 0.9
+    assert load_dataset("digits", input_shape="3x16x16").input_shape == (3, 16, 16)
+    with pytest.raises(ConfigError, match="input_shape channels=2 for digits"):
+        load_dataset("digits", input_shape="2x16x16")

@@ -77,7 +77,7 @@ def test_help_on_every_command():
             assert "--config" in out.stdout
 
 
-@pytest.mark.parametrize("stage", ["export", "search", "benchmark"])
+@pytest.mark.parametrize("stage", ["search"])
 def test_planned_stages_fail_clearly(cli, stage):
     result = cli(stage)
     assert result.exit_code != 0

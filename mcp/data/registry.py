@@ -165,12 +165,19 @@ def _tensor_splits(name: str, x: torch.Tensor, y: torch.Tensor, val_fraction: fl
 
 
 @register_dataset("digits")
-def _digits(val_fraction: float, **_: object) -> DataSplits:
-    """scikit-learn's bundled 8x8 handwritten digits (1,797 real images, 10 classes)."""
+def _digits(val_fraction: float, input_shape: tuple[int, int, int] | None = None, **_: object) -> DataSplits:
+    """scikit-learn's bundled 8x8 handwritten digits (1,797 real images, 10 classes);
+    --input-shape 1xHxW (or 3xHxW) resizes them bilinearly, for models that need more pixels."""
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
     x = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    if input_shape and tuple(input_shape) != (1, 8, 8):
+        channels, height, width = input_shape
+        if channels not in (1, 3):
+            raise ConfigError(f"input_shape channels={channels} for digits; allowed: 1 (grayscale) or 3 (repeated)")
+        x = torch.nn.functional.interpolate(x, size=(height, width), mode="bilinear", align_corners=False)
+        x = x.repeat(1, channels, 1, 1)
     y = torch.tensor(bunch.target, dtype=torch.long)
     return _tensor_splits("digits", x, y, val_fraction, [str(c) for c in range(10)])
 

@@ -156,3 +156,28 @@ def plot_layer_quant(rows: Sequence[Mapping[str, object]], path: str | Path, tit
         ax.set_xticks(x, names, rotation=60, ha="right", fontsize=8)
     fig.suptitle(title)
     return _save(fig, path)
+
+
+def plot_tradeoffs(rows: Sequence[Mapping[str, object]], path: str | Path, title: str = "") -> Path:
+    """Accuracy vs ONNX size and accuracy vs CPU latency (p50, batch 1), one point per
+    model, each panel's Pareto front (smaller and more accurate) drawn as a line."""
+    from mcp.evaluation.benchmark import pareto_front
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, x_key, x_label in ((axes[0], "size_kib_onnx", "ONNX file (KiB)"),
+                               (axes[1], "latency_ms_p50_cpu", "CPU latency p50, batch 1 (ms)")):
+        points = [(float(r[x_key]), float(r["test_accuracy"])) for r in rows]
+        front = sorted(pareto_front(points), key=lambda i: points[i][0])
+        for i, (x, y) in enumerate(points):
+            on = i in front
+            ax.scatter(x, y, s=55 if on else 35, color="tab:red" if on else "tab:gray", zorder=3)
+            ax.annotate(str(rows[i]["label"]), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.plot([points[i][0] for i in front], [points[i][1] for i in front], color="tab:red", alpha=0.6,
+                label="Pareto front")
+        ax.set(xlabel=x_label, ylabel="test accuracy (ONNX Runtime)")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right")
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)

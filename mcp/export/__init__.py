@@ -1,5 +1,8 @@
-"""ONNX export and ONNX Runtime helpers (onnx and onnxruntime load on use)."""
+"""ONNX export, checking, optimisation, parity, and ONNX Runtime helpers (onnx and
+onnxruntime load on use)."""
 
-from mcp.export.onnx import export_onnx, ort_evaluate, ort_predict, ort_session
+from mcp.export.onnx import (check_onnx, export_onnx, node_count, optimize_onnx, ort_evaluate, ort_predict,
+                             ort_session, parity)
 
-__all__ = ["export_onnx", "ort_evaluate", "ort_predict", "ort_session"]
+__all__ = ["check_onnx", "export_onnx", "node_count", "optimize_onnx", "ort_evaluate", "ort_predict", "ort_session",
+           "parity"]

@@ -62,3 +62,45 @@ def ort_evaluate(session, batches: Iterable) -> dict[str, float]:
         correct += int((logits.argmax(1) == y).sum())
         total += int(y.numel())
     return {"accuracy": correct / max(total, 1), "loss": loss / max(total, 1)}
+
+
+def check_onnx(path: str | Path) -> None:
+    """ONNX's checker (full check, shapes included); a failure is a one-line McpError."""
+    import onnx
+
+    from mcp.errors import McpError
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as exc:  # noqa: BLE001 - checker errors come in several types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise McpError(f"ONNX checker rejected {Path(path).name}: {first[:300]}") from None
+
+
+def node_count(path: str | Path) -> int:
+    import onnx
+
+    return len(onnx.load(str(path), load_external_data=False).graph.node)
+
+
+def optimize_onnx(path: str | Path, out_path: str | Path) -> Path:
+    """ONNX Runtime's basic offline graph optimisations (constant folding, redundant node
+    elimination): the level whose output stays portable across execution providers."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(out_path)
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return Path(out_path)
+
+
+@torch.no_grad()
+def parity(model: nn.Module, session, x: torch.Tensor) -> dict[str, float]:
+    """PyTorch (CPU, eval) against ONNX Runtime on one fixed batch: the largest absolute
+    difference of the logits, and the share of equal predictions."""
+    reference = copy.deepcopy(model).cpu().eval()(x.cpu()).numpy()
+    got = ort_predict(session, x)
+    return {"max_abs_diff": float(np.max(np.abs(reference - got))),
+            "agreement": float(np.mean(reference.argmax(1) == got.argmax(1)))}

@@ -140,7 +140,34 @@ class Quantizer:
         return {"method": self.spec.method, "bits": dict(self.bits), "act_bits": self.spec.act_bits,
                 "share_biases": self.spec.share_biases and self.sharing is not None,
                 "symmetric": self.spec.symmetric, "per_channel": self.spec.per_channel,
-                "observer": self.spec.observer, "coding": self.spec.coding}
+                "observer": self.spec.observer, "coding": self.spec.coding, "reduce_range": self.spec.reduce_range}
+
+
+def simulated(model: nn.Module, input_shape: Sequence[int], quantization: Mapping[str, Any],
+              batches=()) -> nn.Module:
+    """A copy of a quantized model (as registered: weights baked on their grid) with its
+    activation quantization simulated again, from the description in its recipe: the
+    PyTorch counterpart of an INT8 ONNX model. Static ranges are recalibrated on
+    ``batches`` (the same batches the quantize stage used give the same ranges, because
+    re-quantizing baked weights leaves them unchanged)."""
+    import copy
+
+    from mcp.pruning.pruner import layers_in_order
+
+    bits = {str(k): int(v) for k, v in quantization["bits"].items()}
+    order = [n for n, _ in layers_in_order(model, input_shape)]
+    int8 = quantization["method"] in ("ptq_int8", "dynamic_int8")
+    spec = QuantSpec(method=quantization["method"], bits=8 if int8 else max(bits.values()),
+                     layer_bits={} if int8 else bits,
+                     act_bits=int(quantization.get("act_bits", 0)), symmetric=bool(quantization["symmetric"]),
+                     per_channel=bool(quantization["per_channel"]), observer=quantization["observer"],
+                     reduce_range=bool(quantization.get("reduce_range", True)),
+                     ignored_layers=tuple(n for n in order if n not in bits))
+    sim = copy.deepcopy(model).cpu().eval()
+    quantizer = Quantizer(sim, input_shape, spec)
+    quantizer.calibrate(batches, "cpu")
+    quantizer.freeze()
+    return sim.eval()
 
 
 def layer_table(model: nn.Module, entries: Mapping[str, Codebook | Uniform], bits: Mapping[str, int],

@@ -62,21 +62,28 @@ def log_and_register(model: nn.Module, example: torch.Tensor, extra_recipe: Mapp
     return info.model_uri, str(version.version)
 
 
-def resolve_model_ref(ref: str, dataset: str, splits) -> tuple[nn.Module | None, str, str]:
-    """Load the model ``ref`` names (see :func:`mcp.config.check_model_ref`) and check it
-    fits the dataset. Returns (model, URI, architecture name); the model is None when
-    ``ref`` is a model name whose ``<model>-<dataset>@baseline`` is still to be trained."""
+def reference_uri(ref: str, dataset: str) -> str:
+    """The URI a model reference means: a model name is ``models:/<model>-<dataset>@baseline``,
+    ``<name>@<alias>`` is ``models:/<name>@<alias>``, a URI is itself."""
     from mcp import tracking
     from mcp.config import URI_SCHEMES
     from mcp.models import model_names
 
     if ref in model_names():
-        name = tracking.registered_name(ref, dataset)
-        uri = f"models:/{name}@baseline"
-        if not tracking.alias_exists(name, "baseline"):
-            return None, uri, ref
-    else:
-        uri = ref if ref.startswith(URI_SCHEMES) else f"models:/{ref}"
+        return f"models:/{tracking.registered_name(ref, dataset)}@baseline"
+    return ref if ref.startswith(URI_SCHEMES) else f"models:/{ref}"
+
+
+def resolve_model_ref(ref: str, dataset: str, splits) -> tuple[nn.Module | None, str, str]:
+    """Load the model ``ref`` names (see :func:`mcp.config.check_model_ref`) and check it
+    fits the dataset. Returns (model, URI, architecture name); the model is None when
+    ``ref`` is a model name whose ``<model>-<dataset>@baseline`` is still to be trained."""
+    from mcp import tracking
+    from mcp.models import model_names
+
+    uri = reference_uri(ref, dataset)
+    if ref in model_names() and not tracking.alias_exists(tracking.registered_name(ref, dataset), "baseline"):
+        return None, uri, ref
     loaded = tracking.load_model(uri)
     uri = tracking.models.pin_version(uri)
     recipe = loaded.mcp_recipe

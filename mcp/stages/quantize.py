@@ -215,7 +215,9 @@ def _quantize(cfg: QuantizeConfig, layer_bits: dict[str, int], base: nn.Module, 
                                                          "size_bytes_onnx", "compression_ratio")}}
     _, version = log_and_register(model, next(iter(test_loader))[0][:4],
                                   {"dataset": cfg.dataset, "class_names": splits.class_names,
-                                   "quantization": quantizer.describe()}, reg_name, None, version_tags)
+                                   "quantization": {**quantizer.describe(), "calib_batches": cfg.calib_batches,
+                                                    "calib_batch_size": cfg.batch_size}},
+                                  reg_name, None, version_tags)
     return QuantizeResult(run_id, metrics, model, layers, reg_name, version, stages, run_tags)
 
 

@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -21,6 +22,7 @@ from mcp.errors import McpError
 RECIPE_FILE = "mcp_recipe.json"
 STATE_FILE = "mcp_state_dict.pt"
 ARTIFACT_PATH = "model"
+ONNX_ARTIFACT_PATH = "onnx_model"
 
 
 def registered_name(model: str, dataset: str) -> str:
@@ -121,5 +123,82 @@ def load_model(uri: str, device: str = "cpu") -> nn.Module:
             raise McpError(f"model {uri!r}: weights do not match its recipe {recipe.get('name')!r}: "
                            f"{str(exc).splitlines()[0][:200]}") from None
     else:
+        flavors = _flavors(local)
+        if "pytorch" not in flavors:
+            raise McpError(f"model {uri!r} is not a PyTorch model (flavors: {', '.join(flavors) or 'none'}); "
+                           f"an ONNX export names the version it came from in its tag source_model")
         model = mlflow.pytorch.load_model(uri, map_location="cpu")
     return model.to(device).eval()
+
+
+def _flavors(local: Path) -> list[str]:
+    import yaml
+
+    mlmodel = local / "MLmodel"
+    if not mlmodel.is_file():
+        return []
+    return sorted((yaml.safe_load(mlmodel.read_text()) or {}).get("flavors", {}))
+
+
+def list_versions(name: str) -> list[tuple[str, dict[str, str], list[str]]]:
+    """(version, tags, aliases) of every version of registered model ``name``, oldest first."""
+    from mlflow import MlflowClient
+
+    versions = MlflowClient().search_model_versions(f"name='{name}'")
+    return [(v.version, dict(v.tags), list(v.aliases)) for v in sorted(versions, key=lambda v: int(v.version))]
+
+
+def version_info(uri: str) -> tuple[dict[str, str], list[str]] | None:
+    """(tags, aliases) of the registered version ``models:/<name>/<version>`` names."""
+    from mlflow import MlflowClient
+
+    name, _, version = uri.removeprefix("models:/").partition("/")
+    if not uri.startswith("models:/") or not version.isdigit():
+        return None
+    v = MlflowClient().get_model_version(name, version)
+    return dict(v.tags), list(v.aliases)
+
+
+def source_run_id(uri: str) -> str | None:
+    """The run that logged the model ``uri`` names (``runs:/`` or ``models:/`` URIs)."""
+    from mlflow import MlflowClient
+
+    if uri.startswith("runs:/"):
+        return uri.removeprefix("runs:/").split("/", 1)[0]
+    if uri.startswith("models:/"):
+        name, _, version = pin_version(uri).removeprefix("models:/").partition("/")
+        if version.isdigit():
+            return MlflowClient().get_model_version(name, version).run_id
+    return None
+
+
+def deployable_onnx(uri: str, dst: str | Path) -> tuple[Path | None, str]:
+    """The deployable ONNX model the stage that made ``uri`` built (a quantized model's
+    QDQ / INT8 form, logged as ``onnx/model.onnx``) and its ``mcp.deploy_format``;
+    (None, "") when that stage built none (the model is float: export it)."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    run_id = source_run_id(uri)
+    if run_id is None:
+        return None, ""
+    tags = MlflowClient().get_run(run_id).data.tags
+    if "mcp.deploy_format" not in tags:
+        return None, ""
+    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="onnx/model.onnx", dst_path=str(dst))
+    return Path(path), tags["mcp.deploy_format"]
+
+
+def log_onnx_model(path: str | Path, example: np.ndarray, outputs: np.ndarray):
+    """Log an ONNX file with MLflow's ONNX flavor (signature, input example; one file,
+    no external data) into the active run, so pyfunc and `mlflow models serve` load it."""
+    import mlflow
+    import onnx
+    import onnxruntime
+    from mlflow.models import infer_signature
+
+    return mlflow.onnx.log_model(
+        onnx.load(str(path)), name=ONNX_ARTIFACT_PATH, signature=infer_signature(example, outputs),
+        input_example=example, save_as_external_data=False,
+        pip_requirements=[f"onnx=={onnx.__version__}", f"onnxruntime=={onnxruntime.__version__}",
+                          f"mlflow=={mlflow.__version__}"])

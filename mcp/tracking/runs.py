@@ -78,6 +78,11 @@ def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
     _mlflow().log_artifact(str(path), artifact_path=artifact_path)
 
 
+def run_metrics(run_id: str) -> dict[str, float]:
+    """The latest value of every metric of a run."""
+    return dict(_mlflow().get_run(run_id).data.metrics)
+
+
 def mark_killed(run_id: str) -> None:
     """Mark a run that died without ending (for example the run a checkpoint came from)."""
     from mlflow import MlflowClient

@@ -1,0 +1,94 @@
+"""Latency, throughput and peak memory of one ONNX model in ONNX Runtime, measured in a
+process of its own (it imports onnxruntime and numpy only, so its peak RSS is the
+inference process's, not the benchmark's).
+
+    python -m mcp.evaluation.ort_bench model.onnx --shape 1x8x8 --device cpu --threads 1
+
+prints one JSON object: p50_ms, p95_ms (batch 1), throughput_ips (at --batch), the
+execution provider used, the thread count, and peak_rss_mb.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory. On Linux it is VmHWM, which starts afresh at
+    exec; ru_maxrss would also count the parent's memory copied at fork."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+def measure(path: str, shape: tuple[int, ...], device: str = "cpu", threads: int = 1, batch: int = 64,
+            warmup: int = 20, iters: int = 200, seconds: float = 2.0) -> dict:
+    """Batch 1: at least ``iters`` timed runs and at least ``seconds`` of them (short
+    runs on a shared machine are noisy); then the same budget at ``batch`` for throughput."""
+    import numpy as np
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if device == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise RuntimeError("CUDAExecutionProvider is not available (install the gpu extra: onnxruntime-gpu)")
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    else:
+        providers = ["CPUExecutionProvider"]
+    session = ort.InferenceSession(path, options, providers=providers)
+    name = session.get_inputs()[0].name
+    rng = np.random.default_rng(0)
+    one = rng.standard_normal((1, *shape), dtype=np.float32)
+    many = rng.standard_normal((batch, *shape), dtype=np.float32)
+    for _ in range(warmup):
+        session.run(None, {name: one})
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < iters or time.perf_counter() - start < seconds:
+        t0 = time.perf_counter()
+        session.run(None, {name: one})
+        times.append(time.perf_counter() - t0)
+    for _ in range(max(2, warmup // 5)):
+        session.run(None, {name: many})
+    runs, t0 = 0, time.perf_counter()
+    while runs < 5 or time.perf_counter() - t0 < seconds:
+        session.run(None, {name: many})
+        runs += 1
+    elapsed = time.perf_counter() - t0
+    ms = np.asarray(times) * 1000.0
+    return {"p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)),
+            "throughput_ips": batch * runs / elapsed, "timed_runs": len(times), "provider": session.get_providers()[0],
+            "threads": threads, "batch": batch, "peak_rss_mb": _peak_rss_mb()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model")
+    parser.add_argument("--shape", required=True, help="CxHxW of one input")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--iters", type=int, default=200)
+    parser.add_argument("--seconds", type=float, default=2.0)
+    args = parser.parse_args(argv)
+    shape = tuple(int(s) for s in args.shape.split("x"))
+    print(json.dumps(measure(args.model, shape, args.device, args.threads, args.batch, args.warmup, args.iters,
+                             args.seconds)))
+
+
+if __name__ == "__main__":
+    main()
