@@ -13,7 +13,7 @@ from typing import Any, Callable
 import click
 from click.core import ParameterSource
 
-from mcp.config import (BenchmarkConfig, DistillConfig, ExportConfig, PlannedStageConfig, PruneConfig, QuantizeConfig,
+from mcp.config import (BenchmarkConfig, DistillConfig, ExportConfig, PruneConfig, QuantizeConfig, SearchConfig,
                         SensitivityConfig, StageConfig, TrainConfig, read_config_file)
 from mcp.errors import McpError
 
@@ -215,15 +215,46 @@ def benchmark(ctx: click.Context, **kwargs: Any) -> None:
     click.echo(f"run {result.run_id}")
 
 
-def _planned(stage: str, issue: int) -> None:
-    @main.command(name=stage, help=f"{stage.capitalize()} stage: declared in MLproject, not implemented yet.")
-    @config_options(PlannedStageConfig)
-    def command(**kwargs: Any) -> None:
-        _fail(f"`mcp {stage}` is not implemented yet (planned in issue #{issue}); nothing was run")
+@main.command()
+@config_options(SearchConfig)
+@click.pass_context
+def search(ctx: click.Context, **kwargs: Any) -> None:
+    """Optuna search over per-layer prune ratios and bit-widths (space: search_spaces/*.yaml) for the
+    best validation accuracy under a size budget, or the accuracy/size Pareto front. Every trial is
+    a nested MLflow run; running the same command again resumes the study. Winners are rebuilt,
+    tested and registered (the best with alias 'challenger')."""
+    from mcp.stages.search import run_search
+
+    cfg, result = _run_stage(ctx, kwargs, SearchConfig, run_search)
+    states = {}
+    for t in result.trials:
+        states[t["state"]] = states.get(t["state"], 0) + 1
+    budget = f"{result.budget_bytes:,.0f} B" if result.budget_bytes else "none"
+    click.echo(f"run {result.run_id}: study {result.study_name!r}, {len(result.trials)} trials "
+               f"({', '.join(f'{k} {v}' for k, v in sorted(states.items()))}), budget {budget}")
+    for w in result.winners:
+        where = f"models:/{w['registered_name']}/{w['version']}" if w["registered_name"] else w["run_id"]
+        click.echo(f"  trial {w['trial']}: test_accuracy={w['test_accuracy']:.4f} size={int(w['size_bytes_compressed'])} "
+                   f"B ({w['compression_ratio']:.1f}x) {where}{' @' + w['alias'] if w['alias'] else ''}")
+    if not result.winners:
+        click.echo("  no feasible trial finished: loosen the budget or the space, or run more trials")
 
 
-for _stage, _issue in (("search", 7),):
-    _planned(_stage, _issue)
+@main.command()
+@click.argument("name")
+@click.option("--version", "version", default=None, help="The version to promote.")
+@click.option("--best", is_flag=True, help="The search-registered version with the highest test accuracy "
+                                           "(ties: the smaller compressed size, then the newer version).")
+def promote(name: str, version: str | None, best: bool) -> None:
+    """Move the 'champion' alias of registered model NAME to a version."""
+    from mcp.stages.promote import promote as move
+
+    try:
+        chosen, previous = move(name, version, best)
+    except McpError as exc:
+        _fail(str(exc))
+    click.echo(f"models:/{name}@champion -> version {chosen}"
+               + (f" (was {previous})" if previous and previous != chosen else ""))
 
 
 @main.command()

@@ -504,12 +504,50 @@ class BenchmarkConfig(DataOptions):
         return [r.strip() for r in self.models.split(",") if r.strip()]
 
 
-@dataclass(frozen=True)
-class PlannedStageConfig(StageConfig):
-    """Options of stages that are declared but not built yet."""
+SEARCH_MODES = ("max-accuracy", "pareto")
+SAMPLERS = ("tpe", "nsga2")
+OPTUNA_PRUNERS = ("median", "halving", "none")
 
-    model: str = option("lenet300_100", "Model name (see `mcp models`).")
-    dataset: str = option("digits", "Dataset name (see `mcp datasets`).")
+
+@dataclass(frozen=True)
+class SearchConfig(StartModel):
+    """`mcp search`: Optuna over per-layer prune ratios and bit-widths under a size budget."""
+
+    space: str = option("", "Search space YAML. Empty: the file in search_spaces/ whose `models` lists the "
+                            "model, else search_spaces/default.yaml.")
+    mode: str = option("max-accuracy", "Best validation accuracy under the budget, or the accuracy/size "
+                                       "Pareto front.", SEARCH_MODES)
+    budget_mb: float = option(0.0, "Size budget in MB (10^6 bytes) of the encoded payload. 0: use --budget-ratio.")
+    budget_ratio: float = option(0.1, "Size budget as a share of the baseline's float32 size (when --budget-mb "
+                                      "is 0). 0 with --budget-mb 0: no budget (pareto only).")
+    trials: int = option(20, "Trials to add to the study in this call.")
+    timeout: float = option(0.0, "Stop adding trials after this many seconds (0: no limit).")
+    sampler: str = option("tpe", "Optuna sampler (both honour the budget as a constraint).", SAMPLERS)
+    pruner: str = option("median", "Optuna pruner that stops bad trials early (max-accuracy only).",
+                         OPTUNA_PRUNERS)
+    storage: str = option("sqlite:///optuna.db", "Optuna storage: any SQLAlchemy URL.")
+    study_name: str = option("", "Study name (running again resumes it). Empty: <model>-<dataset>-<mode>.")
+    distill: bool = option(False, "Fine-tune each trial by distillation from the starting model.")
+    final_epochs: int = option(0, "Fine-tuning epochs when a winner is rebuilt (0: its trial's).")
+    calib_batches: int = option(8, "Training batches used by data-driven pruning criteria.")
+    register: bool = option(True, "Register the winner(s) as new versions with alias 'challenger'.")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.budget_mb < 0 or not 0.0 <= self.budget_ratio < 1.0:
+            raise ConfigError(f"budget_mb={self.budget_mb!r} must be 0 or more and budget_ratio="
+                              f"{self.budget_ratio!r} within [0, 1)")
+        if self.mode == "max-accuracy" and self.budget_mb == 0 and self.budget_ratio == 0:
+            raise ConfigError("mode max-accuracy needs a budget: --budget-mb or --budget-ratio")
+        _positive("trials", self.trials)
+        if self.timeout < 0 or self.final_epochs < 0:
+            raise ConfigError("timeout and final_epochs must be 0 or more")
+        _positive("calib_batches", self.calib_batches)
+        if not self.storage.strip():
+            raise ConfigError("storage='' must be an SQLAlchemy URL, e.g. sqlite:///optuna.db")
+
+    def name(self) -> str:
+        return self.study_name or f"{self.model}-{self.dataset}-{self.mode}"
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

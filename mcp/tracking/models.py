@@ -73,6 +73,23 @@ def register_model(model_uri: str, name: str, alias: str | None, tags: Mapping[s
     return version
 
 
+def alias_version(name: str, alias: str) -> str | None:
+    """The version ``alias`` points at, or None."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(MlflowClient().get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def set_alias(name: str, alias: str, version: str) -> None:
+    from mlflow import MlflowClient
+
+    MlflowClient().set_registered_model_alias(name, alias, version)
+
+
 def alias_exists(name: str, alias: str) -> bool:
     """Whether registered model ``name`` has a version with ``alias``."""
     from mlflow import MlflowClient

@@ -1,0 +1,202 @@
+"""Search spaces: YAML data -> validated space -> one trial's sampled configuration.
+
+A space file (``search_spaces/*.yaml``)::
+
+    models: [lenet300_100, lenet5]     # which models it is for (the default file has none)
+    prune:
+      ratio: [0.0, 0.95]               # per-layer (or per-group) prune ratio range
+      granularity: [unstructured]      # choices
+      criterion: [magnitude]           # choices
+    quantize:
+      bits: [2, 3, 4, 5, 6, 8]         # per-layer (or per-group) bit-width choices
+    finetune:
+      epochs: [2, 4]                   # integer range
+      lr: [0.001, 0.02]                # log-uniform range
+    layers:                            # optional per-layer overrides
+      fc3: {ratio: [0.0, 0.5], bits: [6, 8]}
+    groups:                            # optional: layers sampled together (deep nets)
+      stage1: ["layer1.*"]
+
+Unknown keys, unknown layers, empty ranges and bits outside 2-8 are errors that name
+the bad value.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from mcp.errors import ConfigError
+
+SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
+TOP_KEYS = {"models", "prune", "quantize", "finetune", "layers", "groups", "description"}
+SECTION_KEYS = {"prune": {"ratio", "granularity", "criterion"}, "quantize": {"bits"}, "finetune": {"epochs", "lr"}}
+LAYER_KEYS = {"ratio", "bits"}
+
+
+@dataclass(frozen=True)
+class Space:
+    source: str
+    ratio: tuple[float, float]
+    bits: tuple[int, ...]
+    granularity: tuple[str, ...]
+    criterion: tuple[str, ...]
+    epochs: tuple[int, int]
+    lr: tuple[float, float]
+    units: dict[str, tuple[str, ...]] = field(default_factory=dict)  # sampled unit -> its layers
+    ratio_of: dict[str, tuple[float, float]] = field(default_factory=dict)  # unit -> its ratio range
+    bits_of: dict[str, tuple[int, ...]] = field(default_factory=dict)  # unit -> its bit choices
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    ratios: dict[str, float]
+    bits: dict[str, int]
+    granularity: str
+    criterion: str
+    epochs: int
+    lr: float
+
+
+def _range(where: str, value: Any, low: float, high: float, kind: type) -> tuple:
+    if not (isinstance(value, (list, tuple)) and len(value) == 2):
+        raise ConfigError(f"{where}={value!r} must be a [low, high] range")
+    try:
+        lo, hi = kind(value[0]), kind(value[1])
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}={value!r} must hold two numbers") from None
+    if lo > hi:
+        raise ConfigError(f"{where}={value!r} is an empty range (low above high)")
+    if lo < low or hi > high or (kind is float and high == 1.0 and hi >= 1.0):
+        allowed = f"[{low}, {high})" if kind is float and high == 1.0 else f"[{low}, {high}]"
+        raise ConfigError(f"{where}={value!r} is outside {allowed}")
+    return lo, hi
+
+
+def _bits(where: str, value: Any) -> tuple[int, ...]:
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ConfigError(f"{where}={value!r} must be a non-empty list of bit-widths")
+    for b in value:
+        if isinstance(b, bool) or not isinstance(b, int) or not 2 <= b <= 8:
+            raise ConfigError(f"{where}: bits {b!r} are outside the allowed bit-widths 2-8")
+    return tuple(sorted(set(value)))
+
+
+def _choices(where: str, value: Any, allowed: Sequence[str]) -> tuple[str, ...]:
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ConfigError(f"{where}={value!r} must be a non-empty list; choose from: {', '.join(allowed)}")
+    bad = [v for v in value if v not in allowed]
+    if bad:
+        raise ConfigError(f"{where}: {bad[0]!r} is not allowed; choose from: {', '.join(allowed)}")
+    return tuple(value)
+
+
+def _unknown(where: str, keys: Any, allowed: set[str]) -> None:
+    extra = sorted(set(keys) - allowed)
+    if extra:
+        raise ConfigError(f"unknown key {extra[0]!r} in {where}; allowed keys: {', '.join(sorted(allowed))}")
+
+
+def read_space_file(path: str | Path) -> dict[str, Any]:
+    from mcp.config import read_config_file
+
+    return read_config_file(path)
+
+
+def space_file_for(model: str) -> Path:
+    """The family file whose ``models`` lists ``model``, else ``default.yaml``."""
+    for path in sorted(SPACES_DIR.glob("*.yaml")):
+        if path.name != "default.yaml" and model in (read_space_file(path).get("models") or []):
+            return path
+    return SPACES_DIR / "default.yaml"
+
+
+def build_space(data: Mapping[str, Any], layers: Sequence[str], source: str = "space") -> Space:
+    """Validate ``data`` against the model's prunable ``layers`` (in execution order)."""
+    from mcp.config import CRITERIA, GRANULARITIES
+
+    _unknown(source, data, TOP_KEYS)
+    sections = {}
+    for name, keys in SECTION_KEYS.items():
+        section = data.get(name) or {}
+        if not isinstance(section, Mapping):
+            raise ConfigError(f"{source}: {name} must be a mapping")
+        _unknown(f"{source}: {name}", section, keys)
+        sections[name] = section
+    prune, quant, tune = sections["prune"], sections["quantize"], sections["finetune"]
+    ratio = _range(f"{source}: prune.ratio", prune.get("ratio", [0.0, 0.9]), 0.0, 1.0, float)
+    bits = _bits(f"{source}: quantize.bits", quant.get("bits", [4, 8]))
+    granularity = _choices(f"{source}: prune.granularity", prune.get("granularity", ["unstructured"]), GRANULARITIES)
+    criterion = _choices(f"{source}: prune.criterion", prune.get("criterion", ["magnitude"]), CRITERIA)
+    epochs = _range(f"{source}: finetune.epochs", tune.get("epochs", [1, 3]), 0, 1000, int)
+    lr = _range(f"{source}: finetune.lr", tune.get("lr", [0.001, 0.01]), 1e-7, 10.0, float)
+
+    groups = data.get("groups") or {}
+    if not isinstance(groups, Mapping):
+        raise ConfigError(f"{source}: groups must map a group name to a list of layer patterns")
+    units: dict[str, tuple[str, ...]] = {}
+    grouped: set[str] = set()
+    for group, patterns in groups.items():
+        if not isinstance(patterns, (list, tuple)) or not patterns:
+            raise ConfigError(f"{source}: group {group!r} must list layer names or patterns")
+        exact = [str(p) for p in patterns if not any(c in str(p) for c in "*?[")]
+        missing = [p for p in exact if p not in layers]
+        if missing:
+            raise ConfigError(f"{source}: group {group!r} names unknown layer {missing[0]!r}; "
+                              f"this model's layers: {', '.join(layers)}")
+        members = tuple(n for n in layers if any(fnmatch.fnmatchcase(n, str(p)) for p in patterns))
+        # a pattern group that matches nothing (a stage this model lacks) is skipped
+        units[str(group)] = tuple(n for n in members if n not in grouped)
+        grouped.update(members)
+    for n in layers:
+        if n not in grouped:
+            units[n] = (n,)
+    units = {u: members for u, members in units.items() if members}
+
+    ratio_of = {u: ratio for u in units}
+    bits_of = {u: bits for u in units}
+    overrides = data.get("layers") or {}
+    if not isinstance(overrides, Mapping):
+        raise ConfigError(f"{source}: layers must map layer (or group) names to {{ratio, bits}}")
+    for name, values in overrides.items():
+        if name not in units:
+            raise ConfigError(f"{source}: unknown layer {name!r}; choose from: {', '.join(units)}")
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"{source}: layers.{name} must be a mapping with ratio and/or bits")
+        _unknown(f"{source}: layers.{name}", values, LAYER_KEYS)
+        if "ratio" in values:
+            ratio_of[name] = _range(f"{source}: layers.{name}.ratio", values["ratio"], 0.0, 1.0, float)
+        if "bits" in values:
+            bits_of[name] = _bits(f"{source}: layers.{name}.bits", values["bits"])
+    return Space(source, ratio, bits, granularity, criterion, epochs, lr, units, ratio_of, bits_of)
+
+
+def sample(trial, space: Space) -> TrialConfig:
+    """Ask an Optuna trial for one configuration of ``space``."""
+    ratios: dict[str, float] = {}
+    bits: dict[str, int] = {}
+    for unit, members in space.units.items():
+        lo, hi = space.ratio_of[unit]
+        r = trial.suggest_float(f"ratio.{unit}", lo, hi) if hi > lo else lo
+        choices = space.bits_of[unit]
+        b = trial.suggest_categorical(f"bits.{unit}", list(choices)) if len(choices) > 1 else choices[0]
+        for layer in members:
+            ratios[layer], bits[layer] = float(r), int(b)
+    granularity = (trial.suggest_categorical("granularity", list(space.granularity))
+                   if len(space.granularity) > 1 else space.granularity[0])
+    criterion = (trial.suggest_categorical("criterion", list(space.criterion))
+                 if len(space.criterion) > 1 else space.criterion[0])
+    lo, hi = space.epochs
+    epochs = trial.suggest_int("epochs", lo, hi) if hi > lo else lo
+    lr_lo, lr_hi = space.lr
+    lr = trial.suggest_float("lr", lr_lo, lr_hi, log=True) if lr_hi > lr_lo else lr_lo
+    return TrialConfig(ratios, bits, granularity, criterion, epochs, lr)
+
+
+def uniform(space: Space, ratio: float, bits: int, epochs: int, lr: float) -> TrialConfig:
+    """The same ratio and bit-width in every layer (the baseline a search must beat)."""
+    layers = [n for members in space.units.values() for n in members]
+    return TrialConfig({n: ratio for n in layers}, {n: bits for n in layers}, space.granularity[0],
+                       space.criterion[0], epochs, lr)

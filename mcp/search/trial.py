@@ -1,0 +1,99 @@
+"""One search trial's model: prune one-shot with per-layer ratios, size it by encoding its
+quantized form (before any training is spent on it), fine-tune it with quantization-aware
+training at the per-layer bit-widths, and encode the result."""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from mcp.search.space import TrialConfig
+
+CODING = "fixed"  # sizes before and after fine-tuning agree: packed b-bit values, sparse indices
+
+
+def prune_candidate(base: nn.Module, input_shape: Sequence[int], tc: TrialConfig, calib, device: str) -> nn.Module:
+    """A copy of ``base`` pruned once, layer by layer, to ``tc.ratios``."""
+    from mcp.pruning import PruneSpec, Pruning
+
+    model = copy.deepcopy(base).to(device)
+    spec = PruneSpec(criterion=tc.criterion, scope="layerwise", granularity=tc.granularity, schedule="one_shot",
+                     sparsity=0.0, ratios=dict(tc.ratios))
+    Pruning(model, input_shape, spec, calib, device).step()
+    return model
+
+
+def _spec(method: str, tc: TrialConfig, seed: int):
+    from mcp.quantization import QuantSpec
+
+    bits = {n: b for n, b in tc.bits.items()}
+    return QuantSpec(method=method, bits=max(bits.values()), layer_bits=bits, seed=seed)
+
+
+def compressed_size(model: nn.Module, input_shape: Sequence[int], tc: TrialConfig, seed: int = 0) -> int:
+    """Bytes of the encoded payload of ``model`` quantized at ``tc.bits`` (weights as they
+    are now; a copy is quantized, ``model`` is untouched)."""
+    from mcp.quantization import Quantizer, encode_model
+
+    q = copy.deepcopy(model).cpu()
+    quantizer = Quantizer(q, input_shape, _spec("fixed_point", tc, seed))
+    entries = quantizer.finish()
+    return len(encode_model(q, entries, CODING))
+
+
+def finetune_quantized(model: nn.Module, input_shape: Sequence[int], tc: TrialConfig, loaders, device: str,
+                       seed: int = 0, report: Callable[[int, float], None] | None = None, batch_loss=None,
+                       epochs: int | None = None) -> tuple[nn.Module, bytes, dict[str, list[float]]]:
+    """QAT at ``tc.bits`` for ``epochs`` (default ``tc.epochs``), zeros kept; ``report(epoch,
+    val_accuracy)`` after each epoch (it may raise to stop the trial). Returns the model
+    (weights baked on their grids), its encoded payload and the training history."""
+    from mcp.quantization import Quantizer, encode_model
+    from mcp.training import Callback, Trainer, build_optimizer, build_scheduler
+
+    train_loader, val_loader, _ = loaders
+    epochs = tc.epochs if epochs is None else epochs
+    torch.manual_seed(seed)
+    quantizer = Quantizer(model, input_shape, _spec("qat", tc, seed))
+    history: dict[str, list[float]] = {}
+    if epochs > 0:
+        class Reporter(Callback):
+            def on_epoch_end(self, trainer, epoch, logs):
+                if report is not None:
+                    report(epoch, logs["val_accuracy"])
+
+        optimizer = build_optimizer(model, "sgd", tc.lr, 0.9, True, 0.0)
+        trainer = Trainer(model, optimizer, build_scheduler(optimizer, "cosine", epochs), train_loader, val_loader,
+                          epochs=epochs, device=device, seed=seed, restore_best=False, callbacks=[Reporter()],
+                          batch_loss=batch_loss)
+        history = trainer.fit()
+    quantizer.freeze()
+    entries = quantizer.finish()
+    return model, encode_model(model, entries, CODING), history
+
+
+def uniform_at_budget(base: nn.Module, input_shape: Sequence[int], space, bits: int, budget: float, calib,
+                      device: str, seed: int = 0, steps: int = 12):
+    """The smallest single prune ratio (within every unit's range) at which ``bits`` in every
+    layer fits ``budget``, found by bisection on encoded sizes; None when none fits."""
+    from mcp.search.space import uniform
+
+    lo = max(r[0] for r in space.ratio_of.values())
+    hi = min(r[1] for r in space.ratio_of.values())
+    if lo > hi:
+        return None
+
+    def fits(ratio: float) -> bool:
+        tc = uniform(space, ratio, bits, space.epochs[1], space.lr[0])
+        return compressed_size(prune_candidate(base, input_shape, tc, calib, device), input_shape, tc, seed) <= budget
+
+    if not fits(hi):
+        return None
+    if fits(lo):
+        return lo
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+    return hi

@@ -1,0 +1,385 @@
+"""`mcp search`: an Optuna study over per-layer prune ratios and bit-widths.
+
+Every trial is a nested MLflow run under the study's run, tagged with its state
+(complete, pruned, infeasible, failed). A trial's compressed size is measured by
+encoding its pruned and quantized weights before any fine-tuning; over the budget, it
+is rejected there (and told to the sampler as a violated constraint). The winners (the
+best feasible trial, or the feasible Pareto front) are rebuilt, fine-tuned, measured on
+the test split and registered with the alias ``challenger``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mcp.config import SearchConfig
+from mcp.errors import ConfigError, McpError
+
+STATE_TAG = "mcp.trial_state"
+
+
+@dataclass
+class SearchResult:
+    run_id: str
+    study_name: str
+    budget_bytes: float | None
+    trials: list[dict[str, Any]]
+    winners: list[dict[str, Any]]
+
+
+def load_space(cfg: SearchConfig, model, input_shape):
+    from mcp.pruning.pruner import layers_in_order
+    from mcp.search.space import build_space, read_space_file, space_file_for
+
+    path = Path(cfg.space) if cfg.space else space_file_for(cfg.model)
+    if not path.is_file():
+        raise ConfigError(f"search space {str(path)!r} does not exist")
+    layers = [n for n, _ in layers_in_order(model, input_shape)]
+    return build_space(read_space_file(path), layers, path.name), path
+
+
+def open_study(cfg: SearchConfig, budget: float | None):
+    """Create the study, or load it to resume (same name and storage)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    def constraints(trial) -> list[float]:  # <= 0: within the budget
+        return [float(trial.user_attrs.get("budget_excess", 0.0))]
+
+    # Optuna 5 takes constraints from trial.set_constraint; older versions from the sampler's constraints_func
+    constraint = constraints if budget and not hasattr(optuna.trial.Trial, "set_constraint") else None
+    if cfg.sampler == "nsga2":
+        sampler = optuna.samplers.NSGAIISampler(seed=cfg.seed, constraints_func=constraint,
+                                                population_size=max(4, min(50, cfg.trials)))
+    else:
+        sampler = optuna.samplers.TPESampler(seed=cfg.seed, constraints_func=constraint,
+                                             n_startup_trials=min(10, max(2, cfg.trials // 3)))
+    pruner = {"median": optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1),
+              "halving": optuna.pruners.SuccessiveHalvingPruner(),
+              "none": optuna.pruners.NopPruner()}[cfg.pruner]
+    directions = ["maximize"] if cfg.mode == "max-accuracy" else ["maximize", "minimize"]
+    try:
+        study = optuna.create_study(storage=cfg.storage, sampler=sampler, pruner=pruner, study_name=cfg.name(),
+                                    directions=directions, load_if_exists=True)
+    except Exception as exc:  # noqa: BLE001 - storage URLs fail in many ways (SQLAlchemy, Optuna)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise McpError(f"cannot open study {cfg.name()!r} in storage {cfg.storage!r}: {first[:200]}") from None
+    if [d.name.lower() for d in study.directions] != directions:
+        raise McpError(f"study {cfg.name()!r} in {cfg.storage!r} was created for another mode; "
+                       f"use --study-name to start a new one")
+    return study
+
+
+def run_search(cfg: SearchConfig, show_progress: bool | None = None) -> SearchResult:
+    from mcp import tracking
+    from mcp.evaluation.metrics import size_bytes_fp32
+    from mcp.pruning import PruneSpec, Pruning
+    from mcp.search import uniform
+    from mcp.stages.common import find_base_model, probe_model, setup_data, train_baseline
+
+    device, splits, loaders = setup_data(cfg)
+    base, base_uri = find_base_model(cfg.model, cfg.model_uri, cfg.dataset, splits)
+    probe = probe_model(base, cfg.model, splits)
+    space, space_path = load_space(cfg, probe, splits.input_shape)
+    for granularity in space.granularity:  # every criterion x granularity the space allows must work here
+        for criterion in space.criterion:
+            tc = uniform(space, 0.0, max(space.bits), 0, space.lr[0])
+            Pruning(probe, splits.input_shape, PruneSpec(criterion=criterion, scope="layerwise",
+                                                         granularity=granularity, ratios=tc.ratios), [], "cpu")
+    fp32 = size_bytes_fp32(probe)
+    budget = cfg.budget_mb * 1e6 if cfg.budget_mb else (cfg.budget_ratio * fp32 if cfg.budget_ratio else None)
+    study = open_study(cfg, budget)
+
+    params = {**cfg.to_dict(), **{f"data_{k}": v for k, v in splits.summary().items()}, "device_resolved": device,
+              "space_file": str(space_path), "budget_bytes": budget or 0, "study_trials_before": len(study.trials)}
+    tags = {"mcp.model": cfg.model, "mcp.dataset": cfg.dataset, "mcp.parent_model": base_uri,
+            "mcp.study_name": cfg.name(), "mcp.search_mode": cfg.mode}
+    with tracking.stage_run("search", params, tags, run_name=f"search-{cfg.name()}") as run:
+        tracking.runs.set_tag("mcp.space", space_path.read_text())
+        if base is None:
+            base, base_uri = train_baseline(cfg, show_progress)
+        context = _Context(cfg, space, base, base_uri, splits, loaders, device, budget, study)
+        if not study.trials:
+            _enqueue_uniform(context)
+        _optimize(context, show_progress)
+        trials = _trial_table(study)
+        winners = _winners(context, trials)
+        _log_study(context, trials, winners)
+        return SearchResult(run.info.run_id, cfg.name(), budget, trials, winners)
+
+
+@dataclass
+class _Context:
+    cfg: SearchConfig
+    space: Any
+    base: torch.nn.Module
+    base_uri: str
+    splits: Any
+    loaders: Any
+    device: str
+    budget: float | None
+    study: Any
+
+
+def _optimize(ctx: _Context, show_progress: bool | None) -> None:
+    import optuna
+    from tqdm.auto import tqdm
+
+    from mcp import tracking
+    from mcp.evaluation.metrics import count_params
+    from mcp.search import sample
+    from mcp.search.trial import compressed_size, finetune_quantized, prune_candidate
+    from mcp.stages.prune import calibration_batches
+    from mcp.training import evaluate
+
+    cfg, shape = ctx.cfg, ctx.splits.input_shape
+    calib = calibration_batches(ctx.loaders[0], cfg.calib_batches)
+    teacher = ctx.base if cfg.distill else None
+    bar = tqdm(total=cfg.trials, desc=f"search {cfg.name()}", unit="trial",
+               disable=None if show_progress is None else not show_progress)
+    multi = cfg.mode == "pareto"
+
+    def objective(trial):
+        tc = sample(trial, ctx.space)
+        outcome: list[Any] = []
+        with tracking.stage_run("search", {"trial": trial.number, **trial.params},
+                                {"mcp.study_name": cfg.name(), "mcp.trial_number": str(trial.number)},
+                                run_name=f"trial-{trial.number}") as trial_run:
+            trial.set_user_attr("mlflow_run_id", trial_run.info.run_id)
+            try:
+                model = prune_candidate(ctx.base, shape, tc, calib, ctx.device)
+                size = compressed_size(model, shape, tc, cfg.seed)
+                excess = size - ctx.budget if ctx.budget else -1.0
+                trial.set_user_attr("budget_excess", float(excess))
+                if hasattr(trial, "set_constraint"):
+                    trial.set_constraint("budget_excess", float(excess))
+                trial.set_user_attr("size_bytes_compressed", float(size))
+                tracking.log_metrics({"size_bytes_compressed": float(size), **count_params(model)})
+                if excess > 0:  # over the budget: rejected before any fine-tuning
+                    tracking.runs.set_tag(STATE_TAG, "infeasible")
+                    trial.set_user_attr("state", "infeasible")
+                    outcome = [0.0, float(size)] if multi else [0.0]
+                else:
+                    def report(epoch: int, val_accuracy: float) -> None:
+                        tracking.log_metrics({"val_accuracy": val_accuracy}, step=epoch)
+                        if not multi:
+                            trial.report(val_accuracy, epoch)
+                            if trial.should_prune():
+                                raise optuna.TrialPruned(f"pruned after epoch {epoch}")
+
+                    model, payload, _ = finetune_quantized(model, shape, tc, ctx.loaders, ctx.device, cfg.seed,
+                                                           report, distiller())
+                    val = evaluate(model, ctx.loaders[1], ctx.device)["accuracy"]
+                    size = len(payload)
+                    trial.set_user_attr("size_bytes_compressed", float(size))
+                    trial.set_user_attr("state", "complete")
+                    tracking.log_metrics({"val_accuracy_final": val, "size_bytes_compressed": float(size),
+                                          "compression_ratio": _ratio(ctx, size)})
+                    tracking.runs.set_tag(STATE_TAG, "complete")
+                    outcome = [val, float(size)] if multi else [val]
+            except optuna.TrialPruned:
+                tracking.runs.set_tag(STATE_TAG, "pruned")
+                trial.set_user_attr("state", "pruned")
+                outcome = ["pruned"]
+            except Exception:
+                tracking.runs.set_tag(STATE_TAG, "failed")
+                trial.set_user_attr("state", "failed")
+                raise
+            finally:
+                bar.update(1)
+        if outcome == ["pruned"]:
+            raise optuna.TrialPruned()
+        return tuple(outcome) if multi else outcome[0]
+
+    def distiller():  # distillation from the starting model, T=4, alpha=0.9
+        if teacher is None:
+            return None
+        from mcp.distillation import Distiller, DistillSpec
+
+        return Distiller(teacher, DistillSpec()).to(ctx.device)
+
+    ctx.study.optimize(objective, n_trials=cfg.trials, timeout=cfg.timeout or None, catch=(RuntimeError, ValueError,
+                                                                                           McpError))
+    bar.close()
+
+
+def _enqueue_uniform(ctx: _Context) -> None:
+    """Start a new study from the uniform configurations that fill the budget (one ratio in
+    every layer, one bit-width for each of the space's two smallest; the longest fine-tuning):
+    the search begins where the usual recipe ends, and must beat it to change the winner."""
+    from mcp.search.trial import uniform_at_budget
+    from mcp.stages.prune import calibration_batches
+
+    space = ctx.space
+    if ctx.budget is None or ctx.cfg.mode != "max-accuracy" or len(space.granularity) * len(space.criterion) > 1:
+        return
+    calib = calibration_batches(ctx.loaders[0], ctx.cfg.calib_batches)
+    all_bits = sorted({b for choices in space.bits_of.values() for b in choices})
+    queued = 0
+    for bits in all_bits:
+        if queued == 2 or not all(bits in space.bits_of[u] for u in space.units):
+            continue
+        ratio = uniform_at_budget(ctx.base, ctx.splits.input_shape, space, bits, ctx.budget, calib, ctx.device,
+                                  ctx.cfg.seed)
+        if ratio is None:
+            continue
+        params: dict[str, Any] = {}
+        for unit in space.units:
+            lo, hi = space.ratio_of[unit]
+            if hi > lo:
+                params[f"ratio.{unit}"] = ratio
+            if len(space.bits_of[unit]) > 1:
+                params[f"bits.{unit}"] = bits
+        if space.epochs[1] > space.epochs[0]:
+            params["epochs"] = space.epochs[1]
+        if space.lr[1] > space.lr[0]:
+            params["lr"] = (space.lr[0] * space.lr[1]) ** 0.5
+        ctx.study.enqueue_trial(params)
+        queued += 1
+
+
+def _ratio(ctx: _Context, size: int) -> float:
+    from mcp.evaluation.metrics import size_bytes_fp32
+
+    return size_bytes_fp32(ctx.base) / size
+
+
+def _trial_table(study) -> list[dict[str, Any]]:
+    rows = []
+    for t in study.trials:
+        state = t.user_attrs.get("state") or t.state.name.lower()
+        if t.state.name == "FAIL":
+            state = "failed"
+        values = t.values or []
+        rows.append({"number": t.number, "state": state, "val_accuracy": values[0] if values else None,
+                     "size_bytes_compressed": t.user_attrs.get("size_bytes_compressed"),
+                     "feasible": t.user_attrs.get("budget_excess", 1.0) <= 0, "params": dict(t.params),
+                     "mlflow_run_id": t.user_attrs.get("mlflow_run_id")})
+    return rows
+
+
+def _winners(ctx: _Context, trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rebuild, fine-tune, test and register the best feasible trial (max-accuracy) or each
+    feasible Pareto-front trial (pareto); the most accurate one gets ``challenger``."""
+    from mcp.evaluation.benchmark import pareto_front
+
+    done = [t for t in trials if t["state"] == "complete" and t["feasible"]]
+    if not done:
+        return []
+    if ctx.cfg.mode == "max-accuracy":
+        chosen = [max(done, key=lambda t: (t["val_accuracy"], -t["size_bytes_compressed"]))]
+    else:
+        points = [(t["size_bytes_compressed"], t["val_accuracy"]) for t in done]
+        chosen = sorted((done[i] for i in pareto_front(points)), key=lambda t: -t["val_accuracy"])
+    return [_rebuild(ctx, t, alias="challenger" if i == 0 else None) for i, t in enumerate(chosen)]
+
+
+def _rebuild(ctx: _Context, t: dict[str, Any], alias: str | None) -> dict[str, Any]:
+    import optuna
+
+    from mcp import tracking
+    from mcp.evaluation.metrics import size_bytes_fp32
+    from mcp.search import sample
+    from mcp.search.trial import finetune_quantized, prune_candidate
+    from mcp.stages.common import final_metrics, log_and_register
+    from mcp.stages.prune import calibration_batches
+    from mcp.training import evaluate
+
+    cfg, shape = ctx.cfg, ctx.splits.input_shape
+    tc = sample(optuna.trial.FixedTrial(t["params"]), ctx.space)
+    with tracking.stage_run("search", {"trial": t["number"], **t["params"]},
+                            {"mcp.study_name": cfg.name(), "mcp.trial_number": str(t["number"]),
+                             "mcp.parent_model": ctx.base_uri}, run_name=f"winner-trial-{t['number']}") as run:
+        calib = calibration_batches(ctx.loaders[0], cfg.calib_batches)
+        model = prune_candidate(ctx.base, shape, tc, calib, ctx.device)
+        model, payload, _ = finetune_quantized(model, shape, tc, ctx.loaders, ctx.device, cfg.seed,
+                                               epochs=cfg.final_epochs or tc.epochs)
+        test = evaluate(model, ctx.loaders[2], ctx.device)
+        val = evaluate(model, ctx.loaders[1], ctx.device)
+        metrics = {"test_accuracy": test["accuracy"], "test_loss": test["loss"], "val_accuracy": val["accuracy"],
+                   "size_bytes_compressed": float(len(payload)), **final_metrics(model, shape, ctx.device)}
+        metrics["compression_ratio"] = size_bytes_fp32(ctx.base) / metrics["size_bytes_compressed"]
+        tracking.log_metrics(metrics)
+        reg_name = tracking.registered_name(cfg.model, cfg.dataset) if cfg.register else None
+        version_tags = {"mcp.stage": "search", "source_run": run.info.run_id, "parent_model": ctx.base_uri,
+                        "study": cfg.name(), "trial": t["number"], "mode": cfg.mode,
+                        "ratios": json.dumps({k: round(v, 4) for k, v in tc.ratios.items()}),
+                        "bits": json.dumps(tc.bits), "method": "qat",
+                        **{k: f"{metrics[k]:.6g}" for k in ("test_accuracy", "val_accuracy", "size_bytes_compressed",
+                                                             "compression_ratio", "sparsity")}}
+        quantization = {"method": "qat", "bits": tc.bits, "act_bits": 0, "symmetric": True, "per_channel": True,
+                        "observer": "minmax", "coding": "fixed", "reduce_range": False}
+        _, version = log_and_register(model, next(iter(ctx.loaders[2]))[0][:4],
+                                      {"dataset": cfg.dataset, "class_names": ctx.splits.class_names,
+                                       "quantization": quantization, "search": {"study": cfg.name(),
+                                                                                "trial": t["number"]}},
+                                      reg_name, alias, version_tags)
+    return {"trial": t["number"], "run_id": run.info.run_id, "registered_name": reg_name, "version": version,
+            "alias": alias, **{k: metrics[k] for k in ("test_accuracy", "val_accuracy", "size_bytes_compressed",
+                                                      "compression_ratio", "sparsity")}}
+
+
+def _log_study(ctx: _Context, trials: list[dict[str, Any]], winners: list[dict[str, Any]]) -> None:
+    from mcp import tracking
+
+    counts = {s: sum(t["state"] == s for t in trials) for s in ("complete", "pruned", "infeasible", "failed")}
+    tracking.log_metrics({f"trials_{k}": float(v) for k, v in counts.items()} | {"trials_total": float(len(trials))})
+    if winners:
+        best = winners[0]
+        tracking.log_metrics({f"best_{k}": float(best[k]) for k in ("test_accuracy", "size_bytes_compressed",
+                                                                   "compression_ratio")})
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "trials.csv"
+        with path.open("w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["number", "state", "val_accuracy", "size_bytes_compressed", "feasible", "params"])
+            for t in trials:
+                writer.writerow([t["number"], t["state"], t["val_accuracy"], t["size_bytes_compressed"],
+                                 t["feasible"], json.dumps(t["params"])])
+        tracking.log_artifact(path)
+        _log_plots(ctx, Path(tmp))
+
+
+def _log_plots(ctx: _Context, tmp: Path) -> None:
+    """Optuna's own plots (matplotlib), where the study has enough trials for them."""
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna.visualization.matplotlib as vis
+    from optuna.exceptions import ExperimentalWarning
+
+    warnings.filterwarnings("ignore", category=ExperimentalWarning)
+
+    from mcp import tracking
+
+    multi = ctx.cfg.mode == "pareto"
+    warnings.filterwarnings("ignore", message="PedAnovaImportanceEvaluator")
+    plots = {"param_importances.png": lambda: vis.plot_param_importances(
+        ctx.study, target=(lambda t: -t.values[0]) if multi else None, target_name="val_accuracy")}
+    if multi:
+        plots["pareto_front.png"] = lambda: vis.plot_pareto_front(ctx.study, target_names=["val_accuracy",
+                                                                                           "size_bytes_compressed"])
+    else:
+        plots["optimization_history.png"] = lambda: vis.plot_optimization_history(ctx.study)
+    for name, draw in plots.items():
+        try:
+            draw()
+            path = tmp / name
+            plt.gcf().set_size_inches(8, 5)
+            plt.savefig(path, dpi=110, bbox_inches="tight")
+            tracking.log_artifact(path, "plots")
+        except (ValueError, RuntimeError, ZeroDivisionError):  # too few finished trials for this plot
+            pass
+        finally:
+            plt.close("all")

@@ -1,0 +1,202 @@
+"""`mcp search`: spaces, a tiny study end to end, budgets, resuming, Pareto fronts, winners."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from mlflow import MlflowClient
+
+from conftest import runs_of
+from mcp import tracking
+from mcp.config import SearchConfig, TrainConfig
+from mcp.errors import ConfigError
+from mcp.evaluation.benchmark import pareto_front
+from mcp.models import create_model
+from mcp.pruning.pruner import layers_in_order
+from mcp.search.space import build_space, read_space_file, space_file_for
+from mcp.stages.search import STATE_TAG, run_search
+from mcp.stages.train import run_train
+
+TINY = dict(dataset="synthetic", input_shape="3x8x8", num_classes=4)
+LENET = ["fc1", "fc2", "fc3"]
+
+
+@pytest.fixture(autouse=True)
+def _own_registry(own_store):
+    """Each test registers its own tiny_mlp-synthetic versions."""
+
+
+def _space(tmp_path, text: str) -> str:
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_family_spaces_and_their_groups():
+    for model, shape, file in (("lenet300_100", (1, 8, 8), "lenet.yaml"), ("resnet20", (1, 8, 8), "resnet.yaml"),
+                               ("resnet18", (3, 32, 32), "resnet.yaml"), ("tiny_cnn", (3, 8, 8), "default.yaml")):
+        path = space_file_for(model)
+        assert path.name == file, model
+        names = [n for n, _ in layers_in_order(create_model(model, 10, shape), shape)]
+        space = build_space(read_space_file(path), names, path.name)
+        assert sorted(n for members in space.units.values() for n in members) == sorted(names)  # every layer once
+        if file == "resnet.yaml":  # one unit per stage: a 20-layer net is searched over a handful of units
+            assert set(space.units) <= {"stem", "stage1", "stage2", "stage3", "stage4", "head"}
+            assert space.bits_of["stem"] == (6, 8)
+    lenet = build_space(read_space_file(space_file_for("lenet5")), ["features.0", "features.3", "classifier.1",
+                                                                    "classifier.3", "fc3"], "lenet.yaml")
+    assert lenet.ratio_of["fc3"] == (0.0, 0.8)
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"prune": {"ratio": [0.5, 0.2]}}, "prune.ratio=[0.5, 0.2] is an empty range"),
+    ({"prune": {"ratio": [0.0, 1.0]}}, "prune.ratio=[0.0, 1.0] is outside [0.0, 1.0)"),
+    ({"quantize": {"bits": [4, 9]}}, "bits 9 are outside the allowed bit-widths 2-8"),
+    ({"quantize": {"bits": []}}, "must be a non-empty list of bit-widths"),
+    ({"layers": {"fc9": {"bits": [4]}}}, "unknown layer 'fc9'; choose from: fc1, fc2, fc3"),
+    ({"layers": {"fc1": {"ratios": [0, 1]}}}, "unknown key 'ratios' in s.yaml: layers.fc1"),
+    ({"groups": {"g": ["fc9"]}}, "group 'g' names unknown layer 'fc9'"),
+    ({"prune": {"granularity": ["channels"]}}, "'channels' is not allowed; choose from: unstructured, structured"),
+    ({"finetune": {"epoch": [1, 2]}}, "unknown key 'epoch' in s.yaml: finetune"),
+    ({"pruning": {}}, "unknown key 'pruning' in s.yaml"),
+])
+def test_an_invalid_space_is_a_clear_error(data, message):
+    with pytest.raises(ConfigError) as info:
+        build_space(data, LENET, "s.yaml")
+    assert message in str(info.value)
+
+
+def _cfg(tmp_path, **kw) -> SearchConfig:
+    values = dict(model="tiny_mlp", storage=f"sqlite:///{tmp_path / 'optuna.db'}", trials=4, pruner="none",
+                  budget_ratio=0.5, **TINY)
+    values.update(kw)
+    return SearchConfig(**values)
+
+
+SMALL_SPACE = """
+prune: {ratio: [0.3, 0.9]}
+quantize: {bits: [2, 4, 8]}
+finetune: {epochs: [1, 2], lr: [0.005, 0.02]}
+"""
+
+
+def test_a_tiny_study_tracks_every_trial_registers_its_winner_and_resumes(experiment, tmp_path):
+    run_train(TrainConfig(model="tiny_mlp", epochs=6, **TINY), show_progress=False)
+    cfg = _cfg(tmp_path, space=_space(tmp_path, SMALL_SPACE), trials=5)
+    result = run_search(cfg, show_progress=False)
+    client = MlflowClient()
+    children = [r for r in runs_of(experiment) if r.data.tags.get("mlflow.parentRunId") == result.run_id]
+    trial_runs = {r.data.tags["mcp.trial_number"]: r for r in children if r.info.run_name.startswith("trial-")}
+    assert sorted(map(int, trial_runs)) == [0, 1, 2, 3, 4]
+    for t in result.trials:
+        run = trial_runs[str(t["number"])]
+        assert run.data.tags[STATE_TAG] == t["state"] and t["state"] in ("complete", "infeasible")
+        assert run.data.params["trial"] == str(t["number"])
+        assert {k for k in run.data.params if k.startswith(("ratio.", "bits."))} == {
+            "ratio.1", "ratio.3", "ratio.5", "bits.1", "bits.3", "bits.5"}
+        if t["state"] == "complete":
+            assert t["size_bytes_compressed"] <= result.budget_bytes
+            assert "val_accuracy" in run.data.metrics
+    first = result.trials[0]["params"]  # a new study starts from the uniform configuration that fills the budget
+    assert len({v for k, v in first.items() if k.startswith("ratio.")}) == 1
+    assert len({v for k, v in first.items() if k.startswith("bits.")}) == 1 and first["bits.1"] == 2
+    (winner,) = result.winners
+    best = max((t for t in result.trials if t["state"] == "complete"),
+               key=lambda t: (t["val_accuracy"], -t["size_bytes_compressed"]))  # ties: the smaller
+    assert winner["trial"] == best["number"] and winner["alias"] == "challenger"
+    version = client.get_model_version_by_alias("tiny_mlp-synthetic", "challenger")
+    assert str(version.version) == winner["version"] and version.tags["trial"] == str(best["number"])
+    assert json.loads(version.tags["bits"]) == {k: best["params"][f"bits.{k}"] for k in ("1", "3", "5")}
+    model = tracking.load_model("models:/tiny_mlp-synthetic@challenger")
+    for name, bits in json.loads(version.tags["bits"]).items():  # each channel on its own b-bit grid
+        weight = dict(model.named_modules())[name].weight.detach()
+        assert max(len(row.unique()) for row in weight) <= 2 ** bits
+        assert float((weight == 0).float().mean()) >= best["params"][f"ratio.{name}"] - 0.02  # pruned, kept
+    assert winner["size_bytes_compressed"] <= result.budget_bytes
+    artifacts = {a.path for a in client.list_artifacts(result.run_id)} | {
+        a.path for a in client.list_artifacts(result.run_id, "plots")}
+    assert {"trials.csv", "plots/optimization_history.png"} <= artifacts
+
+    again = run_search(cfg.replace(trials=3), show_progress=False)  # the same command resumes the study
+    assert len(again.trials) == 8 and [t["number"] for t in again.trials] == list(range(8))
+    assert MlflowClient().get_run(again.run_id).data.params["study_trials_before"] == "5"
+
+
+def test_an_over_budget_trial_is_rejected_before_any_training(experiment, tmp_path, monkeypatch):
+    import mcp.search.trial as trial_module
+
+    run_train(TrainConfig(model="tiny_mlp", epochs=2, **TINY), show_progress=False)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("an over-budget trial was fine-tuned")
+
+    monkeypatch.setattr(trial_module, "finetune_quantized", no_training)
+    space = _space(tmp_path, "prune: {ratio: [0.0, 0.1]}\nquantize: {bits: [8]}\n")
+    result = run_search(_cfg(tmp_path, space=space, budget_mb=0.0005, trials=3), show_progress=False)  # 500 B
+    assert [t["state"] for t in result.trials] == ["infeasible"] * 3
+    assert all(t["size_bytes_compressed"] > 500 for t in result.trials)
+    assert result.winners == []
+    for run in runs_of(experiment):
+        if run.info.run_name.startswith("trial-"):
+            assert run.data.tags[STATE_TAG] == "infeasible" and "val_accuracy" not in run.data.metrics
+
+
+def test_a_pareto_study_returns_only_non_dominated_trials(experiment, tmp_path):
+    run_train(TrainConfig(model="tiny_mlp", epochs=6, **TINY), show_progress=False)
+    cfg = _cfg(tmp_path, space=_space(tmp_path, SMALL_SPACE), mode="pareto", budget_ratio=0.0, trials=6,
+               sampler="nsga2", register=False)
+    result = run_search(cfg, show_progress=False)
+    done = [t for t in result.trials if t["state"] == "complete"]
+    front = {done[i]["number"] for i in pareto_front([(t["size_bytes_compressed"], t["val_accuracy"]) for t in done])}
+    assert {w["trial"] for w in result.winners} == front
+    for t in done:  # every trial left out is beaten on both counts by a winner
+        if t["number"] not in front:
+            assert any(d["size_bytes_compressed"] <= t["size_bytes_compressed"] and d["val_accuracy"] >= t[
+                "val_accuracy"] for d in done if d["number"] in front)
+    assert "plots/pareto_front.png" in {a.path for a in MlflowClient().list_artifacts(result.run_id, "plots")}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--space", "missing.yaml"], "search space 'missing.yaml' does not exist"),
+    (["--budget-ratio", "0"], "mode max-accuracy needs a budget"),
+    (["--storage", "nosuchdb://x"], "cannot open study"),
+    (["--trials", "0"], "trials=0 must be positive"),
+])
+def test_bad_input_is_one_line_without_a_run(cli, experiment, tmp_path, args, message):
+    run_train(TrainConfig(model="tiny_mlp", epochs=1, **TINY), show_progress=False)
+    before = len(runs_of(experiment))
+    result = cli("search", "--model", "tiny_mlp", "--dataset", "synthetic", "--input-shape", "3x8x8",
+                 "--num-classes", "4", "--storage", f"sqlite:///{tmp_path / 'o.db'}", *args)
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and message in lines[0], result.output
+    assert len(runs_of(experiment)) == before
+
+
+def test_resuming_in_another_mode_is_refused(cli, experiment, tmp_path):
+    run_train(TrainConfig(model="tiny_mlp", epochs=1, **TINY), show_progress=False)
+    space = _space(tmp_path, SMALL_SPACE)
+    run_search(_cfg(tmp_path, space=space, trials=1, study_name="s"), show_progress=False)
+    result = cli("search", "--model", "tiny_mlp", "--dataset", "synthetic", "--input-shape", "3x8x8",
+                 "--num-classes", "4", "--storage", f"sqlite:///{tmp_path / 'optuna.db'}", "--study-name", "s",
+                 "--mode", "pareto", "--space", space)
+    assert result.exit_code == 2 and "was created for another mode" in result.output
+
+
+def test_promote_moves_champion_by_version_or_by_the_stated_policy(cli, experiment, tmp_path):
+    run_train(TrainConfig(model="tiny_mlp", epochs=4, **TINY), show_progress=False)
+    cfg = _cfg(tmp_path, space=_space(tmp_path, SMALL_SPACE), mode="pareto", budget_ratio=0.0, trials=4)
+    result = run_search(cfg, show_progress=False)
+    client = MlflowClient()
+    best = max(result.winners, key=lambda w: (w["test_accuracy"], -w["size_bytes_compressed"], int(w["version"])))
+    out = cli("promote", "tiny_mlp-synthetic", "--best")
+    assert out.exit_code == 0, out.output
+    assert str(client.get_model_version_by_alias("tiny_mlp-synthetic", "champion").version) == best["version"]
+    out = cli("promote", "tiny_mlp-synthetic", "--version", "1")
+    assert out.exit_code == 0 and f"(was {best['version']})" in out.output
+    assert str(client.get_model_version_by_alias("tiny_mlp-synthetic", "champion").version) == "1"
+    for args, message in ((["tiny_mlp-synthetic", "--version", "99"], "has no version '99'"),
+                          (["tiny_mlp-synthetic"], "give exactly one of --version N and --best"),
+                          (["ghost", "--best"], "registered model 'ghost' does not exist")):
+        out = cli("promote", *args)
+        assert out.exit_code == 2 and message in out.output and len(out.output.strip().splitlines()) == 1
