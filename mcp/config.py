@@ -527,6 +527,9 @@ class SearchConfig(StartModel):
                          OPTUNA_PRUNERS)
     storage: str = option("sqlite:///optuna.db", "Optuna storage: any SQLAlchemy URL.")
     study_name: str = option("", "Study name (running again resumes it). Empty: <model>-<dataset>-<mode>.")
+    fill_budget: bool = option(True, "Scale each trial's sampled ratios so that it just fits the budget (the "
+                                     "samples then share the pruning between layers); false: over-budget trials "
+                                     "are rejected as sampled.")
     distill: bool = option(False, "Fine-tune each trial by distillation from the starting model.")
     final_epochs: int = option(0, "Fine-tuning epochs when a winner is rebuilt (0: its trial's).")
     calib_batches: int = option(8, "Training batches used by data-driven pruning criteria.")

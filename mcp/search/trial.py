@@ -97,3 +97,36 @@ def uniform_at_budget(base: nn.Module, input_shape: Sequence[int], space, bits: 
         mid = (lo + hi) / 2
         lo, hi = (lo, mid) if fits(mid) else (mid, hi)
     return hi
+
+
+def fill_budget(base: nn.Module, input_shape: Sequence[int], space, tc: TrialConfig, budget: float, calib,
+                device: str, seed: int = 0, steps: int = 10) -> TrialConfig | None:
+    """Move the sampled ratios along one line until the model just fits ``budget``: less
+    pruning when it is under (scaling every ratio towards its range's low end), more when
+    it is over (towards the high end). The sampled ratios then say how to share the
+    pruning between layers, and every feasible trial spends the whole budget. None when
+    even the highest ratios do not fit."""
+    lows = {n: space.ratio_of[u][0] for u, members in space.units.items() for n in members}
+    highs = {n: space.ratio_of[u][1] for u, members in space.units.items() for n in members}
+
+    def at(t: float) -> TrialConfig:  # t in [-1, 1]: -1 the lows, 0 as sampled, 1 the highs
+        edge = lows if t < 0 else highs
+        ratios = {n: r + abs(t) * (edge[n] - r) for n, r in tc.ratios.items()}
+        return TrialConfig(ratios, dict(tc.bits), tc.granularity, tc.criterion, tc.epochs, tc.lr)
+
+    def size(t: float) -> int:
+        c = at(t)
+        return compressed_size(prune_candidate(base, input_shape, c, calib, device), input_shape, c, seed)
+
+    if size(0.0) <= budget:
+        lo, hi = -1.0, 0.0  # fits: find the least pruning that still fits
+        if size(lo) <= budget:
+            return at(lo)
+    else:
+        lo, hi = 0.0, 1.0  # over: find the least extra pruning that fits
+        if size(hi) > budget:
+            return None
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if size(mid) <= budget else (mid, hi)
+    return at(hi)

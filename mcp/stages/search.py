@@ -136,7 +136,7 @@ def _optimize(ctx: _Context, show_progress: bool | None) -> None:
     from mcp import tracking
     from mcp.evaluation.metrics import count_params
     from mcp.search import sample
-    from mcp.search.trial import compressed_size, finetune_quantized, prune_candidate
+    from mcp.search.trial import compressed_size, fill_budget, finetune_quantized, prune_candidate
     from mcp.stages.prune import calibration_batches
     from mcp.training import evaluate
 
@@ -155,6 +155,10 @@ def _optimize(ctx: _Context, show_progress: bool | None) -> None:
                                 run_name=f"trial-{trial.number}") as trial_run:
             trial.set_user_attr("mlflow_run_id", trial_run.info.run_id)
             try:
+                if ctx.budget and cfg.fill_budget:
+                    tc = fill_budget(ctx.base, shape, ctx.space, tc, ctx.budget, calib, ctx.device,
+                                     cfg.seed) or tc  # None: even the highest ratios are over; rejected below
+                trial.set_user_attr("ratios", tc.ratios)
                 model = prune_candidate(ctx.base, shape, tc, calib, ctx.device)
                 size = compressed_size(model, shape, tc, cfg.seed)
                 excess = size - ctx.budget if ctx.budget else -1.0
@@ -262,6 +266,7 @@ def _trial_table(study) -> list[dict[str, Any]]:
         rows.append({"number": t.number, "state": state, "val_accuracy": values[0] if values else None,
                      "size_bytes_compressed": t.user_attrs.get("size_bytes_compressed"),
                      "feasible": t.user_attrs.get("budget_excess", 1.0) <= 0, "params": dict(t.params),
+                     "ratios": t.user_attrs.get("ratios"),
                      "mlflow_run_id": t.user_attrs.get("mlflow_run_id")})
     return rows
 
@@ -287,7 +292,7 @@ def _rebuild(ctx: _Context, t: dict[str, Any], alias: str | None) -> dict[str, A
 
     from mcp import tracking
     from mcp.evaluation.metrics import size_bytes_fp32
-    from mcp.search import sample
+    from mcp.search import TrialConfig, sample
     from mcp.search.trial import finetune_quantized, prune_candidate
     from mcp.stages.common import final_metrics, log_and_register
     from mcp.stages.prune import calibration_batches
@@ -295,6 +300,8 @@ def _rebuild(ctx: _Context, t: dict[str, Any], alias: str | None) -> dict[str, A
 
     cfg, shape = ctx.cfg, ctx.splits.input_shape
     tc = sample(optuna.trial.FixedTrial(t["params"]), ctx.space)
+    if t.get("ratios"):  # the ratios the trial used (its samples moved to fill the budget)
+        tc = TrialConfig(dict(t["ratios"]), tc.bits, tc.granularity, tc.criterion, tc.epochs, tc.lr)
     with tracking.stage_run("search", {"trial": t["number"], **t["params"]},
                             {"mcp.study_name": cfg.name(), "mcp.trial_number": str(t["number"]),
                              "mcp.parent_model": ctx.base_uri}, run_name=f"winner-trial-{t['number']}") as run:
