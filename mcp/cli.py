@@ -236,6 +236,10 @@ def search(ctx: click.Context, **kwargs: Any) -> None:
         where = f"models:/{w['registered_name']}/{w['version']}" if w["registered_name"] else w["run_id"]
         click.echo(f"  trial {w['trial']}: test_accuracy={w['test_accuracy']:.4f} size={int(w['size_bytes_compressed'])} "
                    f"B ({w['compression_ratio']:.1f}x) {where}{' @' + w['alias'] if w['alias'] else ''}")
+        if w.get("onnx_version"):
+            click.echo(f"    ONNX: models:/{w['registered_name']}/{w['onnx_version']} ({int(w['size_bytes_onnx'])} B)")
+        if "speedup_p50_cpu" in w:
+            click.echo(f"    CPU p50 {w['latency_ms_p50_cpu']:.3f} ms ({w['speedup_p50_cpu']:.2f}x the starting model)")
     if not result.winners:
         click.echo("  no feasible trial finished: loosen the budget or the space, or run more trials")
 

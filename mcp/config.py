@@ -534,6 +534,8 @@ class SearchConfig(StartModel):
     final_epochs: int = option(0, "Fine-tuning epochs when a winner is rebuilt (0: its trial's).")
     calib_batches: int = option(8, "Training batches used by data-driven pruning criteria.")
     register: bool = option(True, "Register the winner(s) as new versions with alias 'challenger'.")
+    export: bool = option(True, "Export each winner to ONNX (`mcp export`: checker, parity, format=onnx version).")
+    benchmark: bool = option(True, "Benchmark the starting model and the winners (`mcp benchmark`) at the end.")
 
     def validate(self) -> None:
         super().validate()

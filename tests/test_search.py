@@ -69,7 +69,7 @@ def test_an_invalid_space_is_a_clear_error(data, message):
 
 def _cfg(tmp_path, **kw) -> SearchConfig:
     values = dict(model="tiny_mlp", storage=f"sqlite:///{tmp_path / 'optuna.db'}", trials=4, pruner="none",
-                  budget_ratio=0.5, **TINY)
+                  budget_ratio=0.5, export=False, benchmark=False, **TINY)
     values.update(kw)
     return SearchConfig(**values)
 
@@ -83,7 +83,7 @@ finetune: {epochs: [1, 2], lr: [0.005, 0.02]}
 
 def test_a_tiny_study_tracks_every_trial_registers_its_winner_and_resumes(experiment, tmp_path):
     run_train(TrainConfig(model="tiny_mlp", epochs=6, **TINY), show_progress=False)
-    cfg = _cfg(tmp_path, space=_space(tmp_path, SMALL_SPACE), trials=5)
+    cfg = _cfg(tmp_path, space=_space(tmp_path, SMALL_SPACE), trials=5, export=True, benchmark=True)
     result = run_search(cfg, show_progress=False)
     client = MlflowClient()
     children = [r for r in runs_of(experiment) if r.data.tags.get("mlflow.parentRunId") == result.run_id]
@@ -121,7 +121,13 @@ def test_a_tiny_study_tracks_every_trial_registers_its_winner_and_resumes(experi
         a.path for a in client.list_artifacts(result.run_id, "plots")}
     assert {"trials.csv", "plots/optimization_history.png"} <= artifacts
 
-    again = run_search(cfg.replace(trials=3), show_progress=False)  # the same command resumes the study
+    # the winner was exported (a format=onnx version) and benchmarked against the starting model, as nested runs
+    onnx_version = client.get_model_version("tiny_mlp-synthetic", winner["onnx_version"])
+    assert onnx_version.tags["format"] == "onnx" and onnx_version.tags["source_model"].endswith(f"/{winner['version']}")
+    assert {"export", "benchmark"} <= {r.data.tags["mcp.stage"] for r in children}
+    assert winner["latency_ms_p50_cpu"] > 0 and winner["speedup_p50_cpu"] > 0
+
+    again = run_search(cfg.replace(trials=3, export=False, benchmark=False), show_progress=False)  # resumes
     assert len(again.trials) == 8 and [t["number"] for t in again.trials] == list(range(8))
     assert MlflowClient().get_run(again.run_id).data.params["study_trials_before"] == "5"
 

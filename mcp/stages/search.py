@@ -113,6 +113,7 @@ def run_search(cfg: SearchConfig, show_progress: bool | None = None) -> SearchRe
         trials = _trial_table(study)
         winners = _winners(context, trials)
         _log_study(context, trials, winners)
+        _deploy(context, winners, show_progress)
         return SearchResult(run.info.run_id, cfg.name(), budget, trials, winners)
 
 
@@ -332,6 +333,30 @@ def _rebuild(ctx: _Context, t: dict[str, Any], alias: str | None) -> dict[str, A
     return {"trial": t["number"], "run_id": run.info.run_id, "registered_name": reg_name, "version": version,
             "alias": alias, **{k: metrics[k] for k in ("test_accuracy", "val_accuracy", "size_bytes_compressed",
                                                       "compression_ratio", "sparsity")}}
+
+
+def _deploy(ctx: _Context, winners: list[dict[str, Any]], show_progress: bool | None) -> None:
+    """Export each winner (nested `export` runs) and benchmark them against the starting
+    model (a nested `benchmark` run)."""
+    from mcp.config import BenchmarkConfig, DataOptions, ExportConfig
+    from mcp.stages.benchmark import run_benchmark
+    from mcp.stages.export import run_export
+
+    cfg = ctx.cfg
+    data = {k: getattr(cfg, k) for k in DataOptions.defaults()}
+    uris = [f"models:/{w['registered_name']}/{w['version']}" if w["registered_name"] else
+            f"runs:/{w['run_id']}/model" for w in winners]
+    if cfg.export:
+        for w, uri in zip(winners, uris):
+            exported = run_export(ExportConfig(model=cfg.model, model_uri=uri, register=cfg.register, **data),
+                                  show_progress)
+            w["onnx_version"] = exported.registered_version
+            w["size_bytes_onnx"] = exported.metrics["size_bytes_onnx"]
+    if cfg.benchmark and winners:
+        bench = run_benchmark(BenchmarkConfig(model=cfg.model, models=",".join([ctx.base_uri, *uris]),
+                                              baseline=ctx.base_uri, seconds=1.0, **data), show_progress)
+        for w, row in zip(winners, bench.rows[1:]):
+            w.update({k: row[k] for k in ("latency_ms_p50_cpu", "speedup_p50_cpu", "throughput_ips_cpu")})
 
 
 def _log_study(ctx: _Context, trials: list[dict[str, Any]], winners: list[dict[str, Any]]) -> None:
