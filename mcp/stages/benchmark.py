@@ -92,7 +92,7 @@ def _prepare(cfg: BenchmarkConfig, splits, tmp: Path) -> list[dict[str, Any]]:
     return prepared
 
 
-def _baseline_index(cfg: BenchmarkConfig, rows: list[dict[str, Any]], splits) -> int:
+def _baseline_index(cfg: BenchmarkConfig, rows: list[dict[str, Any]]) -> int:
     if cfg.baseline:
         from mcp import tracking
         from mcp.stages.common import reference_uri
@@ -161,7 +161,7 @@ def run_benchmark(cfg: BenchmarkConfig, show_progress: bool | None = None) -> Be
     gpu = device == "cuda"
     with tempfile.TemporaryDirectory() as tmp_dir:
         rows = _prepare(cfg, splits, Path(tmp_dir))
-        base = rows[_baseline_index(cfg, rows, splits)]
+        base = rows[_baseline_index(cfg, rows)]
         environment = {"cpu_threads": cfg.threads, "onnxruntime_version": onnxruntime.__version__,
                        "torch_version": torch.__version__, "processor": platform.processor() or platform.machine(),
                        "gpu": torch.cuda.get_device_name(0) if gpu else "not available",

@@ -106,7 +106,10 @@ def run_search(cfg: SearchConfig, show_progress: bool | None = None) -> SearchRe
         tracking.runs.set_tag("mcp.space", space_path.read_text())
         if base is None:
             base, base_uri = train_baseline(cfg, show_progress)
-        context = _Context(cfg, space, base, base_uri, splits, loaders, device, budget, study)
+        from mcp.stages.prune import calibration_batches
+
+        context = _Context(cfg, space, base, base_uri, splits, loaders, device, budget, study,
+                           calibration_batches(loaders[0], cfg.calib_batches), size_bytes_fp32(base))
         if not study.trials:
             _enqueue_uniform(context)
         _optimize(context, show_progress)
@@ -128,6 +131,8 @@ class _Context:
     device: str
     budget: float | None
     study: Any
+    calib: list  # the pruning criteria's calibration batches, fixed for the whole study
+    base_fp32: int  # the starting model's float32 size, for compression ratios
 
 
 def _optimize(ctx: _Context, show_progress: bool | None) -> None:
@@ -138,11 +143,9 @@ def _optimize(ctx: _Context, show_progress: bool | None) -> None:
     from mcp.evaluation.metrics import count_params
     from mcp.search import sample
     from mcp.search.trial import compressed_size, fill_budget, finetune_quantized, prune_candidate
-    from mcp.stages.prune import calibration_batches
     from mcp.training import evaluate
 
-    cfg, shape = ctx.cfg, ctx.splits.input_shape
-    calib = calibration_batches(ctx.loaders[0], cfg.calib_batches)
+    cfg, shape, calib = ctx.cfg, ctx.splits.input_shape, ctx.calib
     teacher = ctx.base if cfg.distill else None
     bar = tqdm(total=cfg.trials, desc=f"search {cfg.name()}", unit="trial",
                disable=None if show_progress is None else not show_progress)
@@ -187,7 +190,7 @@ def _optimize(ctx: _Context, show_progress: bool | None) -> None:
                     trial.set_user_attr("size_bytes_compressed", float(size))
                     trial.set_user_attr("state", "complete")
                     tracking.log_metrics({"val_accuracy_final": val, "size_bytes_compressed": float(size),
-                                          "compression_ratio": _ratio(ctx, size)})
+                                          "compression_ratio": ctx.base_fp32 / size})
                     tracking.runs.set_tag(STATE_TAG, "complete")
                     outcome = [val, float(size)] if multi else [val]
             except optuna.TrialPruned:
@@ -221,18 +224,16 @@ def _enqueue_uniform(ctx: _Context) -> None:
     every layer, one bit-width for each of the space's two smallest; the longest fine-tuning):
     the search begins where the usual recipe ends, and must beat it to change the winner."""
     from mcp.search.trial import uniform_at_budget
-    from mcp.stages.prune import calibration_batches
 
     space = ctx.space
     if ctx.budget is None or ctx.cfg.mode != "max-accuracy" or len(space.granularity) * len(space.criterion) > 1:
         return
-    calib = calibration_batches(ctx.loaders[0], ctx.cfg.calib_batches)
     all_bits = sorted({b for choices in space.bits_of.values() for b in choices})
     queued = 0
     for bits in all_bits:
         if queued == 2 or not all(bits in space.bits_of[u] for u in space.units):
             continue
-        ratio = uniform_at_budget(ctx.base, ctx.splits.input_shape, space, bits, ctx.budget, calib, ctx.device,
+        ratio = uniform_at_budget(ctx.base, ctx.splits.input_shape, space, bits, ctx.budget, ctx.calib, ctx.device,
                                   ctx.cfg.seed)
         if ratio is None:
             continue
@@ -249,12 +250,6 @@ def _enqueue_uniform(ctx: _Context) -> None:
             params["lr"] = (space.lr[0] * space.lr[1]) ** 0.5
         ctx.study.enqueue_trial(params)
         queued += 1
-
-
-def _ratio(ctx: _Context, size: int) -> float:
-    from mcp.evaluation.metrics import size_bytes_fp32
-
-    return size_bytes_fp32(ctx.base) / size
 
 
 def _trial_table(study) -> list[dict[str, Any]]:
@@ -292,11 +287,9 @@ def _rebuild(ctx: _Context, t: dict[str, Any], alias: str | None) -> dict[str, A
     import optuna
 
     from mcp import tracking
-    from mcp.evaluation.metrics import size_bytes_fp32
     from mcp.search import TrialConfig, sample
     from mcp.search.trial import finetune_quantized, prune_candidate
     from mcp.stages.common import final_metrics, log_and_register
-    from mcp.stages.prune import calibration_batches
     from mcp.training import evaluate
 
     cfg, shape = ctx.cfg, ctx.splits.input_shape
@@ -306,15 +299,14 @@ def _rebuild(ctx: _Context, t: dict[str, Any], alias: str | None) -> dict[str, A
     with tracking.stage_run("search", {"trial": t["number"], **t["params"]},
                             {"mcp.study_name": cfg.name(), "mcp.trial_number": str(t["number"]),
                              "mcp.parent_model": ctx.base_uri}, run_name=f"winner-trial-{t['number']}") as run:
-        calib = calibration_batches(ctx.loaders[0], cfg.calib_batches)
-        model = prune_candidate(ctx.base, shape, tc, calib, ctx.device)
+        model = prune_candidate(ctx.base, shape, tc, ctx.calib, ctx.device)
         model, payload, _ = finetune_quantized(model, shape, tc, ctx.loaders, ctx.device, cfg.seed,
                                                epochs=cfg.final_epochs or tc.epochs)
         test = evaluate(model, ctx.loaders[2], ctx.device)
         val = evaluate(model, ctx.loaders[1], ctx.device)
         metrics = {"test_accuracy": test["accuracy"], "test_loss": test["loss"], "val_accuracy": val["accuracy"],
                    "size_bytes_compressed": float(len(payload)), **final_metrics(model, shape, ctx.device)}
-        metrics["compression_ratio"] = size_bytes_fp32(ctx.base) / metrics["size_bytes_compressed"]
+        metrics["compression_ratio"] = ctx.base_fp32 / metrics["size_bytes_compressed"]
         tracking.log_metrics(metrics)
         reg_name = tracking.registered_name(cfg.model, cfg.dataset) if cfg.register else None
         version_tags = {"mcp.stage": "search", "source_run": run.info.run_id, "parent_model": ctx.base_uri,
