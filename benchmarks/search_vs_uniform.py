@@ -39,12 +39,11 @@ def _uniform(base, splits, loaders, space, budget, epochs, lr, seed, device):
         if ratio is None:
             continue  # no single ratio in the space fits at this bit-width
         tc = uniform(space, ratio, bits, epochs, lr)
-        model, payload, _ = finetune_quantized(prune_candidate(base, shape, tc, calib, device), shape, tc, loaders,
-                                               device, seed)
-        val = evaluate(model, loaders[1], device)["accuracy"]
+        tuned = finetune_quantized(prune_candidate(base, shape, tc, calib, device), shape, tc, loaders, device, seed)
+        val = evaluate(tuned.model, loaders[1], device)["accuracy"]
         if best is None or val > best["val"]:
-            best = {"bits": bits, "ratio": ratio, "val": val, "size": len(payload),
-                    "test": evaluate(model, loaders[2], device)["accuracy"]}
+            best = {"bits": bits, "ratio": ratio, "val": val, "size": len(tuned.payload),
+                    "test": evaluate(tuned.model, loaders[2], device)["accuracy"]}
     return best
 
 

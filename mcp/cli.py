@@ -13,8 +13,8 @@ from typing import Any, Callable
 import click
 from click.core import ParameterSource
 
-from mcp.config import (BenchmarkConfig, DistillConfig, ExportConfig, PruneConfig, QuantizeConfig, SearchConfig,
-                        SensitivityConfig, StageConfig, TrainConfig, read_config_file)
+from mcp.config import (BenchmarkConfig, DistillConfig, ExportConfig, PipelineConfig, PruneConfig, QuantizeConfig,
+                        SearchConfig, SensitivityConfig, StageConfig, TrainConfig, read_config_file)
 from mcp.errors import McpError
 
 _CLICK_TYPES = {"int": click.INT, "float": click.FLOAT, "str": click.STRING}
@@ -242,6 +242,21 @@ def search(ctx: click.Context, **kwargs: Any) -> None:
             click.echo(f"    CPU p50 {w['latency_ms_p50_cpu']:.3f} ms ({w['speedup_p50_cpu']:.2f}x the starting model)")
     if not result.winners:
         click.echo("  no feasible trial finished: loosen the budget or the space, or run more trials")
+
+
+@main.command()
+@config_options(PipelineConfig)
+@click.pass_context
+def pipeline(ctx: click.Context, **kwargs: Any) -> None:
+    """The whole pipeline, each step a nested run (the MLproject's main entry point): the baseline
+    (trained when missing), prune, quantize the pruned model, search per-layer ratios and bits under
+    the size budget, export to ONNX, benchmark everything, and move 'champion' to the most accurate
+    compressed model within the budget."""
+    from mcp.stages.pipeline import run_pipeline
+
+    cfg, result = _run_stage(ctx, kwargs, PipelineConfig, run_pipeline)
+    click.echo(result.markdown)
+    click.echo(f"run {result.run_id}")
 
 
 @main.command()

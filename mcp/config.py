@@ -507,6 +507,7 @@ class BenchmarkConfig(DataOptions):
 SEARCH_MODES = ("max-accuracy", "pareto")
 SAMPLERS = ("tpe", "nsga2")
 OPTUNA_PRUNERS = ("median", "halving", "none")
+BUDGET_MEASURES = ("compressed", "onnx")
 
 
 @dataclass(frozen=True)
@@ -520,6 +521,11 @@ class SearchConfig(StartModel):
     budget_mb: float = option(0.0, "Size budget in MB (10^6 bytes) of the encoded payload. 0: use --budget-ratio.")
     budget_ratio: float = option(0.1, "Size budget as a share of the baseline's float32 size (when --budget-mb "
                                       "is 0). 0 with --budget-mb 0: no budget (pareto only).")
+    budget_on: str = option("compressed", "What the budget (and the pareto size objective) measures: the encoded "
+                                          "payload (size_bytes_compressed: packed b-bit values, sparse indices) "
+                                          "or the deployable ONNX file (size_bytes_onnx: INT8 weights, zeros "
+                                          "stored densely, so only removed channels shrink it).",
+                            BUDGET_MEASURES)
     trials: int = option(20, "Trials to add to the study in this call.")
     timeout: float = option(0.0, "Stop adding trials after this many seconds (0: no limit).")
     sampler: str = option("tpe", "Optuna sampler (both honour the budget as a constraint).", SAMPLERS)
@@ -553,6 +559,59 @@ class SearchConfig(StartModel):
 
     def name(self) -> str:
         return self.study_name or f"{self.model}-{self.dataset}-{self.mode}"
+
+
+@dataclass(frozen=True)
+class PipelineConfig(DataOptions):
+    """`mcp pipeline` (the MLproject's `main`): baseline, prune, quantize, search, export, benchmark, promote."""
+
+    model: str = option("lenet300_100", "Model name (see `mcp models`).")
+    retrain: bool = option(False, "Train a new baseline even when <model>-<dataset>@baseline exists.")
+    epochs: int = option(60, "Baseline training epochs (when a baseline is trained).")
+    sparsity: float = option(0.9, "Prune step: target weight sparsity (global magnitude).")
+    prune_schedule: str = option("gradual", "Prune step: schedule.", PRUNE_SCHEDULES)
+    prune_epochs: int = option(30, "Prune step: fine-tuning epochs (the gradual span is half of them).")
+    quantize_method: str = option("qat", "Quantize step: method, applied to the pruned model.", QUANT_METHODS)
+    bits: int = option(4, "Quantize step: weight bit-width (8 for ptq_int8 / dynamic_int8).")
+    quantize_epochs: int = option(8, "Quantize step: fine-tuning epochs (methods that fine-tune).")
+    distill: bool = option(False, "Recover by distillation from the baseline in the prune, quantize and search "
+                                  "steps.")
+    budget_ratio: float = option(0.1, "Search step: size budget as a share of the baseline's float32 size.")
+    budget_on: str = option("compressed", "Search step: what the budget measures (see `mcp search`).",
+                            BUDGET_MEASURES)
+    space: str = option("", "Search step: search space YAML (empty: the model family's file).")
+    trials: int = option(20, "Search step: trials to add to the study.")
+    storage: str = option("sqlite:///optuna.db", "Search step: Optuna storage (SQLAlchemy URL).")
+    study_name: str = option("", "Search step: study name. Empty: pipeline-<model>-<dataset>-v<baseline "
+                                 "version>, so a new baseline starts a new study and the same one resumes it.")
+    final_epochs: int = option(8, "Search step: fine-tuning epochs of the rebuilt winner.")
+    threads: int = option(1, "Benchmark step: ONNX Runtime threads for the CPU measurements.")
+    seconds: float = option(1.0, "Benchmark step: at least this long per timing.")
+    promote: bool = option(True, "Move 'champion' to the most accurate compressed model within the budget.")
+
+    def validate(self) -> None:
+        super().validate()
+        self.stage_configs("models:/validate/1")  # each step's config validates itself on construction
+
+    def stage_configs(self, base_uri: str, pruned_uri: str = "models:/pruned/1") -> dict[str, StageConfig]:
+        """The config of each step (all validated on construction)."""
+        data = {k: getattr(self, k) for k in DataOptions.defaults()}
+        teacher = base_uri if self.distill else ""
+        fine_tuned = self.quantize_method in FINE_TUNED_METHODS
+        return {
+            "train": TrainConfig(model=self.model, epochs=self.epochs, **data),
+            "prune": PruneConfig(model=self.model, model_uri=base_uri, sparsity=self.sparsity,
+                                 schedule=self.prune_schedule, epochs=self.prune_epochs,
+                                 prune_epochs=max(1, self.prune_epochs // 2), distill_from=teacher, **data),
+            "quantize": QuantizeConfig(model=self.model, model_uri=pruned_uri, method=self.quantize_method,
+                                       bits=self.bits, epochs=self.quantize_epochs if fine_tuned else 0,
+                                       distill_from=teacher if fine_tuned and self.quantize_epochs else "", **data),
+            "search": SearchConfig(model=self.model, model_uri=base_uri, budget_ratio=self.budget_ratio,
+                                   budget_on=self.budget_on, space=self.space, trials=self.trials,
+                                   storage=self.storage, study_name=self.study_name or "pipeline", distill=self.distill,
+                                   final_epochs=self.final_epochs, benchmark=False, **data),
+            "benchmark": BenchmarkConfig(model=self.model, threads=self.threads, seconds=self.seconds, **data),
+        }
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

@@ -124,6 +124,9 @@ def test_a_tiny_study_tracks_every_trial_registers_its_winner_and_resumes(experi
     # the winner was exported (a format=onnx version) and benchmarked against the starting model, as nested runs
     onnx_version = client.get_model_version("tiny_mlp-synthetic", winner["onnx_version"])
     assert onnx_version.tags["format"] == "onnx" and onnx_version.tags["source_model"].endswith(f"/{winner['version']}")
+    # ... in the deployable form the winner logged: INT8 weights behind DequantizeLinear, the bytes it reported
+    assert winner["deploy_format"] == onnx_version.tags["deploy_format"] == "onnx_int8_weights"
+    assert winner["size_bytes_onnx"] == float(onnx_version.tags["size_bytes_onnx"])
     assert {"export", "benchmark"} <= {r.data.tags["mcp.stage"] for r in children}
     assert winner["latency_ms_p50_cpu"] > 0 and winner["speedup_p50_cpu"] > 0
 
@@ -136,19 +139,64 @@ def test_an_over_budget_trial_is_rejected_before_any_training(experiment, tmp_pa
     import mcp.search.trial as trial_module
 
     run_train(TrainConfig(model="tiny_mlp", epochs=2, **TINY), show_progress=False)
+    tuned_sizes = []
+    real = trial_module.finetune_quantized
 
-    def no_training(*args, **kwargs):
-        raise AssertionError("an over-budget trial was fine-tuned")
+    def recording(model, shape, tc, *args, **kwargs):
+        tuned_sizes.append(trial_module.compressed_size(model, shape, tc))
+        return real(model, shape, tc, *args, **kwargs)
 
-    monkeypatch.setattr(trial_module, "finetune_quantized", no_training)
-    space = _space(tmp_path, "prune: {ratio: [0.0, 0.1]}\nquantize: {bits: [8]}\n")
-    result = run_search(_cfg(tmp_path, space=space, budget_mb=0.0005, trials=3), show_progress=False)  # 500 B
-    assert [t["state"] for t in result.trials] == ["infeasible"] * 3
-    assert all(t["size_bytes_compressed"] > 500 for t in result.trials)
-    assert result.winners == []
+    monkeypatch.setattr(trial_module, "finetune_quantized", recording)
+    space = _space(tmp_path, "prune: {ratio: [0.0, 0.9]}\nquantize: {bits: [8]}\nfinetune: {epochs: [1, 1]}\n")
+    result = run_search(_cfg(tmp_path, space=space, budget_ratio=0.12, fill_budget=False, trials=6, register=False),
+                        show_progress=False)
+    states = [t["state"] for t in result.trials]
+    assert "infeasible" in states and "complete" in states, states
+    for t in result.trials:
+        assert (t["state"] == "infeasible") == (t["size_bytes_compressed"] > result.budget_bytes)
+    # only the feasible trials (and the winner's rebuild) were fine-tuned, every one within the budget
+    assert len(tuned_sizes) == states.count("complete") + 1
+    assert max(tuned_sizes) <= result.budget_bytes
     for run in runs_of(experiment):
-        if run.info.run_name.startswith("trial-"):
-            assert run.data.tags[STATE_TAG] == "infeasible" and "val_accuracy" not in run.data.metrics
+        if run.info.run_name.startswith("trial-") and run.data.tags[STATE_TAG] == "infeasible":
+            assert "val_accuracy" not in run.data.metrics and "size_bytes_compressed" in run.data.metrics
+
+
+def test_a_budget_on_the_onnx_file_prunes_channels_and_holds_for_the_exported_model(experiment, tmp_path):
+    import onnx
+
+    run_train(TrainConfig(model="tiny_mlp", epochs=4, **TINY), show_progress=False)
+    space = _space(tmp_path, "prune: {ratio: [0.0, 0.8], granularity: [structured]}\nquantize: {bits: [4, 8]}\n"
+                             "finetune: {epochs: [1, 1]}\n")
+    result = run_search(_cfg(tmp_path, space=space, budget_ratio=0.12, budget_on="onnx", trials=3, export=True),
+                        show_progress=False)
+    done = [t for t in result.trials if t["state"] == "complete"]
+    assert done and all(t["size_bytes_onnx"] <= result.budget_bytes for t in done)
+    (winner,) = result.winners
+    assert winner["size_bytes_onnx"] <= result.budget_bytes < 0.25 * result.budget_bytes / 0.12  # below dense INT8
+    version = MlflowClient().get_model_version("tiny_mlp-synthetic", winner["onnx_version"])
+    assert float(version.tags["size_bytes_onnx"]) == winner["size_bytes_onnx"]
+    path = tracking.models.deployable_onnx(f"models:/tiny_mlp-synthetic/{winner['version']}", tmp_path / "d")[0]
+    graph = onnx.load(str(path)).graph
+    assert {i.data_type for i in graph.initializer if i.name.endswith("_int8")} == {onnx.TensorProto.INT8}
+    assert any(n.op_type == "DequantizeLinear" for n in graph.node)
+    model = tracking.load_model(f"models:/tiny_mlp-synthetic/{winner['version']}")
+    base = tracking.load_model("models:/tiny_mlp-synthetic@baseline")
+    assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in base.parameters())  # removed
+    assert MlflowClient().get_run(result.run_id).data.params["budget_on"] == "onnx"
+
+
+@pytest.mark.parametrize("budget_on, hint", [("compressed", ""), ("onnx", "stores pruned zeros densely")])
+def test_an_unreachable_budget_is_a_clear_error_before_any_run(experiment, tmp_path, budget_on, hint):
+    run_train(TrainConfig(model="tiny_mlp", epochs=1, **TINY), show_progress=False)
+    before = len(runs_of(experiment))
+    space = _space(tmp_path, "prune: {ratio: [0.0, 0.1]}\nquantize: {bits: [8]}\n")
+    with pytest.raises(ConfigError) as info:
+        run_search(_cfg(tmp_path, space=space, budget_mb=0.0005, budget_on=budget_on), show_progress=False)
+    message = str(info.value)
+    assert message.startswith("budget 500 B is below the smallest size space 'space.yaml' can reach")
+    assert f"measured as {budget_on}" in message and hint in message and "\n" not in message
+    assert len(runs_of(experiment)) == before
 
 
 def test_a_pareto_study_returns_only_non_dominated_trials(experiment, tmp_path):

@@ -146,7 +146,7 @@ def test_failure_inside_the_run_ends_it_failed_and_registers_nothing(experiment,
     assert run.info.run_id not in {v.tags.get("source_run") for v in versions}
 
 
-@pytest.mark.parametrize("entry, params", [("train", {"model": "lenet5", "epochs": "2"}), ("main", {"epochs": "2"})])
+@pytest.mark.parametrize("entry, params", [("train", {"model": "lenet5", "epochs": "2"})])
 def test_mlflow_run_entry_points(tmp_path, entry, params):
     """`mlflow run . -e <entry> --env-manager local` in a fresh process, as a user would."""
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID")}

@@ -5,7 +5,10 @@ training at the per-layer bit-widths, and encode the result."""
 from __future__ import annotations
 
 import copy
-from typing import Callable, Sequence
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -13,6 +16,31 @@ from torch import nn
 from mcp.search.space import TrialConfig
 
 CODING = "fixed"  # sizes before and after fine-tuning agree: packed b-bit values, sparse indices
+SIZE_MEASURES = ("compressed", "onnx")  # the encoded payload, or the deployable ONNX file
+
+
+@dataclass
+class Finetuned:
+    model: nn.Module  # weights baked on their grids
+    payload: bytes  # the encoded (compressed) form
+    history: dict[str, list[float]]
+    quantizer: Any
+    entries: dict[str, Any]
+
+    def onnx(self, input_shape: Sequence[int], out_dir: str | Path, opset: int = 17) -> tuple[Path, str]:
+        return deployable_onnx(self.model, input_shape, self.quantizer, self.entries, out_dir, opset)
+
+
+def deployable_onnx(model: nn.Module, input_shape: Sequence[int], quantizer, entries, out_dir: str | Path,
+                    opset: int = 17) -> tuple[Path, str]:
+    """(file, format): the ONNX model users deploy for weights on b-bit grids (what `mcp
+    quantize` logs for fixed_point and QAT): INT8 weights behind DequantizeLinear."""
+    from mcp.export import export_onnx
+    from mcp.stages.quantize import int8_weights_or_fp32
+
+    out_dir = Path(out_dir)
+    fp32 = export_onnx(model, input_shape, out_dir / "fp32.onnx", opset)
+    return int8_weights_or_fp32(fp32, quantizer, entries, out_dir / "model.onnx")
 
 
 def prune_candidate(base: nn.Module, input_shape: Sequence[int], tc: TrialConfig, calib, device: str) -> nn.Module:
@@ -33,23 +61,29 @@ def _spec(method: str, tc: TrialConfig, seed: int):
     return QuantSpec(method=method, bits=max(bits.values()), layer_bits=bits, seed=seed)
 
 
-def compressed_size(model: nn.Module, input_shape: Sequence[int], tc: TrialConfig, seed: int = 0) -> int:
-    """Bytes of the encoded payload of ``model`` quantized at ``tc.bits`` (weights as they
-    are now; a copy is quantized, ``model`` is untouched)."""
+def compressed_size(model: nn.Module, input_shape: Sequence[int], tc: TrialConfig, seed: int = 0,
+                    on: str = "compressed") -> int:
+    """Bytes of ``model`` quantized at ``tc.bits`` (weights as they are now; a copy is
+    quantized, ``model`` is untouched): its encoded payload (``on="compressed"``) or its
+    deployable ONNX file (``on="onnx"``: INT8 containers, pruned zeros stored densely,
+    so only removed channels shrink it)."""
     from mcp.quantization import Quantizer, encode_model
 
     q = copy.deepcopy(model).cpu()
     quantizer = Quantizer(q, input_shape, _spec("fixed_point", tc, seed))
     entries = quantizer.finish()
+    if on == "onnx":
+        with tempfile.TemporaryDirectory() as tmp:
+            path, _ = deployable_onnx(q, input_shape, quantizer, entries, tmp)
+            return path.stat().st_size
     return len(encode_model(q, entries, CODING))
 
 
 def finetune_quantized(model: nn.Module, input_shape: Sequence[int], tc: TrialConfig, loaders, device: str,
                        seed: int = 0, report: Callable[[int, float], None] | None = None, batch_loss=None,
-                       epochs: int | None = None) -> tuple[nn.Module, bytes, dict[str, list[float]]]:
+                       epochs: int | None = None) -> Finetuned:
     """QAT at ``tc.bits`` for ``epochs`` (default ``tc.epochs``), zeros kept; ``report(epoch,
-    val_accuracy)`` after each epoch (it may raise to stop the trial). Returns the model
-    (weights baked on their grids), its encoded payload and the training history."""
+    val_accuracy)`` after each epoch (it may raise to stop the trial)."""
     from mcp.quantization import Quantizer, encode_model
     from mcp.training import Callback, Trainer, build_optimizer, build_scheduler
 
@@ -71,11 +105,11 @@ def finetune_quantized(model: nn.Module, input_shape: Sequence[int], tc: TrialCo
         history = trainer.fit()
     quantizer.freeze()
     entries = quantizer.finish()
-    return model, encode_model(model, entries, CODING), history
+    return Finetuned(model, encode_model(model, entries, CODING), history, quantizer, entries)
 
 
 def uniform_at_budget(base: nn.Module, input_shape: Sequence[int], space, bits: int, budget: float, calib,
-                      device: str, seed: int = 0, steps: int = 12):
+                      device: str, seed: int = 0, steps: int = 12, on: str = "compressed"):
     """The smallest single prune ratio (within every unit's range) at which ``bits`` in every
     layer fits ``budget``, found by bisection on encoded sizes; None when none fits."""
     from mcp.search.space import uniform
@@ -87,7 +121,8 @@ def uniform_at_budget(base: nn.Module, input_shape: Sequence[int], space, bits: 
 
     def fits(ratio: float) -> bool:
         tc = uniform(space, ratio, bits, space.epochs[1], space.lr[0])
-        return compressed_size(prune_candidate(base, input_shape, tc, calib, device), input_shape, tc, seed) <= budget
+        model = prune_candidate(base, input_shape, tc, calib, device)
+        return compressed_size(model, input_shape, tc, seed, on) <= budget
 
     if not fits(hi):
         return None
@@ -100,7 +135,7 @@ def uniform_at_budget(base: nn.Module, input_shape: Sequence[int], space, bits: 
 
 
 def fill_budget(base: nn.Module, input_shape: Sequence[int], space, tc: TrialConfig, budget: float, calib,
-                device: str, seed: int = 0, steps: int = 10) -> TrialConfig | None:
+                device: str, seed: int = 0, steps: int = 10, on: str = "compressed") -> TrialConfig | None:
     """Move the sampled ratios along one line until the model just fits ``budget``: less
     pruning when it is under (scaling every ratio towards its range's low end), more when
     it is over (towards the high end). The sampled ratios then say how to share the
@@ -116,7 +151,7 @@ def fill_budget(base: nn.Module, input_shape: Sequence[int], space, tc: TrialCon
 
     def size(t: float) -> int:
         c = at(t)
-        return compressed_size(prune_candidate(base, input_shape, c, calib, device), input_shape, c, seed)
+        return compressed_size(prune_candidate(base, input_shape, c, calib, device), input_shape, c, seed, on)
 
     if size(0.0) <= budget:
         lo, hi = -1.0, 0.0  # fits: find the least pruning that still fits
@@ -130,3 +165,16 @@ def fill_budget(base: nn.Module, input_shape: Sequence[int], space, tc: TrialCon
         mid = (lo + hi) / 2
         lo, hi = (lo, mid) if size(mid) <= budget else (mid, hi)
     return at(hi)
+
+
+def smallest_size(base: nn.Module, input_shape: Sequence[int], space, calib, device: str, seed: int = 0,
+                  on: str = "compressed") -> int:
+    """The smallest size the space can reach: every unit at its highest ratio and its
+    fewest bits, at the granularity that gives the least (a budget below it is unreachable)."""
+    bits = {n: min(space.bits_of[u]) for u, members in space.units.items() for n in members}
+    ratios = {n: space.ratio_of[u][1] for u, members in space.units.items() for n in members}
+    sizes = []
+    for granularity in space.granularity:
+        tc = TrialConfig(ratios, bits, granularity, space.criterion[0], space.epochs[0], space.lr[0])
+        sizes.append(compressed_size(prune_candidate(base, input_shape, tc, calib, device), input_shape, tc, seed, on))
+    return min(sizes)

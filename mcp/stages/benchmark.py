@@ -43,11 +43,26 @@ def _label(uri: str, info: tuple[dict[str, str], list[str]] | None) -> str:
         what = f"{tags.get('method', '')} {tags.get('bits', '')}b{of}"
     elif stage == "distill":
         what = "distilled"
+    elif stage == "search":
+        what = f"search trial {tags.get('trial', '?')} {_bits_range(tags.get('bits', ''))}{of}"
     else:
         what = stage or "model"
     if "baseline" in aliases:
         what += " @baseline"
     return f"{version} {what}"
+
+
+def _bits_range(bits_json: str) -> str:
+    """'2-8b' for a search's per-layer bits tag ({"fc1": 2, ...}); '' when unreadable."""
+    import json
+
+    try:
+        values = sorted(set(json.loads(bits_json).values()))
+    except (ValueError, AttributeError):
+        return ""
+    if not values:
+        return ""
+    return f"{values[0]}b" if len(values) == 1 else f"{values[0]}-{values[-1]}b"
 
 
 def _references(cfg: BenchmarkConfig) -> list[str]:

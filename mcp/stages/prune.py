@@ -202,6 +202,9 @@ def _prune_one(cfg: PruneConfig, ratios: dict[str, float], base: nn.Module, base
     metrics.update(final_metrics(model, splits.input_shape, device))
     metrics["compression_ratio"] = base_counts["params_total"] / max(metrics["params_nonzero"], 1.0)
     metrics["size_bytes_nonzero_fp32"] = 4.0 * metrics["params_nonzero"]
+    from mcp.quantization import encode_model
+
+    metrics["size_bytes_compressed"] = float(len(encode_model(model, {}, "fixed")))  # float32 values, sparse indices
     metrics["baseline_size_bytes_fp32"] = float(size_bytes_fp32(base))
     metrics["peak_memory_mb"] = peak_memory_mb(device)
     tracking.log_metrics(metrics)

@@ -228,7 +228,7 @@ def _bits_tag(bits: dict[str, int]) -> str:
 
 def _deployable(cfg: QuantizeConfig, quantizer, entries, fp32_path: Path, tmp: Path, calib) -> tuple[Path, str]:
     """The ONNX model users deploy, and its format (see DEPLOY_NOTES)."""
-    from mcp.quantization.onnx_int8 import dynamic_int8, static_int8, weight_int8_dq
+    from mcp.quantization.onnx_int8 import dynamic_int8, static_int8
 
     if cfg.method == "ptq_int8":
         return (static_int8(fp32_path, tmp / "model.onnx", calib, cfg.observer, reduce_range=cfg.reduce_range),
@@ -236,11 +236,21 @@ def _deployable(cfg: QuantizeConfig, quantizer, entries, fp32_path: Path, tmp: P
     if cfg.method == "dynamic_int8":
         return dynamic_int8(fp32_path, tmp / "model.onnx", reduce_range=cfg.reduce_range), "onnx_dynamic_int8"
     if cfg.method in ("fixed_point", "qat"):
-        ints = quantizer.signed_integers(entries)
-        if any(i is not None for i in ints):
-            return weight_int8_dq(fp32_path, tmp / "model.onnx", ints), "onnx_int8_weights"
+        return int8_weights_or_fp32(fp32_path, quantizer, entries, tmp / "model.onnx")
     out = tmp / "model.onnx"
     out.write_bytes(fp32_path.read_bytes())
+    return out, "onnx_fp32"
+
+
+def int8_weights_or_fp32(fp32_path: Path, quantizer, entries, out: Path) -> tuple[Path, str]:
+    """The deployable form of weights on b-bit uniform grids: INT8 initializers behind
+    DequantizeLinear where they fit INT8 (``onnx_int8_weights``), else the float file."""
+    from mcp.quantization.onnx_int8 import weight_int8_dq
+
+    ints = quantizer.signed_integers(entries)
+    if any(i is not None for i in ints):
+        return weight_int8_dq(fp32_path, out, ints), "onnx_int8_weights"
+    out.write_bytes(Path(fp32_path).read_bytes())
     return out, "onnx_fp32"
 
 

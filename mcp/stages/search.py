@@ -23,6 +23,7 @@ from mcp.config import SearchConfig
 from mcp.errors import ConfigError, McpError
 
 STATE_TAG = "mcp.trial_state"
+SIZE_KEY = {"compressed": "size_bytes_compressed", "onnx": "size_bytes_onnx"}  # what --budget-on measures
 
 
 @dataclass
@@ -78,15 +79,26 @@ def open_study(cfg: SearchConfig, budget: float | None):
     return study
 
 
-def run_search(cfg: SearchConfig, show_progress: bool | None = None) -> SearchResult:
-    from mcp import tracking
+@dataclass
+class Checked:
+    """What a search needs, worked out (and every bad input refused) before any run starts."""
+
+    space: Any
+    space_path: Path
+    calib: list  # the pruning criteria's calibration batches, fixed for the whole study
+    budget: float | None  # bytes, as --budget-on measures them
+
+
+def check_search(cfg: SearchConfig, splits, loaders, base) -> Checked:
+    """Load and validate the space against the model (``base``, or a fresh one of its
+    architecture), resolve the budget and refuse one the space cannot reach."""
     from mcp.evaluation.metrics import size_bytes_fp32
     from mcp.pruning import PruneSpec, Pruning
     from mcp.search import uniform
-    from mcp.stages.common import find_base_model, probe_model, setup_data, train_baseline
+    from mcp.search.trial import smallest_size
+    from mcp.stages.common import probe_model
+    from mcp.stages.prune import calibration_batches
 
-    device, splits, loaders = setup_data(cfg)
-    base, base_uri = find_base_model(cfg.model, cfg.model_uri, cfg.dataset, splits)
     probe = probe_model(base, cfg.model, splits)
     space, space_path = load_space(cfg, probe, splits.input_shape)
     for granularity in space.granularity:  # every criterion x granularity the space allows must work here
@@ -94,8 +106,41 @@ def run_search(cfg: SearchConfig, show_progress: bool | None = None) -> SearchRe
             tc = uniform(space, 0.0, max(space.bits), 0, space.lr[0])
             Pruning(probe, splits.input_shape, PruneSpec(criterion=criterion, scope="layerwise",
                                                          granularity=granularity, ratios=tc.ratios), [], "cpu")
+    calib = calibration_batches(loaders[0], cfg.calib_batches)
     fp32 = size_bytes_fp32(probe)
     budget = cfg.budget_mb * 1e6 if cfg.budget_mb else (cfg.budget_ratio * fp32 if cfg.budget_ratio else None)
+    if budget:
+        reachable = smallest_size(probe, splits.input_shape, space, calib, "cpu", cfg.seed, cfg.budget_on)
+        if reachable > budget:
+            hint = ("; the ONNX file stores pruned zeros densely and bits below 8 in INT8, so use a structured "
+                    "space such as search_spaces/structured.yaml or --budget-on compressed"
+                    if cfg.budget_on == "onnx" else "")
+            raise ConfigError(f"budget {budget:,.0f} B is below the smallest size space {space_path.name!r} can "
+                              f"reach ({reachable:,.0f} B measured as {cfg.budget_on}, every layer at its highest "
+                              f"ratio and fewest bits){hint}; raise --budget-mb/--budget-ratio or widen the space")
+    return Checked(space, space_path, calib, budget)
+
+
+def check_storage(url: str) -> None:
+    """Connect to the Optuna storage now (creating its tables), or fail in one line."""
+    import optuna
+
+    try:
+        optuna.storages.get_storage(url)
+    except Exception as exc:  # noqa: BLE001 - storage URLs fail in many ways (SQLAlchemy, Optuna)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise McpError(f"cannot open Optuna storage {url!r}: {first[:200]}") from None
+
+
+def run_search(cfg: SearchConfig, show_progress: bool | None = None) -> SearchResult:
+    from mcp import tracking
+    from mcp.evaluation.metrics import size_bytes_fp32
+    from mcp.stages.common import find_base_model, setup_data, train_baseline
+
+    device, splits, loaders = setup_data(cfg)
+    base, base_uri = find_base_model(cfg.model, cfg.model_uri, cfg.dataset, splits)
+    checked = check_search(cfg, splits, loaders, base)
+    space, space_path, budget = checked.space, checked.space_path, checked.budget
     study = open_study(cfg, budget)
 
     params = {**cfg.to_dict(), **{f"data_{k}": v for k, v in splits.summary().items()}, "device_resolved": device,
@@ -106,14 +151,12 @@ def run_search(cfg: SearchConfig, show_progress: bool | None = None) -> SearchRe
         tracking.runs.set_tag("mcp.space", space_path.read_text())
         if base is None:
             base, base_uri = train_baseline(cfg, show_progress)
-        from mcp.stages.prune import calibration_batches
-
-        context = _Context(cfg, space, base, base_uri, splits, loaders, device, budget, study,
-                           calibration_batches(loaders[0], cfg.calib_batches), size_bytes_fp32(base))
+        context = _Context(cfg, space, base, base_uri, splits, loaders, device, budget, study, checked.calib,
+                           size_bytes_fp32(base))
         if not study.trials:
             _enqueue_uniform(context)
         _optimize(context, show_progress)
-        trials = _trial_table(study)
+        trials = _trial_table(study, cfg.budget_on)
         winners = _winners(context, trials)
         _log_study(context, trials, winners)
         _deploy(context, winners, show_progress)
@@ -145,7 +188,7 @@ def _optimize(ctx: _Context, show_progress: bool | None) -> None:
     from mcp.search.trial import compressed_size, fill_budget, finetune_quantized, prune_candidate
     from mcp.training import evaluate
 
-    cfg, shape, calib = ctx.cfg, ctx.splits.input_shape, ctx.calib
+    cfg, shape, calib, on = ctx.cfg, ctx.splits.input_shape, ctx.calib, ctx.cfg.budget_on
     teacher = ctx.base if cfg.distill else None
     bar = tqdm(total=cfg.trials, desc=f"search {cfg.name()}", unit="trial",
                disable=None if show_progress is None else not show_progress)
@@ -161,16 +204,20 @@ def _optimize(ctx: _Context, show_progress: bool | None) -> None:
             try:
                 if ctx.budget and cfg.fill_budget:
                     tc = fill_budget(ctx.base, shape, ctx.space, tc, ctx.budget, calib, ctx.device,
-                                     cfg.seed) or tc  # None: even the highest ratios are over; rejected below
+                                     cfg.seed, on=on) or tc  # None: even the highest ratios are over; rejected below
                 trial.set_user_attr("ratios", tc.ratios)
                 model = prune_candidate(ctx.base, shape, tc, calib, ctx.device)
-                size = compressed_size(model, shape, tc, cfg.seed)
+                sizes = {"size_bytes_compressed": float(compressed_size(model, shape, tc, cfg.seed))}
+                if on == "onnx":
+                    sizes["size_bytes_onnx"] = float(compressed_size(model, shape, tc, cfg.seed, on))
+                size = sizes[SIZE_KEY[on]]
                 excess = size - ctx.budget if ctx.budget else -1.0
                 trial.set_user_attr("budget_excess", float(excess))
                 if hasattr(trial, "set_constraint"):
                     trial.set_constraint("budget_excess", float(excess))
-                trial.set_user_attr("size_bytes_compressed", float(size))
-                tracking.log_metrics({"size_bytes_compressed": float(size), **count_params(model)})
+                for key, value in sizes.items():
+                    trial.set_user_attr(key, value)
+                tracking.log_metrics({**sizes, **count_params(model)})
                 if excess > 0:  # over the budget: rejected before any fine-tuning
                     tracking.runs.set_tag(STATE_TAG, "infeasible")
                     trial.set_user_attr("state", "infeasible")
@@ -183,14 +230,15 @@ def _optimize(ctx: _Context, show_progress: bool | None) -> None:
                             if trial.should_prune():
                                 raise optuna.TrialPruned(f"pruned after epoch {epoch}")
 
-                    model, payload, _ = finetune_quantized(model, shape, tc, ctx.loaders, ctx.device, cfg.seed,
-                                                           report, distiller())
-                    val = evaluate(model, ctx.loaders[1], ctx.device)["accuracy"]
-                    size = len(payload)
-                    trial.set_user_attr("size_bytes_compressed", float(size))
+                    tuned = finetune_quantized(model, shape, tc, ctx.loaders, ctx.device, cfg.seed, report,
+                                               distiller())
+                    val = evaluate(tuned.model, ctx.loaders[1], ctx.device)["accuracy"]
+                    sizes["size_bytes_compressed"] = float(len(tuned.payload))  # the same grid: unchanged
+                    size = sizes[SIZE_KEY[on]]
+                    trial.set_user_attr("size_bytes_compressed", sizes["size_bytes_compressed"])
                     trial.set_user_attr("state", "complete")
-                    tracking.log_metrics({"val_accuracy_final": val, "size_bytes_compressed": float(size),
-                                          "compression_ratio": ctx.base_fp32 / size})
+                    tracking.log_metrics({"val_accuracy_final": val, **sizes,
+                                          "compression_ratio": ctx.base_fp32 / sizes["size_bytes_compressed"]})
                     tracking.runs.set_tag(STATE_TAG, "complete")
                     outcome = [val, float(size)] if multi else [val]
             except optuna.TrialPruned:
@@ -234,7 +282,7 @@ def _enqueue_uniform(ctx: _Context) -> None:
         if queued == 2 or not all(bits in space.bits_of[u] for u in space.units):
             continue
         ratio = uniform_at_budget(ctx.base, ctx.splits.input_shape, space, bits, ctx.budget, ctx.calib, ctx.device,
-                                  ctx.cfg.seed)
+                                  ctx.cfg.seed, on=ctx.cfg.budget_on)
         if ratio is None:
             continue
         params: dict[str, Any] = {}
@@ -252,7 +300,7 @@ def _enqueue_uniform(ctx: _Context) -> None:
         queued += 1
 
 
-def _trial_table(study) -> list[dict[str, Any]]:
+def _trial_table(study, budget_on: str) -> list[dict[str, Any]]:
     rows = []
     for t in study.trials:
         state = t.user_attrs.get("state") or t.state.name.lower()
@@ -261,6 +309,8 @@ def _trial_table(study) -> list[dict[str, Any]]:
         values = t.values or []
         rows.append({"number": t.number, "state": state, "val_accuracy": values[0] if values else None,
                      "size_bytes_compressed": t.user_attrs.get("size_bytes_compressed"),
+                     "size_bytes_onnx": t.user_attrs.get("size_bytes_onnx"),
+                     "size_bytes": t.user_attrs.get(SIZE_KEY[budget_on]),
                      "feasible": t.user_attrs.get("budget_excess", 1.0) <= 0, "params": dict(t.params),
                      "ratios": t.user_attrs.get("ratios"),
                      "mlflow_run_id": t.user_attrs.get("mlflow_run_id")})
@@ -276,9 +326,9 @@ def _winners(ctx: _Context, trials: list[dict[str, Any]]) -> list[dict[str, Any]
     if not done:
         return []
     if ctx.cfg.mode == "max-accuracy":
-        chosen = [max(done, key=lambda t: (t["val_accuracy"], -t["size_bytes_compressed"]))]
+        chosen = [max(done, key=lambda t: (t["val_accuracy"], -t["size_bytes"]))]
     else:
-        points = [(t["size_bytes_compressed"], t["val_accuracy"]) for t in done]
+        points = [(t["size_bytes"], t["val_accuracy"]) for t in done]
         chosen = sorted((done[i] for i in pareto_front(points)), key=lambda t: -t["val_accuracy"])
     return [_rebuild(ctx, t, alias="challenger" if i == 0 else None) for i, t in enumerate(chosen)]
 
@@ -300,20 +350,24 @@ def _rebuild(ctx: _Context, t: dict[str, Any], alias: str | None) -> dict[str, A
                             {"mcp.study_name": cfg.name(), "mcp.trial_number": str(t["number"]),
                              "mcp.parent_model": ctx.base_uri}, run_name=f"winner-trial-{t['number']}") as run:
         model = prune_candidate(ctx.base, shape, tc, ctx.calib, ctx.device)
-        model, payload, _ = finetune_quantized(model, shape, tc, ctx.loaders, ctx.device, cfg.seed,
-                                               epochs=cfg.final_epochs or tc.epochs)
+        tuned = finetune_quantized(model, shape, tc, ctx.loaders, ctx.device, cfg.seed,
+                                   epochs=cfg.final_epochs or tc.epochs)
+        model = tuned.model
         test = evaluate(model, ctx.loaders[2], ctx.device)
         val = evaluate(model, ctx.loaders[1], ctx.device)
         metrics = {"test_accuracy": test["accuracy"], "test_loss": test["loss"], "val_accuracy": val["accuracy"],
-                   "size_bytes_compressed": float(len(payload)), **final_metrics(model, shape, ctx.device)}
+                   "size_bytes_compressed": float(len(tuned.payload)), **final_metrics(model, shape, ctx.device)}
         metrics["compression_ratio"] = ctx.base_fp32 / metrics["size_bytes_compressed"]
+        deploy_format = _log_deployable(tuned, shape, ctx.loaders[2], metrics)
         tracking.log_metrics(metrics)
         reg_name = tracking.registered_name(cfg.model, cfg.dataset) if cfg.register else None
         version_tags = {"mcp.stage": "search", "source_run": run.info.run_id, "parent_model": ctx.base_uri,
                         "study": cfg.name(), "trial": t["number"], "mode": cfg.mode,
                         "ratios": json.dumps({k: round(v, 4) for k, v in tc.ratios.items()}),
-                        "bits": json.dumps(tc.bits), "method": "qat",
+                        "bits": json.dumps(tc.bits), "method": "qat", "deploy_format": deploy_format,
+                        "budget_on": cfg.budget_on,
                         **{k: f"{metrics[k]:.6g}" for k in ("test_accuracy", "val_accuracy", "size_bytes_compressed",
+                                                             "size_bytes_onnx", "onnx_test_accuracy",
                                                              "compression_ratio", "sparsity")}}
         quantization = {"method": "qat", "bits": tc.bits, "act_bits": 0, "symmetric": True, "per_channel": True,
                         "observer": "minmax", "coding": "fixed", "reduce_range": False}
@@ -323,8 +377,27 @@ def _rebuild(ctx: _Context, t: dict[str, Any], alias: str | None) -> dict[str, A
                                                                                 "trial": t["number"]}},
                                       reg_name, alias, version_tags)
     return {"trial": t["number"], "run_id": run.info.run_id, "registered_name": reg_name, "version": version,
-            "alias": alias, **{k: metrics[k] for k in ("test_accuracy", "val_accuracy", "size_bytes_compressed",
-                                                      "compression_ratio", "sparsity")}}
+            "alias": alias, "deploy_format": deploy_format,
+            **{k: metrics[k] for k in ("test_accuracy", "val_accuracy", "size_bytes_compressed", "size_bytes_onnx",
+                                       "onnx_test_accuracy", "compression_ratio", "sparsity")}}
+
+
+def _log_deployable(tuned, shape, test_loader, metrics: dict[str, float]) -> str:
+    """Log the winner's deployable ONNX (INT8 weights + DequantizeLinear, as `mcp quantize`
+    logs for QAT) as ``onnx/model.onnx`` with its ``mcp.deploy_format`` tag, so `mcp export`
+    and `mcp benchmark` use it; add its size and ONNX Runtime test accuracy to ``metrics``."""
+    from mcp import tracking
+    from mcp.export import ort_evaluate, ort_session
+    from mcp.stages.quantize import DEPLOY_NOTES
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path, fmt = tuned.onnx(shape, tmp)
+        metrics["size_bytes_onnx"] = float(path.stat().st_size)
+        metrics["onnx_test_accuracy"] = ort_evaluate(ort_session(path), test_loader)["accuracy"]
+        tracking.log_artifact(path, "onnx")
+    tracking.runs.set_tag("mcp.deploy_format", fmt)
+    tracking.runs.set_tag("mcp.deploy_note", DEPLOY_NOTES[fmt])
+    return fmt
 
 
 def _deploy(ctx: _Context, winners: list[dict[str, Any]], show_progress: bool | None) -> None:
@@ -359,15 +432,17 @@ def _log_study(ctx: _Context, trials: list[dict[str, Any]], winners: list[dict[s
     if winners:
         best = winners[0]
         tracking.log_metrics({f"best_{k}": float(best[k]) for k in ("test_accuracy", "size_bytes_compressed",
-                                                                   "compression_ratio")})
+                                                                   "size_bytes_onnx", "compression_ratio")})
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "trials.csv"
         with path.open("w", newline="") as fh:
             writer = csv.writer(fh)
-            writer.writerow(["number", "state", "val_accuracy", "size_bytes_compressed", "feasible", "params"])
+            writer.writerow(["number", "state", "val_accuracy", "size_bytes_compressed", "size_bytes_onnx",
+                             "feasible", "params", "ratios", "mlflow_run_id"])
             for t in trials:
                 writer.writerow([t["number"], t["state"], t["val_accuracy"], t["size_bytes_compressed"],
-                                 t["feasible"], json.dumps(t["params"])])
+                                 t["size_bytes_onnx"] or "", t["feasible"], json.dumps(t["params"]),
+                                 json.dumps(t["ratios"] or {}), t["mlflow_run_id"] or ""])
         tracking.log_artifact(path)
         _log_plots(ctx, Path(tmp))
 
@@ -392,8 +467,8 @@ def _log_plots(ctx: _Context, tmp: Path) -> None:
     plots = {"param_importances.png": lambda: vis.plot_param_importances(
         ctx.study, target=(lambda t: -t.values[0]) if multi else None, target_name="val_accuracy")}
     if multi:
-        plots["pareto_front.png"] = lambda: vis.plot_pareto_front(ctx.study, target_names=["val_accuracy",
-                                                                                           "size_bytes_compressed"])
+        plots["pareto_front.png"] = lambda: vis.plot_pareto_front(
+            ctx.study, target_names=["val_accuracy", SIZE_KEY[ctx.cfg.budget_on]])
     else:
         plots["optimization_history.png"] = lambda: vis.plot_optimization_history(ctx.study)
     for name, draw in plots.items():

@@ -1,0 +1,204 @@
+"""`mcp pipeline`, the MLproject's `main` entry point: the whole pipeline as one run whose
+steps are nested runs.
+
+1. baseline: ``<model>-<dataset>@baseline``, trained when missing (or with ``--retrain``);
+2. prune: global magnitude pruning on a schedule, fine-tuned;
+3. quantize: the pruned model quantized (QAT at 4 bits by default);
+4. search: an Optuna study over per-layer ratios and bit-widths under the size budget,
+   its winner registered as ``challenger`` and exported;
+5. export: the baseline, the pruned and the quantized model to ONNX (parity-checked);
+6. benchmark: every model above side by side, deployed in ONNX Runtime;
+7. promote: ``champion`` moves to the most accurate compressed model within the budget.
+
+Every bad input (settings, search space, an unreachable budget) is refused before the
+pipeline's run starts.
+"""
+
+from __future__ import annotations
+
+import csv
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mcp.config import DataOptions, ExportConfig, PipelineConfig
+
+STEPS = ("baseline", "prune", "quantize", "search", "export", "benchmark", "promote")
+
+
+@dataclass
+class PipelineResult:
+    run_id: str
+    budget_bytes: float
+    rows: list[dict[str, Any]]  # one per model: step, uri, sizes, accuracy, latency
+    champion: dict[str, Any] | None
+    markdown: str
+
+
+def run_pipeline(cfg: PipelineConfig, show_progress: bool | None = None) -> PipelineResult:
+    from tqdm.auto import tqdm
+
+    from mcp import tracking
+    from mcp.stages.common import find_base_model, setup_data
+    from mcp.stages.search import check_search, check_storage
+
+    _, splits, loaders = setup_data(cfg)
+    base, base_uri = (None, "") if cfg.retrain else find_base_model(cfg.model, "", cfg.dataset, splits)
+    if base is None:
+        base_uri = ""
+    checked = check_search(cfg.stage_configs(base_uri or "models:/unknown/1")["search"], splits, loaders, base)
+    check_storage(cfg.storage)
+
+    params = {**cfg.to_dict(), **{f"data_{k}": v for k, v in splits.summary().items()},
+              "budget_bytes": checked.budget or 0}
+    tags = {"mcp.model": cfg.model, "mcp.dataset": cfg.dataset}
+    started = time.perf_counter()
+    with tracking.stage_run("pipeline", params, tags, run_name=f"pipeline-{cfg.model}-{cfg.dataset}") as run:
+        bar = tqdm(STEPS, desc="pipeline", unit="step", disable=None if show_progress is None else not show_progress)
+        steps = iter(bar)
+        rows = _compress(cfg, base_uri, checked.budget or 0.0, steps, bar, show_progress)
+        champion = _promote(cfg, rows, checked.budget or 0.0, next(steps), bar)
+        bar.close()
+        markdown = _summary(cfg, rows, checked.budget or 0.0, champion)
+        metrics = {"pipeline_time_s": time.perf_counter() - started, "budget_bytes": checked.budget or 0.0,
+                   "baseline_test_accuracy": rows[0]["test_accuracy"]}
+        if champion:
+            metrics.update({f"champion_{k}": float(champion[k]) for k in (
+                "test_accuracy", "size_bytes_compressed", "compression_ratio", "size_bytes_onnx",
+                "speedup_p50_cpu")})
+        tracking.log_metrics(metrics)
+    return PipelineResult(run.info.run_id, checked.budget or 0.0, rows, champion, markdown)
+
+
+def _compress(cfg: PipelineConfig, base_uri: str, budget: float, steps, bar,
+              show_progress: bool | None) -> list[dict[str, Any]]:
+    """Steps 1-6: the models, exported and benchmarked; one row per model."""
+    from mcp import tracking
+    from mcp.stages.benchmark import run_benchmark
+    from mcp.stages.export import run_export
+    from mcp.stages.prune import run_prune
+    from mcp.stages.quantize import run_quantize
+    from mcp.stages.search import run_search
+    from mcp.stages.train import run_train
+
+    def step() -> str:
+        name = next(steps)
+        bar.set_postfix_str(name)
+        return name
+
+    step()
+    if not base_uri:
+        trained = run_train(cfg.stage_configs("models:/unknown/1")["train"], show_progress=show_progress)
+        base_uri = f"models:/{trained.registered_name}/{trained.registered_version}"
+    base_uri = tracking.models.pin_version(base_uri)
+    tracking.runs.set_tag("mcp.parent_model", base_uri)
+
+    step()
+    pruned = run_prune(cfg.stage_configs(base_uri)["prune"], show_progress=show_progress)
+    pruned_uri = f"models:/{pruned.registered_name}/{pruned.registered_version}"
+
+    step()
+    configs = cfg.stage_configs(base_uri, pruned_uri)
+    quantized = run_quantize(configs["quantize"], show_progress=show_progress)
+    quantized_uri = f"models:/{quantized.registered_name}/{quantized.registered_version}"
+
+    step()
+    version = base_uri.rsplit("/", 1)[-1]
+    study = cfg.study_name or f"pipeline-{cfg.model}-{cfg.dataset}-v{version}"
+    searched = run_search(configs["search"].replace(study_name=study), show_progress=show_progress)
+    winners = [f"models:/{w['registered_name']}/{w['version']}" for w in searched.winners]
+
+    step()
+    data = {k: getattr(cfg, k) for k in DataOptions.defaults()}
+    for uri in (base_uri, pruned_uri, quantized_uri):
+        run_export(ExportConfig(model=cfg.model, model_uri=uri, **data), show_progress=show_progress)
+
+    step()
+    candidates = {base_uri: "baseline", pruned_uri: "prune", quantized_uri: "quantize",
+                  **{uri: f"search trial {w['trial']}" for uri, w in zip(winners, searched.winners)}}
+    bench = run_benchmark(configs["benchmark"].replace(models=",".join(candidates), baseline=base_uri),
+                          show_progress=show_progress)
+    compressed = {pruned_uri: pruned.metrics["size_bytes_compressed"],
+                  quantized_uri: quantized.metrics["size_bytes_compressed"],
+                  **{uri: w["size_bytes_compressed"] for uri, w in zip(winners, searched.winners)}}
+    fp32 = next(r for r in bench.rows if r["uri"] == base_uri)["size_bytes_fp32"]
+    rows = []
+    for row in bench.rows:
+        size = compressed.get(row["uri"]) or row["size_bytes_fp32"]
+        measured = row["size_bytes_onnx"] if cfg.budget_on == "onnx" else size
+        rows.append({"step": candidates[row["uri"]], "uri": row["uri"], "label": row["label"],
+                     "deploy_format": row["deploy_format"], "test_accuracy": row["test_accuracy"],
+                     "size_bytes_compressed": float(size), "compression_ratio": fp32 / size,
+                     "within_budget": row["uri"] != base_uri and measured <= budget,
+                     "size_bytes_onnx": row["size_bytes_onnx"], "latency_ms_p50_cpu": row["latency_ms_p50_cpu"],
+                     "speedup_p50_cpu": row["speedup_p50_cpu"]})
+    return rows
+
+
+def _promote(cfg: PipelineConfig, rows: list[dict[str, Any]], budget: float, name: str, bar) -> dict | None:
+    """The most accurate compressed model within the budget (ties: the smaller) gets
+    ``champion``; None when no compressed model fits the budget."""
+    from mcp import tracking
+    from mcp.stages.promote import promote
+
+    bar.set_postfix_str(name)
+    fitting = [r for r in rows if r["within_budget"]]
+    if not fitting:
+        return None
+    best = max(fitting, key=lambda r: (r["test_accuracy"], -r["size_bytes_compressed"]))
+    best["champion"] = True
+    if cfg.promote:
+        registered, version = best["uri"].removeprefix("models:/").split("/")
+        promote(registered, version, False)
+        tracking.runs.set_tag("mcp.champion", best["uri"])
+    return best
+
+
+COLUMNS = (("step", "step"), ("label", "model"), ("deploy_format", "deployed as"),
+           ("test_accuracy", "test acc (ONNX Runtime)"), ("size_bytes_compressed", "compressed B"),
+           ("compression_ratio", "ratio"), ("size_bytes_onnx", "ONNX B"), ("latency_ms_p50_cpu", "CPU p50 ms"),
+           ("speedup_p50_cpu", "speedup"))
+
+
+def _cell(key: str, value: Any) -> str:
+    if key == "test_accuracy":
+        return f"{value:.2%}"
+    if key in ("size_bytes_compressed", "size_bytes_onnx"):
+        return f"{value:,.0f}"
+    if key in ("compression_ratio", "speedup_p50_cpu"):
+        return f"{value:.1f}x" if key == "compression_ratio" else f"{value:.2f}x"
+    if key == "latency_ms_p50_cpu":
+        return f"{value:.3f}"
+    return str(value)
+
+
+def _summary(cfg: PipelineConfig, rows: list[dict[str, Any]], budget: float, champion: dict | None) -> str:
+    """The pipeline's table (markdown, logged with a CSV beside it)."""
+    from mcp import tracking
+
+    lines = ["| " + " | ".join(title for _, title in COLUMNS) + " | within budget |",
+             "|" + "---|" * (len(COLUMNS) + 1)]
+    for r in rows:
+        mark = "champion" if r.get("champion") else ("yes" if r["within_budget"] else "no")
+        lines.append("| " + " | ".join(_cell(k, r[k]) for k, _ in COLUMNS) + f" | {mark} |")
+    where = f"models:/{champion['uri'].removeprefix('models:/').split('/')[0]}@champion" if champion else ""
+    note = (f"budget: {budget:,.0f} B as {'the ONNX file' if cfg.budget_on == 'onnx' else 'the encoded payload'} "
+            f"({cfg.budget_ratio:g} of the baseline's float32 size); "
+            + (f"champion: {champion['label']} -> {where}" if champion and cfg.promote else
+               f"best within the budget: {champion['label']} (not promoted)" if champion else
+               "no compressed model fits the budget: champion not moved"))
+    text = "\n".join(lines) + f"\n\n{note}\n"
+    tracking.runs.log_text(text, "pipeline.md")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "pipeline.csv"
+        with path.open("w", newline="") as fh:
+            writer = csv.writer(fh)
+            keys = ["step", "uri", "label", "deploy_format", "test_accuracy", "size_bytes_compressed",
+                    "compression_ratio", "within_budget", "size_bytes_onnx", "latency_ms_p50_cpu", "speedup_p50_cpu"]
+            writer.writerow(keys + ["champion"])
+            for r in rows:
+                writer.writerow([r[k] for k in keys] + [bool(r.get("champion"))])
+        tracking.log_artifact(path)
+    return text
