@@ -526,6 +526,8 @@ class SearchConfig(StartModel):
                                           "or the deployable ONNX file (size_bytes_onnx: INT8 weights, zeros "
                                           "stored densely, so only removed channels shrink it).",
                             BUDGET_MEASURES)
+    latency: bool = option(False, "pareto: CPU latency as a third objective (ONNX Runtime p50 at batch 1, one "
+                                  "thread, of each trial's deployable ONNX model, timed in a process of its own).")
     trials: int = option(20, "Trials to add to the study in this call.")
     timeout: float = option(0.0, "Stop adding trials after this many seconds (0: no limit).")
     sampler: str = option("tpe", "Optuna sampler (both honour the budget as a constraint).", SAMPLERS)
@@ -550,6 +552,8 @@ class SearchConfig(StartModel):
                               f"{self.budget_ratio!r} within [0, 1)")
         if self.mode == "max-accuracy" and self.budget_mb == 0 and self.budget_ratio == 0:
             raise ConfigError("mode max-accuracy needs a budget: --budget-mb or --budget-ratio")
+        if self.latency and self.mode != "pareto":
+            raise ConfigError("latency=true is an objective of mode pareto (max-accuracy optimises accuracy alone)")
         _positive("trials", self.trials)
         if self.timeout < 0 or self.final_epochs < 0:
             raise ConfigError("timeout and final_epochs must be 0 or more")

@@ -27,17 +27,21 @@ def measure_onnx(path: str | Path, input_shape: Sequence[int], device: str = "cp
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
-    """Indices of the points no other point dominates, for (cost to minimise, value to
-    maximise) pairs: nothing else is at most as costly and at least as good, and
-    strictly better in one of the two."""
+def non_dominated(points: Sequence[Sequence[float]]) -> list[int]:
+    """Indices of the points no other point dominates, every coordinate to be minimised:
+    nothing else is at most as large in all of them and smaller in one."""
     front = []
-    for i, (cost, value) in enumerate(points):
-        dominated = any((c <= cost and v >= value) and (c < cost or v > value)
-                        for j, (c, v) in enumerate(points) if j != i)
+    for i, p in enumerate(points):
+        dominated = any(all(a <= b for a, b in zip(q, p)) and any(a < b for a, b in zip(q, p))
+                        for j, q in enumerate(points) if j != i)
         if not dominated:
             front.append(i)
     return front
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """:func:`non_dominated` for (cost to minimise, value to maximise) pairs."""
+    return non_dominated([(cost, -value) for cost, value in points])
 
 
 COLUMNS = (  # (header, key, format); a missing GPU value prints "not available"

@@ -16,7 +16,6 @@ from torch import nn
 from mcp.search.space import TrialConfig
 
 CODING = "fixed"  # sizes before and after fine-tuning agree: packed b-bit values, sparse indices
-SIZE_MEASURES = ("compressed", "onnx")  # the encoded payload, or the deployable ONNX file
 
 
 @dataclass
@@ -61,22 +60,31 @@ def _spec(method: str, tc: TrialConfig, seed: int):
     return QuantSpec(method=method, bits=max(bits.values()), layer_bits=bits, seed=seed)
 
 
-def compressed_size(model: nn.Module, input_shape: Sequence[int], tc: TrialConfig, seed: int = 0,
-                    on: str = "compressed") -> int:
-    """Bytes of ``model`` quantized at ``tc.bits`` (weights as they are now; a copy is
-    quantized, ``model`` is untouched): its encoded payload (``on="compressed"``) or its
-    deployable ONNX file (``on="onnx"``: INT8 containers, pruned zeros stored densely,
-    so only removed channels shrink it)."""
+def measure_sizes(model: nn.Module, input_shape: Sequence[int], tc: TrialConfig, seed: int = 0,
+                  onnx: bool = False) -> dict[str, float]:
+    """``size_bytes_compressed`` (the encoded payload) and, with ``onnx``,
+    ``size_bytes_onnx`` (the deployable ONNX file: INT8 containers, pruned zeros stored
+    densely, so only removed channels shrink it) of ``model`` quantized at ``tc.bits``,
+    its weights as they are now (a copy is quantized, ``model`` is untouched)."""
     from mcp.quantization import Quantizer, encode_model
 
     q = copy.deepcopy(model).cpu()
     quantizer = Quantizer(q, input_shape, _spec("fixed_point", tc, seed))
     entries = quantizer.finish()
-    if on == "onnx":
+    out = {"size_bytes_compressed": float(len(encode_model(q, entries, CODING)))}
+    if onnx:
         with tempfile.TemporaryDirectory() as tmp:
             path, _ = deployable_onnx(q, input_shape, quantizer, entries, tmp)
-            return path.stat().st_size
-    return len(encode_model(q, entries, CODING))
+            out["size_bytes_onnx"] = float(path.stat().st_size)
+    return out
+
+
+def compressed_size(model: nn.Module, input_shape: Sequence[int], tc: TrialConfig, seed: int = 0,
+                    on: str = "compressed") -> int:
+    """Bytes of ``model`` quantized at ``tc.bits``, as ``on`` measures them (see
+    :func:`measure_sizes`): ``compressed`` or ``onnx``."""
+    sizes = measure_sizes(model, input_shape, tc, seed, onnx=on == "onnx")
+    return int(sizes["size_bytes_onnx" if on == "onnx" else "size_bytes_compressed"])
 
 
 def finetune_quantized(model: nn.Module, input_shape: Sequence[int], tc: TrialConfig, loaders, device: str,

@@ -66,7 +66,8 @@ def open_study(cfg: SearchConfig, budget: float | None):
     pruner = {"median": optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1),
               "halving": optuna.pruners.SuccessiveHalvingPruner(),
               "none": optuna.pruners.NopPruner()}[cfg.pruner]
-    directions = ["maximize"] if cfg.mode == "max-accuracy" else ["maximize", "minimize"]
+    directions = ["maximize"] if cfg.mode == "max-accuracy" else ["maximize", "minimize"] + (
+        ["minimize"] if cfg.latency else [])
     try:
         study = optuna.create_study(storage=cfg.storage, sampler=sampler, pruner=pruner, study_name=cfg.name(),
                                     directions=directions, load_if_exists=True)
@@ -185,7 +186,7 @@ def _optimize(ctx: _Context, show_progress: bool | None) -> None:
     from mcp import tracking
     from mcp.evaluation.metrics import count_params
     from mcp.search import sample
-    from mcp.search.trial import compressed_size, fill_budget, finetune_quantized, prune_candidate
+    from mcp.search.trial import fill_budget, finetune_quantized, measure_sizes, prune_candidate
     from mcp.training import evaluate
 
     cfg, shape, calib, on = ctx.cfg, ctx.splits.input_shape, ctx.calib, ctx.cfg.budget_on
@@ -207,9 +208,7 @@ def _optimize(ctx: _Context, show_progress: bool | None) -> None:
                                      cfg.seed, on=on) or tc  # None: even the highest ratios are over; rejected below
                 trial.set_user_attr("ratios", tc.ratios)
                 model = prune_candidate(ctx.base, shape, tc, calib, ctx.device)
-                sizes = {"size_bytes_compressed": float(compressed_size(model, shape, tc, cfg.seed))}
-                if on == "onnx":
-                    sizes["size_bytes_onnx"] = float(compressed_size(model, shape, tc, cfg.seed, on))
+                sizes = measure_sizes(model, shape, tc, cfg.seed, onnx=on == "onnx")
                 size = sizes[SIZE_KEY[on]]
                 excess = size - ctx.budget if ctx.budget else -1.0
                 trial.set_user_attr("budget_excess", float(excess))
@@ -221,7 +220,7 @@ def _optimize(ctx: _Context, show_progress: bool | None) -> None:
                 if excess > 0:  # over the budget: rejected before any fine-tuning
                     tracking.runs.set_tag(STATE_TAG, "infeasible")
                     trial.set_user_attr("state", "infeasible")
-                    outcome = [0.0, float(size)] if multi else [0.0]
+                    outcome = ([0.0, float(size)] + ([1e9] if cfg.latency else [])) if multi else [0.0]
                 else:
                     def report(epoch: int, val_accuracy: float) -> None:
                         tracking.log_metrics({"val_accuracy": val_accuracy}, step=epoch)
@@ -239,8 +238,13 @@ def _optimize(ctx: _Context, show_progress: bool | None) -> None:
                     trial.set_user_attr("state", "complete")
                     tracking.log_metrics({"val_accuracy_final": val, **sizes,
                                           "compression_ratio": ctx.base_fp32 / sizes["size_bytes_compressed"]})
-                    tracking.runs.set_tag(STATE_TAG, "complete")
                     outcome = [val, float(size)] if multi else [val]
+                    if cfg.latency:
+                        latency = _latency(tuned, shape)
+                        trial.set_user_attr("latency_ms_p50_cpu", latency)
+                        tracking.log_metrics({"latency_ms_p50_cpu": latency})
+                        outcome.append(latency)
+                    tracking.runs.set_tag(STATE_TAG, "complete")
             except optuna.TrialPruned:
                 tracking.runs.set_tag(STATE_TAG, "pruned")
                 trial.set_user_attr("state", "pruned")
@@ -265,6 +269,16 @@ def _optimize(ctx: _Context, show_progress: bool | None) -> None:
     ctx.study.optimize(objective, n_trials=cfg.trials, timeout=cfg.timeout or None, catch=(RuntimeError, ValueError,
                                                                                            McpError))
     bar.close()
+
+
+def _latency(tuned, shape) -> float:
+    """CPU p50 (ms) at batch 1, one thread, of the trial's deployable ONNX model, timed in
+    a process of its own for at least half a second."""
+    from mcp.evaluation.benchmark import measure_onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path, _ = tuned.onnx(shape, tmp)
+        return float(measure_onnx(path, shape, "cpu", 1, batch=8, warmup=20, iters=100, seconds=0.5)["p50_ms"])
 
 
 def _enqueue_uniform(ctx: _Context) -> None:
@@ -311,6 +325,7 @@ def _trial_table(study, budget_on: str) -> list[dict[str, Any]]:
                      "size_bytes_compressed": t.user_attrs.get("size_bytes_compressed"),
                      "size_bytes_onnx": t.user_attrs.get("size_bytes_onnx"),
                      "size_bytes": t.user_attrs.get(SIZE_KEY[budget_on]),
+                     "latency_ms_p50_cpu": t.user_attrs.get("latency_ms_p50_cpu"),
                      "feasible": t.user_attrs.get("budget_excess", 1.0) <= 0, "params": dict(t.params),
                      "ratios": t.user_attrs.get("ratios"),
                      "mlflow_run_id": t.user_attrs.get("mlflow_run_id")})
@@ -320,7 +335,7 @@ def _trial_table(study, budget_on: str) -> list[dict[str, Any]]:
 def _winners(ctx: _Context, trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Rebuild, fine-tune, test and register the best feasible trial (max-accuracy) or each
     feasible Pareto-front trial (pareto); the most accurate one gets ``challenger``."""
-    from mcp.evaluation.benchmark import pareto_front
+    from mcp.evaluation.benchmark import non_dominated
 
     done = [t for t in trials if t["state"] == "complete" and t["feasible"]]
     if not done:
@@ -328,8 +343,9 @@ def _winners(ctx: _Context, trials: list[dict[str, Any]]) -> list[dict[str, Any]
     if ctx.cfg.mode == "max-accuracy":
         chosen = [max(done, key=lambda t: (t["val_accuracy"], -t["size_bytes"]))]
     else:
-        points = [(t["size_bytes"], t["val_accuracy"]) for t in done]
-        chosen = sorted((done[i] for i in pareto_front(points)), key=lambda t: -t["val_accuracy"])
+        points = [(-t["val_accuracy"], t["size_bytes"]) + ((t["latency_ms_p50_cpu"],) if ctx.cfg.latency else ())
+                  for t in done]
+        chosen = sorted((done[i] for i in non_dominated(points)), key=lambda t: -t["val_accuracy"])
     return [_rebuild(ctx, t, alias="challenger" if i == 0 else None) for i, t in enumerate(chosen)]
 
 
@@ -438,10 +454,11 @@ def _log_study(ctx: _Context, trials: list[dict[str, Any]], winners: list[dict[s
         with path.open("w", newline="") as fh:
             writer = csv.writer(fh)
             writer.writerow(["number", "state", "val_accuracy", "size_bytes_compressed", "size_bytes_onnx",
-                             "feasible", "params", "ratios", "mlflow_run_id"])
+                             "latency_ms_p50_cpu", "feasible", "params", "ratios", "mlflow_run_id"])
             for t in trials:
                 writer.writerow([t["number"], t["state"], t["val_accuracy"], t["size_bytes_compressed"],
-                                 t["size_bytes_onnx"] or "", t["feasible"], json.dumps(t["params"]),
+                                 t["size_bytes_onnx"] or "", t["latency_ms_p50_cpu"] or "", t["feasible"],
+                                 json.dumps(t["params"]),
                                  json.dumps(t["ratios"] or {}), t["mlflow_run_id"] or ""])
         tracking.log_artifact(path)
         _log_plots(ctx, Path(tmp))
@@ -468,7 +485,8 @@ def _log_plots(ctx: _Context, tmp: Path) -> None:
         ctx.study, target=(lambda t: -t.values[0]) if multi else None, target_name="val_accuracy")}
     if multi:
         plots["pareto_front.png"] = lambda: vis.plot_pareto_front(
-            ctx.study, target_names=["val_accuracy", SIZE_KEY[ctx.cfg.budget_on]])
+            ctx.study, target_names=["val_accuracy", SIZE_KEY[ctx.cfg.budget_on]]
+            + (["latency_ms_p50_cpu"] if ctx.cfg.latency else []))
     else:
         plots["optimization_history.png"] = lambda: vis.plot_optimization_history(ctx.study)
     for name, draw in plots.items():
