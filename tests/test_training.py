@@ -54,6 +54,26 @@ def test_best_val_weights_are_restored():
     assert trainer.history["val_accuracy"][trainer.best_epoch] == max(trainer.history["val_accuracy"])
 
 
+def test_a_fresh_optimizer_at_an_epoch_end_continues_the_schedule_without_a_warning():
+    """What a structured pruning step on an epoch's last batch does: new parameters, so a
+    new optimizer and a schedule that starts at the current epoch."""
+    import warnings
+
+    from mcp.training import Callback
+
+    class Rebuild(Callback):
+        def on_batch_end(self, trainer, batch, loss):
+            if trainer.epoch == 1 and batch == len(trainer.train_loader) - 1:
+                trainer.optimizer = build_optimizer(trainer.model, "sgd", 0.05, weight_decay=1e-4)
+                trainer.scheduler = build_scheduler(trainer.optimizer, "cosine", 4, start_epoch=trainer.epoch)
+
+    trainer, _ = _trainer(epochs=4, callbacks=[Rebuild()])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the test
+        history = trainer.fit()
+    assert history["lr"] == pytest.approx([0.05 * lr_factor("cosine", e, 4) for e in range(4)])
+
+
 def test_early_stopping_stops():
     trainer, _ = _trainer(epochs=50, callbacks=[EarlyStopping(patience=2)])
     trainer.fit()

@@ -7,6 +7,7 @@ resumed from a checkpoint continues exactly as an uninterrupted one would.
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any, Callable, Iterable
 
 import torch
@@ -149,7 +150,10 @@ class Trainer:
             val = evaluate(self.model, self.val_loader, self.device)
             logs.update(val_loss=val["loss"], val_accuracy=val["accuracy"], lr=lr)
             if self.scheduler:
-                self.scheduler.step()
+                with warnings.catch_warnings():  # a structured pruning step on the epoch's last batch gives
+                    # a fresh optimizer that has not stepped yet; its schedule (built with start_epoch) is right
+                    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+                    self.scheduler.step()
             if val["accuracy"] >= self.best_val_accuracy:  # ties: the later, better-converged epoch
                 self.best_val_accuracy, self.best_epoch = val["accuracy"], epoch
                 self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
