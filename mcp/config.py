@@ -518,7 +518,8 @@ class SearchConfig(StartModel):
                             "model, else search_spaces/default.yaml.")
     mode: str = option("max-accuracy", "Best validation accuracy under the budget, or the accuracy/size "
                                        "Pareto front.", SEARCH_MODES)
-    budget_mb: float = option(0.0, "Size budget in MB (10^6 bytes) of the encoded payload. 0: use --budget-ratio.")
+    budget_mb: float = option(0.0, "Size budget in MB (10^6 bytes), measured as --budget-on says. 0: use "
+                                   "--budget-ratio.")
     budget_ratio: float = option(0.1, "Size budget as a share of the baseline's float32 size (when --budget-mb "
                                       "is 0). 0 with --budget-mb 0: no budget (pareto only).")
     budget_on: str = option("compressed", "What the budget (and the pareto size objective) measures: the encoded "
@@ -595,6 +596,12 @@ class PipelineConfig(DataOptions):
 
     def validate(self) -> None:
         super().validate()
+        if not 0.0 < self.budget_ratio < 1.0:
+            raise ConfigError(f"budget_ratio={self.budget_ratio!r} is outside (0, 1): the pipeline needs a budget")
+        _positive("prune_epochs", self.prune_epochs)
+        if self.quantize_method == "deep_compression":
+            raise ConfigError("quantize_method='deep_compression' prunes again; the pipeline prunes in its prune "
+                              "step: choose one of " + ", ".join(m for m in QUANT_METHODS if m != "deep_compression"))
         self.stage_configs("models:/validate/1")  # each step's config validates itself on construction
 
     def stage_configs(self, base_uri: str, pruned_uri: str = "models:/pruned/1") -> dict[str, StageConfig]:

@@ -43,6 +43,7 @@ def test_the_pipeline_runs_every_step_nested_and_promotes_the_best_model_within_
     assert f"{steps[3]} " in result.rows[3]["label"]  # the benchmark names the search's version by its trial
     for r in result.rows:
         assert r["within_budget"] == (r["step"] != "baseline" and r["size_bytes_compressed"] <= result.budget_bytes)
+    assert not result.rows[0]["within_budget"] and result.rows[2]["within_budget"]  # 90% pruned at 4 bits fits 10%
     fitting = [r for r in result.rows if r["within_budget"]]
     assert fitting and result.champion["test_accuracy"] == max(r["test_accuracy"] for r in fitting)
     champion = client.get_model_version_by_alias("tiny_mlp-synthetic", "champion")
@@ -52,7 +53,8 @@ def test_the_pipeline_runs_every_step_nested_and_promotes_the_best_model_within_
     assert {"pipeline.md", "pipeline.csv"} <= {a.path for a in client.list_artifacts(result.run_id)}
     assert "champion" in result.markdown and result.champion["label"] in result.markdown
     (search,) = [r for r in children if r.data.tags["mcp.stage"] == "search"]
-    assert search.data.params["study_name"] == "pipeline-tiny_mlp-synthetic-v1"  # named after the baseline
+    # named after the baseline and the search problem (space, budget measure, budget ratio)
+    assert search.data.params["study_name"] == "pipeline-tiny_mlp-synthetic-v1-default-compressed-0.1"
 
     # the same command again: the baseline is reused and its study resumed
     again = run_pipeline(cfg, show_progress=False)
@@ -69,6 +71,8 @@ def test_the_pipeline_runs_every_step_nested_and_promotes_the_best_model_within_
     (["--sparsity", "1"], "sparsity=1.0 is outside [0, 1)"),
     (["--model", "resnet99"], "unknown model 'resnet99'"),
     (["--storage", "nosuchdb://x"], "cannot open Optuna storage 'nosuchdb://x'"),
+    (["--quantize-method", "deep_compression"], "quantize_method='deep_compression' prunes again"),
+    (["--budget-ratio", "0"], "budget_ratio=0.0 is outside (0, 1)"),
 ])
 def test_bad_input_is_one_line_before_any_run(cli, experiment, tmp_path, args, message):
     result = cli("pipeline", "--model", "tiny_mlp", "--dataset", "synthetic", "--input-shape", "3x8x8",
@@ -99,3 +103,18 @@ def test_mlflow_run_with_no_entry_point_runs_the_whole_pipeline(tmp_path):
     champion = client.get_model_version_by_alias("lenet300_100-digits", "champion")
     assert parent.data.tags["mcp.champion"] == f"models:/lenet300_100-digits/{champion.version}"
     assert parent.data.metrics["champion_size_bytes_compressed"] <= parent.data.metrics["budget_bytes"]
+
+
+def test_a_study_the_pipeline_cannot_resume_is_refused_before_its_run(cli, experiment, tmp_path):
+    from mcp.config import SearchConfig
+    from mcp.stages.search import run_search
+
+    storage = f"sqlite:///{tmp_path / 'o.db'}"
+    run_search(SearchConfig(model="tiny_mlp", mode="pareto", budget_ratio=0.0, trials=1, storage=storage,
+                            study_name="taken", register=False, export=False, benchmark=False, **TINY),
+               show_progress=False)  # trains the baseline too
+    before = len(runs_of(experiment))
+    result = cli("pipeline", "--model", "tiny_mlp", "--dataset", "synthetic", "--input-shape", "3x8x8",
+                 "--num-classes", "4", "--storage", storage, "--study-name", "taken")
+    assert result.exit_code == 2 and "study 'taken'" in result.output and "another mode" in result.output
+    assert len(runs_of(experiment)) == before

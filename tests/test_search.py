@@ -10,7 +10,7 @@ from mlflow import MlflowClient
 from conftest import runs_of
 from mcp import tracking
 from mcp.config import SearchConfig, TrainConfig
-from mcp.errors import ConfigError
+from mcp.errors import ConfigError, McpError
 from mcp.evaluation.benchmark import non_dominated, pareto_front
 from mcp.models import create_model
 from mcp.pruning.pruner import layers_in_order
@@ -266,6 +266,27 @@ def test_resuming_in_another_mode_is_refused(cli, experiment, tmp_path):
                  "--num-classes", "4", "--storage", f"sqlite:///{tmp_path / 'optuna.db'}", "--study-name", "s",
                  "--mode", "pareto", "--space", space)
     assert result.exit_code == 2 and "was created for another mode" in result.output
+
+
+def test_resuming_under_other_settings_or_from_another_model_is_refused_before_any_run(experiment, tmp_path):
+    run_train(TrainConfig(model="tiny_mlp", epochs=1, **TINY), show_progress=False)
+    space = _space(tmp_path, SMALL_SPACE)
+    cfg = _cfg(tmp_path, space=space, trials=1, register=False)
+    run_search(cfg, show_progress=False)
+    before = len(runs_of(experiment))
+    with pytest.raises(McpError, match=r"was run with budget_bytes \d+, this call has \d+; use --study-name"):
+        run_search(cfg.replace(budget_ratio=0.4), show_progress=False)
+    (tmp_path / "space.yaml").write_text(SMALL_SPACE.replace("[2, 4, 8]", "[4, 8]"))
+    with pytest.raises(McpError, match="was run with search space 'space.yaml', this call has 'space.yaml, edited"):
+        run_search(cfg, show_progress=False)
+    (tmp_path / "space.yaml").write_text(SMALL_SPACE)
+    run_train(TrainConfig(model="tiny_mlp", epochs=1, **TINY), show_progress=False)  # a new baseline: version 2
+    before += 1
+    with pytest.raises(McpError, match="searched from models:/tiny_mlp-synthetic/1, this call starts from "
+                                       "models:/tiny_mlp-synthetic/2"):
+        run_search(cfg, show_progress=False)
+    assert len(runs_of(experiment)) == before
+    assert len(run_search(cfg.replace(model_uri="models:/tiny_mlp-synthetic/1"), show_progress=False).trials) == 2
 
 
 def test_promote_moves_champion_by_version_or_by_the_stated_policy(cli, experiment, tmp_path):

@@ -42,14 +42,17 @@ def run_pipeline(cfg: PipelineConfig, show_progress: bool | None = None) -> Pipe
 
     from mcp import tracking
     from mcp.stages.common import find_base_model, setup_data
-    from mcp.stages.search import check_search, check_storage
+    from mcp.stages.search import check_search, check_storage, open_study
 
     _, splits, loaders = setup_data(cfg)
     base, base_uri = (None, "") if cfg.retrain else find_base_model(cfg.model, "", cfg.dataset, splits)
     if base is None:
         base_uri = ""
-    checked = check_search(cfg.stage_configs(base_uri or "models:/unknown/1")["search"], splits, loaders, base)
+    search_cfg = cfg.stage_configs(base_uri or "models:/unknown/1")["search"]
+    checked = check_search(search_cfg, splits, loaders, base)
     check_storage(cfg.storage)
+    if base_uri or cfg.study_name:  # the study is known now: one it cannot resume is refused here
+        open_study(search_cfg.replace(study_name=study_name(cfg, base_uri, checked)), checked, base_uri)
 
     params = {**cfg.to_dict(), **{f"data_{k}": v for k, v in splits.summary().items()},
               "budget_bytes": checked.budget or 0}
@@ -58,7 +61,7 @@ def run_pipeline(cfg: PipelineConfig, show_progress: bool | None = None) -> Pipe
     with tracking.stage_run("pipeline", params, tags, run_name=f"pipeline-{cfg.model}-{cfg.dataset}") as run:
         bar = tqdm(STEPS, desc="pipeline", unit="step", disable=None if show_progress is None else not show_progress)
         steps = iter(bar)
-        rows = _compress(cfg, base_uri, checked.budget or 0.0, steps, bar, show_progress)
+        rows = _compress(cfg, base_uri, checked, steps, bar, show_progress)
         champion = _promote(cfg, rows, checked.budget or 0.0, next(steps), bar)
         bar.close()
         markdown = _summary(cfg, rows, checked.budget or 0.0, champion)
@@ -72,7 +75,17 @@ def run_pipeline(cfg: PipelineConfig, show_progress: bool | None = None) -> Pipe
     return PipelineResult(run.info.run_id, checked.budget or 0.0, rows, champion, markdown)
 
 
-def _compress(cfg: PipelineConfig, base_uri: str, budget: float, steps, bar,
+def study_name(cfg: PipelineConfig, base_uri: str, checked) -> str:
+    """``--study-name``, else one per baseline version and search problem (space, budget
+    measure, budget ratio): the same command resumes its study, another starts its own."""
+    if cfg.study_name:
+        return cfg.study_name
+    version = base_uri.rsplit("/", 1)[-1]
+    return (f"pipeline-{cfg.model}-{cfg.dataset}-v{version}-{checked.space_path.stem}-{cfg.budget_on}-"
+            f"{cfg.budget_ratio:g}")
+
+
+def _compress(cfg: PipelineConfig, base_uri: str, checked, steps, bar,
               show_progress: bool | None) -> list[dict[str, Any]]:
     """Steps 1-6: the models, exported and benchmarked; one row per model."""
     from mcp import tracking
@@ -105,8 +118,7 @@ def _compress(cfg: PipelineConfig, base_uri: str, budget: float, steps, bar,
     quantized_uri = f"models:/{quantized.registered_name}/{quantized.registered_version}"
 
     step()
-    version = base_uri.rsplit("/", 1)[-1]
-    study = cfg.study_name or f"pipeline-{cfg.model}-{cfg.dataset}-v{version}"
+    study = study_name(cfg, base_uri, checked)
     searched = run_search(configs["search"].replace(study_name=study), show_progress=show_progress)
     winners = [f"models:/{w['registered_name']}/{w['version']}" for w in searched.winners]
 
@@ -123,6 +135,7 @@ def _compress(cfg: PipelineConfig, base_uri: str, budget: float, steps, bar,
     compressed = {pruned_uri: pruned.metrics["size_bytes_compressed"],
                   quantized_uri: quantized.metrics["size_bytes_compressed"],
                   **{uri: w["size_bytes_compressed"] for uri, w in zip(winners, searched.winners)}}
+    budget = checked.budget or 0.0
     fp32 = next(r for r in bench.rows if r["uri"] == base_uri)["size_bytes_fp32"]
     rows = []
     for row in bench.rows:
@@ -131,7 +144,8 @@ def _compress(cfg: PipelineConfig, base_uri: str, budget: float, steps, bar,
         rows.append({"step": candidates[row["uri"]], "uri": row["uri"], "label": row["label"],
                      "deploy_format": row["deploy_format"], "test_accuracy": row["test_accuracy"],
                      "size_bytes_compressed": float(size), "compression_ratio": fp32 / size,
-                     "within_budget": row["uri"] != base_uri and measured <= budget,
+                     "size_bytes_budgeted": float(measured), "within_budget": row["uri"] != base_uri
+                     and measured <= budget,
                      "size_bytes_onnx": row["size_bytes_onnx"], "latency_ms_p50_cpu": row["latency_ms_p50_cpu"],
                      "speedup_p50_cpu": row["speedup_p50_cpu"]})
     return rows
@@ -147,7 +161,7 @@ def _promote(cfg: PipelineConfig, rows: list[dict[str, Any]], budget: float, nam
     fitting = [r for r in rows if r["within_budget"]]
     if not fitting:
         return None
-    best = max(fitting, key=lambda r: (r["test_accuracy"], -r["size_bytes_compressed"]))
+    best = max(fitting, key=lambda r: (r["test_accuracy"], -r["size_bytes_budgeted"]))
     best["champion"] = True
     if cfg.promote:
         registered, version = best["uri"].removeprefix("models:/").split("/")

@@ -24,6 +24,9 @@ from mcp.errors import ConfigError, McpError
 
 STATE_TAG = "mcp.trial_state"
 SIZE_KEY = {"compressed": "size_bytes_compressed", "onnx": "size_bytes_onnx"}  # what --budget-on measures
+# Filling aims this far under the budget: fine-tuning moves a few weights onto or off zero,
+# which changes the encoded size by some bytes (measured: -10 to +2 at 20 KB)
+FILL_SLACK = 0.002
 
 
 @dataclass
@@ -46,8 +49,23 @@ def load_space(cfg: SearchConfig, model, input_shape):
     return build_space(read_space_file(path), layers, path.name), path
 
 
-def open_study(cfg: SearchConfig, budget: float | None):
-    """Create the study, or load it to resume (same name and storage)."""
+SETTINGS_ATTR = "mcp_settings"  # the study's user attribute: what its trial values were measured under
+
+
+def study_settings(cfg: SearchConfig, checked: "Checked") -> dict[str, Any]:
+    """What makes two calls' trials comparable: the space (its file's content), what the
+    budget measures and its bytes, and the pareto objectives."""
+    import hashlib
+
+    return {"space_sha256": hashlib.sha256(checked.space_path.read_bytes()).hexdigest()[:16],
+            "space_file": checked.space_path.name, "budget_on": cfg.budget_on,
+            "budget_bytes": round(checked.budget or 0), "latency": cfg.latency}
+
+
+def open_study(cfg: SearchConfig, checked: "Checked", base_uri: str = ""):
+    """Create the study, or load it to resume (same name and storage). Resuming one
+    created under other settings (space, budget, objectives) or from another starting
+    model is refused in one line: its trial values would not compare."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -56,6 +74,7 @@ def open_study(cfg: SearchConfig, budget: float | None):
         return [float(trial.user_attrs.get("budget_excess", 0.0))]
 
     # Optuna 5 takes constraints from trial.set_constraint; older versions from the sampler's constraints_func
+    budget = checked.budget
     constraint = constraints if budget and not hasattr(optuna.trial.Trial, "set_constraint") else None
     if cfg.sampler == "nsga2":
         sampler = optuna.samplers.NSGAIISampler(seed=cfg.seed, constraints_func=constraint,
@@ -77,7 +96,35 @@ def open_study(cfg: SearchConfig, budget: float | None):
     if [d.name.lower() for d in study.directions] != directions:
         raise McpError(f"study {cfg.name()!r} in {cfg.storage!r} was created for another mode; "
                        f"use --study-name to start a new one")
+    settings = study_settings(cfg, checked)
+    stored = study.user_attrs.get(SETTINGS_ATTR)
+    if stored is None:
+        study.set_user_attr(SETTINGS_ATTR, settings)
+    else:
+        for key in ("space_sha256", "budget_on", "budget_bytes", "latency"):
+            if stored.get(key) == settings[key]:
+                continue
+            what, was, now = key, stored.get(key), settings[key]
+            if key == "space_sha256":
+                what, was, now = "search space", stored.get("space_file"), settings["space_file"]
+                now = now if was != now else f"{now}, edited since"
+            raise McpError(f"study {cfg.name()!r} in {cfg.storage!r} was run with {what} {was!r}, this call has "
+                           f"{now!r}; use --study-name to start a new study, or the first call's settings to "
+                           f"resume it")
+    remember_base(study, cfg, base_uri)
     return study
+
+
+def remember_base(study, cfg: SearchConfig, base_uri: str) -> None:
+    """Record the starting model on the study, or refuse to resume from another one."""
+    if not base_uri:
+        return  # its baseline is still to be trained: recorded once it is
+    stored = study.user_attrs.get("mcp_base_model")
+    if stored is None:
+        study.set_user_attr("mcp_base_model", base_uri)
+    elif stored != base_uri:
+        raise McpError(f"study {cfg.name()!r} in {cfg.storage!r} searched from {stored}, this call starts from "
+                       f"{base_uri}; use --study-name to start a new study, or --model-uri {stored} to resume it")
 
 
 @dataclass
@@ -142,7 +189,7 @@ def run_search(cfg: SearchConfig, show_progress: bool | None = None) -> SearchRe
     base, base_uri = find_base_model(cfg.model, cfg.model_uri, cfg.dataset, splits)
     checked = check_search(cfg, splits, loaders, base)
     space, space_path, budget = checked.space, checked.space_path, checked.budget
-    study = open_study(cfg, budget)
+    study = open_study(cfg, checked, base_uri if base is not None else "")
 
     params = {**cfg.to_dict(), **{f"data_{k}": v for k, v in splits.summary().items()}, "device_resolved": device,
               "space_file": str(space_path), "budget_bytes": budget or 0, "study_trials_before": len(study.trials)}
@@ -152,6 +199,7 @@ def run_search(cfg: SearchConfig, show_progress: bool | None = None) -> SearchRe
         tracking.runs.set_tag("mcp.space", space_path.read_text())
         if base is None:
             base, base_uri = train_baseline(cfg, show_progress)
+            remember_base(study, cfg, base_uri)
         context = _Context(cfg, space, base, base_uri, splits, loaders, device, budget, study, checked.calib,
                            size_bytes_fp32(base))
         if not study.trials:
@@ -204,20 +252,20 @@ def _optimize(ctx: _Context, show_progress: bool | None) -> None:
             trial.set_user_attr("mlflow_run_id", trial_run.info.run_id)
             try:
                 if ctx.budget and cfg.fill_budget:
-                    tc = fill_budget(ctx.base, shape, ctx.space, tc, ctx.budget, calib, ctx.device,
-                                     cfg.seed, on=on) or tc  # None: even the highest ratios are over; rejected below
+                    target = ctx.budget * (1 - FILL_SLACK)
+                    tc = fill_budget(ctx.base, shape, ctx.space, tc, target, calib, ctx.device, cfg.seed,
+                                     on=on) or tc  # None: even the highest ratios are over; rejected below
                 trial.set_user_attr("ratios", tc.ratios)
                 model = prune_candidate(ctx.base, shape, tc, calib, ctx.device)
                 sizes = measure_sizes(model, shape, tc, cfg.seed, onnx=on == "onnx")
                 size = sizes[SIZE_KEY[on]]
                 excess = size - ctx.budget if ctx.budget else -1.0
-                trial.set_user_attr("budget_excess", float(excess))
-                if hasattr(trial, "set_constraint"):
-                    trial.set_constraint("budget_excess", float(excess))
+                _constrain(trial, "budget_excess", excess)
                 for key, value in sizes.items():
                     trial.set_user_attr(key, value)
                 tracking.log_metrics({**sizes, **count_params(model)})
                 if excess > 0:  # over the budget: rejected before any fine-tuning
+                    _constrain(trial, "budget_excess_final", excess)
                     tracking.runs.set_tag(STATE_TAG, "infeasible")
                     trial.set_user_attr("state", "infeasible")
                     outcome = ([0.0, float(size)] + ([1e9] if cfg.latency else [])) if multi else [0.0]
@@ -232,19 +280,23 @@ def _optimize(ctx: _Context, show_progress: bool | None) -> None:
                     tuned = finetune_quantized(model, shape, tc, ctx.loaders, ctx.device, cfg.seed, report,
                                                distiller())
                     val = evaluate(tuned.model, ctx.loaders[1], ctx.device)["accuracy"]
-                    sizes["size_bytes_compressed"] = float(len(tuned.payload))  # the same grid: unchanged
+                    # weights that QAT moved onto or off zero change the encoded size a little: measure again
+                    sizes["size_bytes_compressed"] = float(len(tuned.payload))
                     size = sizes[SIZE_KEY[on]]
                     trial.set_user_attr("size_bytes_compressed", sizes["size_bytes_compressed"])
-                    trial.set_user_attr("state", "complete")
                     tracking.log_metrics({"val_accuracy_final": val, **sizes,
                                           "compression_ratio": ctx.base_fp32 / sizes["size_bytes_compressed"]})
+                    excess = size - ctx.budget if ctx.budget else -1.0
+                    state = "infeasible" if excess > 0 else "complete"  # over after fine-tuning: infeasible after all
+                    _constrain(trial, "budget_excess_final", excess)
+                    trial.set_user_attr("state", state)
                     outcome = [val, float(size)] if multi else [val]
                     if cfg.latency:
                         latency = _latency(tuned, shape)
                         trial.set_user_attr("latency_ms_p50_cpu", latency)
                         tracking.log_metrics({"latency_ms_p50_cpu": latency})
                         outcome.append(latency)
-                    tracking.runs.set_tag(STATE_TAG, "complete")
+                    tracking.runs.set_tag(STATE_TAG, state)
             except optuna.TrialPruned:
                 tracking.runs.set_tag(STATE_TAG, "pruned")
                 trial.set_user_attr("state", "pruned")
@@ -271,6 +323,14 @@ def _optimize(ctx: _Context, show_progress: bool | None) -> None:
     bar.close()
 
 
+def _constrain(trial, key: str, excess: float) -> None:
+    """Bytes over the budget (<= 0: within) as an Optuna constraint (set once per key) and
+    as the user attribute ``budget_excess`` (the latest; what the table and older Optuna read)."""
+    trial.set_user_attr("budget_excess", float(excess))
+    if hasattr(trial, "set_constraint"):
+        trial.set_constraint(key, float(excess))
+
+
 def _latency(tuned, shape) -> float:
     """CPU p50 (ms) at batch 1, one thread, of the trial's deployable ONNX model, timed in
     a process of its own for at least half a second."""
@@ -295,8 +355,8 @@ def _enqueue_uniform(ctx: _Context) -> None:
     for bits in all_bits:
         if queued == 2 or not all(bits in space.bits_of[u] for u in space.units):
             continue
-        ratio = uniform_at_budget(ctx.base, ctx.splits.input_shape, space, bits, ctx.budget, ctx.calib, ctx.device,
-                                  ctx.cfg.seed, on=ctx.cfg.budget_on)
+        ratio = uniform_at_budget(ctx.base, ctx.splits.input_shape, space, bits, ctx.budget * (1 - FILL_SLACK),
+                                  ctx.calib, ctx.device, ctx.cfg.seed, on=ctx.cfg.budget_on)
         if ratio is None:
             continue
         params: dict[str, Any] = {}
@@ -346,10 +406,20 @@ def _winners(ctx: _Context, trials: list[dict[str, Any]]) -> list[dict[str, Any]
         points = [(-t["val_accuracy"], t["size_bytes"]) + ((t["latency_ms_p50_cpu"],) if ctx.cfg.latency else ())
                   for t in done]
         chosen = sorted((done[i] for i in non_dominated(points)), key=lambda t: -t["val_accuracy"])
-    return [_rebuild(ctx, t, alias="challenger" if i == 0 else None) for i, t in enumerate(chosen)]
+    winners = [_rebuild(ctx, t) for t in chosen]
+    first = next((w for w in winners if w["within_budget"]), None)  # the most accurate that still fits
+    if first is not None and first["registered_name"]:
+        from mcp import tracking
+
+        tracking.models.set_alias(first["registered_name"], "challenger", first["version"])
+        first["alias"] = "challenger"
+    return winners
 
 
-def _rebuild(ctx: _Context, t: dict[str, Any], alias: str | None) -> dict[str, Any]:
+def _rebuild(ctx: _Context, t: dict[str, Any]) -> dict[str, Any]:
+    """Prune, fine-tune (``--final-epochs``), test and register one trial's configuration;
+    ``within_budget`` says whether the result still fits (longer fine-tuning can move a
+    few weights onto or off zero)."""
     import optuna
 
     from mcp import tracking
@@ -375,13 +445,15 @@ def _rebuild(ctx: _Context, t: dict[str, Any], alias: str | None) -> dict[str, A
                    "size_bytes_compressed": float(len(tuned.payload)), **final_metrics(model, shape, ctx.device)}
         metrics["compression_ratio"] = ctx.base_fp32 / metrics["size_bytes_compressed"]
         deploy_format = _log_deployable(tuned, shape, ctx.loaders[2], metrics)
+        within = not ctx.budget or metrics[SIZE_KEY[cfg.budget_on]] <= ctx.budget
         tracking.log_metrics(metrics)
+        tracking.runs.set_tag("mcp.within_budget", str(within).lower())
         reg_name = tracking.registered_name(cfg.model, cfg.dataset) if cfg.register else None
         version_tags = {"mcp.stage": "search", "source_run": run.info.run_id, "parent_model": ctx.base_uri,
                         "study": cfg.name(), "trial": t["number"], "mode": cfg.mode,
                         "ratios": json.dumps({k: round(v, 4) for k, v in tc.ratios.items()}),
                         "bits": json.dumps(tc.bits), "method": "qat", "deploy_format": deploy_format,
-                        "budget_on": cfg.budget_on,
+                        "budget_on": cfg.budget_on, "within_budget": str(within).lower(),
                         **{k: f"{metrics[k]:.6g}" for k in ("test_accuracy", "val_accuracy", "size_bytes_compressed",
                                                              "size_bytes_onnx", "onnx_test_accuracy",
                                                              "compression_ratio", "sparsity")}}
@@ -391,9 +463,9 @@ def _rebuild(ctx: _Context, t: dict[str, Any], alias: str | None) -> dict[str, A
                                       {"dataset": cfg.dataset, "class_names": ctx.splits.class_names,
                                        "quantization": quantization, "search": {"study": cfg.name(),
                                                                                 "trial": t["number"]}},
-                                      reg_name, alias, version_tags)
+                                      reg_name, None, version_tags)
     return {"trial": t["number"], "run_id": run.info.run_id, "registered_name": reg_name, "version": version,
-            "alias": alias, "deploy_format": deploy_format,
+            "alias": None, "deploy_format": deploy_format, "within_budget": within,
             **{k: metrics[k] for k in ("test_accuracy", "val_accuracy", "size_bytes_compressed", "size_bytes_onnx",
                                        "onnx_test_accuracy", "compression_ratio", "sparsity")}}
 
