@@ -118,3 +118,17 @@ def test_a_study_the_pipeline_cannot_resume_is_refused_before_its_run(cli, exper
                  "--num-classes", "4", "--storage", storage, "--study-name", "taken")
     assert result.exit_code == 2 and "study 'taken'" in result.output and "another mode" in result.output
     assert len(runs_of(experiment)) == before
+
+
+def test_a_pipeline_budget_on_the_onnx_file_judges_every_model_by_its_onnx_size(experiment, tmp_path):
+    structured = str(ROOT / "search_spaces" / "structured.yaml")
+    cfg = PipelineConfig(model="tiny_mlp", storage=f"sqlite:///{tmp_path / 'optuna.db'}", budget_on="onnx",
+                         budget_ratio=0.2, space=structured, **TINY, **SHORT)
+    result = run_pipeline(cfg, show_progress=False)
+    by_step = {r["step"]: r for r in result.rows}
+    # unstructured zeros and 4-bit values are stored densely in INT8 by ONNX: the quantized model cannot fit
+    assert by_step["quantize"]["size_bytes_onnx"] > result.budget_bytes and not by_step["quantize"]["within_budget"]
+    (searched,) = [r for r in result.rows if r["step"].startswith("search")]
+    assert searched["within_budget"] and searched["size_bytes_onnx"] <= result.budget_bytes
+    assert result.champion["uri"] == searched["uri"]
+    assert MlflowClient().get_run(result.run_id).data.params["budget_on"] == "onnx"
