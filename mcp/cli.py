@@ -235,7 +235,8 @@ def search(ctx: click.Context, **kwargs: Any) -> None:
     for w in result.winners:
         where = f"models:/{w['registered_name']}/{w['version']}" if w["registered_name"] else w["run_id"]
         click.echo(f"  trial {w['trial']}: test_accuracy={w['test_accuracy']:.4f} size={int(w['size_bytes_compressed'])} "
-                   f"B ({w['compression_ratio']:.1f}x) {where}{' @' + w['alias'] if w['alias'] else ''}")
+                   f"B ({w['compression_ratio']:.1f}x) {where}{' @' + w['alias'] if w['alias'] else ''}"
+                   f"{' (registered by an earlier call)' if w.get('reused') else ''}")
         if not w["within_budget"]:
             click.echo("    over the budget after the final fine-tuning (--final-epochs): not the challenger")
         if w.get("onnx_version"):

@@ -289,6 +289,28 @@ def test_resuming_under_other_settings_or_from_another_model_is_refused_before_a
     assert len(run_search(cfg.replace(model_uri="models:/tiny_mlp-synthetic/1"), show_progress=False).trials) == 2
 
 
+def test_a_resumed_study_reuses_its_registered_winner_and_its_onnx_version(experiment, tmp_path, monkeypatch):
+    import mcp.search.trial as trial_module
+
+    run_train(TrainConfig(model="tiny_mlp", epochs=2, **TINY), show_progress=False)
+    cfg = _cfg(tmp_path, space=_space(tmp_path, SMALL_SPACE), trials=2, export=True)
+    (first,) = run_search(cfg, show_progress=False).winners
+    versions = len(MlflowClient().search_model_versions("name='tiny_mlp-synthetic'"))
+
+    def broken(*args, **kwargs):
+        raise ValueError("no fine-tuning in this call")
+
+    monkeypatch.setattr(trial_module, "finetune_quantized", broken)  # the new trial fails; a rebuild would too
+    again = run_search(cfg.replace(trials=1), show_progress=False)
+    assert again.trials[-1]["state"] == "failed"
+    (winner,) = again.winners
+    assert winner["reused"] and winner["trial"] == first["trial"]
+    assert (winner["version"], winner["onnx_version"], winner["alias"]) == (first["version"], first["onnx_version"],
+                                                                            "challenger")
+    assert winner["test_accuracy"] == first["test_accuracy"] and winner["size_bytes_onnx"] == first["size_bytes_onnx"]
+    assert len(MlflowClient().search_model_versions("name='tiny_mlp-synthetic'")) == versions
+
+
 def test_promote_moves_champion_by_version_or_by_the_stated_policy(cli, experiment, tmp_path):
     run_train(TrainConfig(model="tiny_mlp", epochs=4, **TINY), show_progress=False)
     cfg = _cfg(tmp_path, space=_space(tmp_path, SMALL_SPACE), mode="pareto", budget_ratio=0.0, trials=4)

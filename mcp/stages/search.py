@@ -406,7 +406,8 @@ def _winners(ctx: _Context, trials: list[dict[str, Any]]) -> list[dict[str, Any]
         points = [(-t["val_accuracy"], t["size_bytes"]) + ((t["latency_ms_p50_cpu"],) if ctx.cfg.latency else ())
                   for t in done]
         chosen = sorted((done[i] for i in non_dominated(points)), key=lambda t: -t["val_accuracy"])
-    winners = [_rebuild(ctx, t) for t in chosen]
+    registered = _registered_winners(ctx)
+    winners = [registered.get(t["number"]) or _rebuild(ctx, t) for t in chosen]
     first = next((w for w in winners if w["within_budget"]), None)  # the most accurate that still fits
     if first is not None and first["registered_name"]:
         from mcp import tracking
@@ -414,6 +415,33 @@ def _winners(ctx: _Context, trials: list[dict[str, Any]]) -> list[dict[str, Any]
         tracking.models.set_alias(first["registered_name"], "challenger", first["version"])
         first["alias"] = "challenger"
     return winners
+
+
+WINNER_KEYS = ("test_accuracy", "val_accuracy", "size_bytes_compressed", "size_bytes_onnx", "onnx_test_accuracy",
+               "compression_ratio", "sparsity")
+
+
+def _registered_winners(ctx: _Context) -> dict[int, dict[str, Any]]:
+    """Winners an earlier call (or another worker) of this study already rebuilt and
+    registered with the same --final-epochs, by trial number: resuming, or a study shared
+    by many workers, does not register the same trial twice."""
+    from mcp import tracking
+
+    cfg = ctx.cfg
+    if not cfg.register:
+        return {}
+    name = tracking.registered_name(cfg.model, cfg.dataset)
+    found = {}
+    for version, tags, _ in tracking.models.list_versions(name):
+        if (tags.get("mcp.stage") == "search" and tags.get("study") == cfg.name()
+                and tags.get("final_epochs_option") == str(cfg.final_epochs) and tags.get("trial", "").isdigit()):
+            metrics = tracking.runs.run_metrics(tags["source_run"])
+            found[int(tags["trial"])] = {
+                "trial": int(tags["trial"]), "run_id": tags["source_run"], "registered_name": name,
+                "version": str(version),
+                "alias": None, "deploy_format": tags.get("deploy_format", ""), "reused": True,
+                "within_budget": tags.get("within_budget", "true") == "true", **{k: metrics[k] for k in WINNER_KEYS}}
+    return found
 
 
 def _rebuild(ctx: _Context, t: dict[str, Any]) -> dict[str, Any]:
@@ -454,6 +482,7 @@ def _rebuild(ctx: _Context, t: dict[str, Any]) -> dict[str, Any]:
                         "ratios": json.dumps({k: round(v, 4) for k, v in tc.ratios.items()}),
                         "bits": json.dumps(tc.bits), "method": "qat", "deploy_format": deploy_format,
                         "budget_on": cfg.budget_on, "within_budget": str(within).lower(),
+                        "final_epochs_option": str(cfg.final_epochs),
                         **{k: f"{metrics[k]:.6g}" for k in ("test_accuracy", "val_accuracy", "size_bytes_compressed",
                                                              "size_bytes_onnx", "onnx_test_accuracy",
                                                              "compression_ratio", "sparsity")}}
@@ -465,9 +494,8 @@ def _rebuild(ctx: _Context, t: dict[str, Any]) -> dict[str, Any]:
                                                                                 "trial": t["number"]}},
                                       reg_name, None, version_tags)
     return {"trial": t["number"], "run_id": run.info.run_id, "registered_name": reg_name, "version": version,
-            "alias": None, "deploy_format": deploy_format, "within_budget": within,
-            **{k: metrics[k] for k in ("test_accuracy", "val_accuracy", "size_bytes_compressed", "size_bytes_onnx",
-                                       "onnx_test_accuracy", "compression_ratio", "sparsity")}}
+            "alias": None, "deploy_format": deploy_format, "within_budget": within, "reused": False,
+            **{k: metrics[k] for k in WINNER_KEYS}}
 
 
 def _log_deployable(tuned, shape, test_loader, metrics: dict[str, float]) -> str:
@@ -501,6 +529,10 @@ def _deploy(ctx: _Context, winners: list[dict[str, Any]], show_progress: bool | 
             f"runs:/{w['run_id']}/model" for w in winners]
     if cfg.export:
         for w, uri in zip(winners, uris):
+            earlier = _exported_version(w, uri) if w.get("reused") else None
+            if earlier is not None:  # a reused winner whose ONNX version exists: not exported twice
+                w["onnx_version"] = earlier
+                continue
             exported = run_export(ExportConfig(model=cfg.model, model_uri=uri, register=cfg.register, **data),
                                   show_progress)
             w["onnx_version"] = exported.registered_version
@@ -510,6 +542,16 @@ def _deploy(ctx: _Context, winners: list[dict[str, Any]], show_progress: bool | 
                                               baseline=ctx.base_uri, seconds=1.0, **data), show_progress)
         for w, row in zip(winners, bench.rows[1:]):
             w.update({k: row[k] for k in ("latency_ms_p50_cpu", "speedup_p50_cpu", "throughput_ips_cpu")})
+
+
+def _exported_version(winner: dict[str, Any], uri: str) -> str | None:
+    """The ``format=onnx`` version `mcp export` registered for ``uri``, if any."""
+    from mcp import tracking
+
+    for version, tags, _ in tracking.models.list_versions(winner["registered_name"]):
+        if tags.get("format") == "onnx" and tags.get("source_model") == uri:
+            return str(version)
+    return None
 
 
 def _log_study(ctx: _Context, trials: list[dict[str, Any]], winners: list[dict[str, Any]]) -> None:
