@@ -22,7 +22,6 @@ CODING = "fixed"  # sizes before and after fine-tuning agree: packed b-bit value
 class Finetuned:
     model: nn.Module  # weights baked on their grids
     payload: bytes  # the encoded (compressed) form
-    history: dict[str, list[float]]
     quantizer: Any
     entries: dict[str, Any]
 
@@ -99,7 +98,6 @@ def finetune_quantized(model: nn.Module, input_shape: Sequence[int], tc: TrialCo
     epochs = tc.epochs if epochs is None else epochs
     torch.manual_seed(seed)
     quantizer = Quantizer(model, input_shape, _spec("qat", tc, seed))
-    history: dict[str, list[float]] = {}
     if epochs > 0:
         class Reporter(Callback):
             def on_epoch_end(self, trainer, epoch, logs):
@@ -110,10 +108,10 @@ def finetune_quantized(model: nn.Module, input_shape: Sequence[int], tc: TrialCo
         trainer = Trainer(model, optimizer, build_scheduler(optimizer, "cosine", epochs), train_loader, val_loader,
                           epochs=epochs, device=device, seed=seed, restore_best=False, callbacks=[Reporter()],
                           batch_loss=batch_loss)
-        history = trainer.fit()
+        trainer.fit()
     quantizer.freeze()
     entries = quantizer.finish()
-    return Finetuned(model, encode_model(model, entries, CODING), history, quantizer, entries)
+    return Finetuned(model, encode_model(model, entries, CODING), quantizer, entries)
 
 
 def uniform_at_budget(base: nn.Module, input_shape: Sequence[int], space, bits: int, budget: float, calib,

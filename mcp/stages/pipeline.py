@@ -62,17 +62,18 @@ def run_pipeline(cfg: PipelineConfig, show_progress: bool | None = None) -> Pipe
         bar = tqdm(STEPS, desc="pipeline", unit="step", disable=None if show_progress is None else not show_progress)
         steps = iter(bar)
         rows = _compress(cfg, base_uri, checked, steps, bar, show_progress)
-        champion = _promote(cfg, rows, checked.budget or 0.0, next(steps), bar)
+        champion = _promote(cfg, rows, next(steps), bar)
         bar.close()
-        markdown = _summary(cfg, rows, checked.budget or 0.0, champion)
-        metrics = {"pipeline_time_s": time.perf_counter() - started, "budget_bytes": checked.budget or 0.0,
+        budget = checked.budget or 0.0
+        markdown = _summary(cfg, rows, budget, champion)
+        metrics = {"pipeline_time_s": time.perf_counter() - started, "budget_bytes": budget,
                    "baseline_test_accuracy": rows[0]["test_accuracy"]}
         if champion:
             metrics.update({f"champion_{k}": float(champion[k]) for k in (
                 "test_accuracy", "size_bytes_compressed", "compression_ratio", "size_bytes_onnx",
                 "speedup_p50_cpu")})
         tracking.log_metrics(metrics)
-    return PipelineResult(run.info.run_id, checked.budget or 0.0, rows, champion, markdown)
+    return PipelineResult(run.info.run_id, budget, rows, champion, markdown)
 
 
 def study_name(cfg: PipelineConfig, base_uri: str, checked) -> str:
@@ -151,7 +152,7 @@ def _compress(cfg: PipelineConfig, base_uri: str, checked, steps, bar,
     return rows
 
 
-def _promote(cfg: PipelineConfig, rows: list[dict[str, Any]], budget: float, name: str, bar) -> dict | None:
+def _promote(cfg: PipelineConfig, rows: list[dict[str, Any]], name: str, bar) -> dict | None:
     """The most accurate compressed model within the budget (ties: the smaller) gets
     ``champion``; None when no compressed model fits the budget."""
     from mcp import tracking
