@@ -28,7 +28,7 @@ def _uniform(base, splits, loaders, space, budget, epochs, lr, seed, device):
     """Best (by validation accuracy) uniform ratio + bit-width within the budget."""
     from mcp.search import uniform
     from mcp.search.trial import finetune_quantized, prune_candidate, uniform_at_budget
-    from mcp.stages.prune import calibration_batches
+    from mcp.data.calibration import calibration_batches
     from mcp.training import evaluate
 
     shape = splits.input_shape
@@ -62,7 +62,8 @@ def main() -> None:
 
     from mcp.config import SearchConfig, TrainConfig
     from mcp.stages.common import setup_data
-    from mcp.stages.search import load_space, run_search
+    from mcp.search.study import load_space
+    from mcp.stages.search import run_search
     from mcp.stages.train import run_train
 
     mlflow.set_experiment("benchmark-search-vs-uniform")

@@ -7,14 +7,26 @@ logged params can never disagree. Precedence: defaults < --config FILE < command
 from __future__ import annotations
 
 import dataclasses
+import signal
 import sys
 from typing import Any, Callable
 
 import click
 from click.core import ParameterSource
 
-from mcp.config import (BenchmarkConfig, DistillConfig, ExportConfig, PipelineConfig, PruneConfig, QuantizeConfig,
-                        SearchConfig, SensitivityConfig, StageConfig, TrainConfig, read_config_file)
+from mcp.config import (
+    BenchmarkConfig,
+    DistillConfig,
+    ExportConfig,
+    PipelineConfig,
+    PruneConfig,
+    QuantizeConfig,
+    SearchConfig,
+    SensitivityConfig,
+    StageConfig,
+    TrainConfig,
+    read_config_file,
+)
 from mcp.errors import McpError
 
 _CLICK_TYPES = {"int": click.INT, "float": click.FLOAT, "str": click.STRING}
@@ -61,10 +73,16 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
+def _terminated(signum: int, frame: Any) -> None:
+    """SIGTERM (a scheduler or `kill`) unwinds like Ctrl-C, so the open runs end KILLED."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="mcp-pipeline")
 def main() -> None:
     """mcp: a tracked model compression pipeline (train, prune, quantize, distill, search, export)."""
+    signal.signal(signal.SIGTERM, _terminated)
 
 
 def _run_stage(ctx: click.Context, kwargs: dict[str, Any], config_cls: type[StageConfig], run: Any):
@@ -224,6 +242,7 @@ def search(ctx: click.Context, **kwargs: Any) -> None:
     a nested MLflow run; running the same command again resumes the study. Winners are rebuilt,
     tested and registered (the best with alias 'challenger')."""
     from mcp.stages.search import run_search
+    from mcp.tracking import schema
 
     cfg, result = _run_stage(ctx, kwargs, SearchConfig, run_search)
     states = {}
@@ -233,7 +252,7 @@ def search(ctx: click.Context, **kwargs: Any) -> None:
     click.echo(f"run {result.run_id}: study {result.study_name!r}, {len(result.trials)} trials "
                f"({', '.join(f'{k} {v}' for k, v in sorted(states.items()))}), budget {budget}")
     for w in result.winners:
-        where = f"models:/{w['registered_name']}/{w['version']}" if w["registered_name"] else w["run_id"]
+        where = schema.version_uri(w['registered_name'], w['version']) if w["registered_name"] else w["run_id"]
         click.echo(f"  trial {w['trial']}: test_accuracy={w['test_accuracy']:.4f} size={int(w['size_bytes_compressed'])} "
                    f"B ({w['compression_ratio']:.1f}x) {where}{' @' + w['alias'] if w['alias'] else ''}"
                    f"{' (registered by an earlier call)' if w.get('reused') else ''}")
@@ -269,13 +288,14 @@ def pipeline(ctx: click.Context, **kwargs: Any) -> None:
                                            "(ties: the smaller compressed size, then the newer version).")
 def promote(name: str, version: str | None, best: bool) -> None:
     """Move the 'champion' alias of registered model NAME to a version."""
-    from mcp.stages.promote import promote as move
+    from mcp.stages.promote import run_promote as move
+    from mcp.tracking import schema
 
     try:
         chosen, previous = move(name, version, best)
     except McpError as exc:
         _fail(str(exc))
-    click.echo(f"models:/{name}@champion -> version {chosen}"
+    click.echo(f"{schema.alias_uri(name, schema.CHAMPION_ALIAS)} -> version {chosen}"
                + (f" (was {previous})" if previous and previous != chosen else ""))
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from mcp.errors import ConfigError
+from mcp.quantization.methods import quant_method, quant_method_names
 
 DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZERS = ("sgd", "adamw")
@@ -202,7 +203,16 @@ COMPARE = ("", "schedules", "criteria")
 
 
 @dataclass(frozen=True)
-class StartModel(DataOptions):
+class ModelSource(DataOptions):
+    """A stage that loads models from MLflow (by URI or registered name)."""
+
+    trust_pickled_model: bool = option(False, "Allow a PyTorch model that mcp did not log to be loaded by "
+                                              "unpickling it. Unpickling runs code from the model file: only for "
+                                              "models whose author you trust (warns; the run is tagged).")
+
+
+@dataclass(frozen=True)
+class StartModel(ModelSource):
     """A stage that starts from a trained model: a registered baseline or a model URI."""
 
     model: str = option("lenet300_100", "Model name; its baseline is models:/<model>-<dataset>@baseline.")
@@ -340,8 +350,8 @@ class SensitivityConfig(StartModel):
         return ratios
 
 
-QUANT_METHODS = ("ptq_int8", "dynamic_int8", "qat", "fixed_point", "kmeans", "huffman", "deep_compression")
-FINE_TUNED_METHODS = ("qat", "kmeans", "huffman", "deep_compression")
+QUANT_METHODS = quant_method_names()  # one module each in mcp/quantization/methods/
+FINE_TUNED_METHODS = tuple(m for m in QUANT_METHODS if quant_method(m).fine_tunes)
 OBSERVERS = ("minmax", "percentile", "entropy")
 KMEANS_INITS = ("forgy", "density", "linear")
 
@@ -385,13 +395,15 @@ class QuantizeConfig(RecoveryOptions):
             raise ConfigError(f"bits={self.bits!r} is outside the allowed bit-widths 2-8")
         if self.act_bits and not 2 <= self.act_bits <= 8:
             raise ConfigError(f"act_bits={self.act_bits!r} must be 0 (float activations) or 2-8")
-        if self.method in ("ptq_int8", "dynamic_int8") and (self.bits != 8 or self.bits_file):
+        kind = quant_method(self.method)
+        if kind.int8_only and (self.bits != 8 or self.bits_file):
             raise ConfigError(f"method {self.method} is 8-bit; use fixed_point or qat for bits={self.bits}")
         if self.epochs < 0:
             raise ConfigError(f"epochs={self.epochs!r} must be 0 or more")
-        if self.method == "qat" and self.epochs == 0:
-            raise ConfigError("method qat needs epochs >= 1 (fixed_point is the same grid without training)")
-        if self.method == "deep_compression" and self.prune_epochs < 1:
+        if kind.needs_epochs and self.epochs == 0:
+            raise ConfigError(f"method {self.method} needs epochs >= 1 (it trains; fixed_point is the same grid "
+                              f"without training)")
+        if kind.prunes_first and self.prune_epochs < 1:
             raise ConfigError(f"prune_epochs={self.prune_epochs!r} must be at least 1")
         _optimizer_settings(self)
         _positive("calib_batches", self.calib_batches)
@@ -407,7 +419,7 @@ class QuantizeConfig(RecoveryOptions):
 
 
 @dataclass(frozen=True)
-class DistillConfig(DataOptions):
+class DistillConfig(ModelSource):
     """`mcp distill`: train a student on a teacher's softened outputs (and features); register it."""
 
     teacher: str = option("resnet20", "Teacher: a model name (its <model>-<dataset>@baseline, trained first when "
@@ -468,7 +480,7 @@ class ExportConfig(StartModel):
 
 
 @dataclass(frozen=True)
-class BenchmarkConfig(DataOptions):
+class BenchmarkConfig(ModelSource):
     """`mcp benchmark`: deployed ONNX models measured side by side (accuracy, latency, throughput, memory)."""
 
     model: str = option("lenet300_100", "With no --models and no --registered-model: every version of "
@@ -599,9 +611,10 @@ class PipelineConfig(DataOptions):
         if not 0.0 < self.budget_ratio < 1.0:
             raise ConfigError(f"budget_ratio={self.budget_ratio!r} is outside (0, 1): the pipeline needs a budget")
         _positive("prune_epochs", self.prune_epochs)
-        if self.quantize_method == "deep_compression":
-            raise ConfigError("quantize_method='deep_compression' prunes again; the pipeline prunes in its prune "
-                              "step: choose one of " + ", ".join(m for m in QUANT_METHODS if m != "deep_compression"))
+        if quant_method(self.quantize_method).prunes_first:
+            raise ConfigError(f"quantize_method={self.quantize_method!r} prunes again; the pipeline prunes in its "
+                              f"prune step: choose one of " +
+                              ", ".join(m for m in QUANT_METHODS if not quant_method(m).prunes_first))
         self.stage_configs("models:/validate/1")  # each step's config validates itself on construction
 
     def stage_configs(self, base_uri: str, pruned_uri: str = "models:/pruned/1") -> dict[str, StageConfig]:

@@ -111,6 +111,7 @@ def test_bad_input_is_one_line_without_a_run(cli, experiment, args, message):
     assert len(runs_of(experiment)) == before
 
 
+@pytest.mark.slow  # an `mlflow run` or a large model: `.ci/run` runs it
 def test_mlflow_run_export_and_benchmark(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID")}
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'fresh.db'}"

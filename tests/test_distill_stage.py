@@ -120,6 +120,7 @@ def test_qat_distills_from_a_given_teacher(experiment):
         "distilled_from"] == teacher_uri
 
 
+@pytest.mark.slow  # an `mlflow run` or a large model: `.ci/run` runs it
 def test_resnet50_teacher_to_resnet18_student_on_cifar_shapes(experiment):
     """The seed use case at the level of shapes: CIFAR-sized synthetic images, one epoch each."""
     data = dict(dataset="synthetic", input_shape="3x32x32", num_classes=2, batch_size=16)
@@ -163,6 +164,7 @@ def test_a_quantized_student_or_an_untrained_method_is_refused(cli, experiment):
     assert len(runs_of(experiment)) == before
 
 
+@pytest.mark.slow  # an `mlflow run` or a large model: `.ci/run` runs it
 def test_mlflow_run_distill(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID")}
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'fresh.db'}"

@@ -83,6 +83,7 @@ def test_bad_input_is_one_line_before_any_run(cli, experiment, tmp_path, args, m
     assert MlflowClient().search_registered_models() == []
 
 
+@pytest.mark.slow  # an `mlflow run` or a large model: `.ci/run` runs it
 def test_mlflow_run_with_no_entry_point_runs_the_whole_pipeline(tmp_path):
     """`mlflow run . --env-manager local`, the README's first command, shortened."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

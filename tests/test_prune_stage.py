@@ -128,6 +128,7 @@ def test_bad_input_is_one_line_and_leaves_no_run(cli, experiment, args, message)
     assert runs_of(experiment) == []
 
 
+@pytest.mark.slow  # an `mlflow run` or a large model: `.ci/run` runs it
 def test_mlflow_run_prune_gradual_on_the_embedded_default(tmp_path):
     """The issue's acceptance run: 90% sparsity on lenet300_100/digits, at most 1 point lost."""
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID")}

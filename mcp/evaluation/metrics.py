@@ -91,3 +91,16 @@ def peak_memory_mb(device: str = "cpu") -> float:
         return torch.cuda.max_memory_allocated() / 2**20
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 1024.0
+
+
+def model_metrics(model: nn.Module, input_shape: Sequence[int], device: str) -> dict[str, float]:
+    """Glossary metrics of a model's shape, size and speed: params (total, non-zero),
+    sparsity, MACs, ``size_bytes_fp32``, CPU latency and throughput (and the GPU ones on
+    CUDA). Accuracy is measured by the caller, on the split it chooses."""
+    metrics: dict[str, float] = dict(count_params(model))
+    metrics["macs"] = float(count_macs(model, input_shape))
+    metrics["size_bytes_fp32"] = float(size_bytes_fp32(model))
+    metrics.update(latency_metrics(model, input_shape, "cpu"))
+    if device == "cuda":
+        metrics.update(latency_metrics(model, input_shape, "cuda"))
+    return metrics

@@ -11,15 +11,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from mcp.config import FINE_TUNED_METHODS, QUANT_METHODS
 from mcp.errors import ConfigError
 from mcp.quantization.codec import Codebook, Uniform, encode, inference_state
 from mcp.quantization.kmeans import KMEANS_INITS, WeightSharing
+from mcp.quantization.methods import QuantMethod, quant_method
 from mcp.quantization.uniform import OBSERVERS, LayerQuant, QuantSim
 
-METHODS = QUANT_METHODS
-SHARING = ("kmeans", "huffman", "deep_compression")  # k-means weight sharing
-TRAINED = FINE_TUNED_METHODS  # fine-tune after attaching
 MIN_BITS, MAX_BITS = 2, 8
 
 
@@ -39,12 +36,16 @@ class QuantSpec:
     seed: int = 0
 
     @property
+    def kind(self) -> QuantMethod:
+        """The registered method (:mod:`mcp.quantization.methods`)."""
+        return quant_method(self.method)
+
+    @property
     def coding(self) -> str:
-        return "huffman" if self.method in ("huffman", "deep_compression") else "fixed"
+        return self.kind.coding
 
     def validate(self) -> None:
-        if self.method not in METHODS:
-            raise ConfigError(f"unknown quantization method {self.method!r}; choose one of {', '.join(METHODS)}")
+        kind = self.kind  # an unknown name fails here
         for where, b in [("bits", self.bits), *((f"bits of layer {k}", v) for k, v in self.layer_bits.items())]:
             if not (isinstance(b, int) and MIN_BITS <= b <= MAX_BITS):
                 raise ConfigError(f"{where}={b!r} is outside the allowed bit-widths {MIN_BITS}-{MAX_BITS}")
@@ -54,7 +55,7 @@ class QuantSpec:
             raise ConfigError(f"unknown observer {self.observer!r}; choose one of {', '.join(OBSERVERS)}")
         if self.kmeans_init not in KMEANS_INITS:
             raise ConfigError(f"unknown kmeans_init {self.kmeans_init!r}; choose one of {', '.join(KMEANS_INITS)}")
-        if self.method in ("ptq_int8", "dynamic_int8") and (self.bits != 8 or self.layer_bits):
+        if kind.int8_only and (self.bits != 8 or self.layer_bits):
             raise ConfigError(f"method {self.method} is 8-bit; use fixed_point or qat for other bit-widths")
 
 
@@ -71,7 +72,8 @@ class Quantizer:
             raise ConfigError(f"unknown layer(s) {', '.join(unknown)}; this model's layers are: "
                               f"{', '.join(self.order)}")
         layers = {n: m for n, m in ordered if n not in spec.ignored_layers}
-        if spec.method == "dynamic_int8":  # run-time activation quantization of the fully connected layers
+        kind = spec.kind
+        if kind.linear_only:  # e.g. run-time activation quantization of the fully connected layers
             layers = {n: m for n, m in layers.items() if isinstance(m, nn.Linear)}
         if not layers:
             raise ConfigError(f"no layer to quantize with {spec.method} (ignored: {', '.join(spec.ignored_layers)})")
@@ -79,27 +81,24 @@ class Quantizer:
         self.bits = {n: spec.layer_bits.get(n, spec.bits) for n in layers}
         self.sim: QuantSim | None = None
         self.sharing: WeightSharing | None = None
-        if spec.method in SHARING:
+        if kind.shares_weights:
             self.sharing = WeightSharing(layers, self.bits, spec.kmeans_init, spec.seed, spec.share_biases)
-        else:
-            act = {"ptq_int8": 8, "dynamic_int8": 8}.get(spec.method, spec.act_bits)
+        else:  # uniform grids; INT8 methods fix the scheme ONNX Runtime's kernels use
+            act = 8 if kind.int8_only else spec.act_bits
             plan = {n: LayerQuant(self.bits[n], act) for n in layers}
-            symmetric = True if spec.method in ("ptq_int8", "dynamic_int8") else spec.symmetric
-            per_channel = True if spec.method in ("ptq_int8", "dynamic_int8") else spec.per_channel
-            self.sim = QuantSim(model, layers, plan, symmetric=symmetric, per_channel=per_channel,
-                                observer=spec.observer,
-                                reduce_range=spec.reduce_range and spec.method in ("ptq_int8", "dynamic_int8"))
-            self.sim.set_mode("dynamic" if spec.method == "dynamic_int8" else
-                              "train" if spec.method == "qat" else "fixed")
+            self.sim = QuantSim(model, layers, plan, symmetric=kind.int8_only or spec.symmetric,
+                                per_channel=kind.int8_only or spec.per_channel, observer=spec.observer,
+                                reduce_range=spec.reduce_range and kind.int8_only)
+            self.sim.set_mode(kind.sim_mode)
 
     def calibrate(self, batches, device: str) -> None:
         """Static activation ranges (ptq_int8, fixed_point with act_bits) from calibration batches."""
-        if self.sim is not None and self.spec.method in ("ptq_int8", "fixed_point"):
+        if self.sim is not None and self.spec.kind.calibrates:
             self.sim.calibrate(batches, device)
 
     def freeze(self) -> None:
         """After QAT: activations use the ranges tracked during training."""
-        if self.sim is not None and self.spec.method == "qat":
+        if self.sim is not None and self.spec.kind.sim_mode == "train":
             self.sim.set_mode("fixed")
 
     @torch.no_grad()
@@ -156,7 +155,7 @@ def simulated(model: nn.Module, input_shape: Sequence[int], quantization: Mappin
 
     bits = {str(k): int(v) for k, v in quantization["bits"].items()}
     order = [n for n, _ in layers_in_order(model, input_shape)]
-    int8 = quantization["method"] in ("ptq_int8", "dynamic_int8")
+    int8 = quant_method(quantization["method"]).int8_only
     spec = QuantSpec(method=quantization["method"], bits=8 if int8 else max(bits.values()),
                      layer_bits={} if int8 else bits,
                      act_bits=int(quantization.get("act_bits", 0)), symmetric=bool(quantization["symmetric"]),

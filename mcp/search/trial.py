@@ -33,12 +33,9 @@ def deployable_onnx(model: nn.Module, input_shape: Sequence[int], quantizer, ent
                     opset: int = 17) -> tuple[Path, str]:
     """(file, format): the ONNX model users deploy for weights on b-bit grids (what `mcp
     quantize` logs for fixed_point and QAT): INT8 weights behind DequantizeLinear."""
-    from mcp.export import export_onnx
-    from mcp.stages.quantize import int8_weights_or_fp32
+    from mcp.export.deploy import grid_onnx
 
-    out_dir = Path(out_dir)
-    fp32 = export_onnx(model, input_shape, out_dir / "fp32.onnx", opset)
-    return int8_weights_or_fp32(fp32, quantizer, entries, out_dir / "model.onnx")
+    return grid_onnx(model, input_shape, quantizer, entries, out_dir, opset)
 
 
 def prune_candidate(base: nn.Module, input_shape: Sequence[int], tc: TrialConfig, calib, device: str) -> nn.Module:

@@ -17,6 +17,7 @@ import torch
 
 from mcp.config import BenchmarkConfig
 from mcp.errors import McpError
+from mcp.tracking import schema
 
 
 @dataclass
@@ -33,7 +34,7 @@ def _label(uri: str, info: tuple[dict[str, str], list[str]] | None) -> str:
         return uri.removeprefix("runs:/").split("/")[0][:8] if uri.startswith("runs:/") else uri
     tags, aliases = info
     version = "v" + uri.rsplit("/", 1)[-1]
-    stage = tags.get("mcp.stage", "")
+    stage = tags.get(schema.STAGE, "")
     parent = tags.get("parent_model", "")
     of = f" of v{parent.rsplit('/', 1)[-1]}" if parent.rsplit("/", 1)[-1].isdigit() else ""
     if stage == "prune":
@@ -75,7 +76,7 @@ def _references(cfg: BenchmarkConfig) -> list[str]:
     if not versions:
         raise McpError(f"registered model {name!r} has no versions to benchmark; train one first "
                        f"(mcp train) or pass --models")
-    return [f"models:/{name}/{v}" for v in versions]
+    return [schema.version_uri(name, v) for v in versions]
 
 
 def _prepare(cfg: BenchmarkConfig, splits, tmp: Path) -> list[dict[str, Any]]:
@@ -83,18 +84,19 @@ def _prepare(cfg: BenchmarkConfig, splits, tmp: Path) -> list[dict[str, Any]]:
     from mcp import tracking
     from mcp.evaluation.metrics import count_macs, count_params, size_bytes_fp32
     from mcp.export import check_onnx
-    from mcp.stages.common import resolve_model_ref
-    from mcp.stages.export import build_onnx
+    from mcp.export.deploy import build_onnx
+    from mcp.stages.common import deployable_of, resolve_model_ref
 
     prepared, seen = [], set()
     for i, ref in enumerate(_references(cfg)):
-        model, uri, arch = resolve_model_ref(ref, cfg.dataset, splits)
+        model, uri, arch = resolve_model_ref(ref, cfg.dataset, splits, cfg.trust_pickled_model)
         if model is None:
             raise McpError(f"{uri} does not exist; train it first (mcp train --model {arch} --dataset {cfg.dataset})")
         if uri in seen:
             continue
         seen.add(uri)
-        path, fmt, _ = build_onnx(model, uri, splits.input_shape, tmp / f"m{i}", cfg.opset)
+        path, fmt, _ = build_onnx(model, splits.input_shape, tmp / f"m{i}", cfg.opset,
+                                  deployed=deployable_of(uri, tmp / f"m{i}"))
         check_onnx(path)
         info = tracking.models.version_info(uri)
         run_id = tracking.models.source_run_id(uri)
@@ -170,7 +172,8 @@ def run_benchmark(cfg: BenchmarkConfig, show_progress: bool | None = None) -> Be
     from mcp import tracking
     from mcp.evaluation.benchmark import csv_rows, markdown_table
     from mcp.evaluation.plots import plot_tradeoffs
-    from mcp.stages.common import log_plot, setup_data
+    from mcp.stages.common import setup_data
+    from mcp.tracking.tables import log_plot
 
     device, splits, (_, _, test_loader) = setup_data(cfg)
     gpu = device == "cuda"
@@ -181,7 +184,7 @@ def run_benchmark(cfg: BenchmarkConfig, show_progress: bool | None = None) -> Be
                        "torch_version": torch.__version__, "processor": platform.processor() or platform.machine(),
                        "gpu": torch.cuda.get_device_name(0) if gpu else "not available",
                        "models_resolved": ",".join(r["uri"] for r in rows)}
-        tags = {"mcp.model": cfg.model, "mcp.dataset": cfg.dataset}
+        tags = {schema.MODEL: cfg.model, schema.DATASET: cfg.dataset}
         with tracking.stage_run("benchmark", {**cfg.to_dict(), **environment}, tags,
                                 run_name=f"benchmark-{cfg.dataset}") as run:
             for row in tqdm(rows, desc="benchmark", unit="model", disable=None if show_progress is None
@@ -192,7 +195,7 @@ def run_benchmark(cfg: BenchmarkConfig, show_progress: bool | None = None) -> Be
                 numbers = {k: float(v) for k, v in row.items() if isinstance(v, (int, float))
                            and not isinstance(v, bool)}
                 with tracking.stage_run("benchmark", {"model_uri": row["uri"], "deploy_format": row["deploy_format"]},
-                                        {**tags, "mcp.parent_model": row["uri"], "mcp.label": row["label"]},
+                                        {**tags, schema.PARENT_MODEL: row["uri"], schema.LABEL: row["label"]},
                                         run_name=row["label"]):
                     tracking.log_metrics(numbers)
             table = markdown_table(rows)

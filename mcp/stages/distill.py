@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import dataclass
 
 import torch
@@ -11,6 +10,7 @@ from torch import nn
 
 from mcp.config import DistillConfig
 from mcp.errors import McpError
+from mcp.tracking import schema
 
 
 @dataclass
@@ -37,7 +37,7 @@ def resolve_student(cfg: DistillConfig, splits) -> tuple[nn.Module, str, str]:
     if cfg.student in model_names():
         torch.manual_seed(cfg.seed)
         return create_model(cfg.student, splits.num_classes, splits.input_shape), "", cfg.student
-    student, uri, arch = resolve_model_ref(cfg.student, cfg.dataset, splits)
+    student, uri, arch = resolve_model_ref(cfg.student, cfg.dataset, splits, cfg.trust_pickled_model)
     quantized = student.mcp_recipe.get("quantization")
     if quantized:
         raise McpError(f"student {uri!r} is already quantized ({quantized.get('method')}); training would undo its "
@@ -50,10 +50,12 @@ def run_distill(cfg: DistillConfig, show_progress: bool | None = None) -> Distil
     from mcp import tracking
     from mcp.distillation import Distiller
     from mcp.models import create_model
-    from mcp.stages.common import resolve_model_ref, setup_data, train_baseline
+    from mcp.stages.common import resolve_model_ref, setup_data
+    from mcp.stages.train import run_baseline
 
     device, splits, loaders = setup_data(cfg)
-    teacher, teacher_uri, teacher_arch = resolve_model_ref(cfg.teacher, cfg.dataset, splits)
+    teacher, teacher_uri, teacher_arch = resolve_model_ref(cfg.teacher, cfg.dataset, splits,
+                                                                    cfg.trust_pickled_model)
     student, student_uri, student_arch = resolve_student(cfg, splits)
     probe_teacher = teacher if teacher is not None else create_model(teacher_arch, splits.num_classes,
                                                                      splits.input_shape)
@@ -61,12 +63,12 @@ def run_distill(cfg: DistillConfig, show_progress: bool | None = None) -> Distil
 
     params = {**cfg.to_dict(), **{f"data_{k}": v for k, v in splits.summary().items()},
               "device_resolved": device, "teacher_uri": teacher_uri, "student_uri": student_uri}
-    tags = {"mcp.model": student_arch, "mcp.dataset": cfg.dataset, "mcp.teacher": teacher_uri}
+    tags = {schema.MODEL: student_arch, schema.DATASET: cfg.dataset, schema.TEACHER: teacher_uri}
     if student_uri:
-        tags["mcp.parent_model"] = student_uri
+        tags[schema.PARENT_MODEL] = student_uri
     with tracking.stage_run("distill", params, tags, run_name=f"distill-{teacher_arch}-to-{student_arch}") as run:
         if teacher is None:  # no teacher registered for this dataset: train it first, as a nested run
-            teacher, teacher_uri = train_baseline(cfg, show_progress, model=teacher_arch, tag="mcp.teacher")
+            teacher, teacher_uri = run_baseline(cfg, show_progress, model=teacher_arch, tag=schema.TEACHER)
         result = _distill(cfg, teacher, teacher_uri, student, student_uri, student_arch, splits, loaders, device,
                           show_progress)
         result.run_id = run.info.run_id
@@ -76,61 +78,33 @@ def run_distill(cfg: DistillConfig, show_progress: bool | None = None) -> Distil
 def _distill(cfg: DistillConfig, teacher: nn.Module, teacher_uri: str, student: nn.Module, student_uri: str,
              student_arch: str, splits, loaders, device: str, show_progress: bool | None) -> DistillResult:
     from mcp import tracking
-    from mcp.distillation import Distiller
-    from mcp.evaluation.metrics import count_params, peak_memory_mb, size_bytes_fp32
+    from mcp.distillation.train import distill_model
     from mcp.evaluation.plots import plot_training_curves
-    from mcp.pruning import KeepSparsity
-    from mcp.stages.common import final_metrics, log_and_register, log_plot
-    from mcp.training import ProgressBar, Trainer, build_optimizer, build_scheduler, evaluate
+    from mcp.stages.common import log_and_register
+    from mcp.tracking.tables import log_plot
+    from mcp.training import FineTune, evaluate
 
-    train_loader, val_loader, test_loader = loaders
-    teacher = teacher.to(device).eval()
-    teacher_test = evaluate(teacher, test_loader, device)
-    teacher_size = size_bytes_fp32(teacher)
-    metrics: dict[str, float] = {"teacher_test_accuracy": teacher_test["accuracy"],
-                                 "teacher_params_total": float(count_params(teacher)["params_total"]),
-                                 "teacher_size_bytes_fp32": float(teacher_size)}
-    tracking.log_metrics(metrics)
+    test_loader = loaders[2]
     student = student.to(device)
-    if student_uri:
-        metrics["initial_test_accuracy"] = evaluate(student, test_loader, device)["accuracy"]
-
-    torch.manual_seed(cfg.seed)
-    distiller = Distiller(teacher, spec_of(cfg), student, splits.input_shape).to(device)
-    optimizer = build_optimizer(student, cfg.optimizer, cfg.lr, cfg.momentum, True, cfg.weight_decay)
-    distiller.attach(optimizer)
-    callbacks = [ProgressBar(f"distill {student_arch} <- T={cfg.temperature:g}", disable=None
-                             if show_progress is None else not show_progress), tracking.EpochLogger()]
-    keep = KeepSparsity(student)
-    if keep.active:  # a pruned student stays as sparse as it came
-        callbacks.insert(0, keep)
-    trainer = Trainer(student, optimizer, build_scheduler(optimizer, cfg.scheduler, cfg.epochs), train_loader,
-                      val_loader, epochs=cfg.epochs, device=device, seed=cfg.seed, callbacks=callbacks,
-                      batch_loss=distiller)
-    t0 = time.perf_counter()
-    try:
-        trainer.fit()
-    finally:
-        distiller.close()  # the hooks must not travel with the saved student
-    test = evaluate(student, test_loader, device)
-    metrics.update({
-        "test_accuracy": test["accuracy"], "test_loss": test["loss"],
-        "accuracy_gap_to_teacher": teacher_test["accuracy"] - test["accuracy"],
-        "best_val_accuracy": trainer.best_val_accuracy, "best_epoch": float(trainer.best_epoch),
-        "train_time_s": trainer.train_time_s, "training_time_s": time.perf_counter() - t0})
-    metrics.update(final_metrics(student, splits.input_shape, device))
-    metrics["compression_ratio"] = teacher_size / metrics["size_bytes_fp32"]
-    metrics["peak_memory_mb"] = peak_memory_mb(device)
+    initial = evaluate(student, test_loader, device)["accuracy"] if student_uri else None
+    finetune = FineTune(epochs=cfg.epochs, optimizer=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum,
+                        weight_decay=cfg.weight_decay, scheduler=cfg.scheduler, seed=cfg.seed)
+    outcome = distill_model(teacher, student, loaders, splits.input_shape, spec_of(cfg), finetune, device=device,
+                            callbacks=[tracking.EpochLogger()], progress=show_progress,
+                            desc=f"distill {student_arch} <- T={cfg.temperature:g}")
+    metrics = outcome.metrics
+    if initial is not None:
+        metrics["initial_test_accuracy"] = initial
     tracking.log_metrics(metrics)
 
-    log_plot(plot_training_curves, "training_curves.png", trainer.history,
+    log_plot(plot_training_curves, "training_curves.png", outcome.history,
              title=f"{student_arch} distilled from {teacher.mcp_recipe['name']} on {cfg.dataset} "
                    f"(T={cfg.temperature:g}, alpha={cfg.alpha:g})",
-             reference={"teacher (test)": teacher_test["accuracy"]})
+             reference={"teacher (test)": outcome.teacher_test_accuracy})
 
     reg_name = tracking.registered_name(student_arch, cfg.dataset) if cfg.register else None
     run_id = tracking.runs.active_run_id()
-    version_tags = {"mcp.stage": "distill", "source_run": run_id, "teacher": teacher_uri,
+    version_tags = {schema.STAGE: "distill", "source_run": run_id, "teacher": teacher_uri,
                     "temperature": cfg.temperature, "alpha": cfg.alpha,
                     **({"hint_layers": cfg.hint_layers} if cfg.hint_layers else {}),
                     **({"parent_model": student_uri} if student_uri else {}),

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from mcp.config import DataOptions, ExportConfig, PipelineConfig
+from mcp.tracking import schema
 
 STEPS = ("baseline", "prune", "quantize", "search", "export", "benchmark", "promote")
 
@@ -41,8 +42,8 @@ def run_pipeline(cfg: PipelineConfig, show_progress: bool | None = None) -> Pipe
     from tqdm.auto import tqdm
 
     from mcp import tracking
+    from mcp.search.study import check_search, check_storage, open_study
     from mcp.stages.common import find_base_model, setup_data
-    from mcp.stages.search import check_search, check_storage, open_study
 
     _, splits, loaders = setup_data(cfg)
     base, base_uri = (None, "") if cfg.retrain else find_base_model(cfg.model, "", cfg.dataset, splits)
@@ -56,7 +57,7 @@ def run_pipeline(cfg: PipelineConfig, show_progress: bool | None = None) -> Pipe
 
     params = {**cfg.to_dict(), **{f"data_{k}": v for k, v in splits.summary().items()},
               "budget_bytes": checked.budget or 0}
-    tags = {"mcp.model": cfg.model, "mcp.dataset": cfg.dataset}
+    tags = {schema.MODEL: cfg.model, schema.DATASET: cfg.dataset}
     started = time.perf_counter()
     with tracking.stage_run("pipeline", params, tags, run_name=f"pipeline-{cfg.model}-{cfg.dataset}") as run:
         bar = tqdm(STEPS, desc="pipeline", unit="step", disable=None if show_progress is None else not show_progress)
@@ -105,23 +106,23 @@ def _compress(cfg: PipelineConfig, base_uri: str, checked, steps, bar,
     step()
     if not base_uri:
         trained = run_train(cfg.stage_configs("models:/unknown/1")["train"], show_progress=show_progress)
-        base_uri = f"models:/{trained.registered_name}/{trained.registered_version}"
+        base_uri = schema.version_uri(trained.registered_name, trained.registered_version)
     base_uri = tracking.models.pin_version(base_uri)
-    tracking.runs.set_tag("mcp.parent_model", base_uri)
+    tracking.runs.set_tag(schema.PARENT_MODEL, base_uri)
 
     step()
     pruned = run_prune(cfg.stage_configs(base_uri)["prune"], show_progress=show_progress)
-    pruned_uri = f"models:/{pruned.registered_name}/{pruned.registered_version}"
+    pruned_uri = schema.version_uri(pruned.registered_name, pruned.registered_version)
 
     step()
     configs = cfg.stage_configs(base_uri, pruned_uri)
     quantized = run_quantize(configs["quantize"], show_progress=show_progress)
-    quantized_uri = f"models:/{quantized.registered_name}/{quantized.registered_version}"
+    quantized_uri = schema.version_uri(quantized.registered_name, quantized.registered_version)
 
     step()
     study = study_name(cfg, base_uri, checked)
     searched = run_search(configs["search"].replace(study_name=study), show_progress=show_progress)
-    winners = [f"models:/{w['registered_name']}/{w['version']}" for w in searched.winners]
+    winners = [schema.version_uri(w['registered_name'], w['version']) for w in searched.winners]
 
     step()
     data = {k: getattr(cfg, k) for k in DataOptions.defaults()}
@@ -156,7 +157,7 @@ def _promote(cfg: PipelineConfig, rows: list[dict[str, Any]], name: str, bar) ->
     """The most accurate compressed model within the budget (ties: the smaller) gets
     ``champion``; None when no compressed model fits the budget."""
     from mcp import tracking
-    from mcp.stages.promote import promote
+    from mcp.stages.promote import run_promote
 
     bar.set_postfix_str(name)
     fitting = [r for r in rows if r["within_budget"]]
@@ -165,9 +166,9 @@ def _promote(cfg: PipelineConfig, rows: list[dict[str, Any]], name: str, bar) ->
     best = max(fitting, key=lambda r: (r["test_accuracy"], -r["size_bytes_budgeted"]))
     best["champion"] = True
     if cfg.promote:
-        registered, version = best["uri"].removeprefix("models:/").split("/")
-        promote(registered, version, False)
-        tracking.runs.set_tag("mcp.champion", best["uri"])
+        registered, version, _ = schema.parse_models_uri(best["uri"])
+        run_promote(registered, version, False)
+        tracking.runs.set_tag(schema.CHAMPION, best["uri"])
     return best
 
 
@@ -198,7 +199,8 @@ def _summary(cfg: PipelineConfig, rows: list[dict[str, Any]], budget: float, cha
     for r in rows:
         mark = "champion" if r.get("champion") else ("yes" if r["within_budget"] else "no")
         lines.append("| " + " | ".join(_cell(k, r[k]) for k, _ in COLUMNS) + f" | {mark} |")
-    where = f"models:/{champion['uri'].removeprefix('models:/').split('/')[0]}@champion" if champion else ""
+    where = (schema.alias_uri(schema.registered_name_of(champion["uri"]), schema.CHAMPION_ALIAS)
+             if champion else "")
     note = (f"budget: {budget:,.0f} B as {'the ONNX file' if cfg.budget_on == 'onnx' else 'the encoded payload'} "
             f"({cfg.budget_ratio:g} of the baseline's float32 size); "
             + (f"champion: {champion['label']} -> {where}" if champion and cfg.promote else

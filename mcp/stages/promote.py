@@ -7,8 +7,9 @@ the newer version."""
 from __future__ import annotations
 
 from mcp.errors import McpError
+from mcp.tracking import schema
 
-ALIAS = "champion"
+ALIAS = schema.CHAMPION_ALIAS
 
 
 def best_version(name: str) -> str:
@@ -17,7 +18,7 @@ def best_version(name: str) -> str:
     versions = tracking.models.list_versions(name)
     if not versions:
         raise McpError(f"registered model {name!r} does not exist or has no versions")
-    searched = [(v, tags) for v, tags, _ in versions if tags.get("mcp.stage") == "search" and "test_accuracy" in tags]
+    searched = [(v, tags) for v, tags, _ in versions if tags.get(schema.STAGE) == "search" and "test_accuracy" in tags]
     if not searched:
         raise McpError(f"registered model {name!r} has no version registered by `mcp search`; "
                        f"promote one with --version N")
@@ -29,7 +30,7 @@ def best_version(name: str) -> str:
     return str(max(searched, key=key)[0])
 
 
-def promote(name: str, version: str | None, best: bool) -> tuple[str, str | None]:
+def run_promote(name: str, version: str | None, best: bool) -> tuple[str, str | None]:
     """Move ``champion`` to ``version`` (or the ``--best`` one); returns (new, previous)."""
     from mcp import tracking
 

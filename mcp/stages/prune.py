@@ -3,19 +3,29 @@
 from __future__ import annotations
 
 import copy
-import csv
-import tempfile
-import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
-from mcp.config import PRUNE_SCHEDULES, PruneConfig
+from mcp import tracking
+from mcp.config import PRUNE_SCHEDULES, PruneConfig, read_config_file
 from mcp.errors import ConfigError
+from mcp.evaluation.plots import plot_bars, plot_comparison, plot_pruning_curves
+from mcp.pruning import PruneSpec, Pruning, create_criterion, criterion_names
+from mcp.pruning.finetune import prune_and_finetune
+from mcp.stages.common import (
+    find_base_model,
+    log_and_register,
+    probe_model,
+    recovery_loss,
+    recovery_teacher,
+    setup_data,
+)
+from mcp.stages.train import run_baseline
+from mcp.tracking import schema
+from mcp.tracking.tables import log_csv, log_plot
+from mcp.training import FineTune, evaluate
 
 
 @dataclass
@@ -31,8 +41,6 @@ class PruneResult:
 
 def read_ratios(path: str) -> dict[str, float]:
     """Per-layer ratios from YAML (layer name: ratio)."""
-    from mcp.config import read_config_file
-
     data = read_config_file(path)
     try:
         return {str(k): float(v) for k, v in data.items()}
@@ -40,9 +48,12 @@ def read_ratios(path: str) -> dict[str, float]:
         raise ConfigError(f"ratios file {path!r} must map layer names to numbers in [0, 1)") from None
 
 
-def spec_of(cfg: PruneConfig, ratios: dict[str, float]):
-    from mcp.pruning import PruneSpec
+def finetune_of(cfg: PruneConfig) -> FineTune:
+    return FineTune(epochs=cfg.epochs, optimizer=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum,
+                    weight_decay=cfg.weight_decay, scheduler=cfg.scheduler, seed=cfg.seed)
 
+
+def spec_of(cfg: PruneConfig, ratios: dict[str, float]) -> PruneSpec:
     return PruneSpec(criterion=cfg.criterion, scope=cfg.scope, granularity=cfg.granularity, schedule=cfg.schedule,
                      sparsity=cfg.sparsity, initial_sparsity=cfg.initial_sparsity, steps=cfg.prune_steps,
                      ratios=ratios, keep_first=cfg.keep_first, keep_last=cfg.keep_last,
@@ -51,8 +62,6 @@ def spec_of(cfg: PruneConfig, ratios: dict[str, float]):
 
 def variants(cfg: PruneConfig, model: nn.Module) -> list[PruneConfig]:
     """The configs one call runs: one, or one per schedule / per applicable criterion."""
-    from mcp.pruning import create_criterion, criterion_names
-
     if cfg.compare == "schedules":
         return [cfg.replace(schedule=s, compare="") for s in PRUNE_SCHEDULES]
     if cfg.compare == "criteria":
@@ -69,24 +78,10 @@ def variants(cfg: PruneConfig, model: nn.Module) -> list[PruneConfig]:
     return [cfg]
 
 
-def calibration_batches(loader: DataLoader, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    fixed = DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=False)
-    batches = []
-    for i, batch in enumerate(fixed):
-        if i >= n:
-            break
-        batches.append(batch)
-    return batches
-
-
 def run_prune(cfg: PruneConfig, show_progress: bool | None = None) -> PruneResult:
-    from mcp import tracking
-    from mcp.pruning import Pruning
-    from mcp.stages.common import find_base_model, probe_model, recovery_teacher, setup_data, train_baseline
-
     device, splits, loaders = setup_data(cfg)
     ratios = read_ratios(cfg.ratios_file) if cfg.ratios_file else {}
-    base, base_uri = find_base_model(cfg.model, cfg.model_uri, cfg.dataset, splits)
+    base, base_uri = find_base_model(cfg.model, cfg.model_uri, cfg.dataset, splits, cfg.trust_pickled_model)
     teacher, teacher_uri = recovery_teacher(cfg, base, base_uri, splits)
     # Check every variant against the architecture before any run starts.
     probe = probe_model(base, cfg.model, splits)
@@ -95,14 +90,14 @@ def run_prune(cfg: PruneConfig, show_progress: bool | None = None) -> PruneResul
         Pruning(copy.deepcopy(probe), splits.input_shape, spec_of(variant, ratios), [], "cpu")
 
     params = {**cfg.to_dict(), **{f"data_{k}": v for k, v in splits.summary().items()}, "device_resolved": device}
-    tags = {"mcp.model": cfg.model, "mcp.dataset": cfg.dataset, "mcp.parent_model": base_uri}
+    tags = {schema.MODEL: cfg.model, schema.DATASET: cfg.dataset, schema.PARENT_MODEL: base_uri}
     with tracking.stage_run("prune", params, tags, run_name=f"prune-{cfg.model}-{cfg.dataset}") as run:
         if base is None:  # no baseline yet: train one first, as a nested run
-            base, base_uri = train_baseline(cfg, show_progress)
+            base, base_uri = run_baseline(cfg, show_progress)
             teacher, teacher_uri = recovery_teacher(cfg, base, base_uri, splits)
         if teacher_uri:
-            tracking.runs.set_tag("mcp.distill_from", teacher_uri)
-        base_metrics = _evaluate(base, loaders[2], device)
+            tracking.runs.set_tag(schema.DISTILL_FROM, teacher_uri)
+        base_metrics = evaluate(base.to(device), loaders[2], device)
         tracking.log_metrics({"baseline_test_accuracy": base_metrics["accuracy"]})
         if len(runs) == 1:
             result = _prune_one(cfg, ratios, base, base_uri, splits, loaders, device, show_progress, teacher,
@@ -112,7 +107,7 @@ def run_prune(cfg: PruneConfig, show_progress: bool | None = None) -> PruneResul
         rows = []
         for variant in runs:
             label = variant.schedule if cfg.compare == "schedules" else variant.criterion
-            with tracking.stage_run("prune", variant.to_dict(), {**tags, "mcp.compare": label},
+            with tracking.stage_run("prune", variant.to_dict(), {**tags, schema.COMPARE: label},
                                     run_name=f"prune-{label}"):
                 one = _prune_one(variant.replace(register=False), ratios, base, base_uri, splits, loaders, device,
                                  show_progress, teacher, teacher_uri)
@@ -121,103 +116,30 @@ def run_prune(cfg: PruneConfig, show_progress: bool | None = None) -> PruneResul
         return PruneResult(run.info.run_id, {}, base, {}, None, None, rows)
 
 
-@torch.no_grad()
-def _evaluate(model: nn.Module, loader: DataLoader, device: str) -> dict[str, float]:
-    from mcp.training import evaluate
-
-    return evaluate(model.to(device), loader, device)
-
-
 def _prune_one(cfg: PruneConfig, ratios: dict[str, float], base: nn.Module, base_uri: str, splits, loaders,
                device: str, show_progress: bool | None, teacher: nn.Module | None = None,
                teacher_uri: str = "") -> PruneResult:
     """Prune a copy of ``base`` per ``cfg`` inside the active run (fine-tuning by
     distillation from ``teacher`` when given); log and register it."""
-    from mcp import tracking
-    from mcp.evaluation.metrics import count_macs, count_params, peak_memory_mb, size_bytes_fp32
-    from mcp.evaluation.plots import plot_bars, plot_pruning_curves
-    from mcp.pruning import BNL1Penalty, Pruning, PruningCallback, event_steps
-    from mcp.stages.common import final_metrics, log_and_register, log_plot, recovery_loss
-    from mcp.training import Callback, ProgressBar, Trainer, build_optimizer, build_scheduler
-
-    train_loader, val_loader, test_loader = loaders
-    torch.manual_seed(cfg.seed)
-    model = copy.deepcopy(base).to(device)
-    base_counts = count_params(base)
-    base_test = _evaluate(base, test_loader, device)
-    pruning = Pruning(model, splits.input_shape, spec_of(cfg, ratios),
-                      calibration_batches(train_loader, cfg.calib_batches), device)
-
-    def make_optimizer(m: nn.Module):
-        return build_optimizer(m, cfg.optimizer, cfg.lr, cfg.momentum, True, cfg.weight_decay)
-
-    def rebuild(trainer: Trainer) -> None:  # structured steps replace the parameters
-        trainer.optimizer = make_optimizer(trainer.model)
-        trainer.scheduler = build_scheduler(trainer.optimizer, cfg.scheduler, cfg.epochs, start_epoch=trainer.epoch)
-
-    def pruned_fraction() -> float:
-        if pruning.structured:
-            return 1.0 - count_params(model)["params_total"] / base_counts["params_total"]
-        return pruning.cut.sparsity()
-
-    t0 = time.perf_counter()
-
-    def on_event(k: int, target: float) -> None:
-        test = _evaluate(model, test_loader, device)
-        counts = count_params(model)
-        tracking.log_metrics({
-            "prune_step_target": target, "prune_step_sparsity": pruned_fraction(),
-            "prune_step_params": counts["params_total"] if pruning.structured else counts["params_nonzero"],
-            "prune_step_macs": count_macs(model, splits.input_shape),
-            "prune_step_test_accuracy": test["accuracy"], "prune_step_test_loss": test["loss"],
-            "prune_step_elapsed_s": time.perf_counter() - t0}, step=k)
-
-    class FractionLogger(Callback):  # the schedule, to overlay on the curves
-        def on_epoch_end(self, trainer, epoch, logs):
-            logs["pruned_fraction"] = pruned_fraction()
-            trainer.history.setdefault("pruned_fraction", []).append(logs["pruned_fraction"])
-
-    span = len(train_loader) * (cfg.prune_epochs if cfg.schedule != "one_shot" else 0)
-    optimizer = make_optimizer(model)
-    callbacks = [PruningCallback(pruning, event_steps(pruning.spec.events, span), rebuild, on_event),
-                 FractionLogger(), ProgressBar(f"prune {cfg.schedule} {cfg.criterion}", disable=None
-                                               if show_progress is None else not show_progress),
-                 tracking.EpochLogger()]
-    if cfg.bn_l1 > 0:
-        callbacks.insert(1, BNL1Penalty(cfg.bn_l1))
-    trainer = Trainer(model, optimizer, build_scheduler(optimizer, cfg.scheduler, cfg.epochs), train_loader,
-                      val_loader, epochs=cfg.epochs, device=device, seed=cfg.seed, callbacks=callbacks,
-                      restore_best=False,  # the best epoch may precede the last pruning step
-                      batch_loss=recovery_loss(cfg, teacher, device))
-    trainer.fit()
-    training_time = time.perf_counter() - t0
-
-    test = _evaluate(model, test_loader, device)
-    layer_sparsity = pruning.layer_sparsity()
-    metrics = {"test_accuracy": test["accuracy"], "test_loss": test["loss"],
-               "baseline_test_accuracy": base_test["accuracy"],
-               "accuracy_drop": base_test["accuracy"] - test["accuracy"],
-               "target_sparsity": cfg.sparsity, "pruned_fraction": pruned_fraction(),
-               "train_time_s": trainer.train_time_s, "training_time_s": training_time}
-    metrics.update(final_metrics(model, splits.input_shape, device))
-    metrics["compression_ratio"] = base_counts["params_total"] / max(metrics["params_nonzero"], 1.0)
-    metrics["size_bytes_nonzero_fp32"] = 4.0 * metrics["params_nonzero"]
-    from mcp.quantization import encode_model
-
-    metrics["size_bytes_compressed"] = float(len(encode_model(model, {}, "fixed")))  # float32 values, sparse indices
-    metrics["baseline_size_bytes_fp32"] = float(size_bytes_fp32(base))
-    metrics["peak_memory_mb"] = peak_memory_mb(device)
+    test_loader = loaders[2]
+    outcome = prune_and_finetune(
+        base, loaders, splits.input_shape, spec_of(cfg, ratios), finetune_of(cfg), prune_epochs=cfg.prune_epochs,
+        calib_batches=cfg.calib_batches, bn_l1=cfg.bn_l1, device=device,
+        batch_loss=recovery_loss(cfg, teacher, device), callbacks=[tracking.EpochLogger()],
+        on_step=lambda k, values: tracking.log_metrics(values, step=k), progress=show_progress,
+        desc=f"prune {cfg.schedule} {cfg.criterion}")
+    model, metrics, layer_sparsity, history = outcome.model, outcome.metrics, outcome.layer_sparsity, outcome.history
     tracking.log_metrics(metrics)
 
     title = f"{cfg.model}/{cfg.dataset}: {cfg.criterion}, {cfg.scope}, {cfg.granularity}, {cfg.schedule}"
-    log_plot(plot_pruning_curves, "pruning_curves.png", trainer.history, title=title)
+    log_plot(plot_pruning_curves, "pruning_curves.png", history, title=title)
     log_plot(plot_bars, "layer_sparsity.png", layer_sparsity,
-             ylabel="channel sparsity" if pruning.structured else "weight sparsity", title=title)
-    _log_csv("layer_sparsity.csv", ["layer", "sparsity"], list(layer_sparsity.items()))
+             ylabel="channel sparsity" if outcome.structured else "weight sparsity", title=title)
+    log_csv("layer_sparsity.csv", ["layer", "sparsity"], list(layer_sparsity.items()))
 
     reg_name = tracking.registered_name(cfg.model, cfg.dataset) if cfg.register else None
     run_id = tracking.runs.active_run_id()
-    tags = {"mcp.stage": "prune", "source_run": run_id, "parent_model": base_uri, "criterion": cfg.criterion,
+    tags = {schema.STAGE: "prune", "source_run": run_id, "parent_model": base_uri, "criterion": cfg.criterion,
             "scope": cfg.scope, "granularity": cfg.granularity, "schedule": cfg.schedule,
             "sparsity": f"{metrics['pruned_fraction']:.4f}", "target_sparsity": cfg.sparsity,
             **({"distilled_from": teacher_uri} if teacher_uri else {}),
@@ -225,18 +147,6 @@ def _prune_one(cfg: PruneConfig, ratios: dict[str, float], base: nn.Module, base
     _, version = log_and_register(model, next(iter(test_loader))[0][:4], {"dataset": cfg.dataset,
                                   "class_names": splits.class_names}, reg_name, None, tags)
     return PruneResult(run_id, metrics, model, layer_sparsity, reg_name, version)
-
-
-def _log_csv(name: str, header: list[str], rows: list) -> None:
-    from mcp import tracking
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / name
-        with path.open("w", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(header)
-            writer.writerows(rows)
-        tracking.log_artifact(path)
 
 
 COMPARISON_COLUMNS = ("test_accuracy", "accuracy_drop", "training_time_s", "params_nonzero", "size_kib",
@@ -260,11 +170,7 @@ def comparison_markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def _log_comparison(rows: list[dict[str, Any]], kind: str) -> None:
-    from mcp import tracking
-    from mcp.evaluation.plots import plot_comparison
-    from mcp.stages.common import log_plot
-
-    _log_csv(f"compare_{kind}.csv", ["variant", *COMPARISON_COLUMNS],
+    log_csv(f"compare_{kind}.csv", ["variant", *COMPARISON_COLUMNS],
              [[r["variant"], *(r[c] for c in COMPARISON_COLUMNS)] for r in rows])
     tracking.runs.log_text(comparison_markdown(rows), f"compare_{kind}.md")
     log_plot(plot_comparison, f"compare_{kind}.png", rows, "variant", title=f"pruning: {kind} compared")

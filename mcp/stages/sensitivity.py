@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from mcp.config import SensitivityConfig
+from mcp.tracking import schema
 
 
 @dataclass
@@ -73,25 +74,27 @@ def run_sensitivity(cfg: SensitivityConfig, show_progress: bool | None = None) -
     from tqdm.auto import tqdm
 
     from mcp import tracking
+    from mcp.data.calibration import calibration_batches
     from mcp.evaluation.plots import plot_bars, plot_sensitivity
     from mcp.pruning import PruneSpec, Pruning, create_criterion, prune
     from mcp.pruning.pruner import select_layers
-    from mcp.stages.common import find_base_model, log_plot, probe_model, setup_data, train_baseline
-    from mcp.stages.prune import _log_csv, calibration_batches
+    from mcp.stages.common import find_base_model, probe_model, setup_data
+    from mcp.stages.train import run_baseline
+    from mcp.tracking.tables import log_csv, log_plot
     from mcp.training import evaluate
 
     device, splits, (train_loader, val_loader, _) = setup_data(cfg)
     ratios = cfg.sweep_ratios()
     create_criterion(cfg.criterion, cfg.granularity)
-    base, base_uri = find_base_model(cfg.model, cfg.model_uri, cfg.dataset, splits)
+    base, base_uri = find_base_model(cfg.model, cfg.model_uri, cfg.dataset, splits, cfg.trust_pickled_model)
     Pruning(probe_model(base, cfg.model, splits), splits.input_shape,
             PruneSpec(criterion=cfg.criterion, granularity=cfg.granularity, scope="layerwise"), [], "cpu")
 
     params = {**cfg.to_dict(), **{f"data_{k}": v for k, v in splits.summary().items()}, "device_resolved": device}
-    tags = {"mcp.model": cfg.model, "mcp.dataset": cfg.dataset, "mcp.parent_model": base_uri}
+    tags = {schema.MODEL: cfg.model, schema.DATASET: cfg.dataset, schema.PARENT_MODEL: base_uri}
     with tracking.stage_run("sensitivity", params, tags, run_name=f"sensitivity-{cfg.model}-{cfg.dataset}") as run:
         if base is None:
-            base, base_uri = train_baseline(cfg, show_progress)
+            base, base_uri = run_baseline(cfg, show_progress)
         base = base.to(device)
         batches = calibration_batches(train_loader, cfg.calib_batches)
         layers, _ = select_layers(base, splits.input_shape, False, cfg.granularity == "structured", [])
@@ -115,9 +118,9 @@ def run_sensitivity(cfg: SensitivityConfig, show_progress: bool | None = None) -
         weights = {n: m.weight.numel() for n, m in layers.items()}
         suggested, reached = suggest_ratios(table, weights, cfg.target_sparsity)
         tracking.log_metrics({"suggested_sparsity": reached})
-        _log_csv("sensitivity.csv", ["layer", "ratio", "val_accuracy", "drop"],
+        log_csv("sensitivity.csv", ["layer", "ratio", "val_accuracy", "drop"],
                  [[r["layer"], r["ratio"], r["val_accuracy"], r["drop"]] for r in table])
-        _log_csv("gradient_norms.csv", ["layer", "gradient_norm"], list(norms.items()))
+        log_csv("gradient_norms.csv", ["layer", "gradient_norm"], list(norms.items()))
         title = f"{cfg.model}/{cfg.dataset}: {cfg.criterion}, {cfg.granularity}"
         log_plot(plot_sensitivity, "sensitivity.png", table, list(layers), ratios, title=title)
         log_plot(plot_bars, "gradient_norms.png", norms, ylabel="mean gradient norm", title=title)

@@ -10,8 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from mcp.config import TrainConfig
+from mcp.config import DataOptions, TrainConfig
 from mcp.errors import McpError
+from mcp.tracking import schema
 
 
 @dataclass
@@ -42,10 +43,11 @@ def _describe(recipe: Any) -> str:
 def run_train(cfg: TrainConfig, show_progress: bool | None = None) -> TrainResult:
     """Everything that can fail on bad input fails before the MLflow run starts."""
     from mcp import tracking
-    from mcp.evaluation.metrics import peak_memory_mb
+    from mcp.evaluation.metrics import model_metrics, peak_memory_mb
     from mcp.evaluation.plots import plot_training_curves
     from mcp.models import create_model
-    from mcp.stages.common import final_metrics, log_and_register, log_plot, setup_data
+    from mcp.stages.common import log_and_register, setup_data
+    from mcp.tracking.tables import log_plot
     from mcp.training import EarlyStopping, ProgressBar, Trainer, build_optimizer, build_scheduler, evaluate
     from mcp.training.checkpoint import CheckpointEveryEpoch, load_checkpoint, restore_trainer
 
@@ -71,9 +73,9 @@ def run_train(cfg: TrainConfig, show_progress: bool | None = None) -> TrainResul
 
     params = {**cfg.to_dict(), **{f"data_{k}": v for k, v in splits.summary().items()},
               "device_resolved": device, "cpu_threads": torch.get_num_threads()}
-    tags = {"mcp.model": cfg.model, "mcp.dataset": cfg.dataset}
+    tags = {schema.MODEL: cfg.model, schema.DATASET: cfg.dataset}
     if resumed_from:
-        tags["mcp.resumed_from_run"] = str(resumed_from.get("run_id", ""))
+        tags[schema.RESUMED_FROM_RUN] = str(resumed_from.get("run_id", ""))
     with tracking.stage_run("train", params, tags, run_name=f"train-{cfg.model}-{cfg.dataset}") as run:
         run_id = run.info.run_id
         if resumed_from.get("run_id"):
@@ -95,13 +97,13 @@ def run_train(cfg: TrainConfig, show_progress: bool | None = None) -> TrainResul
                    "best_val_accuracy": trainer.best_val_accuracy, "best_epoch": float(trainer.best_epoch),
                    "epochs_trained": float(trainer.epoch), "train_time_s": trainer.train_time_s,
                    "wall_time_s": time.perf_counter() - wall0}
-        metrics.update(final_metrics(model, splits.input_shape, device))
+        metrics.update(model_metrics(model, splits.input_shape, device))
         metrics["peak_memory_mb"] = peak_memory_mb(device)
         tracking.log_metrics(metrics)
 
         log_plot(plot_training_curves, "training_curves.png", trainer.history, title=f"{cfg.model} on {cfg.dataset}")
         reg_name = tracking.registered_name(cfg.model, cfg.dataset) if cfg.register else None
-        version_tags = {"mcp.stage": "train", "source_run": run_id,
+        version_tags = {schema.STAGE: "train", "source_run": run_id,
                         **{k: f"{metrics[k]:.6g}" for k in
                            ("test_accuracy", "params_total", "macs", "size_bytes_fp32", "latency_ms_p50_cpu")}}
         _, reg_version = log_and_register(model, next(iter(test_loader))[0][:4],
@@ -109,3 +111,18 @@ def run_train(cfg: TrainConfig, show_progress: bool | None = None) -> TrainResul
                                           reg_name, "baseline", version_tags)
     return TrainResult(run_id, f"runs:/{run_id}/{tracking.models.ARTIFACT_PATH}", reg_name, reg_version,
                        metrics, ckpt, model)
+
+
+def run_baseline(cfg: DataOptions, show_progress: bool | None, model: str | None = None,
+                 tag: str | None = schema.PARENT_MODEL) -> tuple[nn.Module, str]:
+    """Train and register ``<model>-<dataset>@baseline`` (default: ``cfg.model``) with
+    train's defaults, as a run nested in the active one, and tag the active run with its
+    URI: how a compression stage gets the baseline it starts from when none exists yet."""
+    from mcp import tracking
+
+    train_cfg = TrainConfig(model=model or cfg.model, **{k: getattr(cfg, k) for k in DataOptions.defaults()})
+    trained = run_train(train_cfg, show_progress=show_progress)
+    uri = schema.version_uri(trained.registered_name, trained.registered_version)
+    if tag:
+        tracking.runs.set_tag(tag, uri)
+    return trained.model, uri

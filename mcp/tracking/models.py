@@ -9,6 +9,8 @@ code changes that break pickles and checks that weights and architecture match.
 from __future__ import annotations
 
 import json
+import logging
+import os
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping
@@ -18,16 +20,13 @@ import torch
 from torch import nn
 
 from mcp.errors import McpError
+from mcp.tracking import schema
+from mcp.tracking.schema import registered_name  # noqa: F401  (mcp.tracking.registered_name)
 
 RECIPE_FILE = "mcp_recipe.json"
 STATE_FILE = "mcp_state_dict.pt"
 ARTIFACT_PATH = "model"
 ONNX_ARTIFACT_PATH = "onnx_model"
-
-
-def registered_name(model: str, dataset: str) -> str:
-    """Registry naming convention: ``<model>-<dataset>``."""
-    return f"{model}-{dataset}"
 
 
 def _requirements() -> list[str]:
@@ -108,17 +107,25 @@ def pin_version(uri: str) -> str:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    if not uri.startswith("models:/") or "@" not in uri:
+    if not uri.startswith(schema.MODELS_SCHEME) or "@" not in uri:
         return uri
-    name, _, alias = uri.removeprefix("models:/").partition("@")
+    name, _, alias = schema.parse_models_uri(uri)
     try:
-        return f"models:/{name}/{MlflowClient().get_model_version_by_alias(name, alias).version}"
+        return schema.version_uri(name, MlflowClient().get_model_version_by_alias(name, alias).version)
     except MlflowException:
         return uri
 
 
-def load_model(uri: str, device: str = "cpu") -> nn.Module:
-    """Load a model logged by mcp from a ``runs:/``, ``models:/`` or local URI, in eval mode."""
+def load_model(uri: str, device: str = "cpu", trust_pickled: bool = False) -> nn.Module:
+    """Load a model from a ``runs:/``, ``models:/`` or local URI, in eval mode, without
+    running code from the artifact.
+
+    A model mcp logged is rebuilt from its recipe (which names only code already
+    importable here) and its ``state_dict`` (read with ``weights_only=True``). Any other
+    PyTorch model in MLflow is a pickle, and unpickling runs whatever code its author put
+    in it: it is refused unless ``trust_pickled`` is set (``--trust-pickled-model``),
+    which warns once per process and is recorded on the run (tag ``mcp.trust_pickled_model``).
+    """
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -131,21 +138,78 @@ def load_model(uri: str, device: str = "cpu") -> nn.Module:
         raise McpError(f"cannot load model {uri!r}: {msg[:200]}") from None
     extra = local / "extra_files"
     if (extra / RECIPE_FILE).is_file() and (extra / STATE_FILE).is_file():
-        recipe = json.loads((extra / RECIPE_FILE).read_text())
+        try:
+            recipe = json.loads((extra / RECIPE_FILE).read_text())
+        except ValueError:
+            raise McpError(f"model {uri!r}: {RECIPE_FILE} is not valid JSON") from None
+        if not isinstance(recipe, dict):
+            raise McpError(f"model {uri!r}: {RECIPE_FILE} must hold a JSON object")
         model = model_from_recipe(recipe)
-        state = torch.load(extra / STATE_FILE, map_location="cpu", weights_only=True)
+        state = read_state_dict(extra / STATE_FILE, f"model {uri!r}")
         try:
             model.load_state_dict(state)
         except RuntimeError as exc:
             raise McpError(f"model {uri!r}: weights do not match its recipe {recipe.get('name')!r}: "
                            f"{str(exc).splitlines()[0][:200]}") from None
-    else:
-        flavors = _flavors(local)
-        if "pytorch" not in flavors:
-            raise McpError(f"model {uri!r} is not a PyTorch model (flavors: {', '.join(flavors) or 'none'}); "
-                           f"an ONNX export names the version it came from in its tag source_model")
+        return model.to(device).eval()
+    flavors = _flavors(local)
+    if "pytorch" not in flavors:
+        raise McpError(f"model {uri!r} is not a PyTorch model (flavors: {', '.join(flavors) or 'none'}); "
+                       f"an ONNX export names the version it came from in its tag source_model")
+    if not trust_pickled:
+        raise McpError(f"model {uri!r} was not logged by mcp: loading it means unpickling it, which runs any code "
+                       f"its author put in the file, so it is refused; log its state_dict instead, or pass "
+                       f"--trust-pickled-model true if you trust whoever logged it")
+    _warn_pickle_once(uri)
+    allow = os.environ.get(_ALLOW_PICKLE)
+    os.environ[_ALLOW_PICKLE] = "true"  # newer MLflow asks for this too; the user has opted in
+    try:
         model = mlflow.pytorch.load_model(uri, map_location="cpu")
+    except Exception as exc:  # noqa: BLE001 - unpickling raises anything the pickle's code raises
+        raise McpError(f"cannot unpickle model {uri!r}: {type(exc).__name__}: {str(exc)[:200]}") from None
+    finally:
+        if allow is None:
+            os.environ.pop(_ALLOW_PICKLE, None)
+        else:
+            os.environ[_ALLOW_PICKLE] = allow
+    if not isinstance(model, nn.Module):
+        raise McpError(f"model {uri!r} unpickled to a {type(model).__name__}, not a torch.nn.Module")
+    if not getattr(model, "mcp_recipe", None):
+        raise McpError(f"model {uri!r} has no mcp recipe (the architecture mcp rebuilds it from); "
+                       f"build it with mcp.models.create_model")
     return model.to(device).eval()
+
+
+_WARNED: set[str] = set()
+_ALLOW_PICKLE = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
+
+
+def _warn_pickle_once(uri: str) -> None:
+    if "pickle" not in _WARNED:
+        _WARNED.add("pickle")
+        import click
+
+        click.echo(f"warning: unpickling {uri} (--trust-pickled-model): this runs code from the model file",
+                   err=True)
+
+
+def read_state_dict(path: Path, what: str) -> dict[str, torch.Tensor]:
+    """A ``state_dict`` file read with ``weights_only=True``: tensors and plain containers
+    only, so no code runs; anything else is one clear line."""
+    import pickle
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "global" not in str(exc).lower():  # no object reference: not a pickle of objects at all
+            raise McpError(f"{what}: {path.name} is not a PyTorch state_dict file (UnpicklingError)") from None
+        raise McpError(f"{what}: {path.name} holds pickled Python objects, not only tensors; refused because "
+                       f"unpickling them could run code (save model.state_dict() instead)") from None
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for bad files
+        raise McpError(f"{what}: {path.name} is not a PyTorch state_dict file ({type(exc).__name__})") from None
+    if not isinstance(state, dict):
+        raise McpError(f"{what}: {path.name} holds a {type(state).__name__}, not a state_dict")
+    return state
 
 
 def _flavors(local: Path) -> list[str]:
@@ -200,10 +264,29 @@ def deployable_onnx(uri: str, dst: str | Path) -> tuple[Path | None, str]:
     if run_id is None:
         return None, ""
     tags = MlflowClient().get_run(run_id).data.tags
-    if "mcp.deploy_format" not in tags:
+    if schema.DEPLOY_FORMAT not in tags:
         return None, ""
     path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="onnx/model.onnx", dst_path=str(dst))
-    return Path(path), tags["mcp.deploy_format"]
+    return Path(path), tags[schema.DEPLOY_FORMAT]
+
+
+class _OnceFilter(logging.Filter):
+    """Let a log message that would repeat on every call through once per process."""
+
+    def __init__(self, fragment: str):
+        super().__init__()
+        self.fragment, self.seen = fragment, False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.fragment not in record.getMessage():
+            return True
+        if self.seen:
+            return False
+        self.seen = True
+        return True
+
+
+_PROVIDER_WARNING = _OnceFilter("are unavailable in this onnxruntime build")
 
 
 def log_onnx_model(path: str | Path, example: np.ndarray, outputs: np.ndarray):
@@ -213,6 +296,12 @@ def log_onnx_model(path: str | Path, example: np.ndarray, outputs: np.ndarray):
     import onnx
     import onnxruntime
     from mlflow.models import infer_signature
+
+    # The model declares CUDA then CPU for whoever serves it; MLflow warns on every log where
+    # CUDA is missing (every CPU machine): once per process says it.
+    onnx_logger = logging.getLogger("mlflow.onnx")
+    if _PROVIDER_WARNING not in onnx_logger.filters:
+        onnx_logger.addFilter(_PROVIDER_WARNING)
 
     return mlflow.onnx.log_model(
         onnx.load(str(path)), name=ONNX_ARTIFACT_PATH, signature=infer_signature(example, outputs),

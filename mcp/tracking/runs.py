@@ -6,6 +6,7 @@ import contextlib
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+from mcp.tracking import schema
 from mcp.training.loop import Callback
 
 
@@ -28,10 +29,16 @@ def stage_run(stage: str, params: Mapping[str, Any], tags: Mapping[str, str] | N
     """
     mlflow = _mlflow()
     nested = mlflow.active_run() is not None  # a stage inside a stage (baseline, compared variants)
-    run = mlflow.start_run(run_name=run_name, nested=nested, tags={"mcp.stage": stage, **(tags or {})})
+    tags = {schema.STAGE: stage, **(tags or {})}
+    if params.get("trust_pickled_model") is True:  # the user let a pickled model run its code
+        tags[schema.TRUST_PICKLED_MODEL] = "true"
+    run = mlflow.start_run(run_name=run_name, nested=nested, tags=tags)
     try:
         log_params(params)
         yield run
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (the CLI turns it into KeyboardInterrupt)
+        mlflow.end_run(status="KILLED")
+        raise
     except BaseException:
         mlflow.end_run(status="FAILED")
         raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import random
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,12 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise McpError(f"checkpoint {str(path)!r} does not exist")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "global" not in str(exc).lower():  # no object reference: not a pickle of objects at all
+            raise McpError(f"checkpoint {str(path)!r} is corrupt or not an mcp checkpoint "
+                           f"(torch.load failed: {type(exc).__name__})") from None
+        raise McpError(f"checkpoint {str(path)!r} holds pickled Python objects beyond tensors and plain values; "
+                       f"refused because unpickling them could run code (mcp checkpoints hold state_dicts)") from None
     except Exception as exc:  # noqa: BLE001 - torch raises many types for bad files
         raise McpError(f"checkpoint {str(path)!r} is corrupt or not an mcp checkpoint "
                        f"(torch.load failed: {type(exc).__name__})") from None

@@ -6,6 +6,7 @@ resumed from a checkpoint continues exactly as an uninterrupted one would.
 
 from __future__ import annotations
 
+import sys
 import time
 import warnings
 from typing import Any, Callable, Iterable
@@ -179,34 +180,51 @@ class EarlyStopping(Callback):
 
 
 class ProgressBar(Callback):
-    """An epoch bar with the latest metrics, and a transient batch bar (tqdm, on stderr)."""
+    """An epoch bar with the latest metrics, and a transient batch bar (tqdm, on stderr).
+
+    ``disable=None`` decides by where stderr goes: a terminal gets the bars; a file or a
+    scheduler's log gets one line per epoch instead (bars there would print nothing until
+    the end). ``disable=True`` prints nothing."""
 
     def __init__(self, desc: str = "train", disable: bool | None = None):
         self.desc, self.disable = desc, disable
         self.epochs = self.batches = None
+        self.lines = False
 
     def on_fit_start(self, trainer: Trainer) -> None:
         from tqdm.auto import tqdm
 
         self._tqdm = tqdm
-        self.epochs = tqdm(total=trainer.epochs, initial=trainer.epoch, desc=self.desc, unit="epoch",
-                           disable=self.disable, dynamic_ncols=True)
+        isatty = getattr(sys.stderr, "isatty", None)
+        self.lines = self.disable is None and not (isatty is not None and isatty())
+        self._started = time.perf_counter()
+        if not self.lines:
+            self.epochs = tqdm(total=trainer.epochs, initial=trainer.epoch, desc=self.desc, unit="epoch",
+                               disable=self.disable, dynamic_ncols=True)
 
     def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
-        self.batches = self._tqdm(total=len(trainer.train_loader), desc=f"epoch {epoch + 1}", unit="batch",
-                                  leave=False, disable=self.disable, dynamic_ncols=True)
+        if not self.lines:
+            self.batches = self._tqdm(total=len(trainer.train_loader), desc=f"epoch {epoch + 1}", unit="batch",
+                                      leave=False, disable=self.disable, dynamic_ncols=True)
 
     def on_batch_end(self, trainer: Trainer, batch: int, loss: float) -> None:
-        self.batches.update(1)
-        if batch % 10 == 0:
-            self.batches.set_postfix(loss=f"{loss:.3f}")
+        if self.batches is not None:
+            self.batches.update(1)
+            if batch % 10 == 0:
+                self.batches.set_postfix(loss=f"{loss:.3f}")
 
     def on_epoch_end(self, trainer: Trainer, epoch: int, logs: dict[str, float]) -> None:
+        if self.lines:
+            print(f"{self.desc}: epoch {epoch + 1}/{trainer.epochs} train_loss={logs['train_loss']:.4f} "
+                  f"val_accuracy={logs['val_accuracy']:.4f} lr={logs['lr']:.3g} "
+                  f"({time.perf_counter() - self._started:.1f} s)", file=sys.stderr, flush=True)
+            return
         self.batches.close()
         self.epochs.update(1)
         self.epochs.set_postfix(loss=f"{logs['train_loss']:.3f}", val_acc=f"{logs['val_accuracy']:.4f}",
                                 lr=f"{logs['lr']:.3g}")
 
     def on_fit_end(self, trainer: Trainer) -> None:
-        self.epochs.close()
+        if self.epochs is not None:
+            self.epochs.close()
 

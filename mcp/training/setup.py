@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -49,3 +50,24 @@ def build_scheduler(optimizer: torch.optim.Optimizer, kind: str, epochs: int, st
     continues a schedule on a new optimizer (after a structured pruning step)."""
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda epoch: lr_factor(kind, epoch + start_epoch, epochs, step_size, gamma))
+
+
+@dataclass(frozen=True)
+class FineTune:
+    """How a compressed model is fine-tuned: epochs, optimizer and LR schedule."""
+
+    epochs: int = 10
+    optimizer: str = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    scheduler: str = "cosine"
+    nesterov: bool = True
+    seed: int = 0
+
+    def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        return build_optimizer(model, self.optimizer, self.lr, self.momentum, self.nesterov, self.weight_decay)
+
+    def make_scheduler(self, optimizer: torch.optim.Optimizer,
+                       start_epoch: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+        return build_scheduler(optimizer, self.scheduler, self.epochs, start_epoch=start_epoch)

@@ -1,0 +1,222 @@
+"""The public Python API: each operation on an ``nn.Module`` and data, returning the
+compressed model and its measurements. These are the same core functions the CLI stages
+(and so the MLproject entry points) call; the stages add only tracking and registration.
+
+``data`` is either ``(train, val, test)`` DataLoaders (the input shape is read from the
+first batch) or a dataset name of :mod:`mcp.data` (``"digits"``, ``"synthetic"``, ...),
+loaded with its seeded splits.
+
+    import mcp
+    pruned = mcp.prune(model, (train, val, test), sparsity=0.5, granularity="structured",
+                       schedule="gradual", epochs=10)
+    quantized = mcp.quantize(pruned.model, (train, val, test), method="qat", bits=4, epochs=5)
+    print(quantized.metrics["test_accuracy"], quantized.metrics["size_bytes_compressed"])
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from torch import nn
+
+from mcp.errors import ConfigError
+
+
+@dataclass
+class Data:
+    """Loaders, input shape and class count of the data an operation runs on."""
+
+    loaders: tuple[Any, Any, Any]
+    input_shape: tuple[int, ...]
+    num_classes: int | None = None
+
+
+def as_data(data: Any, *, batch_size: int = 32, seed: int = 0, input_shape: str = "", data_dir: str = "data",
+            device: str = "cpu") -> Data:
+    """``(train, val, test)`` DataLoaders, a :class:`Data`, or a dataset name."""
+    if isinstance(data, Data):
+        return data
+    if isinstance(data, str):
+        from mcp.data import load_dataset, make_loaders
+
+        splits = load_dataset(data, data_dir, False, input_shape or None, 0, 0.1)
+        loaders = make_loaders(splits, batch_size, 0, seed, pin_memory=device == "cuda")
+        return Data(tuple(loaders), tuple(splits.input_shape), splits.num_classes)
+    if isinstance(data, Sequence) and len(data) == 3:
+        x, _ = next(iter(data[0]))
+        return Data(tuple(data), tuple(x.shape[1:]))
+    raise ConfigError(f"data={type(data).__name__} is not allowed; give (train, val, test) DataLoaders or a "
+                      f"dataset name")
+
+
+def _device(device: str) -> str:
+    from mcp.training import resolve_device
+
+    return resolve_device(device)
+
+
+def _finetune(epochs: int, lr: float, optimizer: str, momentum: float, weight_decay: float, scheduler: str,
+              seed: int):
+    from mcp.training import FineTune
+
+    return FineTune(epochs=epochs, optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                    scheduler=scheduler, seed=seed)
+
+
+def _teacher_loss(teacher: nn.Module | None, device: str, temperature: float, alpha: float):
+    if teacher is None:
+        return None
+    from mcp.distillation import Distiller, DistillSpec
+
+    return Distiller(teacher, DistillSpec(temperature, alpha)).to(device)
+
+
+def prune(model: nn.Module, data: Any, *, sparsity: float = 0.5, criterion: str = "magnitude",
+          scope: str = "global", granularity: str = "unstructured", schedule: str = "one_shot",
+          steps: int = 10, initial_sparsity: float = 0.0, prune_epochs: int | None = None,
+          ratios: Mapping[str, float] | None = None, ignored_layers: Sequence[str] = (), keep_first: bool = False,
+          keep_last: bool = False, norm: int = 1, hessian: str = "fisher", calib_batches: int = 8,
+          bn_l1: float = 0.0, epochs: int = 10, lr: float = 0.01, optimizer: str = "sgd", momentum: float = 0.9,
+          weight_decay: float = 5e-4, scheduler: str = "cosine", teacher: nn.Module | None = None,
+          temperature: float = 4.0, alpha: float = 0.9, seed: int = 0, device: str = "auto",
+          progress: bool | None = False):
+    """Prune a copy of ``model`` on a schedule while fine-tuning it (``mcp prune``).
+    Returns :class:`mcp.pruning.finetune.PruneOutcome` (``.model``, ``.metrics``, ...)."""
+    from mcp.pruning import PruneSpec
+    from mcp.pruning.finetune import prune_and_finetune
+
+    dev = _device(device)
+    d = as_data(data, seed=seed, device=dev)
+    spec = PruneSpec(criterion=criterion, scope=scope, granularity=granularity, schedule=schedule,
+                     sparsity=sparsity, initial_sparsity=initial_sparsity, steps=steps, ratios=dict(ratios or {}),
+                     keep_first=keep_first, keep_last=keep_last, ignored_layers=tuple(ignored_layers), norm=norm,
+                     hessian=hessian)
+    span = prune_epochs if prune_epochs is not None else max(1, epochs // 2)
+    return prune_and_finetune(model, d.loaders, d.input_shape, spec,
+                              _finetune(epochs, lr, optimizer, momentum, weight_decay, scheduler, seed),
+                              prune_epochs=span, calib_batches=calib_batches, bn_l1=bn_l1, device=dev,
+                              batch_loss=_teacher_loss(teacher, dev, temperature, alpha), progress=progress)
+
+
+def quantize(model: nn.Module, data: Any, *, method: str = "ptq_int8", bits: int = 8,
+             layer_bits: Mapping[str, int] | None = None, act_bits: int = 0, symmetric: bool = True,
+             per_channel: bool = True, observer: str = "minmax", kmeans_init: str = "linear",
+             share_biases: bool = False, reduce_range: bool = True, ignored_layers: Sequence[str] = (),
+             calib_batches: int = 16, epochs: int = 10, lr: float = 0.005, optimizer: str = "sgd",
+             momentum: float = 0.9, weight_decay: float = 0.0, scheduler: str = "cosine",
+             teacher: nn.Module | None = None, temperature: float = 4.0, alpha: float = 0.9, opset: int = 17,
+             out_dir: str | Path | None = None, seed: int = 0, device: str = "auto", progress: bool | None = False):
+    """Quantize a copy of ``model`` by a registered method (``mcp quantize``): encoded for
+    its honest size and built into its deployable ONNX file (in ``out_dir``, a temporary
+    folder by default). Returns :class:`mcp.quantization.quantize.QuantizeOutcome`.
+    ``deep_compression`` prunes in the prune stage first: call :func:`prune`, then
+    ``quantize(..., method="huffman")``."""
+    from mcp.quantization import QuantSpec
+    from mcp.quantization.methods import quant_method
+    from mcp.quantization.quantize import quantize_model
+
+    if quant_method(method).prunes_first:
+        raise ConfigError(f"method={method!r} prunes first; call mcp.prune, then mcp.quantize(method='huffman')")
+    dev = _device(device)
+    d = as_data(data, seed=seed, device=dev)
+    spec = QuantSpec(method=method, bits=bits, layer_bits=dict(layer_bits or {}), act_bits=act_bits,
+                     symmetric=symmetric, per_channel=per_channel, observer=observer, kmeans_init=kmeans_init,
+                     ignored_layers=tuple(ignored_layers), share_biases=share_biases, reduce_range=reduce_range,
+                     seed=seed)
+    out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="mcp-quantize-"))
+    return quantize_model(model, d.loaders, d.input_shape, spec, out,
+                          _finetune(epochs, lr, optimizer, momentum, weight_decay, scheduler, seed),
+                          calib_batches=calib_batches, opset=opset, device=dev,
+                          batch_loss=_teacher_loss(teacher, dev, temperature, alpha), progress=progress)
+
+
+def distill(teacher: nn.Module, student: nn.Module, data: Any, *, temperature: float = 4.0, alpha: float = 0.9,
+            hint_layers: str = "", hint_weight: float = 1.0, label_smoothing: float = 0.0, epochs: int = 20,
+            lr: float = 0.05, optimizer: str = "sgd", momentum: float = 0.9, weight_decay: float = 5e-4,
+            scheduler: str = "cosine", seed: int = 0, device: str = "auto", progress: bool | None = False):
+    """Train ``student`` (in place) on ``teacher``'s softened outputs (``mcp distill``).
+    Returns :class:`mcp.distillation.train.DistillOutcome`."""
+    from mcp.distillation import DistillSpec
+    from mcp.distillation.train import distill_model
+
+    dev = _device(device)
+    d = as_data(data, seed=seed, device=dev)
+    return distill_model(teacher, student, d.loaders, d.input_shape,
+                         DistillSpec(temperature, alpha, hint_layers, hint_weight, label_smoothing),
+                         _finetune(epochs, lr, optimizer, momentum, weight_decay, scheduler, seed), device=dev,
+                         progress=progress)
+
+
+def export(model: nn.Module, data: Any, path: str | Path, *, opset: int = 17, optimize: bool = True,
+           atol: float = 1e-3, min_agreement: float = 0.99, parity_samples: int = 256, seed: int = 0):
+    """Export ``model`` to the ONNX file ``path``, run ONNX's checker and the PyTorch-vs-ONNX
+    Runtime parity check (failing loudly), and measure it (``mcp export``). A model from
+    :func:`quantize` is deployed as its ``onnx_path`` already: give ``deployed=`` to
+    :func:`mcp.export.deploy.export_deployable` for those. Returns
+    :class:`mcp.export.deploy.Deployment` (its ``path`` is ``path``)."""
+    import shutil
+
+    from mcp.export.deploy import export_deployable
+
+    d = as_data(data, seed=seed)
+    target = Path(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        done = export_deployable(model.cpu().eval(), d.input_shape, d.loaders[0], d.loaders[2], Path(tmp),
+                                 opset=opset, optimize=optimize, atol=atol, min_agreement=min_agreement,
+                                 parity_samples=parity_samples, what=str(target))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(done.path, target)
+    done.path = target
+    return done
+
+
+def measure(model: nn.Module, data: Any, *, device: str = "auto", seed: int = 0) -> dict[str, float]:
+    """The glossary metrics of a model: test accuracy and loss, params, sparsity, MACs,
+    float32 size, CPU (and GPU) latency and throughput."""
+    from mcp.evaluation.metrics import model_metrics
+    from mcp.training import evaluate
+
+    dev = _device(device)
+    d = as_data(data, seed=seed, device=dev)
+    test = evaluate(model.to(dev), d.loaders[2], dev)
+    return {"test_accuracy": test["accuracy"], "test_loss": test["loss"], **model_metrics(model, d.input_shape, dev)}
+
+
+def search(model: nn.Module, data: Any, *, space: str | Path, budget_bytes: float | None = None,
+           budget_on: str = "compressed", trials: int = 20, pareto: bool = False, latency: bool = False,
+           fill_budget: bool = True, distill: bool = False, calib_batches: int = 8, sampler: str = "tpe",
+           storage: str | None = None, study_name: str | None = None, seed: int = 0, device: str = "auto"):
+    """An Optuna study over per-layer prune ratios and bit-widths of ``model`` from a space
+    file (``search_spaces/*.yaml``) under ``budget_bytes`` (``mcp search``, untracked).
+    Returns the ``optuna.Study``; ``mcp.search.objective.trial_table(study, budget_on)``
+    lists its trials. In memory unless ``storage`` names an Optuna storage URL."""
+    import optuna
+
+    from mcp.data.calibration import calibration_batches
+    from mcp.evaluation.metrics import size_bytes_fp32
+    from mcp.pruning.pruner import layers_in_order
+    from mcp.search.objective import SearchProblem, enqueue_uniform, make_objective
+    from mcp.search.space import build_space, read_space_file
+
+    dev = _device(device)
+    d = as_data(data, seed=seed, device=dev)
+    path = Path(space)
+    if not path.is_file():
+        raise ConfigError(f"search space {str(path)!r} does not exist")
+    layers = [n for n, _ in layers_in_order(model, d.input_shape)]
+    built = build_space(read_space_file(path), layers, path.name)
+    problem = SearchProblem(built, model.to(dev), d.input_shape, d.loaders, dev,
+                            calibration_batches(d.loaders[0], calib_batches), budget_bytes, budget_on, fill_budget,
+                            pareto, latency, distill, seed, float(size_bytes_fp32(model)))
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    samplers = {"tpe": optuna.samplers.TPESampler(seed=seed), "nsga2": optuna.samplers.NSGAIISampler(seed=seed)}
+    directions = ["maximize", "minimize"] + (["minimize"] if latency else []) if pareto else ["maximize"]
+    study = optuna.create_study(storage=storage, study_name=study_name, sampler=samplers[sampler],
+                                directions=directions, load_if_exists=bool(storage))
+    if not study.trials:
+        enqueue_uniform(study, problem, not pareto)
+    study.optimize(make_objective(problem), n_trials=trials, catch=(RuntimeError, ValueError))
+    return study

@@ -1,0 +1,153 @@
+"""What is deployed, and how: the one owner of the deployable ONNX model of every model mcp
+makes (float32, INT8 weights behind DequantizeLinear, QDQ INT8, dynamic INT8), of the
+notes that say so, and of what its parity check compares it with. Knows nothing of MLflow:
+the stages hand it a quantized model's already-built file when there is one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+DEPLOY_NOTES = {
+    "onnx_qdq_int8": "INT8 weights and activations (QDQ), run by ONNX Runtime's integer kernels",
+    "onnx_dynamic_int8": "INT8 weights of the fully connected layers, activations quantized at run time",
+    "onnx_int8_weights": "weights stored as INT8 + DequantizeLinear per channel; compute in float32",
+    "onnx_fp32": "float32 weights holding the quantized values",
+}
+FLOAT_FORMATS = ("onnx_fp32", "onnx_int8_weights")  # float compute: logits must match closely
+
+
+def parity_batch(test_loader, n: int) -> torch.Tensor:
+    """The first ``n`` test images, in the split's fixed order."""
+    xs, count = [], 0
+    for x, _ in test_loader:
+        xs.append(x)
+        count += len(x)
+        if count >= n:
+            break
+    return torch.cat(xs)[:n]
+
+
+def build_onnx(model: nn.Module, input_shape: Sequence[int], tmp: Path, opset: int = 17, optimize: bool = True,
+               deployed: tuple[Path, str] | None = None) -> tuple[Path, str, dict[str, float]]:
+    """(ONNX file, deploy format, node counts): ``deployed`` (a quantized model's own
+    deployable file and format, as its quantize step built it) when given, else a fresh
+    float32 export, optimised where that removes nodes."""
+    from mcp.export.onnx import export_onnx, node_count, optimize_onnx
+
+    tmp.mkdir(parents=True, exist_ok=True)
+    if deployed is not None:
+        path, fmt = deployed
+        return path, fmt, {"onnx_nodes": float(node_count(path))}
+    path = export_onnx(model, input_shape, tmp / "exported.onnx", opset)
+    counts = {"onnx_nodes_exported": float(node_count(path))}
+    if optimize:
+        optimized = optimize_onnx(path, tmp / "optimized.onnx")
+        if node_count(optimized) < counts["onnx_nodes_exported"]:
+            path = optimized
+    counts["onnx_nodes"] = float(node_count(path))
+    return path, "onnx_fp32", counts
+
+
+def reference_model(model: nn.Module, fmt: str, input_shape: Sequence[int], train_loader) -> nn.Module:
+    """What the ONNX model must agree with: the PyTorch model itself, or, where the ONNX
+    model quantizes activations too, the PyTorch model with the same activation
+    quantization simulated (recalibrated on the quantize stage's calibration batches)."""
+    quantization = getattr(model, "mcp_recipe", {}).get("quantization")
+    if fmt in FLOAT_FORMATS or not quantization:
+        return model
+    from torch.utils.data import DataLoader
+
+    from mcp.data.calibration import calibration_batches
+    from mcp.quantization.engine import simulated
+
+    loader = DataLoader(train_loader.dataset, batch_size=int(quantization.get("calib_batch_size", 32)))
+    batches = calibration_batches(loader, int(quantization.get("calib_batches", 16)))
+    return simulated(model, input_shape, quantization, batches)
+
+
+def int8_weights_or_fp32(fp32_path: Path, quantizer: Any, entries: Mapping[str, Any], out: Path) -> tuple[Path, str]:
+    """The deployable form of weights on b-bit uniform grids: INT8 initializers behind
+    DequantizeLinear where they fit INT8 (``onnx_int8_weights``), else the float file."""
+    from mcp.quantization.onnx_int8 import weight_int8_dq
+
+    ints = quantizer.signed_integers(entries)
+    if any(i is not None for i in ints):
+        return weight_int8_dq(fp32_path, out, ints), "onnx_int8_weights"
+    out.write_bytes(Path(fp32_path).read_bytes())
+    return out, "onnx_fp32"
+
+
+def grid_onnx(model: nn.Module, input_shape: Sequence[int], quantizer: Any, entries: Mapping[str, Any],
+              out_dir: str | Path, opset: int = 17) -> tuple[Path, str]:
+    """(file, format) of a model whose weights sit on b-bit uniform grids (fixed point,
+    QAT, a search trial): exported, then INT8 weights behind DequantizeLinear."""
+    from mcp.export.onnx import export_onnx
+
+    out_dir = Path(out_dir)
+    fp32 = export_onnx(model, input_shape, out_dir / "fp32.onnx", opset)
+    return int8_weights_or_fp32(fp32, quantizer, entries, out_dir / "model.onnx")
+
+
+def deploy_note(deploy_format: str, bits: Mapping[str, int], extra: str = "") -> str:
+    """The one-line note a run and a version carry on what was deployed: the format's note,
+    the bit-widths held in INT8 containers, and the method's own remark."""
+    note = DEPLOY_NOTES[deploy_format]
+    low = sorted({b for b in bits.values() if b < 8})
+    if deploy_format == "onnx_int8_weights" and low:
+        note += f"; {','.join(map(str, low))}-bit values in INT8 containers (ONNX Runtime has no kernels below 8 bits)"
+    return note + (f"; {extra}" if extra else "")
+
+
+def check_parity(fmt: str, result: Mapping[str, float], atol: float, min_agreement: float, what: str) -> None:
+    """Fail loudly when ONNX Runtime disagrees with PyTorch beyond the allowed limits."""
+    from mcp.errors import McpError
+
+    float_compute = fmt in FLOAT_FORMATS
+    if (float_compute and result["max_abs_diff"] > atol) or result["agreement"] < min_agreement:
+        limits = f"atol {atol:g}, " if float_compute else ""
+        raise McpError(f"parity check failed for {what!r} ({fmt}): max |PyTorch - ONNX Runtime| = "
+                       f"{result['max_abs_diff']:.3g}, agreement {result['agreement']:.4f} (allowed: {limits}"
+                       f"min_agreement {min_agreement:g}); nothing was logged or registered")
+
+
+@dataclass
+class Deployment:
+    """A model's deployable ONNX file, checked and parity-tested, with its measurements."""
+
+    path: Path
+    deploy_format: str
+    metrics: dict[str, float]
+    session: Any  # the ONNX Runtime session that measured it
+    example: torch.Tensor  # the fixed parity batch
+
+
+def export_deployable(model: nn.Module, input_shape: Sequence[int], train_loader, test_loader, tmp: Path, *,
+                      opset: int = 17, optimize: bool = True, atol: float = 1e-3, min_agreement: float = 0.99,
+                      parity_samples: int = 256, deployed: tuple[Path, str] | None = None,
+                      what: str = "model") -> Deployment:
+    """Build ``model``'s deployable ONNX file (see :func:`build_onnx`), run ONNX's full
+    checker, compare ONNX Runtime with PyTorch on the first ``parity_samples`` test images
+    (failing loudly beyond ``atol`` / ``min_agreement``), and measure both on the test split."""
+    from mcp.evaluation.metrics import count_macs, count_params, size_bytes_fp32
+    from mcp.export.onnx import check_onnx, ort_evaluate, ort_session, parity
+    from mcp.training import evaluate
+
+    x = parity_batch(test_loader, parity_samples)
+    path, fmt, counts = build_onnx(model, input_shape, tmp, opset, optimize, deployed)
+    check_onnx(path)
+    session = ort_session(path)
+    par = parity(reference_model(model, fmt, input_shape, train_loader), session, x)
+    check_parity(fmt, par, atol, min_agreement, what)
+    metrics = {"onnx_max_abs_diff": par["max_abs_diff"], "onnx_agreement": par["agreement"], **counts,
+               "size_bytes_onnx": float(path.stat().st_size), "size_bytes_fp32": float(size_bytes_fp32(model)),
+               "macs": float(count_macs(model, input_shape)), **count_params(model)}
+    onnx_test = ort_evaluate(session, test_loader)
+    torch_test = evaluate(model, test_loader)
+    metrics.update(onnx_test_accuracy=onnx_test["accuracy"], onnx_test_loss=onnx_test["loss"],
+                   test_accuracy=torch_test["accuracy"], test_loss=torch_test["loss"])
+    return Deployment(path, fmt, metrics, session, x)

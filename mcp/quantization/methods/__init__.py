@@ -1,0 +1,101 @@
+"""Quantization methods, chosen by name. Each method is one module of this package that
+registers a :class:`QuantMethod` when imported; every module here is imported below, so
+adding a method is adding its module. The CLI's choices, the configs' validation, the
+engine, the deployable ONNX model and the README's table all read this registry.
+
+Nothing here imports torch at import time: the CLI reads the names on start-up."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from mcp.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DeployInputs:
+    """What a method's ``deploy`` gets: the float32 export of the quantized model and
+    everything it may need to turn it into the file users deploy."""
+
+    fp32_path: Path
+    out: Path
+    quantizer: Any  # mcp.quantization.Quantizer, after finish()
+    entries: Any  # its encodable weights
+    calib: Sequence[Any]  # calibration batches
+    spec: Any  # its QuantSpec
+
+
+def float_file(inputs: DeployInputs) -> tuple[Path, str]:
+    """The float32 export as it is (``onnx_fp32``)."""
+    inputs.out.write_bytes(inputs.fp32_path.read_bytes())
+    return inputs.out, "onnx_fp32"
+
+
+def grid_int8(inputs: DeployInputs) -> tuple[Path, str]:
+    """Weights on uniform grids: INT8 initializers behind DequantizeLinear where they fit."""
+    from mcp.export.deploy import int8_weights_or_fp32
+
+    return int8_weights_or_fp32(inputs.fp32_path, inputs.quantizer, inputs.entries, inputs.out)
+
+
+@dataclass(frozen=True)
+class QuantMethod:
+    name: str
+    summary: str  # what it does (README table, --help)
+    deployed_as: str  # the deployable ONNX model (README table)
+    deploy: Callable[[DeployInputs], tuple[Path, str]] = float_file
+    shares_weights: bool = False  # k-means codebooks (else uniform grids, simulated by QuantSim)
+    int8_only: bool = False  # bits are 8; symmetric per-channel weights, 8-bit activations, reduce_range
+    sim_mode: str = "fixed"  # QuantSim mode while quantizing: fixed, train (QAT), dynamic
+    calibrates: bool = False  # static activation ranges from calibration batches
+    linear_only: bool = False  # quantizes the fully connected layers only
+    fine_tunes: bool = False  # trains after attaching, for --epochs
+    needs_epochs: bool = False  # meaningless without training (QAT)
+    coding: str = "fixed"  # how the payload is encoded: fixed or huffman
+    prunes_first: bool = False  # runs the prune stage first (Deep Compression)
+    remarks: Callable[[str, Any], list[str]] = lambda fmt, spec: []  # notes on what was deployed
+
+
+_METHODS: dict[str, QuantMethod] = {}
+
+
+def register_quant_method(method: QuantMethod) -> QuantMethod:
+    if method.name in _METHODS:
+        raise ValueError(f"quantization method {method.name!r} registered twice")
+    if method.sim_mode not in ("fixed", "train", "dynamic") or method.coding not in ("fixed", "huffman"):
+        raise ValueError(f"quantization method {method.name!r}: bad sim_mode or coding")
+    _METHODS[method.name] = method
+    return method
+
+
+def quant_method_names() -> tuple[str, ...]:
+    return tuple(_METHODS)
+
+
+def quant_method(name: str) -> QuantMethod:
+    if name not in _METHODS:
+        raise ConfigError(f"unknown quantization method {name!r}; choose one of: {', '.join(_METHODS)}")
+    return _METHODS[name]
+
+
+def markdown_table() -> str:
+    """The README's table of methods."""
+    rows = ["| method | what it does | deployed ONNX model |", "|---|---|---|"]
+    rows += [f"| `{m.name}` | {m.summary} | {m.deployed_as} |" for m in _METHODS.values()]
+    return "\n".join(rows)
+
+
+_ORDER = ("ptq_int8", "dynamic_int8", "fixed_point", "qat", "kmeans", "huffman", "deep_compression")
+
+
+def _load_all() -> None:
+    names = [m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")]
+    for name in sorted(names, key=lambda n: (_ORDER.index(n) if n in _ORDER else len(_ORDER), n)):
+        importlib.import_module(f"{__name__}.{name}")
+
+
+_load_all()

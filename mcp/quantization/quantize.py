@@ -1,0 +1,127 @@
+"""Quantize a model by any registered method: the whole operation on an ``nn.Module`` and
+its data, with no tracking. Attach the method, calibrate, fine-tune where the method
+trains, bake the weights, encode the payload (the honest compressed size) and build the
+deployable ONNX model the method defines, measured in PyTorch and in ONNX Runtime. The
+quantize stage calls it and logs what it returns; ``mcp.quantize`` is it."""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from mcp.data.calibration import calibration_batches
+from mcp.evaluation.metrics import model_metrics, peak_memory_mb, size_bytes_fp32
+from mcp.quantization.codec import encode_model
+from mcp.quantization.engine import Quantizer, QuantSpec, layer_table
+from mcp.quantization.methods import DeployInputs
+from mcp.training import Callback, FineTune, ProgressBar, Trainer, evaluate
+
+
+@dataclass
+class QuantizeOutcome:
+    """The quantized model (weights baked on their grids or codebooks) and what was measured."""
+
+    model: nn.Module
+    metrics: dict[str, float]
+    payload: bytes  # the encoded model: len(payload) == metrics["size_bytes_compressed"]
+    onnx_path: Path  # the deployable ONNX model, in the caller's out_dir
+    deploy_format: str
+    deploy_note: str
+    layers: list[dict[str, Any]]  # per quantized tensor: bits, params, bytes
+    quantization: dict[str, Any]  # the description a recipe records to rebuild the activation quantization
+    history: dict[str, list[float]] | None = None  # fine-tuning curves, when the method trains
+    stages: dict[str, int] = field(default_factory=dict)  # size after each stage (Deep Compression)
+
+
+@torch.no_grad()
+def _predict(model: nn.Module, loader, device: str) -> np.ndarray:
+    model.eval()
+    return np.concatenate([model(x.to(device)).argmax(1).cpu().numpy() for x, _ in loader])
+
+
+def quantize_model(model: nn.Module, loaders: Sequence[Any], input_shape: Sequence[int], spec: QuantSpec,
+                   out_dir: str | Path, finetune: FineTune | None = None, *, reference: nn.Module | None = None,
+                   calib_batches: int = 16, opset: int = 17, device: str = "cpu", batch_loss: Any = None,
+                   callbacks: Sequence[Callback] = (), progress: bool | None = None) -> QuantizeOutcome:
+    """Quantize a copy of ``model`` by ``spec`` on ``loaders = (train, val, test)``; the
+    deployable ONNX file is written into ``out_dir``.
+
+    ``finetune`` trains methods that fine-tune (QAT, k-means centroids) for its epochs,
+    with ``batch_loss`` in place of cross-entropy when given (distillation). ``reference``
+    is the model the accuracy drop and compression ratio compare with (default: ``model``;
+    the unpruned model when ``model`` was pruned first)."""
+    from mcp.export.deploy import deploy_note
+    from mcp.export.onnx import export_onnx, ort_evaluate, ort_predict, ort_session
+
+    train_loader, val_loader, test_loader = loaders
+    shape = tuple(input_shape)
+    kind = spec.kind
+    reference = model if reference is None else reference
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base_test = evaluate(reference.to(device), test_loader, device)
+    metrics: dict[str, float] = {"baseline_test_accuracy": base_test["accuracy"]}
+    stages: dict[str, int] = {}
+    t0 = time.perf_counter()
+
+    model = copy.deepcopy(model).to(device)
+    if kind.prunes_first:
+        stages["fp32"] = size_bytes_fp32(model)
+        stages["pruned"] = len(encode_model(model, {}, "fixed"))
+    torch.manual_seed(spec.seed)
+    quantizer = Quantizer(model, shape, spec)
+    calib = calibration_batches(train_loader, calib_batches)
+    quantizer.calibrate(calib, device)
+    history = None
+    if kind.fine_tunes and finetune is not None and finetune.epochs > 0:
+        optimizer = finetune.make_optimizer(model)
+        trainer = Trainer(model, optimizer, finetune.make_scheduler(optimizer), train_loader, val_loader,
+                          epochs=finetune.epochs, device=device, seed=finetune.seed, restore_best=False,
+                          batch_loss=batch_loss,
+                          callbacks=[ProgressBar(f"quantize {spec.method}",
+                                                 disable=None if progress is None else not progress), *callbacks])
+        trainer.fit()
+        history = trainer.history
+        metrics["train_time_s"] = trainer.train_time_s
+    quantizer.freeze()
+    sim_test = evaluate(model, test_loader, device)  # the fake-quantized PyTorch model
+    sim_pred = _predict(model, test_loader, device)
+    entries = quantizer.finish()
+    payload = encode_model(model, entries, spec.coding)
+    if kind.prunes_first:
+        stages["kmeans"] = len(encode_model(model, entries, "fixed"))
+        stages["huffman"] = len(payload)
+    layers = layer_table(model, entries, quantizer.bits, spec.coding)
+    metrics["training_time_s"] = time.perf_counter() - t0
+
+    fp32_path = export_onnx(model, shape, out_dir / "fp32.onnx", opset)
+    deploy_path, deploy_format = kind.deploy(DeployInputs(fp32_path, out_dir / "model.onnx", quantizer, entries,
+                                                          calib, spec))
+    session = ort_session(deploy_path)
+    onnx_test = ort_evaluate(session, test_loader)
+    onnx_pred = np.concatenate([ort_predict(session, x).argmax(1) for x, _ in test_loader])
+
+    metrics.update(model_metrics(model, shape, device))
+    metrics.update({
+        "test_accuracy": sim_test["accuracy"], "test_loss": sim_test["loss"],
+        "onnx_test_accuracy": onnx_test["accuracy"], "onnx_test_loss": onnx_test["loss"],
+        "onnx_agreement": float(np.mean(onnx_pred == sim_pred)),
+        "accuracy_drop": base_test["accuracy"] - onnx_test["accuracy"],
+        "accuracy_drop_torch": base_test["accuracy"] - sim_test["accuracy"],
+        "size_bytes_onnx": float(deploy_path.stat().st_size),
+        "size_bytes_compressed": float(len(payload)), "peak_memory_mb": peak_memory_mb(device)})
+    metrics["size_bytes_fp32"] = float(size_bytes_fp32(reference))
+    metrics["compression_ratio"] = metrics["size_bytes_fp32"] / metrics["size_bytes_compressed"]
+    for name, size in stages.items():
+        metrics[f"size_bytes_{name}"] = float(size)
+        metrics[f"compression_ratio_{name}"] = stages.get("fp32", size) / size
+    note = deploy_note(deploy_format, quantizer.bits, "; ".join(kind.remarks(deploy_format, spec)))
+    return QuantizeOutcome(model, metrics, payload, deploy_path, deploy_format, note, layers, quantizer.describe(),
+                           history, stages)

@@ -1,0 +1,223 @@
+"""The search's objective, apart from any tracking.
+
+A trial samples per-layer ratios and bit-widths, moves the ratios until the model just
+fits the budget (``fill_budget``), prunes a copy of the starting model, measures its
+encoded (or ONNX) size before any training, rejects it there when it is over the budget,
+and otherwise fine-tunes it with QAT, reporting validation accuracy per epoch so that
+Optuna's pruner can stop it. What a trial measures goes to a :class:`TrialLog` the caller
+opens per trial: the stage makes each trial a nested MLflow run, the way Optuna's own
+integrations do; the library default records nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Callable, ContextManager, Iterator, Protocol
+
+import torch
+
+from mcp.search.study import FILL_SLACK, SIZE_KEY
+
+STATES = ("complete", "pruned", "infeasible", "failed")
+
+
+class TrialLog(Protocol):
+    """Where one trial's measurements go."""
+
+    def metrics(self, values: dict[str, float], step: int | None = None) -> None: ...
+
+    def state(self, state: str) -> None: ...
+
+
+class NullLog:
+    def metrics(self, values: dict[str, float], step: int | None = None) -> None:
+        pass
+
+    def state(self, state: str) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def no_log(trial) -> Iterator[TrialLog]:
+    yield NullLog()
+
+
+@dataclass
+class SearchProblem:
+    """Everything a trial needs: the space, the starting model and data, and the budget."""
+
+    space: Any
+    base: torch.nn.Module
+    input_shape: tuple[int, ...]
+    loaders: Any  # (train, val, test)
+    device: str
+    calib: list  # the pruning criteria's calibration batches, fixed for the whole study
+    budget: float | None  # bytes, as ``budget_on`` measures them
+    budget_on: str = "compressed"
+    fill_budget: bool = True
+    pareto: bool = False  # objectives (accuracy, size[, latency]) instead of accuracy alone
+    latency: bool = False
+    distill: bool = False  # fine-tune by distillation from the starting model
+    seed: int = 0
+    base_fp32: float = 0.0  # the starting model's float32 size, for compression ratios
+
+
+def constrain(trial, key: str, excess: float) -> None:
+    """Bytes over the budget (<= 0: within) as an Optuna constraint (set once per key) and
+    as the user attribute ``budget_excess`` (the latest; what the table and older Optuna read)."""
+    trial.set_user_attr("budget_excess", float(excess))
+    if hasattr(trial, "set_constraint"):
+        trial.set_constraint(key, float(excess))
+
+
+def trial_latency(tuned, shape) -> float:
+    """CPU p50 (ms) at batch 1, one thread, of the trial's deployable ONNX model, timed in
+    a process of its own for at least half a second."""
+    from mcp.evaluation.benchmark import measure_onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path, _ = tuned.onnx(shape, tmp)
+        return float(measure_onnx(path, shape, "cpu", 1, batch=8, warmup=20, iters=100, seconds=0.5)["p50_ms"])
+
+
+def make_objective(problem: SearchProblem, open_log: Callable[[Any], ContextManager[TrialLog]] = no_log,
+                   on_trial_end: Callable[[], None] | None = None) -> Callable[[Any], float | tuple[float, ...]]:
+    """The function ``study.optimize`` calls: one trial, its measurements sent to the log
+    ``open_log(trial)`` opens, its state kept in the trial's user attribute ``state``."""
+    import optuna
+
+    from mcp.evaluation.metrics import count_params
+    from mcp.search.space import sample
+    from mcp.search.trial import fill_budget, finetune_quantized, measure_sizes, prune_candidate
+    from mcp.training import evaluate
+
+    p = problem
+    shape, on = p.input_shape, p.budget_on
+
+    def distiller():  # distillation from the starting model, T=4, alpha=0.9
+        if not p.distill:
+            return None
+        from mcp.distillation import Distiller, DistillSpec
+
+        return Distiller(p.base, DistillSpec()).to(p.device)
+
+    def set_state(trial, log: TrialLog, state: str) -> None:
+        trial.set_user_attr("state", state)
+        log.state(state)
+
+    def objective(trial):
+        tc = sample(trial, p.space)
+        outcome: list[Any] = []
+        with open_log(trial) as log:
+            try:
+                if p.budget and p.fill_budget:
+                    target = p.budget * (1 - FILL_SLACK)
+                    tc = fill_budget(p.base, shape, p.space, tc, target, p.calib, p.device, p.seed,
+                                     on=on) or tc  # None: even the highest ratios are over; rejected below
+                trial.set_user_attr("ratios", tc.ratios)
+                model = prune_candidate(p.base, shape, tc, p.calib, p.device)
+                sizes = measure_sizes(model, shape, tc, p.seed, onnx=on == "onnx")
+                size = sizes[SIZE_KEY[on]]
+                excess = size - p.budget if p.budget else -1.0
+                constrain(trial, "budget_excess", excess)
+                for key, value in sizes.items():
+                    trial.set_user_attr(key, value)
+                log.metrics({**sizes, **count_params(model)})
+                if excess > 0:  # over the budget: rejected before any fine-tuning
+                    constrain(trial, "budget_excess_final", excess)
+                    set_state(trial, log, "infeasible")
+                    outcome = ([0.0, float(size)] + ([1e9] if p.latency else [])) if p.pareto else [0.0]
+                else:
+                    def report(epoch: int, val_accuracy: float) -> None:
+                        log.metrics({"val_accuracy": val_accuracy}, step=epoch)
+                        if not p.pareto:
+                            trial.report(val_accuracy, epoch)
+                            if trial.should_prune():
+                                raise optuna.TrialPruned(f"pruned after epoch {epoch}")
+
+                    tuned = finetune_quantized(model, shape, tc, p.loaders, p.device, p.seed, report, distiller())
+                    val = evaluate(tuned.model, p.loaders[1], p.device)["accuracy"]
+                    # weights that QAT moved onto or off zero change the encoded size a little: measure again
+                    sizes["size_bytes_compressed"] = float(len(tuned.payload))
+                    size = sizes[SIZE_KEY[on]]
+                    trial.set_user_attr("size_bytes_compressed", sizes["size_bytes_compressed"])
+                    log.metrics({"val_accuracy_final": val, **sizes,
+                                 "compression_ratio": p.base_fp32 / sizes["size_bytes_compressed"]})
+                    excess = size - p.budget if p.budget else -1.0
+                    state = "infeasible" if excess > 0 else "complete"  # over after fine-tuning: infeasible after all
+                    constrain(trial, "budget_excess_final", excess)
+                    outcome = [val, float(size)] if p.pareto else [val]
+                    if p.latency:
+                        latency = trial_latency(tuned, shape)
+                        trial.set_user_attr("latency_ms_p50_cpu", latency)
+                        log.metrics({"latency_ms_p50_cpu": latency})
+                        outcome.append(latency)
+                    set_state(trial, log, state)
+            except optuna.TrialPruned:
+                set_state(trial, log, "pruned")
+                outcome = ["pruned"]
+            except Exception:
+                set_state(trial, log, "failed")
+                raise
+            finally:
+                if on_trial_end is not None:
+                    on_trial_end()
+        if outcome == ["pruned"]:
+            raise optuna.TrialPruned()
+        return tuple(outcome) if p.pareto else outcome[0]
+
+    return objective
+
+
+def enqueue_uniform(study, problem: SearchProblem, max_accuracy: bool) -> None:
+    """Start a new study from the uniform configurations that fill the budget (one ratio in
+    every layer, one bit-width for each of the space's two smallest; the longest fine-tuning):
+    the search begins where the usual recipe ends, and must beat it to change the winner."""
+    from mcp.search.trial import uniform_at_budget
+
+    space, p = problem.space, problem
+    if p.budget is None or not max_accuracy or len(space.granularity) * len(space.criterion) > 1:
+        return
+    all_bits = sorted({b for choices in space.bits_of.values() for b in choices})
+    queued = 0
+    for bits in all_bits:
+        if queued == 2 or not all(bits in space.bits_of[u] for u in space.units):
+            continue
+        ratio = uniform_at_budget(p.base, p.input_shape, space, bits, p.budget * (1 - FILL_SLACK), p.calib, p.device,
+                                  p.seed, on=p.budget_on)
+        if ratio is None:
+            continue
+        params: dict[str, Any] = {}
+        for unit in space.units:
+            lo, hi = space.ratio_of[unit]
+            if hi > lo:
+                params[f"ratio.{unit}"] = ratio
+            if len(space.bits_of[unit]) > 1:
+                params[f"bits.{unit}"] = bits
+        if space.epochs[1] > space.epochs[0]:
+            params["epochs"] = space.epochs[1]
+        if space.lr[1] > space.lr[0]:
+            params["lr"] = (space.lr[0] * space.lr[1]) ** 0.5
+        study.enqueue_trial(params)
+        queued += 1
+
+
+def trial_table(study, budget_on: str) -> list[dict[str, Any]]:
+    """One row per trial: state, validation accuracy, sizes, latency, feasibility, params."""
+    rows = []
+    for t in study.trials:
+        state = t.user_attrs.get("state") or t.state.name.lower()
+        if t.state.name == "FAIL":
+            state = "failed"
+        values = t.values or []
+        rows.append({"number": t.number, "state": state, "val_accuracy": values[0] if values else None,
+                     "size_bytes_compressed": t.user_attrs.get("size_bytes_compressed"),
+                     "size_bytes_onnx": t.user_attrs.get("size_bytes_onnx"),
+                     "size_bytes": t.user_attrs.get(SIZE_KEY[budget_on]),
+                     "latency_ms_p50_cpu": t.user_attrs.get("latency_ms_p50_cpu"),
+                     "feasible": t.user_attrs.get("budget_excess", 1.0) <= 0, "params": dict(t.params),
+                     "ratios": t.user_attrs.get("ratios"),
+                     "mlflow_run_id": t.user_attrs.get("mlflow_run_id")})
+    return rows

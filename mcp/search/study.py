@@ -1,0 +1,161 @@
+"""An Optuna study of the search, apart from any tracking: its storage, sampler and pruner,
+the settings it records and refuses to resume under others, the space check and the
+budget. The stage (:mod:`mcp.stages.search`) makes its runs."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mcp.config import SearchConfig
+from mcp.errors import ConfigError, McpError
+
+SIZE_KEY = {"compressed": "size_bytes_compressed", "onnx": "size_bytes_onnx"}  # what --budget-on measures
+# Filling aims this far under the budget: fine-tuning moves a few weights onto or off zero,
+# which changes the encoded size by some bytes (measured: -10 to +2 at 20 KB)
+FILL_SLACK = 0.002
+
+
+def load_space(cfg: SearchConfig, model, input_shape):
+    from mcp.pruning.pruner import layers_in_order
+    from mcp.search.space import build_space, read_space_file, space_file_for
+
+    path = Path(cfg.space) if cfg.space else space_file_for(cfg.model)
+    if not path.is_file():
+        raise ConfigError(f"search space {str(path)!r} does not exist")
+    layers = [n for n, _ in layers_in_order(model, input_shape)]
+    return build_space(read_space_file(path), layers, path.name), path
+
+
+SETTINGS_ATTR = "mcp_settings"  # the study's user attribute: what its trial values were measured under
+
+
+def study_settings(cfg: SearchConfig, checked: "Checked") -> dict[str, Any]:
+    """What makes two calls' trials comparable: the space (its file's content), what the
+    budget measures and its bytes, and the pareto objectives."""
+    import hashlib
+
+    return {"space_sha256": hashlib.sha256(checked.space_path.read_bytes()).hexdigest()[:16],
+            "space_file": checked.space_path.name, "budget_on": cfg.budget_on,
+            "budget_bytes": round(checked.budget or 0), "latency": cfg.latency}
+
+
+def open_study(cfg: SearchConfig, checked: "Checked", base_uri: str = ""):
+    """Create the study, or load it to resume (same name and storage). Resuming one
+    created under other settings (space, budget, objectives) or from another starting
+    model is refused in one line: its trial values would not compare."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    def constraints(trial) -> list[float]:  # <= 0: within the budget
+        return [float(trial.user_attrs.get("budget_excess", 0.0))]
+
+    # Optuna 5 takes constraints from trial.set_constraint; older versions from the sampler's constraints_func
+    budget = checked.budget
+    constraint = constraints if budget and not hasattr(optuna.trial.Trial, "set_constraint") else None
+    if cfg.sampler == "nsga2":
+        sampler = optuna.samplers.NSGAIISampler(seed=cfg.seed, constraints_func=constraint,
+                                                population_size=max(4, min(50, cfg.trials)))
+    else:
+        sampler = optuna.samplers.TPESampler(seed=cfg.seed, constraints_func=constraint,
+                                             n_startup_trials=min(10, max(2, cfg.trials // 3)))
+    pruner = {"median": optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1),
+              "halving": optuna.pruners.SuccessiveHalvingPruner(),
+              "none": optuna.pruners.NopPruner()}[cfg.pruner]
+    directions = ["maximize"] if cfg.mode == "max-accuracy" else ["maximize", "minimize"] + (
+        ["minimize"] if cfg.latency else [])
+    try:
+        study = optuna.create_study(storage=cfg.storage, sampler=sampler, pruner=pruner, study_name=cfg.name(),
+                                    directions=directions, load_if_exists=True)
+    except Exception as exc:  # noqa: BLE001 - storage URLs fail in many ways (SQLAlchemy, Optuna)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise McpError(f"cannot open study {cfg.name()!r} in storage {cfg.storage!r}: {first[:200]}") from None
+    if [d.name.lower() for d in study.directions] != directions:
+        raise McpError(f"study {cfg.name()!r} in {cfg.storage!r} was created for another mode; "
+                       f"use --study-name to start a new one")
+    settings = study_settings(cfg, checked)
+    stored = study.user_attrs.get(SETTINGS_ATTR)
+    if stored is None:
+        study.set_user_attr(SETTINGS_ATTR, settings)
+    else:
+        for key in ("space_sha256", "budget_on", "budget_bytes", "latency"):
+            if stored.get(key) == settings[key]:
+                continue
+            what, was, now = key, stored.get(key), settings[key]
+            if key == "space_sha256":
+                what, was, now = "search space", stored.get("space_file"), settings["space_file"]
+                now = now if was != now else f"{now}, edited since"
+            raise McpError(f"study {cfg.name()!r} in {cfg.storage!r} was run with {what} {was!r}, this call has "
+                           f"{now!r}; use --study-name to start a new study, or the first call's settings to "
+                           f"resume it")
+    remember_base(study, cfg, base_uri)
+    return study
+
+
+def remember_base(study, cfg: SearchConfig, base_uri: str) -> None:
+    """Record the starting model on the study, or refuse to resume from another one."""
+    if not base_uri:
+        return  # its baseline is still to be trained: recorded once it is
+    stored = study.user_attrs.get("mcp_base_model")
+    if stored is None:
+        study.set_user_attr("mcp_base_model", base_uri)
+    elif stored != base_uri:
+        raise McpError(f"study {cfg.name()!r} in {cfg.storage!r} searched from {stored}, this call starts from "
+                       f"{base_uri}; use --study-name to start a new study, or --model-uri {stored} to resume it")
+
+
+@dataclass
+class Checked:
+    """What a search needs, worked out (and every bad input refused) before any run starts."""
+
+    space: Any
+    space_path: Path
+    calib: list  # the pruning criteria's calibration batches, fixed for the whole study
+    budget: float | None  # bytes, as --budget-on measures them
+
+
+def check_search(cfg: SearchConfig, splits, loaders, base) -> Checked:
+    """Load and validate the space against the model (``base``, or a fresh one of its
+    architecture), resolve the budget and refuse one the space cannot reach."""
+    from mcp.data.calibration import calibration_batches
+    from mcp.evaluation.metrics import size_bytes_fp32
+    from mcp.models import create_model
+    from mcp.pruning import PruneSpec, Pruning
+    from mcp.search import uniform
+    from mcp.search.trial import smallest_size
+
+    probe = copy.deepcopy(base) if base is not None else create_model(cfg.model, splits.num_classes,
+                                                                      splits.input_shape)
+    space, space_path = load_space(cfg, probe, splits.input_shape)
+    for granularity in space.granularity:  # every criterion x granularity the space allows must work here
+        for criterion in space.criterion:
+            tc = uniform(space, 0.0, max(space.bits), 0, space.lr[0])
+            Pruning(probe, splits.input_shape, PruneSpec(criterion=criterion, scope="layerwise",
+                                                         granularity=granularity, ratios=tc.ratios), [], "cpu")
+    calib = calibration_batches(loaders[0], cfg.calib_batches)
+    fp32 = size_bytes_fp32(probe)
+    budget = cfg.budget_mb * 1e6 if cfg.budget_mb else (cfg.budget_ratio * fp32 if cfg.budget_ratio else None)
+    if budget:
+        reachable = smallest_size(probe, splits.input_shape, space, calib, "cpu", cfg.seed, cfg.budget_on)
+        if reachable > budget:
+            hint = ("; the ONNX file stores pruned zeros densely and bits below 8 in INT8, so use a structured "
+                    "space such as search_spaces/structured.yaml or --budget-on compressed"
+                    if cfg.budget_on == "onnx" else "")
+            raise ConfigError(f"budget {budget:,.0f} B is below the smallest size space {space_path.name!r} can "
+                              f"reach ({reachable:,.0f} B measured as {cfg.budget_on}, every layer at its highest "
+                              f"ratio and fewest bits){hint}; raise --budget-mb/--budget-ratio or widen the space")
+    return Checked(space, space_path, calib, budget)
+
+
+def check_storage(url: str) -> None:
+    """Connect to the Optuna storage now (creating its tables), or fail in one line."""
+    import optuna
+
+    try:
+        optuna.storages.get_storage(url)
+    except Exception as exc:  # noqa: BLE001 - storage URLs fail in many ways (SQLAlchemy, Optuna)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise McpError(f"cannot open Optuna storage {url!r}: {first[:200]}") from None

@@ -1,0 +1,142 @@
+"""The public Python API on a user's own nn.Module, and the proof that it is the stages'
+implementation: the same call through the CLI stage gives the same weights."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import mcp
+from mcp.data import load_dataset, make_loaders
+
+
+class Block(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+
+
+class UserNet(nn.Module):
+    """A user's own class: a stem, a residual block, a depthwise conv, a custom head."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.block = Block(8)
+        self.dw = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU())
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 16), nn.ReLU(),
+                                  nn.Linear(16, classes))
+
+    def forward(self, x):
+        return self.head(self.dw(self.block(self.stem(x))))
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_loaders(load_dataset("digits"), 32, 0, 0)  # 1,797 real 8x8 digits
+
+
+@pytest.fixture(scope="module")
+def trained(data):
+    """The user's model, trained by the user's own loop (here mcp's Trainer)."""
+    from mcp.training import FineTune, Trainer
+
+    torch.manual_seed(0)
+    model = UserNet()
+    ft = FineTune(epochs=8, lr=0.05)
+    opt = ft.make_optimizer(model)
+    Trainer(model, opt, ft.make_scheduler(opt), data[0], data[1], epochs=8).fit()
+    return model.eval()
+
+
+def test_distill_into_a_user_class(trained, data):
+    torch.manual_seed(1)
+    student = UserNet()
+    out = mcp.distill(trained, student, data, epochs=6, device="cpu")
+    assert out.student is student
+    assert out.metrics["teacher_test_accuracy"] == pytest.approx(mcp.measure(trained, data)["test_accuracy"])
+    assert out.metrics["test_accuracy"] > 0.8
+
+
+def test_import_mcp_stays_light():
+    import subprocess
+
+    code = "import sys, mcp; print(any(m in sys.modules for m in ('torch', 'mlflow', 'optuna', 'onnxruntime')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_prune_structured_on_a_user_class(trained, data):
+    before = mcp.measure(trained, data, device="cpu")
+    out = mcp.prune(trained, data, sparsity=0.5, granularity="structured", criterion="magnitude", epochs=2,
+                    device="cpu")
+    assert out.structured
+    assert out.metrics["params_total"] < before["params_total"]
+    assert out.metrics["pruned_fraction"] > 0.2
+    x = torch.randn(2, 1, 8, 8)
+    assert out.model(x).shape == (2, 10)
+    assert sum(p.numel() for p in trained.parameters()) == before["params_total"]  # the original is untouched
+
+
+def test_prune_unstructured_reaches_the_exact_sparsity(trained, data):
+    out = mcp.prune(trained, data, sparsity=0.6, schedule="gradual", epochs=3, prune_epochs=2, device="cpu")
+    assert out.metrics["pruned_fraction"] == pytest.approx(0.6, abs=1e-3)
+    assert len(out.history["pruned_fraction"]) == 3
+
+
+def test_quantize_qat_and_export_with_parity(trained, data, tmp_path):
+    q = mcp.quantize(trained, data, method="qat", bits=4, epochs=1, device="cpu", out_dir=tmp_path / "q")
+    assert q.deploy_format == "onnx_int8_weights"
+    assert q.metrics["size_bytes_compressed"] == len(q.payload) < q.metrics["size_bytes_fp32"] / 3  # BN, biases: fp32
+    assert q.onnx_path.is_file() and q.metrics["onnx_agreement"] >= 0.95
+    ptq = mcp.quantize(trained, data, method="ptq_int8", device="cpu", out_dir=tmp_path / "p")
+    assert ptq.deploy_format == "onnx_qdq_int8"
+    deployed = mcp.export(trained, data, tmp_path / "model.onnx")
+    assert deployed.path == tmp_path / "model.onnx" and deployed.path.is_file()
+    assert deployed.metrics["onnx_max_abs_diff"] < 1e-3
+    assert deployed.metrics["onnx_test_accuracy"] == pytest.approx(deployed.metrics["test_accuracy"], abs=0.02)
+
+
+def test_search_a_few_trials_under_a_budget(trained, data, tmp_path):
+    from mcp.search.objective import trial_table
+
+    space = tmp_path / "space.yaml"
+    space.write_text("prune:\n  granularity: [unstructured]\n  criterion: [magnitude]\n  ratio: [0.3, 0.8]\n"
+                     "quantize:\n  bits: [4, 8]\nfinetune:\n  epochs: [1, 1]\n  lr: [0.005, 0.005]\n")
+    budget = 0.2 * 4 * sum(p.numel() for p in trained.parameters())
+    study = mcp.search(trained, data, space=space, budget_bytes=budget, trials=3, device="cpu")
+    rows = trial_table(study, "compressed")
+    assert len(rows) == 3
+    done = [r for r in rows if r["state"] == "complete"]
+    assert done and all(r["size_bytes"] <= budget for r in done)
+
+
+def test_the_prune_stage_and_mcp_prune_are_one_implementation(tmp_path, own_store):
+    """`mcp prune` on a registered model and mcp.prune on the same model and data give the
+    same weights, bit for bit."""
+    from mcp import tracking
+    from mcp.config import PruneConfig, TrainConfig
+    from mcp.stages.common import setup_data
+    from mcp.stages.prune import run_prune
+    from mcp.stages.train import run_train
+
+    common = dict(dataset="synthetic", input_shape="1x8x8", num_classes=4, model="tiny_cnn")
+    base = run_train(TrainConfig(epochs=2, checkpoint_dir=str(tmp_path), **common), show_progress=False)
+    uri = f"models:/{base.registered_name}/{base.registered_version}"
+    cfg = PruneConfig(model_uri=uri, sparsity=0.5, epochs=2, register=False, **common)
+    staged = run_prune(cfg, show_progress=False)
+    _, _, loaders = setup_data(cfg)
+    direct = mcp.prune(tracking.load_model(uri), loaders, sparsity=0.5, epochs=2, prune_epochs=cfg.prune_epochs,
+                       lr=cfg.lr, device="cpu")
+    for (k, a), (_, b) in zip(staged.model.state_dict().items(), direct.model.state_dict().items()):
+        assert torch.equal(a.cpu(), b.cpu()), k
+    assert direct.metrics["test_accuracy"] == staged.metrics["test_accuracy"]

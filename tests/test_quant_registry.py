@@ -1,0 +1,52 @@
+"""Quantization methods come from one registry: the CLI's choices, validation, the engine,
+the deployable ONNX model and the README's table. A new method is one new module."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import textwrap
+
+from conftest import PYTHON, ROOT
+
+
+def test_cli_choices_config_and_readme_come_from_the_registry():
+    import click
+
+    from mcp.cli import main
+    from mcp.config import FINE_TUNED_METHODS, QUANT_METHODS
+    from mcp.quantization.methods import markdown_table, quant_method, quant_method_names
+
+    assert QUANT_METHODS == quant_method_names()
+    assert set(FINE_TUNED_METHODS) == {m for m in QUANT_METHODS if quant_method(m).fine_tunes}
+    option = next(p for p in main.commands["quantize"].params if p.name == "method")
+    assert isinstance(option.type, click.Choice) and tuple(option.type.choices) == quant_method_names()
+    pipeline = next(p for p in main.commands["pipeline"].params if p.name == "quantize_method")
+    assert tuple(pipeline.type.choices) == quant_method_names()
+    assert markdown_table() in (ROOT / "README.md").read_text()
+
+
+def test_a_new_method_is_one_module(tmp_path):
+    """Drop one module into mcp/quantization/methods/: `mcp quantize --method` takes it,
+    runs it end to end and tags the run with it; nothing else changes."""
+    module = ROOT / "mcp" / "quantization" / "methods" / "zz_test_grid8.py"
+    module.write_text(textwrap.dedent('''
+        from mcp.quantization.methods import QuantMethod, grid_int8, register_quant_method
+
+        register_quant_method(QuantMethod(name="zz_test_grid8", summary="test", deployed_as="test",
+                                          deploy=grid_int8))
+    '''))
+    try:
+        env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}"}
+        env.pop("MLFLOW_EXPERIMENT_NAME", None)
+        help_text = subprocess.run([PYTHON, "-m", "mcp", "quantize", "--help"], capture_output=True, text=True,
+                                   env=env, cwd=tmp_path).stdout
+        assert "zz_test_grid8" in help_text
+        proc = subprocess.run([PYTHON, "-m", "mcp", "quantize", "--method", "zz_test_grid8", "--bits", "6",
+                               "--model", "tiny_mlp", "--dataset", "synthetic", "--input-shape", "1x8x8",
+                               "--num-classes", "4", "--register", "false"], capture_output=True, text=True,
+                              env=env, cwd=tmp_path, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "zz_test_grid8" in proc.stdout and "deployed as onnx_int8_weights" in proc.stdout
+    finally:
+        module.unlink()
