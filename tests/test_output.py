@@ -14,7 +14,8 @@ DATA = ["--dataset", "synthetic", "--input-shape", "1x8x8", "--num-classes", "4"
 
 
 def test_training_into_a_log_file_prints_one_line_per_epoch(tmp_path, mlflow_store):
-    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_store, "MLFLOW_EXPERIMENT_NAME": "log-lines"}
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID")}
+    env.update(MLFLOW_TRACKING_URI=mlflow_store, MLFLOW_EXPERIMENT_NAME="log-lines")
     proc = subprocess.run([PYTHON, "-m", "mcp", "train", "--model", "tiny_mlp", "--epochs", "3", "--register",
                            "false", "--checkpoint-dir", str(tmp_path), *DATA], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)

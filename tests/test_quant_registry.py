@@ -38,7 +38,8 @@ def test_a_new_method_is_one_module(tmp_path):
     '''))
     try:
         env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}"}
-        env.pop("MLFLOW_EXPERIMENT_NAME", None)
+        for key in ("MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID"):
+            env.pop(key, None)
         help_text = subprocess.run([PYTHON, "-m", "mcp", "quantize", "--help"], capture_output=True, text=True,
                                    env=env, cwd=tmp_path).stdout
         assert "zz_test_grid8" in help_text

@@ -158,7 +158,8 @@ def test_sigterm_ends_the_run_killed(tmp_path, mlflow_store):
     """A scheduler's SIGTERM in the middle of training leaves the run KILLED, never RUNNING."""
     from mlflow import MlflowClient
 
-    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_store, "MLFLOW_EXPERIMENT_NAME": "sigterm"}
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID")}
+    env.update(MLFLOW_TRACKING_URI=mlflow_store, MLFLOW_EXPERIMENT_NAME="sigterm")
     proc = subprocess.Popen([PYTHON, "-m", "mcp", "train", "--model", "tiny_mlp", "--epochs", "100000",
                              "--checkpoint-dir", str(tmp_path), *DATA], env=env, cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

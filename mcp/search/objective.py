@@ -18,7 +18,7 @@ from typing import Any, Callable, ContextManager, Iterator, Protocol
 
 import torch
 
-from mcp.search.study import FILL_SLACK, SIZE_KEY
+from mcp.search.study import FILL_SLACK, SIZE_KEY, budget_excess
 
 STATES = ("complete", "pruned", "infeasible", "failed")
 
@@ -120,7 +120,7 @@ def make_objective(problem: SearchProblem, open_log: Callable[[Any], ContextMana
                 model = prune_candidate(p.base, shape, tc, p.calib, p.device)
                 sizes = measure_sizes(model, shape, tc, p.seed, onnx=on == "onnx")
                 size = sizes[SIZE_KEY[on]]
-                excess = size - p.budget if p.budget else -1.0
+                excess = budget_excess(size, p.budget)
                 constrain(trial, "budget_excess", excess)
                 for key, value in sizes.items():
                     trial.set_user_attr(key, value)
@@ -145,7 +145,7 @@ def make_objective(problem: SearchProblem, open_log: Callable[[Any], ContextMana
                     trial.set_user_attr("size_bytes_compressed", sizes["size_bytes_compressed"])
                     log.metrics({"val_accuracy_final": val, **sizes,
                                  "compression_ratio": p.base_fp32 / sizes["size_bytes_compressed"]})
-                    excess = size - p.budget if p.budget else -1.0
+                    excess = budget_excess(size, p.budget)
                     state = "infeasible" if excess > 0 else "complete"  # over after fine-tuning: infeasible after all
                     constrain(trial, "budget_excess_final", excess)
                     outcome = [val, float(size)] if p.pareto else [val]

@@ -18,6 +18,16 @@ SIZE_KEY = {"compressed": "size_bytes_compressed", "onnx": "size_bytes_onnx"}  #
 FILL_SLACK = 0.002
 
 
+def budget_excess(size: float, budget: float | None) -> float:
+    """Bytes over the budget: <= 0 is within it (-1 when there is no budget). The one test
+    of "within the budget" that trials, winners and the pipeline's champion all use."""
+    return float(size) - budget if budget else -1.0
+
+
+def within_budget(size: float, budget: float | None) -> bool:
+    return budget_excess(size, budget) <= 0
+
+
 def load_space(cfg: SearchConfig, model, input_shape):
     from mcp.pruning.pruner import layers_in_order
     from mcp.search.space import build_space, read_space_file, space_file_for

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from mcp.config import DataOptions, ExportConfig, PipelineConfig
+from mcp.search.study import within_budget
 from mcp.tracking import schema
 
 STEPS = ("baseline", "prune", "quantize", "search", "export", "benchmark", "promote")
@@ -147,7 +148,7 @@ def _compress(cfg: PipelineConfig, base_uri: str, checked, steps, bar,
                      "deploy_format": row["deploy_format"], "test_accuracy": row["test_accuracy"],
                      "size_bytes_compressed": float(size), "compression_ratio": fp32 / size,
                      "size_bytes_budgeted": float(measured), "within_budget": row["uri"] != base_uri
-                     and measured <= budget,
+                     and within_budget(measured, budget),
                      "size_bytes_onnx": row["size_bytes_onnx"], "latency_ms_p50_cpu": row["latency_ms_p50_cpu"],
                      "speedup_p50_cpu": row["speedup_p50_cpu"]})
     return rows

@@ -22,7 +22,7 @@ import torch
 from mcp.config import SearchConfig
 from mcp.errors import McpError
 from mcp.search.objective import SearchProblem, enqueue_uniform, make_objective, trial_table
-from mcp.search.study import SIZE_KEY, check_search, open_study, remember_base
+from mcp.search.study import SIZE_KEY, check_search, open_study, remember_base, within_budget
 from mcp.tracking import schema
 
 STATE_TAG = schema.TRIAL_STATE
@@ -207,7 +207,7 @@ def _rebuild(ctx: _Context, t: dict[str, Any]) -> dict[str, Any]:
                    "size_bytes_compressed": float(len(tuned.payload)), **model_metrics(model, shape, ctx.device)}
         metrics["compression_ratio"] = ctx.base_fp32 / metrics["size_bytes_compressed"]
         deploy_format = _log_deployable(tuned, shape, ctx.loaders[2], metrics)
-        within = not ctx.budget or metrics[SIZE_KEY[cfg.budget_on]] <= ctx.budget
+        within = within_budget(metrics[SIZE_KEY[cfg.budget_on]], ctx.budget)
         tracking.log_metrics(metrics)
         tracking.runs.set_tag(schema.WITHIN_BUDGET, str(within).lower())
         reg_name = tracking.registered_name(cfg.model, cfg.dataset) if cfg.register else None
