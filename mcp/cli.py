@@ -18,6 +18,7 @@ from mcp.config import (
     BenchmarkConfig,
     DistillConfig,
     ExportConfig,
+    ImportConfig,
     PipelineConfig,
     PruneConfig,
     QuantizeConfig,
@@ -115,6 +116,25 @@ def train(ctx: click.Context, **kwargs: Any) -> None:
                f"macs={int(m['macs'])} latency_p50_cpu={m['latency_ms_p50_cpu']:.3f} ms "
                f"train_time={m['train_time_s']:.1f} s")
     click.echo(f"model: {result.model_uri}")
+    if result.registered_name:
+        click.echo(f"registered: models:/{result.registered_name}/{result.registered_version} "
+                   f"(alias: models:/{result.registered_name}@baseline)")
+
+
+@main.command(name="import")
+@config_options(ImportConfig)
+@click.pass_context
+def import_(ctx: click.Context, **kwargs: Any) -> None:
+    """Register a model trained elsewhere as the baseline of <name>-<dataset>: a zoo architecture (--model) or your
+    own class or factory (--module package.module:factory), with its weights (--weights: a state_dict .pt/.pth, read
+    without unpickling code, or .safetensors). Measured on the dataset; every other stage can then start from
+    models:/<name>-<dataset>@baseline."""
+    from mcp.stages.importer import run_import
+
+    cfg, result = _run_stage(ctx, kwargs, ImportConfig, run_import)
+    m = result.metrics
+    click.echo(f"run {result.run_id}: test_accuracy={m['test_accuracy']:.4f} params={int(m['params_total'])} "
+               f"macs={int(m['macs'])} latency_p50_cpu={m['latency_ms_p50_cpu']:.3f} ms")
     if result.registered_name:
         click.echo(f"registered: models:/{result.registered_name}/{result.registered_version} "
                    f"(alias: models:/{result.registered_name}@baseline)")

@@ -227,6 +227,58 @@ class StartModel(ModelSource):
             raise ConfigError(f"unknown model {self.model!r}; choose one of: {', '.join(model_names())}")
 
 
+@dataclass(frozen=True)
+class ImportConfig(DataOptions):
+    """`mcp import`: register a model trained elsewhere as the baseline of <name>-<dataset>."""
+
+    model: str = option("", "A zoo architecture (see `mcp models`) to load --weights into.")
+    module: str = option("", "Your own model: package.module:factory, a class or function returning an nn.Module, "
+                             "importable from the environment or the working directory.")
+    module_kwargs: str = option("", "Keyword arguments of --module: a JSON/YAML mapping, or a .json/.yaml file.")
+    weights: str = option("", "The trained weights: a state_dict (.pt/.pth, read with weights_only=True) or "
+                              ".safetensors. Empty: the factory's own initial weights.")
+    name: str = option("", "Registered name <name>-<dataset>. Empty: the zoo name, or the factory's name.")
+    register: bool = option(True, "Register the model as <name>-<dataset> with alias 'baseline'.")
+
+    def validate(self) -> None:
+        super().validate()
+        from mcp.models import model_names
+
+        if bool(self.model) == bool(self.module):
+            raise ConfigError("give exactly one of --model (a zoo architecture) and --module (package.module:factory)")
+        if self.model and self.model not in model_names():
+            raise ConfigError(f"unknown model {self.model!r}; choose one of: {', '.join(model_names())}")
+        if self.module and ":" not in self.module:
+            raise ConfigError(f"module={self.module!r} must be package.module:factory")
+        if self.module_kwargs and not self.module:
+            raise ConfigError("module_kwargs needs --module")
+        if self.name and not all(c.isalnum() or c in "_." for c in self.name):
+            raise ConfigError(f"name={self.name!r} may hold letters, digits, '_' and '.' only")
+        self.factory_kwargs()
+
+    def factory_kwargs(self) -> dict[str, Any]:
+        text = self.module_kwargs.strip()
+        if not text:
+            return {}
+        if Path(text).suffix.lower() in (".json", ".yaml", ".yml"):
+            return read_config_file(text)
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise ConfigError(f"module_kwargs={text!r} is not a JSON/YAML mapping") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"module_kwargs={text!r} must be a mapping of argument names to values")
+        return {str(k): v for k, v in data.items()}
+
+    def registered_model(self) -> str:
+        """The model part of the registered name."""
+        if self.name:
+            return self.name
+        return self.model or self.module.rpartition(":")[2].split(".")[-1].lower()
+
+
 URI_SCHEMES = ("runs:/", "models:/", "file:", "mlflow-artifacts:/", "s3://", "gs://", "wasbs://", "hdfs://")
 PARENT = "parent"
 

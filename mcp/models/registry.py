@@ -65,9 +65,18 @@ def create_model(name: str, num_classes: int, input_shape: Sequence[int], **kw: 
 
 
 def model_from_recipe(recipe: dict[str, Any]) -> nn.Module:
-    """Rebuild a model's architecture from the recipe stored beside its weights."""
+    """Rebuild a model's architecture from the recipe stored beside its weights: a zoo
+    model by name, or an imported one by its factory's import path (``factory``) and
+    keyword arguments. A recipe names code already importable here; it never carries any."""
     try:
-        model = create_model(recipe["name"], recipe["num_classes"], recipe["input_shape"], **recipe.get("kwargs", {}))
+        if recipe.get("factory"):
+            from mcp.models.foreign import build_from_factory
+
+            model = build_from_factory(str(recipe["factory"]), recipe.get("kwargs", {}))
+            recipe["num_classes"], recipe["input_shape"]  # noqa: B018 - every recipe has them
+        else:
+            model = create_model(recipe["name"], recipe["num_classes"], recipe["input_shape"],
+                                 **recipe.get("kwargs", {}))
     except KeyError as exc:
         raise ConfigError(f"model recipe lacks the key {exc.args[0]!r}: {recipe!r}") from None
     if recipe.get("pruning_history"):  # structured pruning: replay it to get the smaller shapes

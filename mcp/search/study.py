@@ -32,7 +32,8 @@ def load_space(cfg: SearchConfig, model, input_shape):
     from mcp.pruning.pruner import layers_in_order
     from mcp.search.space import build_space, read_space_file, space_file_for
 
-    path = Path(cfg.space) if cfg.space else space_file_for(cfg.model)
+    arch = str(getattr(model, "mcp_recipe", {}).get("name", cfg.model))  # an imported model: default.yaml
+    path = Path(cfg.space) if cfg.space else space_file_for(arch)
     if not path.is_file():
         raise ConfigError(f"search space {str(path)!r} does not exist")
     layers = [n for n, _ in layers_in_order(model, input_shape)]

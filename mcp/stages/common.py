@@ -121,3 +121,12 @@ def deployable_of(uri: str, tmp: Path) -> tuple[Path, str] | None:
     (tmp / "deployed").mkdir(parents=True, exist_ok=True)
     path, fmt = tracking.models.deployable_onnx(uri, tmp / "deployed")
     return (path, fmt) if path is not None else None
+
+
+def lineage(base: nn.Module | None, base_uri: str, model: str, dataset: str) -> tuple[str, str]:
+    """(architecture name, registered name) of what a stage makes from its starting model:
+    a new version of the registered model ``base_uri`` belongs to, else of
+    ``<architecture>-<dataset>``. An imported model keeps its own name; a baseline still
+    to be trained is the zoo ``model``'s."""
+    arch = str(base.mcp_recipe.get("name", model)) if base is not None else model
+    return arch, schema.registered_name_of(base_uri) or schema.registered_name(arch, dataset)

@@ -16,6 +16,7 @@ from mcp.pruning import PruneSpec, Pruning, create_criterion, criterion_names
 from mcp.pruning.finetune import prune_and_finetune
 from mcp.stages.common import (
     find_base_model,
+    lineage,
     log_and_register,
     probe_model,
     recovery_loss,
@@ -90,8 +91,9 @@ def run_prune(cfg: PruneConfig, show_progress: bool | None = None) -> PruneResul
         Pruning(copy.deepcopy(probe), splits.input_shape, spec_of(variant, ratios), [], "cpu")
 
     params = {**cfg.to_dict(), **{f"data_{k}": v for k, v in splits.summary().items()}, "device_resolved": device}
-    tags = {schema.MODEL: cfg.model, schema.DATASET: cfg.dataset, schema.PARENT_MODEL: base_uri}
-    with tracking.stage_run("prune", params, tags, run_name=f"prune-{cfg.model}-{cfg.dataset}") as run:
+    arch, _ = lineage(base, base_uri, cfg.model, cfg.dataset)
+    tags = {schema.MODEL: arch, schema.DATASET: cfg.dataset, schema.PARENT_MODEL: base_uri}
+    with tracking.stage_run("prune", params, tags, run_name=f"prune-{arch}-{cfg.dataset}") as run:
         if base is None:  # no baseline yet: train one first, as a nested run
             base, base_uri = run_baseline(cfg, show_progress)
             teacher, teacher_uri = recovery_teacher(cfg, base, base_uri, splits)
@@ -131,13 +133,14 @@ def _prune_one(cfg: PruneConfig, ratios: dict[str, float], base: nn.Module, base
     model, metrics, layer_sparsity, history = outcome.model, outcome.metrics, outcome.layer_sparsity, outcome.history
     tracking.log_metrics(metrics)
 
-    title = f"{cfg.model}/{cfg.dataset}: {cfg.criterion}, {cfg.scope}, {cfg.granularity}, {cfg.schedule}"
+    arch, registered = lineage(base, base_uri, cfg.model, cfg.dataset)
+    title = f"{arch}/{cfg.dataset}: {cfg.criterion}, {cfg.scope}, {cfg.granularity}, {cfg.schedule}"
     log_plot(plot_pruning_curves, "pruning_curves.png", history, title=title)
     log_plot(plot_bars, "layer_sparsity.png", layer_sparsity,
              ylabel="channel sparsity" if outcome.structured else "weight sparsity", title=title)
     log_csv("layer_sparsity.csv", ["layer", "sparsity"], list(layer_sparsity.items()))
 
-    reg_name = tracking.registered_name(cfg.model, cfg.dataset) if cfg.register else None
+    reg_name = registered if cfg.register else None
     run_id = tracking.runs.active_run_id()
     tags = {schema.STAGE: "prune", "source_run": run_id, "parent_model": base_uri, "criterion": cfg.criterion,
             "scope": cfg.scope, "granularity": cfg.granularity, "schedule": cfg.schedule,

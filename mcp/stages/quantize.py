@@ -19,6 +19,7 @@ from mcp.quantization.methods import quant_method
 from mcp.quantization.quantize import quantize_model
 from mcp.stages.common import (
     find_base_model,
+    lineage,
     log_and_register,
     probe_model,
     recovery_loss,
@@ -85,9 +86,10 @@ def run_quantize(cfg: QuantizeConfig, show_progress: bool | None = None) -> Quan
         prune_config(cfg, base_uri)  # its settings are checked before the run starts too
 
     params = {**cfg.to_dict(), **{f"data_{k}": v for k, v in splits.summary().items()}, "device_resolved": device}
-    tags = {schema.MODEL: cfg.model, schema.DATASET: cfg.dataset, schema.PARENT_MODEL: base_uri,
+    arch, _ = lineage(base, base_uri, cfg.model, cfg.dataset)
+    tags = {schema.MODEL: arch, schema.DATASET: cfg.dataset, schema.PARENT_MODEL: base_uri,
             schema.QUANT_METHOD: cfg.method}
-    with tracking.stage_run("quantize", params, tags, run_name=f"quantize-{cfg.method}-{cfg.model}") as run:
+    with tracking.stage_run("quantize", params, tags, run_name=f"quantize-{cfg.method}-{arch}") as run:
         if base is None:
             base, base_uri = run_baseline(cfg, show_progress)
             teacher, teacher_uri = recovery_teacher(cfg, base, base_uri, splits)
@@ -127,7 +129,8 @@ def _quantize(cfg: QuantizeConfig, layer_bits: dict[str, int], base: nn.Module, 
         metrics["training_time_s"] += pruned_metrics["training_time_s"]  # the whole pipeline's time
     tracking.log_metrics(metrics)
 
-    title = f"{cfg.model}/{cfg.dataset}: {cfg.method}"
+    arch, registered = lineage(base, base_uri, cfg.model, cfg.dataset)
+    title = f"{arch}/{cfg.dataset}: {cfg.method}"
     log_csv("quant_layers.csv", list(layers[0]), [list(r.values()) for r in layers])
     log_plot(plot_layer_quant, "quant_layers.png", layers, title=title)
     if stages:
@@ -140,7 +143,7 @@ def _quantize(cfg: QuantizeConfig, layer_bits: dict[str, int], base: nn.Module, 
     run_tags = {schema.DEPLOY_FORMAT: deploy_format, schema.DEPLOY_NOTE: outcome.deploy_note, schema.BITS: bits_tag}
     for k, v in run_tags.items():
         tracking.runs.set_tag(k, v)
-    reg_name = tracking.registered_name(cfg.model, cfg.dataset) if cfg.register else None
+    reg_name = registered if cfg.register else None
     run_id = tracking.runs.active_run_id()
     version_tags = {schema.STAGE: "quantize", "source_run": run_id, "parent_model": base_uri, "method": cfg.method,
                     "bits": bits_tag, "deploy_format": deploy_format, "sparsity": f"{metrics['sparsity']:.4f}",

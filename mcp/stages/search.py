@@ -40,18 +40,21 @@ class SearchResult:
 def run_search(cfg: SearchConfig, show_progress: bool | None = None) -> SearchResult:
     from mcp import tracking
     from mcp.evaluation.metrics import size_bytes_fp32
-    from mcp.stages.common import find_base_model, setup_data
+    from mcp.stages.common import find_base_model, lineage, setup_data
     from mcp.stages.train import run_baseline
 
     device, splits, loaders = setup_data(cfg)
     base, base_uri = find_base_model(cfg.model, cfg.model_uri, cfg.dataset, splits, cfg.trust_pickled_model)
+    arch, registered = lineage(base, base_uri, cfg.model, cfg.dataset)
+    if arch != cfg.model and not cfg.study_name:  # an imported model: its own study, not the zoo model's
+        cfg = cfg.replace(study_name=f"{arch}-{cfg.dataset}-{cfg.mode}")
     checked = check_search(cfg, splits, loaders, base)
     space, space_path, budget = checked.space, checked.space_path, checked.budget
     study = open_study(cfg, checked, base_uri if base is not None else "")
 
     params = {**cfg.to_dict(), **{f"data_{k}": v for k, v in splits.summary().items()}, "device_resolved": device,
               "space_file": str(space_path), "budget_bytes": budget or 0, "study_trials_before": len(study.trials)}
-    tags = {schema.MODEL: cfg.model, schema.DATASET: cfg.dataset, schema.PARENT_MODEL: base_uri,
+    tags = {schema.MODEL: arch, schema.DATASET: cfg.dataset, schema.PARENT_MODEL: base_uri,
             schema.STUDY_NAME: cfg.name(), schema.SEARCH_MODE: cfg.mode}
     with tracking.stage_run("search", params, tags, run_name=f"search-{cfg.name()}") as run:
         tracking.runs.set_tag(schema.SPACE, space_path.read_text())
@@ -59,7 +62,7 @@ def run_search(cfg: SearchConfig, show_progress: bool | None = None) -> SearchRe
             base, base_uri = run_baseline(cfg, show_progress)
             remember_base(study, cfg, base_uri)
         context = _Context(cfg, space, base, base_uri, splits, loaders, device, budget, study, checked.calib,
-                           size_bytes_fp32(base))
+                           size_bytes_fp32(base), registered)
         if not study.trials:
             enqueue_uniform(study, context.problem, cfg.mode == "max-accuracy")
         _optimize(context, show_progress)
@@ -83,6 +86,7 @@ class _Context:
     study: Any
     calib: list  # the pruning criteria's calibration batches, fixed for the whole study
     base_fp32: int  # the starting model's float32 size, for compression ratios
+    registered: str  # the registered model winners become versions of
 
     @property
     def problem(self) -> SearchProblem:
@@ -163,7 +167,7 @@ def _registered_winners(ctx: _Context) -> dict[int, dict[str, Any]]:
     cfg = ctx.cfg
     if not cfg.register:
         return {}
-    name = tracking.registered_name(cfg.model, cfg.dataset)
+    name = ctx.registered
     found = {}
     for version, tags, _ in tracking.models.list_versions(name):
         if (tags.get(schema.STAGE) == "search" and tags.get("study") == cfg.name()
@@ -210,7 +214,7 @@ def _rebuild(ctx: _Context, t: dict[str, Any]) -> dict[str, Any]:
         within = within_budget(metrics[SIZE_KEY[cfg.budget_on]], ctx.budget)
         tracking.log_metrics(metrics)
         tracking.runs.set_tag(schema.WITHIN_BUDGET, str(within).lower())
-        reg_name = tracking.registered_name(cfg.model, cfg.dataset) if cfg.register else None
+        reg_name = ctx.registered if cfg.register else None
         version_tags = {schema.STAGE: "search", "source_run": run.info.run_id, "parent_model": ctx.base_uri,
                         "study": cfg.name(), "trial": t["number"], "mode": cfg.mode,
                         "ratios": json.dumps({k: round(v, 4) for k, v in tc.ratios.items()}),

@@ -78,7 +78,7 @@ def run_sensitivity(cfg: SensitivityConfig, show_progress: bool | None = None) -
     from mcp.evaluation.plots import plot_bars, plot_sensitivity
     from mcp.pruning import PruneSpec, Pruning, create_criterion, prune
     from mcp.pruning.pruner import select_layers
-    from mcp.stages.common import find_base_model, probe_model, setup_data
+    from mcp.stages.common import find_base_model, lineage, probe_model, setup_data
     from mcp.stages.train import run_baseline
     from mcp.tracking.tables import log_csv, log_plot
     from mcp.training import evaluate
@@ -91,8 +91,9 @@ def run_sensitivity(cfg: SensitivityConfig, show_progress: bool | None = None) -
             PruneSpec(criterion=cfg.criterion, granularity=cfg.granularity, scope="layerwise"), [], "cpu")
 
     params = {**cfg.to_dict(), **{f"data_{k}": v for k, v in splits.summary().items()}, "device_resolved": device}
-    tags = {schema.MODEL: cfg.model, schema.DATASET: cfg.dataset, schema.PARENT_MODEL: base_uri}
-    with tracking.stage_run("sensitivity", params, tags, run_name=f"sensitivity-{cfg.model}-{cfg.dataset}") as run:
+    arch, _ = lineage(base, base_uri, cfg.model, cfg.dataset)
+    tags = {schema.MODEL: arch, schema.DATASET: cfg.dataset, schema.PARENT_MODEL: base_uri}
+    with tracking.stage_run("sensitivity", params, tags, run_name=f"sensitivity-{arch}-{cfg.dataset}") as run:
         if base is None:
             base, base_uri = run_baseline(cfg, show_progress)
         base = base.to(device)
@@ -121,7 +122,7 @@ def run_sensitivity(cfg: SensitivityConfig, show_progress: bool | None = None) -
         log_csv("sensitivity.csv", ["layer", "ratio", "val_accuracy", "drop"],
                  [[r["layer"], r["ratio"], r["val_accuracy"], r["drop"]] for r in table])
         log_csv("gradient_norms.csv", ["layer", "gradient_norm"], list(norms.items()))
-        title = f"{cfg.model}/{cfg.dataset}: {cfg.criterion}, {cfg.granularity}"
+        title = f"{arch}/{cfg.dataset}: {cfg.criterion}, {cfg.granularity}"
         log_plot(plot_sensitivity, "sensitivity.png", table, list(layers), ratios, title=title)
         log_plot(plot_bars, "gradient_norms.png", norms, ylabel="mean gradient norm", title=title)
         import yaml

@@ -1,0 +1,129 @@
+"""Models mcp did not define: a factory named by its import path (``package.module:callable``,
+the user's own class or function, importable from the environment or the working
+directory) and weights read from a file without running code from it (a ``state_dict`` in
+``.pt``/``.pth`` read with ``weights_only=True``, or ``.safetensors``).
+
+A recipe names the factory and its keyword arguments; it never carries code."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import pickle
+import sys
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from mcp.errors import ConfigError, McpError
+
+WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
+_WRAPPERS = ("state_dict", "model_state_dict", "model", "module", "net", "weights")  # common checkpoint layouts
+
+
+def resolve_factory(path: str) -> Any:
+    """The callable ``package.module:name`` names, imported from the environment or the
+    working directory; a clear one-line error when it does not import or is not there."""
+    module_name, sep, attr = path.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError(f"module={path!r} must be package.module:factory (a class or function that returns an "
+                          f"nn.Module)")
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.append(cwd)  # the user's own code beside them, as `python -c` would find it
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # noqa: BLE001 - an import runs the user's module: anything can fail
+        raise McpError(f"module={path!r}: cannot import {module_name!r}: {type(exc).__name__}: "
+                       f"{str(exc).splitlines()[0][:200] if str(exc) else ''}") from None
+    target: Any = module
+    for part in attr.split("."):
+        if not hasattr(target, part):
+            raise McpError(f"module={path!r}: {module_name!r} has no attribute {attr!r}")
+        target = getattr(target, part)
+    if not callable(target):
+        raise McpError(f"module={path!r}: {attr!r} is a {type(target).__name__}, not a class or function")
+    return target
+
+
+def build_from_factory(path: str, kwargs: Mapping[str, Any] | None = None) -> nn.Module:
+    """Call the factory ``path`` names with ``kwargs``; its result must be an nn.Module."""
+    factory = resolve_factory(path)
+    kwargs = dict(kwargs or {})
+    try:
+        inspect.signature(factory).bind(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"module={path!r} does not take these arguments {sorted(kwargs)}: {exc}") from None
+    except ValueError:
+        pass  # no signature to check (a builtin): let the call say
+    try:
+        model = factory(**kwargs)
+    except Exception as exc:  # noqa: BLE001 - the user's factory can raise anything
+        raise McpError(f"module={path!r} raised {type(exc).__name__}: "
+                       f"{(str(exc).splitlines() or [''])[0][:200]}") from None
+    if not isinstance(model, nn.Module):
+        raise McpError(f"module={path!r} returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """A ``state_dict`` from ``path`` without running code from it: ``.safetensors``, or a
+    PyTorch file read with ``weights_only=True`` (a dict of tensors, or one wrapped under
+    ``state_dict``/``model``/... as training scripts save it)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"weights={str(path)!r} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise McpError(f"weights={str(path)!r} is not a safetensors file: "
+                           f"{(str(exc).splitlines() or [''])[0][:200]}") from None
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "global" in str(exc).lower():
+            raise McpError(f"weights={str(path)!r} holds pickled Python objects (a whole model saved with "
+                           f"torch.save(model)?); refused because unpickling runs code. Save "
+                           f"torch.save(model.state_dict(), path) or use safetensors instead") from None
+        raise McpError(f"weights={str(path)!r} is not a PyTorch checkpoint (UnpicklingError)") from None
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for bad files
+        raise McpError(f"weights={str(path)!r} is not a PyTorch checkpoint ({type(exc).__name__})") from None
+    for _ in range(2):  # unwrap {"state_dict": {...}} and the like
+        if isinstance(payload, Mapping) and not any(isinstance(v, torch.Tensor) for v in payload.values()):
+            inner = next((payload[k] for k in _WRAPPERS if isinstance(payload.get(k), Mapping)), None)
+            if inner is not None:
+                payload = inner
+    if not isinstance(payload, Mapping) or not any(isinstance(v, torch.Tensor) for v in payload.values()):
+        raise McpError(f"weights={str(path)!r} holds no state_dict (a mapping of parameter names to tensors)")
+    state = {str(k): v for k, v in payload.items() if isinstance(v, torch.Tensor)}
+    if all(k.startswith("module.") for k in state):  # saved from DataParallel / DDP
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    return state
+
+
+def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
+    """Load ``state`` strictly; a mismatch is one line naming the first missing and
+    unexpected keys and the shape mismatches."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {list(state[k].shape)} vs model {list(own[k].shape)}" for k in own
+              if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} keys ({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''})")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} keys ({', '.join(unexpected[:4])}"
+                         f"{', ...' if len(unexpected) > 4 else ''})")
+        if shapes:
+            parts.append(f"shape mismatch: {'; '.join(shapes[:3])}{'; ...' if len(shapes) > 3 else ''}")
+        raise McpError(f"{what}: the weights do not match the model: {'; '.join(parts)}")
+    model.load_state_dict(dict(state), strict=True)
