@@ -234,24 +234,49 @@ class ImportConfig(DataOptions):
     model: str = option("", "A zoo architecture (see `mcp models`) to load --weights into.")
     module: str = option("", "Your own model: package.module:factory, a class or function returning an nn.Module, "
                              "importable from the environment or the working directory.")
-    module_kwargs: str = option("", "Keyword arguments of --module: a JSON/YAML mapping, or a .json/.yaml file.")
+    timm: str = option("", "A timm architecture by name (pip install 'mcp-pipeline[timm]'); its weights come from "
+                           "--weights, never from a download.")
+    module_kwargs: str = option("", "Keyword arguments of --module (or timm.create_model): a JSON/YAML mapping, or a "
+                                    ".json/.yaml file.")
     weights: str = option("", "The trained weights: a state_dict (.pt/.pth, read with weights_only=True) or "
                               ".safetensors. Empty: the factory's own initial weights.")
     name: str = option("", "Registered name <name>-<dataset>. Empty: the zoo name, or the factory's name.")
+    head: str = option("", "Replace the final classifier with one for the dataset's classes (transfer): 'auto' (the "
+                           "last nn.Linear to run) or the module's name, e.g. fc. Empty: the model must already give "
+                           "the dataset's classes.", flag_value="auto")
+    epochs: int = option(0, "Fine-tuning epochs on the dataset before registering (0: measure as it is).")
+    freeze_epochs: int = option(0, "With --head: epochs at the start that train the new classifier alone.")
+    optimizer: str = option("sgd", "Optimizer for fine-tuning.", OPTIMIZERS)
+    lr: float = option(0.01, "Fine-tuning learning rate.")
+    momentum: float = option(0.9, "SGD momentum.")
+    weight_decay: float = option(5e-4, "Weight decay.")
+    scheduler: str = option("cosine", "Fine-tuning LR schedule.", SCHEDULERS)
     register: bool = option(True, "Register the model as <name>-<dataset> with alias 'baseline'.")
 
     def validate(self) -> None:
         super().validate()
         from mcp.models import model_names
 
-        if bool(self.model) == bool(self.module):
-            raise ConfigError("give exactly one of --model (a zoo architecture) and --module (package.module:factory)")
+        if self.epochs < 0 or self.freeze_epochs < 0:
+            raise ConfigError(f"epochs={self.epochs!r} and freeze_epochs={self.freeze_epochs!r} must be 0 or more")
+        if self.head and self.model:
+            raise ConfigError("head: a zoo architecture is built for the dataset's classes already; --head replaces "
+                              "the classifier of --module or --timm models")
+        if self.freeze_epochs and (not self.head or self.freeze_epochs > self.epochs):
+            raise ConfigError(f"freeze_epochs={self.freeze_epochs!r} needs --head and at most epochs={self.epochs}")
+        _optimizer_settings(self)
+
+        if sum(map(bool, (self.model, self.module, self.timm))) != 1:
+            raise ConfigError("give exactly one of --model (a zoo architecture), --module (package.module:factory) and "
+                              "--timm (a timm architecture)")
         if self.model and self.model not in model_names():
             raise ConfigError(f"unknown model {self.model!r}; choose one of: {', '.join(model_names())}")
         if self.module and ":" not in self.module:
             raise ConfigError(f"module={self.module!r} must be package.module:factory")
-        if self.module_kwargs and not self.module:
-            raise ConfigError("module_kwargs needs --module")
+        if self.module_kwargs and not (self.module or self.timm):
+            raise ConfigError("module_kwargs needs --module or --timm")
+        if self.timm and self.factory_kwargs().get("pretrained"):
+            raise ConfigError("pretrained=true would download weights; give them with --weights")
         if self.name and not all(c.isalnum() or c in "_." for c in self.name):
             raise ConfigError(f"name={self.name!r} may hold letters, digits, '_' and '.' only")
         self.factory_kwargs()
@@ -272,11 +297,15 @@ class ImportConfig(DataOptions):
             raise ConfigError(f"module_kwargs={text!r} must be a mapping of argument names to values")
         return {str(k): v for k, v in data.items()}
 
+    def source(self) -> str:
+        """Where the model comes from: package.module:factory, timm:NAME or a zoo name."""
+        return self.module or (f"timm:{self.timm}" if self.timm else self.model)
+
     def registered_model(self) -> str:
         """The model part of the registered name."""
         if self.name:
             return self.name
-        return self.model or self.module.rpartition(":")[2].split(".")[-1].lower()
+        return self.model or self.timm or self.module.rpartition(":")[2].split(".")[-1].lower()
 
 
 URI_SCHEMES = ("runs:/", "models:/", "file:", "mlflow-artifacts:/", "s3://", "gs://", "wasbs://", "hdfs://")

@@ -6,7 +6,9 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -47,6 +49,20 @@ def experiment(request, mlflow_store, monkeypatch):
         mlflow.end_run()
 
 
+_EMPTY_STORE: list[Path] = []
+
+
+def _empty_store() -> Path:
+    """An empty MLflow SQLite store with its tables created, made once per session."""
+    if not _EMPTY_STORE:
+        from mlflow import MlflowClient
+
+        path = Path(tempfile.mkdtemp(prefix="mcp-empty-store-")) / "empty.db"
+        MlflowClient(f"sqlite:///{path}").search_experiments()
+        _EMPTY_STORE.append(path)
+    return _EMPTY_STORE[0]
+
+
 @contextlib.contextmanager
 def separate_store(path: Path, monkeypatch):
     """Switch MLflow to a fresh SQLite store at ``path`` (a model registry of its own),
@@ -55,6 +71,7 @@ def separate_store(path: Path, monkeypatch):
     from mlflow.tracking.fluent import _get_experiment_id
 
     old_uri, old_experiment = mlflow.get_tracking_uri(), _get_experiment_id()
+    shutil.copyfile(_empty_store(), path)  # creating MLflow's tables takes a second or more; copying, none
     uri = f"sqlite:///{path}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)

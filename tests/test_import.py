@@ -210,6 +210,15 @@ def test_every_stage_works_on_an_imported_model(user_code, own_store, cli, tmp_p
     exported = cli("export", "--model-uri", f"models:/usernet-digits/{versions[4].version}")
     assert exported.exit_code == 0, exported.output
     assert "parity max |diff|" in exported.output
+    taught = cli("distill", "--teacher", base, "--student", "tiny_mlp", "--epochs", "1")
+    assert taught.exit_code == 0, taught.output
+    assert client.get_model_version("tiny_mlp-digits", "1").tags["teacher"] == "models:/usernet-digits/1"
+    learned = cli("distill", "--teacher", base, "--student", base,
+                  "--epochs", "1", "--lr", "0.005")
+    assert learned.exit_code == 0, learned.output
+    assert "registered: models:/usernet-digits/" in learned.output  # the student keeps its own name
+    benched = cli("benchmark", "--models", f"{base},models:/usernet-digits/{versions[1].version}")
+    assert benched.exit_code == 0, benched.output
     searched = cli("search", "--model-uri", base, "--trials", "3", "--budget-ratio", "0.3", "--export", "false",
                    "--benchmark", "false", "--storage", f"sqlite:///{tmp_path / 'optuna.db'}")
     assert searched.exit_code == 0, searched.output
@@ -265,3 +274,106 @@ def test_bad_input_is_one_line_and_registers_nothing(user_code, own_store, cli, 
         assert fragment in lines[0], lines[0]
     assert MlflowClient().search_registered_models() == []
     assert mlflow.search_runs(search_all_experiments=True).empty
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """A tiny folder of 64x64 RGB images in 3 classes (each a different colour band)."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(["cat", "dog", "fox"]):
+        (root / name).mkdir()
+        for i in range(15):
+            pixels = rng.integers(0, 60, size=(64, 64, 3), dtype=np.uint8)
+            pixels[:, :, c] += 150
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    return root
+
+
+def test_a_torchvision_checkpoint_is_imported_with_a_new_head_and_fine_tuned(image_folder, own_store, cli, tmp_path):
+    """torchvision's resnet18 state_dict, as a user downloads it (1000 ImageNet classes; the
+    weights are made here, since nothing can be downloaded), transferred to a 3-class folder."""
+    import torchvision
+    from mlflow import MlflowClient
+
+    from mcp.tracking import load_model
+
+    torch.manual_seed(0)
+    checkpoint = torchvision.models.resnet18(weights=None)
+    torch.save(checkpoint.state_dict(), tmp_path / "resnet18-f37072fd.pth")
+    data = ["--dataset", "imagefolder", "--data-dir", str(image_folder), "--input-shape", "3x64x64"]
+    refused = cli("import", "--module", "torchvision.models:resnet18", "--weights",
+                  str(tmp_path / "resnet18-f37072fd.pth"), *data)
+    assert refused.exit_code == 2 and "[2, 1000]" in refused.output and "--head auto" in refused.output
+    result = cli("import", "--module", "torchvision.models:resnet18", "--weights",
+                 str(tmp_path / "resnet18-f37072fd.pth"), "--head", "--epochs", "2", "--freeze-epochs", "1",
+                 "--batch-size", "16", *data)
+    assert result.exit_code == 0, result.output
+    model = load_model("models:/resnet18-imagefolder@baseline")
+    assert model.mcp_recipe["head"] == {"module": "fc", "in_features": 512, "out_features": 3, "bias": True}
+    assert model.fc.out_features == 3
+    assert not torch.equal(model.layer4[1].conv2.weight, checkpoint.layer4[1].conv2.weight)  # trained after the freeze
+    client = MlflowClient()
+    run_id = client.get_model_version_by_alias("resnet18-imagefolder", "baseline").run_id
+    assert [m.step for m in client.get_metric_history(run_id, "train_loss")] == [0, 1]
+    assert "plots/training_curves.png" in [a.path for a in client.list_artifacts(run_id, "plots")]
+    x = torch.randn(2, 3, 64, 64)
+    np.testing.assert_allclose(_outputs_in_a_fresh_process("models:/resnet18-imagefolder@baseline", x, tmp_path),
+                               model(x).detach().numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_the_backbone_stays_frozen_for_the_first_epochs(image_folder):
+    from mcp.data import load_dataset, make_loaders
+    from mcp.models.foreign import replace_head
+    from mcp.training import FineTune
+    from mcp.training.transfer import finetune_transfer
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None)
+    replace_head(model, "fc", 3)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    loaders = make_loaders(load_dataset("imagefolder", image_folder, input_shape=(3, 64, 64)), 16, 0, 0)
+    finetune_transfer(model, loaders, "fc", FineTune(epochs=1, lr=0.01), freeze_epochs=1)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {"fc.weight", "fc.bias"}
+    assert all(p.requires_grad for p in model.parameters())  # unfrozen afterwards
+
+
+def test_a_timm_architecture_by_name_with_its_weights(own_store, cli, tmp_path):
+    timm = pytest.importorskip("timm")  # the dev extra installs it
+    from mlflow import MlflowClient
+
+    from mcp.tracking import load_model
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", pretrained=False, num_classes=10, in_chans=1).eval()
+    torch.save(model.state_dict(), tmp_path / "test_resnet.pth")
+    result = cli("import", "--timm", "test_resnet", "--module-kwargs", "{num_classes: 10, in_chans: 1}",
+                 "--weights", str(tmp_path / "test_resnet.pth"))
+    assert result.exit_code == 0, result.output
+    version = MlflowClient().get_model_version_by_alias("test_resnet-digits", "baseline")
+    assert version.tags["source"] == "timm:test_resnet"
+    reloaded = load_model("models:/test_resnet-digits@baseline")
+    assert reloaded.mcp_recipe["kwargs"]["pretrained"] is False  # weights never come from a download
+    x = torch.randn(3, 1, 8, 8)
+    torch.testing.assert_close(reloaded(x), model(x))
+    pruned = cli("prune", "--model-uri", "models:/test_resnet-digits@baseline", "--granularity", "structured",
+                 "--sparsity", "0.3", "--epochs", "1")
+    assert pruned.exit_code == 0, pruned.output
+
+
+def test_timm_missing_unknown_or_downloading_is_one_line(own_store, cli, monkeypatch):
+    import sys
+
+    pytest.importorskip("timm")
+    unknown = cli("import", "--timm", "resnet_no_such_thing")
+    assert unknown.exit_code == 2 and "is not a timm architecture" in unknown.output
+    download = cli("import", "--timm", "test_resnet", "--module-kwargs", "{pretrained: true}")
+    assert download.exit_code == 2 and "would download weights" in download.output
+    monkeypatch.setitem(sys.modules, "timm", None)  # as if the extra were not installed
+    missing = cli("import", "--timm", "test_resnet")
+    assert missing.exit_code == 2
+    assert missing.output.strip() == "error: timm is not installed: pip install 'mcp-pipeline[timm]' (or pip install timm)"

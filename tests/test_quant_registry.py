@@ -40,13 +40,15 @@ def test_a_new_method_is_one_module(tmp_path):
         env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}"}
         for key in ("MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID"):
             env.pop(key, None)
-        help_text = subprocess.run([PYTHON, "-m", "mcp", "quantize", "--help"], capture_output=True, text=True,
-                                   env=env, cwd=tmp_path).stdout
-        assert "zz_test_grid8" in help_text
-        proc = subprocess.run([PYTHON, "-m", "mcp", "quantize", "--method", "zz_test_grid8", "--bits", "6",
-                               "--model", "tiny_mlp", "--dataset", "synthetic", "--input-shape", "1x8x8",
-                               "--num-classes", "4", "--register", "false"], capture_output=True, text=True,
-                              env=env, cwd=tmp_path, timeout=300)
+        data = ["--dataset", "synthetic", "--input-shape", "1x8x8", "--num-classes", "4"]
+        script = textwrap.dedent(f"""
+            from mcp.cli import main
+            main(["import", "--model", "tiny_mlp", *{data!r}], standalone_mode=False)  # a baseline, untrained
+            main(["quantize", "--method", "zz_test_grid8", "--bits", "6", "--model-uri",
+                  "models:/tiny_mlp-synthetic@baseline", "--register", "false", *{data!r}], standalone_mode=False)
+        """)
+        proc = subprocess.run([PYTHON, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path,
+                              timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert "zz_test_grid8" in proc.stdout and "deployed as onnx_int8_weights" in proc.stdout
     finally:

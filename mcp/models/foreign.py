@@ -49,6 +49,21 @@ def resolve_factory(path: str) -> Any:
     return target
 
 
+TIMM_FACTORY = "timm:create_model"
+
+
+def check_timm(name: str) -> None:
+    """timm is an optional extra: a clear line when it is missing or does not know ``name``."""
+    try:
+        import timm
+    except ImportError:
+        raise McpError("timm is not installed: pip install 'mcp-pipeline[timm]' (or pip install timm)") from None
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:5]
+        raise ConfigError(f"timm={name!r} is not a timm architecture"
+                          + (f"; similar: {', '.join(close)}" if close else "; see timm.list_models()"))
+
+
 def build_from_factory(path: str, kwargs: Mapping[str, Any] | None = None) -> nn.Module:
     """Call the factory ``path`` names with ``kwargs``; its result must be an nn.Module."""
     factory = resolve_factory(path)
@@ -127,3 +142,35 @@ def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], what: str)
             parts.append(f"shape mismatch: {'; '.join(shapes[:3])}{'; ...' if len(shapes) > 3 else ''}")
         raise McpError(f"{what}: the weights do not match the model: {'; '.join(parts)}")
     model.load_state_dict(dict(state), strict=True)
+
+
+def find_head(model: nn.Module, input_shape: tuple[int, ...]) -> str:
+    """The final classifier: the last nn.Linear to run in a forward pass."""
+    from mcp.pruning.pruner import layers_in_order
+
+    linear = [n for n, m in layers_in_order(model, input_shape) if isinstance(m, nn.Linear)]
+    if not linear:
+        raise McpError("no nn.Linear runs in this model's forward pass, so its classifier cannot be found; "
+                       "name it with --head")
+    return linear[-1]
+
+
+def replace_head(model: nn.Module, name: str, num_classes: int) -> dict[str, Any]:
+    """Swap the nn.Linear ``name`` for a new one with ``num_classes`` outputs (transfer to
+    the user's classes); returns the structural edit a recipe records to rebuild it."""
+    modules = dict(model.named_modules())
+    old = modules.get(name)
+    if not isinstance(old, nn.Linear):
+        found = type(old).__name__ if old is not None else "nothing"
+        raise McpError(f"head={name!r} is {found}, not an nn.Linear; the model's Linear layers are: "
+                       f"{', '.join(n for n, m in modules.items() if isinstance(m, nn.Linear)) or 'none'}")
+    new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
+    parent_name, _, attr = name.rpartition(".")
+    setattr(modules[parent_name] if parent_name else model, attr, new)
+    return {"module": name, "in_features": old.in_features, "out_features": num_classes,
+            "bias": old.bias is not None}
+
+
+def apply_head(model: nn.Module, edit: Mapping[str, Any]) -> None:
+    """Re-apply a recorded head replacement (rebuilding a model from its recipe)."""
+    replace_head(model, str(edit["module"]), int(edit["out_features"]))

@@ -79,6 +79,10 @@ def model_from_recipe(recipe: dict[str, Any]) -> nn.Module:
                                  **recipe.get("kwargs", {}))
     except KeyError as exc:
         raise ConfigError(f"model recipe lacks the key {exc.args[0]!r}: {recipe!r}") from None
+    if recipe.get("head"):  # an imported model's classifier replaced for the user's classes
+        from mcp.models.foreign import apply_head
+
+        apply_head(model, recipe["head"])
     if recipe.get("pruning_history"):  # structured pruning: replay it to get the smaller shapes
         from mcp.pruning.pruner import replay_pruning
 

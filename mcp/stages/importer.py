@@ -18,11 +18,23 @@ from mcp import tracking
 from mcp.config import ImportConfig
 from mcp.errors import McpError
 from mcp.evaluation.metrics import model_metrics, peak_memory_mb
+from mcp.evaluation.plots import plot_training_curves
 from mcp.models import create_model
-from mcp.models.foreign import build_from_factory, load_weights, read_weights
+from mcp.models.foreign import (
+    TIMM_FACTORY,
+    build_from_factory,
+    check_timm,
+    find_head,
+    load_weights,
+    read_weights,
+    replace_head,
+)
 from mcp.stages.common import log_and_register, setup_data
 from mcp.tracking import schema
+from mcp.tracking.tables import log_plot
 from mcp.training import evaluate
+from mcp.training.setup import FineTune
+from mcp.training.transfer import finetune_transfer
 
 
 @dataclass
@@ -37,29 +49,36 @@ class ImportResult:
 def build_model(cfg: ImportConfig, splits) -> tuple[nn.Module, dict[str, Any]]:
     """The model and the recipe that rebuilds it, weights loaded; every bad input fails here."""
     shape, classes = list(splits.input_shape), splits.num_classes
-    if cfg.module:
-        kwargs = cfg.factory_kwargs()
-        model = build_from_factory(cfg.module, kwargs)
-        recipe = {"name": cfg.registered_model(), "factory": cfg.module, "kwargs": kwargs, "source": "module",
-                  "num_classes": classes, "input_shape": shape}
+    source = cfg.source()
+    if cfg.module or cfg.timm:
+        factory, kwargs = cfg.module, cfg.factory_kwargs()
+        if cfg.timm:
+            factory, kwargs = TIMM_FACTORY, {"model_name": cfg.timm, **kwargs, "pretrained": False}
+            check_timm(cfg.timm)
+        model = build_from_factory(factory, kwargs)
+        recipe = {"name": cfg.registered_model(), "factory": factory, "kwargs": kwargs,
+                  "source": "timm" if cfg.timm else "module", "num_classes": classes, "input_shape": shape}
     else:
         model = create_model(cfg.model, classes, shape)
         recipe = {**model.mcp_recipe, "source": "zoo"}
-    what = f"weights={cfg.weights!r}" if cfg.weights else f"module={cfg.module!r}"
     if cfg.weights:
-        load_weights(model, read_weights(cfg.weights), what)
+        load_weights(model, read_weights(cfg.weights), f"weights={cfg.weights!r}")
+    if cfg.head:
+        head = find_head(model, tuple(shape)) if cfg.head == "auto" else cfg.head
+        recipe["head"] = replace_head(model, head, classes)
     model.eval()
     x = torch.zeros(2, *shape)
     try:
         with torch.no_grad():
             out = model(x)
     except Exception as exc:  # noqa: BLE001 - the user's forward can raise anything
-        raise McpError(f"{cfg.module or cfg.model} cannot take the dataset's input {shape}: {type(exc).__name__}: "
+        raise McpError(f"{source} cannot take the dataset's input {shape}: {type(exc).__name__}: "
                        f"{(str(exc).splitlines() or [''])[0][:200]}") from None
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, classes):
         got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise McpError(f"{cfg.module or cfg.model} gives outputs {got} for a batch of 2, but dataset "
-                       f"{cfg.dataset!r} has {classes} classes: it must return logits of shape [batch, {classes}]")
+        raise McpError(f"{source} gives outputs {got} for a batch of 2, but dataset "
+                       f"{cfg.dataset!r} has {classes} classes: it must return logits of shape [batch, {classes}] "
+                       f"(--head auto replaces its classifier with one for these classes)")
     model.mcp_recipe = recipe
     return model, recipe
 
@@ -74,16 +93,25 @@ def _sha256(path: str) -> str:
 
 def run_import(cfg: ImportConfig, show_progress: bool | None = None) -> ImportResult:
     """Build, load and check first; only a model that loads and fits the data gets a run."""
-    device, splits, (_, _, test_loader) = setup_data(cfg)
+    device, splits, loaders = setup_data(cfg)
+    test_loader = loaders[2]
     model, recipe = build_model(cfg, splits)
     name = cfg.registered_model()
-    source = cfg.module or cfg.model
+    source = cfg.source()
     params = {**cfg.to_dict(), **{f"data_{k}": v for k, v in splits.summary().items()}, "device_resolved": device,
               "weights_sha256": _sha256(cfg.weights) if cfg.weights else ""}
     tags = {schema.MODEL: name, schema.DATASET: cfg.dataset, schema.SOURCE: source,
             **({schema.WEIGHTS: Path(cfg.weights).name} if cfg.weights else {})}
     with tracking.stage_run("import", params, tags, run_name=f"import-{name}-{cfg.dataset}") as run:
         model = model.to(device)
+        if cfg.epochs:
+            history = finetune_transfer(
+                model, loaders, recipe.get("head", {}).get("module", ""),
+                FineTune(epochs=cfg.epochs, optimizer=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum,
+                         weight_decay=cfg.weight_decay, scheduler=cfg.scheduler, seed=cfg.seed),
+                cfg.freeze_epochs, device=device, callbacks=[tracking.EpochLogger()], progress=show_progress,
+                desc=f"import {name}")
+            log_plot(plot_training_curves, "training_curves.png", history, title=f"{name} on {cfg.dataset}")
         test = evaluate(model, test_loader, device)
         metrics = {"test_accuracy": test["accuracy"], "test_loss": test["loss"],
                    **model_metrics(model, splits.input_shape, device), "peak_memory_mb": peak_memory_mb(device)}
