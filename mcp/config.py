@@ -228,7 +228,7 @@ class StartModel(ModelSource):
 
 
 @dataclass(frozen=True)
-class ImportConfig(DataOptions):
+class ImportConfig(ModelSource):
     """`mcp import`: register a model trained elsewhere as the baseline of <name>-<dataset>."""
 
     model: str = option("", "A zoo architecture (see `mcp models`) to load --weights into.")
@@ -240,6 +240,10 @@ class ImportConfig(DataOptions):
                                     ".json/.yaml file.")
     weights: str = option("", "The trained weights: a state_dict (.pt/.pth, read with weights_only=True) or "
                               ".safetensors. Empty: the factory's own initial weights.")
+    model_uri: str = option("", "Or the weights of a PyTorch model already in MLflow that mcp did not log "
+                                "(runs:/ or models:/): MLflow's pt2 format, checked free of pickles; a pickled one "
+                                "only with --trust-pickled-model. The architecture still comes from --module, "
+                                "--timm or --model.")
     name: str = option("", "Registered name <name>-<dataset>. Empty: the zoo name, or the factory's name.")
     head: str = option("", "Replace the final classifier with one for the dataset's classes (transfer): 'auto' (the "
                            "last nn.Linear to run) or the module's name, e.g. fc. Empty: the model must already give "
@@ -259,6 +263,10 @@ class ImportConfig(DataOptions):
 
         if self.epochs < 0 or self.freeze_epochs < 0:
             raise ConfigError(f"epochs={self.epochs!r} and freeze_epochs={self.freeze_epochs!r} must be 0 or more")
+        if self.weights and self.model_uri:
+            raise ConfigError("give the weights once: --weights (a file) or --model-uri (a model in MLflow)")
+        if self.model_uri:
+            check_model_ref("model_uri", self.model_uri)
         if self.head and self.model:
             raise ConfigError("head: a zoo architecture is built for the dataset's classes already; --head replaces "
                               "the classifier of --module or --timm models")
@@ -660,10 +668,12 @@ class SearchConfig(StartModel):
 
 
 @dataclass(frozen=True)
-class PipelineConfig(DataOptions):
+class PipelineConfig(ModelSource):
     """`mcp pipeline` (the MLproject's `main`): baseline, prune, quantize, search, export, benchmark, promote."""
 
     model: str = option("lenet300_100", "Model name (see `mcp models`).")
+    model_uri: str = option("", "Start from this model instead (a runs:/ or models:/ URI, e.g. an imported "
+                                "models:/<name>-<dataset>@baseline). Empty: <model>-<dataset>@baseline.")
     retrain: bool = option(False, "Train a new baseline even when <model>-<dataset>@baseline exists.")
     epochs: int = option(60, "Baseline training epochs (when a baseline is trained).")
     sparsity: float = option(0.9, "Prune step: target weight sparsity (global magnitude).")
@@ -691,6 +701,10 @@ class PipelineConfig(DataOptions):
         super().validate()
         if not 0.0 < self.budget_ratio < 1.0:
             raise ConfigError(f"budget_ratio={self.budget_ratio!r} is outside (0, 1): the pipeline needs a budget")
+        if self.model_uri:
+            check_model_ref("model_uri", self.model_uri)
+            if self.retrain:
+                raise ConfigError("retrain=true trains <model>-<dataset>; it does not go with model_uri")
         _positive("prune_epochs", self.prune_epochs)
         if quant_method(self.quantize_method).prunes_first:
             raise ConfigError(f"quantize_method={self.quantize_method!r} prunes again; the pipeline prunes in its "
@@ -700,11 +714,12 @@ class PipelineConfig(DataOptions):
 
     def stage_configs(self, base_uri: str, pruned_uri: str = "models:/pruned/1") -> dict[str, StageConfig]:
         """The config of each step (all validated on construction)."""
-        data = {k: getattr(self, k) for k in DataOptions.defaults()}
+        data = {k: getattr(self, k) for k in ModelSource.defaults()}  # the data options, and trust_pickled_model
         teacher = base_uri if self.distill else ""
         fine_tuned = self.quantize_method in FINE_TUNED_METHODS
         return {
-            "train": TrainConfig(model=self.model, epochs=self.epochs, **data),
+            "train": TrainConfig(model=self.model, epochs=self.epochs,
+                                 **{k: v for k, v in data.items() if k in DataOptions.defaults()}),
             "prune": PruneConfig(model=self.model, model_uri=base_uri, sparsity=self.sparsity,
                                  schedule=self.prune_schedule, epochs=self.prune_epochs,
                                  prune_epochs=max(1, self.prune_epochs // 2), distill_from=teacher, **data),

@@ -225,6 +225,11 @@ def test_every_stage_works_on_an_imported_model(user_code, own_store, cli, tmp_p
     assert "study 'usernet-digits-max-accuracy'" in searched.output
     winner = [v for v in client.search_model_versions("name='usernet-digits'") if v.tags["mcp.stage"] == "search"]
     assert winner and client.get_model_version_by_alias("usernet-digits", "challenger").version == winner[0].version
+    piped = cli("pipeline", "--model-uri", base, "--prune-epochs", "1", "--quantize-epochs", "1", "--trials", "2",
+                "--final-epochs", "1", "--budget-ratio", "0.3", "--seconds", "0.1",
+                "--storage", f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert piped.exit_code == 0, piped.output
+    assert "| baseline | v1 import @baseline |" in piped.output  # the imported model is the pipeline's baseline
 
 
 BAD = [
@@ -377,3 +382,43 @@ def test_timm_missing_unknown_or_downloading_is_one_line(own_store, cli, monkeyp
     missing = cli("import", "--timm", "test_resnet")
     assert missing.exit_code == 2
     assert missing.output.strip() == "error: timm is not installed: pip install 'mcp-pipeline[timm]' (or pip install timm)"
+
+
+def _log_plainly(model, fmt: str) -> str:
+    """A model someone logged with plain MLflow, not mcp: MLflow 3's pt2 archive or a pickle."""
+    import inspect
+
+    import mlflow
+
+    if "serialization_format" not in inspect.signature(mlflow.pytorch.log_model).parameters:
+        pytest.skip("this MLflow has no pt2 format")
+    with mlflow.start_run(run_name=f"plain-{fmt}") as run:
+        mlflow.pytorch.log_model(model, name="model", input_example=torch.zeros(2, 1, 8, 8).numpy(),
+                                 serialization_format=fmt, pip_requirements=["torch"])
+    return f"runs:/{run.info.run_id}/model"
+
+
+def test_weights_from_a_model_someone_logged_in_mlflow(user_code, own_store, cli):
+    """pt2 (MLflow's own format) is read once MLflow has checked it holds no pickles; a
+    pickle is refused unless trusted. The architecture comes from --module."""
+    from mlflow import MlflowClient
+
+    from mcp.tracking import load_model
+
+    root, model, _ = user_code
+    pt2 = _log_plainly(model, "pt2")
+    result = _import(cli, root, "--model-uri", pt2)
+    assert result.exit_code == 0, result.output
+    version = MlflowClient().get_model_version_by_alias("usernet-digits", "baseline")
+    assert version.tags["parent_model"] == pt2
+    x = torch.randn(3, 1, 8, 8)
+    torch.testing.assert_close(load_model("models:/usernet-digits@baseline")(x), model(x))
+
+    pickled = _log_plainly(model, "pickle")
+    refused = _import(cli, root, "--model-uri", pickled)
+    assert refused.exit_code == 2
+    assert "pickled PyTorch model" in refused.output and "--trust-pickled-model" in refused.output
+    trusted = _import(cli, root, "--model-uri", pickled, "--trust-pickled-model")
+    assert trusted.exit_code == 0, trusted.output
+    run = MlflowClient().get_run(MlflowClient().get_model_version_by_alias("usernet-digits", "baseline").run_id)
+    assert run.data.tags["mcp.trust_pickled_model"] == "true"

@@ -72,6 +72,8 @@ STAGE_ARGS = {
     "distill-teacher": ["distill", "--teacher", "{uri}", "--student", "tiny_mlp"],
     "distill-student": ["distill", "--teacher", "tiny_mlp", "--student", "{uri}"],
     "benchmark": ["benchmark", "--model", "tiny_mlp", "--models", "{uri}"],
+    "import": ["import", "--model", "tiny_mlp", "--model-uri", "{uri}"],
+    "pipeline": ["pipeline", "--model", "tiny_mlp", "--model-uri", "{uri}"],
 }
 
 

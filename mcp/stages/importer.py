@@ -63,6 +63,9 @@ def build_model(cfg: ImportConfig, splits) -> tuple[nn.Module, dict[str, Any]]:
         recipe = {**model.mcp_recipe, "source": "zoo"}
     if cfg.weights:
         load_weights(model, read_weights(cfg.weights), f"weights={cfg.weights!r}")
+    elif cfg.model_uri:
+        load_weights(model, tracking.models.foreign_state_dict(cfg.model_uri, cfg.trust_pickled_model),
+                     f"model_uri={cfg.model_uri!r}")
     if cfg.head:
         head = find_head(model, tuple(shape)) if cfg.head == "auto" else cfg.head
         recipe["head"] = replace_head(model, head, classes)
@@ -101,7 +104,8 @@ def run_import(cfg: ImportConfig, show_progress: bool | None = None) -> ImportRe
     params = {**cfg.to_dict(), **{f"data_{k}": v for k, v in splits.summary().items()}, "device_resolved": device,
               "weights_sha256": _sha256(cfg.weights) if cfg.weights else ""}
     tags = {schema.MODEL: name, schema.DATASET: cfg.dataset, schema.SOURCE: source,
-            **({schema.WEIGHTS: Path(cfg.weights).name} if cfg.weights else {})}
+            **({schema.WEIGHTS: Path(cfg.weights).name} if cfg.weights else {}),
+            **({schema.PARENT_MODEL: cfg.model_uri} if cfg.model_uri else {})}
     with tracking.stage_run("import", params, tags, run_name=f"import-{name}-{cfg.dataset}") as run:
         model = model.to(device)
         if cfg.epochs:
@@ -120,6 +124,7 @@ def run_import(cfg: ImportConfig, show_progress: bool | None = None) -> ImportRe
         version_tags = {schema.STAGE: "import", "source_run": run.info.run_id, "source": source,
                         **({"weights": Path(cfg.weights).name, "weights_sha256": params["weights_sha256"][:16]}
                            if cfg.weights else {}),
+                        **({"parent_model": cfg.model_uri} if cfg.model_uri else {}),
                         **{k: f"{metrics[k]:.6g}" for k in ("test_accuracy", "params_total", "macs",
                                                              "size_bytes_fp32", "latency_ms_p50_cpu")}}
         _, version = log_and_register(model, next(iter(test_loader))[0][:4],

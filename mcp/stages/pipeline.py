@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mcp.config import DataOptions, ExportConfig, PipelineConfig
+from mcp.config import ExportConfig, ModelSource, PipelineConfig
 from mcp.search.study import within_budget
 from mcp.tracking import schema
 
@@ -44,26 +44,28 @@ def run_pipeline(cfg: PipelineConfig, show_progress: bool | None = None) -> Pipe
 
     from mcp import tracking
     from mcp.search.study import check_search, check_storage, open_study
-    from mcp.stages.common import find_base_model, setup_data
+    from mcp.stages.common import find_base_model, lineage, setup_data
 
     _, splits, loaders = setup_data(cfg)
-    base, base_uri = (None, "") if cfg.retrain else find_base_model(cfg.model, "", cfg.dataset, splits)
+    base, base_uri = (None, "") if cfg.retrain else find_base_model(cfg.model, cfg.model_uri, cfg.dataset, splits,
+                                                                          cfg.trust_pickled_model)
     if base is None:
         base_uri = ""
+    arch, _ = lineage(base, base_uri, cfg.model, cfg.dataset)  # an imported model keeps its own name
     search_cfg = cfg.stage_configs(base_uri or "models:/unknown/1")["search"]
     checked = check_search(search_cfg, splits, loaders, base)
     check_storage(cfg.storage)
     if base_uri or cfg.study_name:  # the study is known now: one it cannot resume is refused here
-        open_study(search_cfg.replace(study_name=study_name(cfg, base_uri, checked)), checked, base_uri)
+        open_study(search_cfg.replace(study_name=study_name(cfg, base_uri, checked, arch)), checked, base_uri)
 
     params = {**cfg.to_dict(), **{f"data_{k}": v for k, v in splits.summary().items()},
               "budget_bytes": checked.budget or 0}
-    tags = {schema.MODEL: cfg.model, schema.DATASET: cfg.dataset}
+    tags = {schema.MODEL: arch, schema.DATASET: cfg.dataset}
     started = time.perf_counter()
-    with tracking.stage_run("pipeline", params, tags, run_name=f"pipeline-{cfg.model}-{cfg.dataset}") as run:
+    with tracking.stage_run("pipeline", params, tags, run_name=f"pipeline-{arch}-{cfg.dataset}") as run:
         bar = tqdm(STEPS, desc="pipeline", unit="step", disable=None if show_progress is None else not show_progress)
         steps = iter(bar)
-        rows = _compress(cfg, base_uri, checked, steps, bar, show_progress)
+        rows = _compress(cfg, base_uri, checked, steps, bar, show_progress, arch)
         champion = _promote(cfg, rows, next(steps), bar)
         bar.close()
         budget = checked.budget or 0.0
@@ -78,18 +80,18 @@ def run_pipeline(cfg: PipelineConfig, show_progress: bool | None = None) -> Pipe
     return PipelineResult(run.info.run_id, budget, rows, champion, markdown)
 
 
-def study_name(cfg: PipelineConfig, base_uri: str, checked) -> str:
+def study_name(cfg: PipelineConfig, base_uri: str, checked, arch: str = "") -> str:
     """``--study-name``, else one per baseline version and search problem (space, budget
     measure, budget ratio): the same command resumes its study, another starts its own."""
     if cfg.study_name:
         return cfg.study_name
     version = base_uri.rsplit("/", 1)[-1]
-    return (f"pipeline-{cfg.model}-{cfg.dataset}-v{version}-{checked.space_path.stem}-{cfg.budget_on}-"
+    return (f"pipeline-{arch or cfg.model}-{cfg.dataset}-v{version}-{checked.space_path.stem}-{cfg.budget_on}-"
             f"{cfg.budget_ratio:g}")
 
 
-def _compress(cfg: PipelineConfig, base_uri: str, checked, steps, bar,
-              show_progress: bool | None) -> list[dict[str, Any]]:
+def _compress(cfg: PipelineConfig, base_uri: str, checked, steps, bar, show_progress: bool | None,
+              arch: str) -> list[dict[str, Any]]:
     """Steps 1-6: the models, exported and benchmarked; one row per model."""
     from mcp import tracking
     from mcp.stages.benchmark import run_benchmark
@@ -121,12 +123,12 @@ def _compress(cfg: PipelineConfig, base_uri: str, checked, steps, bar,
     quantized_uri = schema.version_uri(quantized.registered_name, quantized.registered_version)
 
     step()
-    study = study_name(cfg, base_uri, checked)
+    study = study_name(cfg, base_uri, checked, arch)
     searched = run_search(configs["search"].replace(study_name=study), show_progress=show_progress)
     winners = [schema.version_uri(w['registered_name'], w['version']) for w in searched.winners]
 
     step()
-    data = {k: getattr(cfg, k) for k in DataOptions.defaults()}
+    data = {k: getattr(cfg, k) for k in ModelSource.defaults()}  # the data options, and trust_pickled_model
     for uri in (base_uri, pruned_uri, quantized_uri):
         run_export(ExportConfig(model=cfg.model, model_uri=uri, **data), show_progress=show_progress)
 

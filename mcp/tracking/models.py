@@ -180,6 +180,52 @@ def load_model(uri: str, device: str = "cpu", trust_pickled: bool = False) -> nn
     return model.to(device).eval()
 
 
+def foreign_state_dict(uri: str, trust_pickled: bool = False) -> dict[str, torch.Tensor]:
+    """The weights of a PyTorch model in MLflow that mcp did not log, read without running
+    code from it: MLflow 3's pt2 archive, which MLflow checks is free of pickles before
+    torch.export loads it; a pickled model only with ``trust_pickled``. (A model mcp
+    logged gives its own state_dict.)"""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    except (MlflowException, OSError) as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise McpError(f"cannot load model {uri!r}: {msg[:200]}") from None
+    if (local / "extra_files" / STATE_FILE).is_file():
+        return read_state_dict(local / "extra_files" / STATE_FILE, f"model {uri!r}")
+    flavors = _flavors(local)
+    if "pytorch" not in flavors:
+        raise McpError(f"model {uri!r} is not a PyTorch model (flavors: {', '.join(flavors) or 'none'})")
+    pt2 = any(local.glob("data/*.pt2"))
+    if not pt2 and not trust_pickled:
+        raise McpError(f"model {uri!r} was not logged by mcp: it is a pickled PyTorch model, and unpickling runs any "
+                       f"code its author put in the file, so it is refused; log it in MLflow's pt2 format "
+                       f"(serialization_format='pt2'), or pass --trust-pickled-model true if you trust whoever "
+                       f"logged it")
+    if pt2 and not trust_pickled and not hasattr(mlflow.pytorch, "_validate_pt2_archive_is_pickle_free"):
+        raise McpError(f"model {uri!r}: MLflow {mlflow.__version__} cannot check that a pt2 archive holds no pickled "
+                       f"code (newer MLflow can); upgrade MLflow, or pass --trust-pickled-model true")
+    if not pt2:
+        _warn_pickle_once(uri)
+    allow = os.environ.get(_ALLOW_PICKLE)
+    os.environ[_ALLOW_PICKLE] = "true" if trust_pickled else "false"  # false: MLflow verifies the pt2 archive
+    try:
+        module = mlflow.pytorch.load_model(uri, map_location="cpu")
+    except Exception as exc:  # noqa: BLE001 - a refused archive, a broken file, the pickle's own errors
+        raise McpError(f"cannot load model {uri!r}: {type(exc).__name__}: "
+                       f"{(str(exc).strip().splitlines() or [''])[0][:240]}") from None
+    finally:
+        if allow is None:
+            os.environ.pop(_ALLOW_PICKLE, None)
+        else:
+            os.environ[_ALLOW_PICKLE] = allow
+    if not isinstance(module, nn.Module):
+        raise McpError(f"model {uri!r} loaded as a {type(module).__name__}, not a torch.nn.Module")
+    return {k: v for k, v in module.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
 _WARNED: set[str] = set()
 _ALLOW_PICKLE = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
 
