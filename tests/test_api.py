@@ -140,3 +140,29 @@ def test_the_prune_stage_and_mcp_prune_are_one_implementation(tmp_path, own_stor
     for (k, a), (_, b) in zip(staged.model.state_dict().items(), direct.model.state_dict().items()):
         assert torch.equal(a.cpu(), b.cpu()), k
     assert direct.metrics["test_accuracy"] == staged.metrics["test_accuracy"]
+
+
+def _cells():
+    from mcp.errors import ConfigError
+    from mcp.pruning import create_criterion, criterion_names
+
+    for granularity in ("unstructured", "structured"):
+        for criterion in criterion_names():
+            try:
+                create_criterion(criterion, granularity)
+            except ConfigError:
+                continue
+            yield granularity, criterion
+
+
+@pytest.mark.parametrize("granularity, criterion", list(_cells()))
+def test_every_criterion_prunes_a_user_class(trained, data, granularity, criterion):
+    """Every criterion at every granularity it supports, on an architecture mcp never
+    defined (residual addition, depthwise conv, BatchNorm, a two-layer head)."""
+    out = mcp.prune(trained, data, sparsity=0.4, granularity=granularity, criterion=criterion, epochs=1,
+                    device="cpu")
+    if granularity == "unstructured":
+        assert out.metrics["pruned_fraction"] == pytest.approx(0.4, abs=1e-3)
+    else:
+        assert out.metrics["params_total"] < sum(p.numel() for p in trained.parameters())
+    assert out.model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
