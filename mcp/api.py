@@ -52,6 +52,32 @@ def as_data(data: Any, *, batch_size: int = 32, seed: int = 0, input_shape: str 
                       f"dataset name")
 
 
+def _params(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The call's settings as run params (plain values only; models and data are not params)."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in values.items()
+            if k not in ("model", "data", "teacher", "student", "track", "progress")
+            and isinstance(v, (str, int, float, bool, tuple, list, dict, type(None)))}
+
+
+def _tracked(stage: str, params: Mapping[str, Any], model: nn.Module, track: bool, call):
+    """Run ``call(callbacks)``; with ``track``, as an MLflow run (nested in the active run,
+    when there is one) that logs the settings, per-epoch curves, the measurements and the
+    resulting weights, and ends FAILED or KILLED when the call fails or is interrupted."""
+    if not track:
+        return call([])
+    from mcp import tracking
+    from mcp.tracking import schema
+
+    arch = str((getattr(model, "mcp_recipe", None) or {}).get("name") or type(model).__name__)
+    with tracking.stage_run(stage, dict(params), {schema.MODEL: arch, schema.API: "true"},
+                            run_name=f"{stage}-{arch}") as run:
+        outcome = call([tracking.EpochLogger()])
+        tracking.log_metrics(outcome.metrics)
+        tracking.models.log_weights(getattr(outcome, "model", None) or outcome.student)
+        outcome.run_id = run.info.run_id
+    return outcome
+
+
 def _device(device: str) -> str:
     from mcp.training import resolve_device
 
@@ -64,6 +90,15 @@ def _finetune(epochs: int, lr: float, optimizer: str, momentum: float, weight_de
 
     return FineTune(epochs=epochs, optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay,
                     scheduler=scheduler, seed=seed)
+
+
+def _step_logger(track: bool):
+    """Each pruning step's measurements, logged with ``step=k`` on the call's run."""
+    if not track:
+        return None
+    from mcp import tracking
+
+    return lambda k, values: tracking.log_metrics(values, step=k)
 
 
 def _teacher_loss(teacher: nn.Module | None, device: str, temperature: float, alpha: float):
@@ -82,9 +117,11 @@ def prune(model: nn.Module, data: Any, *, sparsity: float = 0.5, criterion: str 
           bn_l1: float = 0.0, epochs: int = 10, lr: float = 0.01, optimizer: str = "sgd", momentum: float = 0.9,
           weight_decay: float = 5e-4, scheduler: str = "cosine", teacher: nn.Module | None = None,
           temperature: float = 4.0, alpha: float = 0.9, seed: int = 0, device: str = "auto",
-          progress: bool | None = False):
+          progress: bool | None = False, track: bool = True):
     """Prune a copy of ``model`` on a schedule while fine-tuning it (``mcp prune``).
-    Returns :class:`mcp.pruning.finetune.PruneOutcome` (``.model``, ``.metrics``, ...)."""
+    Returns :class:`mcp.pruning.finetune.PruneOutcome` (``.model``, ``.metrics``, ``.run_id``).
+    With ``track``, the call is an MLflow run (see :func:`_tracked`)."""
+    params = _params(locals())
     from mcp.pruning import PruneSpec
     from mcp.pruning.finetune import prune_and_finetune
 
@@ -95,10 +132,11 @@ def prune(model: nn.Module, data: Any, *, sparsity: float = 0.5, criterion: str 
                      keep_first=keep_first, keep_last=keep_last, ignored_layers=tuple(ignored_layers), norm=norm,
                      hessian=hessian)
     span = prune_epochs if prune_epochs is not None else max(1, epochs // 2)
-    return prune_and_finetune(model, d.loaders, d.input_shape, spec,
-                              _finetune(epochs, lr, optimizer, momentum, weight_decay, scheduler, seed),
-                              prune_epochs=span, calib_batches=calib_batches, bn_l1=bn_l1, device=dev,
-                              batch_loss=_teacher_loss(teacher, dev, temperature, alpha), progress=progress)
+    return _tracked("prune", params, model, track, lambda callbacks: prune_and_finetune(
+        model, d.loaders, d.input_shape, spec, _finetune(epochs, lr, optimizer, momentum, weight_decay, scheduler, seed),
+        prune_epochs=span, calib_batches=calib_batches, bn_l1=bn_l1, device=dev,
+        batch_loss=_teacher_loss(teacher, dev, temperature, alpha), callbacks=callbacks,
+        on_step=_step_logger(track), progress=progress))
 
 
 def quantize(model: nn.Module, data: Any, *, method: str = "ptq_int8", bits: int = 8,
@@ -108,12 +146,14 @@ def quantize(model: nn.Module, data: Any, *, method: str = "ptq_int8", bits: int
              calib_batches: int = 16, epochs: int = 10, lr: float = 0.005, optimizer: str = "sgd",
              momentum: float = 0.9, weight_decay: float = 0.0, scheduler: str = "cosine",
              teacher: nn.Module | None = None, temperature: float = 4.0, alpha: float = 0.9, opset: int = 17,
-             out_dir: str | Path | None = None, seed: int = 0, device: str = "auto", progress: bool | None = False):
+             out_dir: str | Path | None = None, seed: int = 0, device: str = "auto", progress: bool | None = False,
+             track: bool = True):
     """Quantize a copy of ``model`` by a registered method (``mcp quantize``): encoded for
     its honest size and built into its deployable ONNX file (in ``out_dir``, a temporary
     folder by default). Returns :class:`mcp.quantization.quantize.QuantizeOutcome`.
     ``deep_compression`` prunes in the prune stage first: call :func:`prune`, then
-    ``quantize(..., method="huffman")``."""
+    ``quantize(..., method="huffman")``. With ``track``, the call is an MLflow run."""
+    params = _params(locals())
     from mcp.quantization import QuantSpec
     from mcp.quantization.methods import quant_method
     from mcp.quantization.quantize import quantize_model
@@ -127,27 +167,32 @@ def quantize(model: nn.Module, data: Any, *, method: str = "ptq_int8", bits: int
                      ignored_layers=tuple(ignored_layers), share_biases=share_biases, reduce_range=reduce_range,
                      seed=seed)
     out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="mcp-quantize-"))
-    return quantize_model(model, d.loaders, d.input_shape, spec, out,
-                          _finetune(epochs, lr, optimizer, momentum, weight_decay, scheduler, seed),
-                          calib_batches=calib_batches, opset=opset, device=dev,
-                          batch_loss=_teacher_loss(teacher, dev, temperature, alpha), progress=progress)
+    return _tracked("quantize", params, model, track, lambda callbacks: quantize_model(
+        model, d.loaders, d.input_shape, spec, out, _finetune(epochs, lr, optimizer, momentum, weight_decay, scheduler,
+                                                              seed),
+        calib_batches=calib_batches, opset=opset, device=dev, batch_loss=_teacher_loss(teacher, dev, temperature, alpha),
+        callbacks=callbacks, progress=progress))
 
 
 def distill(teacher: nn.Module, student: nn.Module, data: Any, *, temperature: float = 4.0, alpha: float = 0.9,
             hint_layers: str = "", hint_weight: float = 1.0, label_smoothing: float = 0.0, epochs: int = 20,
             lr: float = 0.05, optimizer: str = "sgd", momentum: float = 0.9, weight_decay: float = 5e-4,
-            scheduler: str = "cosine", seed: int = 0, device: str = "auto", progress: bool | None = False):
+            scheduler: str = "cosine", seed: int = 0, device: str = "auto", progress: bool | None = False,
+            track: bool = True):
     """Train ``student`` (in place) on ``teacher``'s softened outputs (``mcp distill``).
-    Returns :class:`mcp.distillation.train.DistillOutcome`."""
+    Returns :class:`mcp.distillation.train.DistillOutcome`. With ``track``, the call is an
+    MLflow run."""
+    params = _params(locals())
     from mcp.distillation import DistillSpec
     from mcp.distillation.train import distill_model
 
     dev = _device(device)
     d = as_data(data, seed=seed, device=dev)
-    return distill_model(teacher, student, d.loaders, d.input_shape,
-                         DistillSpec(temperature, alpha, hint_layers, hint_weight, label_smoothing),
-                         _finetune(epochs, lr, optimizer, momentum, weight_decay, scheduler, seed), device=dev,
-                         progress=progress)
+    return _tracked("distill", params, student, track, lambda callbacks: distill_model(
+        teacher, student, d.loaders, d.input_shape, DistillSpec(temperature, alpha, hint_layers, hint_weight,
+                                                                label_smoothing),
+        _finetune(epochs, lr, optimizer, momentum, weight_decay, scheduler, seed), device=dev, callbacks=callbacks,
+        progress=progress))
 
 
 def export(model: nn.Module, data: Any, path: str | Path, *, opset: int = 17, optimize: bool = True,

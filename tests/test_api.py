@@ -160,9 +160,95 @@ def test_every_criterion_prunes_a_user_class(trained, data, granularity, criteri
     """Every criterion at every granularity it supports, on an architecture mcp never
     defined (residual addition, depthwise conv, BatchNorm, a two-layer head)."""
     out = mcp.prune(trained, data, sparsity=0.4, granularity=granularity, criterion=criterion, epochs=1,
-                    device="cpu")
+                    device="cpu", track=False)
     if granularity == "unstructured":
         assert out.metrics["pruned_fraction"] == pytest.approx(0.4, abs=1e-3)
     else:
         assert out.metrics["params_total"] < sum(p.numel() for p in trained.parameters())
+    assert out.model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_a_call_is_an_mlflow_run_nested_in_the_active_one(trained, data, experiment):
+    import mlflow
+    from mlflow import MlflowClient
+    from safetensors.torch import load_file
+
+    client = MlflowClient()
+    with mlflow.start_run() as parent:
+        out = mcp.prune(trained, data, sparsity=0.5, schedule="gradual", epochs=2, prune_epochs=1, device="cpu")
+    run = client.get_run(out.run_id)
+    assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert run.data.tags["mcp.stage"] == "prune" and run.data.tags["mcp.api"] == "true"
+    assert run.data.tags["mcp.model"] == "UserNet" and run.info.status == "FINISHED"
+    assert run.data.params["sparsity"] == "0.5" and run.data.params["schedule"] == "gradual"
+    assert run.data.metrics["test_accuracy"] == pytest.approx(out.metrics["test_accuracy"])
+    assert [m.step for m in client.get_metric_history(out.run_id, "train_loss")] == [0, 1]
+    assert len(client.get_metric_history(out.run_id, "prune_step_sparsity")) == 10  # one per gradual step
+    weights = load_file(mlflow.artifacts.download_artifacts(run_id=out.run_id,
+                                                            artifact_path="weights/model.safetensors"))
+    for key, value in out.model.state_dict().items():
+        assert torch.equal(weights[key], value.cpu()), key
+
+
+def test_a_call_without_an_active_run_starts_one_and_a_failure_ends_it_failed(trained, data, experiment,
+                                                                               monkeypatch):
+    from mlflow import MlflowClient
+
+    from conftest import runs_of
+    from mcp.training import Trainer
+
+    out = mcp.quantize(trained, data, method="fixed_point", bits=6, device="cpu")
+    run = MlflowClient().get_run(out.run_id)
+    assert "mlflow.parentRunId" not in run.data.tags and run.data.tags["mcp.stage"] == "quantize"
+    assert run.data.metrics["size_bytes_compressed"] == len(out.payload)
+
+    def exploded(self):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(Trainer, "fit", exploded)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        mcp.distill(trained, UserNet(), data, epochs=1, device="cpu")
+    statuses = {r.data.tags["mcp.stage"]: r.info.status for r in runs_of(experiment)}
+    assert statuses == {"quantize": "FINISHED", "distill": "FAILED"}
+    monkeypatch.undo()
+    untracked = mcp.prune(trained, data, sparsity=0.3, epochs=1, device="cpu", track=False)
+    assert untracked.run_id is None and len(runs_of(experiment)) == 2
+
+
+class Scale(nn.Module):
+    """A custom per-channel scale: a parameter outside any standard layer."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(1, c, 1, 1))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class ScaledNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.s = Scale(8)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.c2(torch.relu(self.s(self.c1(x))))).mean((2, 3)))
+
+
+def test_a_layer_feeding_a_custom_parameter_is_left_unpruned_with_one_line(data):
+    from mcp.pruning.pruner import PruningWarning
+
+    torch.manual_seed(0)
+    with pytest.warns(PruningWarning) as caught:
+        out = mcp.prune(ScaledNet(), data, sparsity=0.5, granularity="structured", epochs=1, device="cpu",
+                        track=False)
+    lines = [str(w.message) for w in caught if issubclass(w.category, PruningWarning)]
+    assert lines and all(line == lines[0] for line in lines)
+    assert "leaves layer c1 unpruned" in lines[0] and "s.gamma" in lines[0] and "Scale" in lines[0]
+    assert "\n" not in lines[0]
+    assert out.model.c1.out_channels == 8 and out.model.s.gamma.shape[1] == 8  # left alone
+    assert out.model.c2.out_channels < 8  # the rest is pruned
     assert out.model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)

@@ -23,6 +23,7 @@ class DistillOutcome:
     metrics: dict[str, float]
     history: dict[str, list[float]]
     teacher_test_accuracy: float
+    run_id: str | None = None  # the MLflow run of a tracked mcp.* call
 
 
 def distill_model(teacher: nn.Module, student: nn.Module, loaders: Sequence[Any], input_shape: Sequence[int],

@@ -28,6 +28,7 @@ class PruneOutcome:
     layer_sparsity: dict[str, float]
     history: dict[str, list[float]]  # per-epoch training curves, with the pruned fraction
     structured: bool
+    run_id: str | None = None  # the MLflow run of a tracked mcp.* call
 
 
 def prune_and_finetune(base: nn.Module, loaders: Sequence[Any], input_shape: Sequence[int], spec: PruneSpec,

@@ -188,16 +188,21 @@ class StructuredPruner:
         import torch_pruning as tp
 
         modules = dict(model.named_modules())
-        in_scope = set(layers.values())
+        device = next(model.parameters()).device
+        example = torch.zeros(1, *input_shape, device=device)
+        left, unwrapped = _coupled_to_foreign_parameters(model, example, layers)
+        in_scope = {m for n, m in layers.items() if n not in left}
+        if not in_scope:
+            raise ConfigError(f"no layer can be pruned structurally: {', '.join(sorted(left))} feed parameters "
+                              f"outside standard layers; use granularity unstructured")
         # The output layer keeps its outputs (the classes); layers out of scope keep theirs.
         ignored = [modules[n] for n in all_names if modules[n] not in in_scope] + [modules[all_names[-1]]]
         self.importance = ScoreImportance(normalize=scope == "global")
-        device = next(model.parameters()).device
         self.pruner = tp.pruner.BasePruner(
-            model, torch.zeros(1, *input_shape, device=device), importance=self.importance,
+            model, example, importance=self.importance,
             global_pruning=scope == "global", pruning_ratio=sparsity,
-            pruning_ratio_dict={layers[n]: r for n, r in (ratios or {}).items()} or None,
-            iterative_steps=steps, ignored_layers=ignored,
+            pruning_ratio_dict={layers[n]: r for n, r in (ratios or {}).items() if n not in left} or None,
+            iterative_steps=steps, ignored_layers=ignored, unwrapped_parameters=unwrapped,
             # Torch-Pruning asks for steps + 1 ratios, the first being the unpruned state
             iterative_pruning_ratio_scheduler=lambda target, n: [0.0] + list(schedule(target, n)),
         )
@@ -222,6 +227,44 @@ class StructuredPruner:
 
     def layer_sparsity(self) -> dict[str, float]:
         return {n: 1.0 - _out_channels(m) / self.initial_out[n] for n, m in self.layers.items()}
+
+
+class PruningWarning(UserWarning):
+    """A layer of a foreign model that structured pruning leaves alone, and why."""
+
+
+def _coupled_to_foreign_parameters(model: nn.Module, example: torch.Tensor, layers: Mapping[str, nn.Module]):
+    """Layers whose output channels reach a parameter outside standard layers (a custom
+    per-channel scale, say), whose channel dimension cannot be known for sure: they are
+    left unpruned, each said once in one line. Returns (their names, the parameters with
+    Torch-Pruning's guessed dimension, so that it does not warn about them again)."""
+    import warnings
+
+    import torch_pruning as tp
+
+    standard = (nn.Conv2d, nn.Conv1d, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm,
+                nn.modules.instancenorm._InstanceNorm, nn.PReLU, nn.Embedding)
+    if all(isinstance(m, standard) for m in model.modules() if any(True for _ in m.parameters(recurse=False))):
+        return set(), None  # the usual case: no graph to build twice
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+    if not graph.unwrapped_parameters:
+        return set(), None
+    names = {id(p): n for n, p in model.named_parameters()}
+    foreign = {id(u.parameters) for u in graph.unwrapped_parameters}
+    owners = {id(p): type(m).__name__ for m in model.modules() for p in m.parameters(recurse=False)}
+    left: set[str] = set()
+    for name, layer in layers.items():
+        fn = tp.prune_conv_out_channels if isinstance(layer, nn.Conv2d) else tp.prune_linear_out_channels
+        hits = [dep.target.module for dep, _ in graph.get_pruning_group(layer, fn, idxs=[0])
+                if id(dep.target.module) in foreign]
+        if hits:
+            left.add(name)
+            param = hits[0]
+            warnings.warn(f"structured pruning leaves layer {name} unpruned: its output channels reach "
+                          f"{names.get(id(param), 'a parameter')} (in a {owners.get(id(param), 'custom')} module), "
+                          f"a parameter outside standard layers whose channel dimension cannot be known",
+                          PruningWarning, stacklevel=3)
+    return left, [(u.parameters, u.pruning_dim) for u in graph.unwrapped_parameters]
 
 
 def _out_channels(m: nn.Module) -> int:

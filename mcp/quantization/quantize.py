@@ -38,6 +38,7 @@ class QuantizeOutcome:
     quantization: dict[str, Any]  # the description a recipe records to rebuild the activation quantization
     history: dict[str, list[float]] | None = None  # fine-tuning curves, when the method trains
     stages: dict[str, int] = field(default_factory=dict)  # size after each stage (Deep Compression)
+    run_id: str | None = None  # the MLflow run of a tracked mcp.* call
 
 
 @torch.no_grad()

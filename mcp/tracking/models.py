@@ -61,6 +61,23 @@ def log_model(model: nn.Module, example: torch.Tensor, extra_recipe: Mapping[str
         )
 
 
+def log_weights(model: nn.Module) -> None:
+    """Log what a Python API call produced into the active run: the model with its recipe
+    when it has one (so it reloads, registers and compresses further), else its
+    ``state_dict`` as ``weights/model.safetensors`` (no pickle; load it into your class)."""
+    import mlflow
+    from safetensors.torch import save_file
+
+    recipe = getattr(model, "mcp_recipe", None) or {}
+    if recipe.get("input_shape") and (recipe.get("name") or recipe.get("factory")):  # a recipe that rebuilds it
+        log_model(model, torch.zeros(2, *recipe["input_shape"]))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.safetensors"
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path))
+        mlflow.log_artifact(str(path), artifact_path="weights")
+
+
 def register_model(model_uri: str, name: str, alias: str | None, tags: Mapping[str, Any]):
     """Register ``model_uri`` as a new version of ``name`` with ``tags`` and move ``alias`` to it."""
     import mlflow

@@ -30,7 +30,8 @@ CHAMPION = "mcp.champion"
 RESUMED_FROM_RUN = "mcp.resumed_from_run"
 TRUST_PICKLED_MODEL = "mcp.trust_pickled_model"  # the user let a pickled model run its code
 SOURCE = "mcp.source"  # where an imported model came from: a zoo name or package.module:factory
-WEIGHTS = "mcp.weights"  # the weights file an imported model was loaded from
+WEIGHTS = "mcp.weights"
+API = "mcp.api"  # the run is a call of the Python API (mcp.prune, ...)  # the weights file an imported model was loaded from
 
 # Aliases of registered versions
 BASELINE = "baseline"
