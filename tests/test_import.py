@@ -283,23 +283,23 @@ def test_bad_input_is_one_line_and_registers_nothing(user_code, own_store, cli, 
 
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
-    """A tiny folder of 64x64 RGB images in 3 classes (each a different colour band)."""
+    """A tiny folder of 64x64 RGB images in 10 classes (a colour channel and a brightness each)."""
     from PIL import Image
 
     root = tmp_path_factory.mktemp("images")
     rng = np.random.default_rng(0)
-    for c, name in enumerate(["cat", "dog", "fox"]):
-        (root / name).mkdir()
-        for i in range(15):
-            pixels = rng.integers(0, 60, size=(64, 64, 3), dtype=np.uint8)
-            pixels[:, :, c] += 150
-            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    for c in range(10):
+        (root / f"class{c}").mkdir()
+        for i in range(5):
+            pixels = rng.integers(0, 40, size=(64, 64, 3), dtype=np.uint8)
+            pixels[:, :, c % 3] += np.uint8(60 + 50 * (c // 3))
+            Image.fromarray(pixels).save(root / f"class{c}" / f"{i}.png")
     return root
 
 
 def test_a_torchvision_checkpoint_is_imported_with_a_new_head_and_fine_tuned(image_folder, own_store, cli, tmp_path):
     """torchvision's resnet18 state_dict, as a user downloads it (1000 ImageNet classes; the
-    weights are made here, since nothing can be downloaded), transferred to a 3-class folder."""
+    weights are made here, since nothing can be downloaded), transferred to a 10-class folder."""
     import torchvision
     from mlflow import MlflowClient
 
@@ -317,8 +317,8 @@ def test_a_torchvision_checkpoint_is_imported_with_a_new_head_and_fine_tuned(ima
                  "--batch-size", "16", *data)
     assert result.exit_code == 0, result.output
     model = load_model("models:/resnet18-imagefolder@baseline")
-    assert model.mcp_recipe["head"] == {"module": "fc", "in_features": 512, "out_features": 3, "bias": True}
-    assert model.fc.out_features == 3
+    assert model.mcp_recipe["head"] == {"module": "fc", "in_features": 512, "out_features": 10, "bias": True}
+    assert model.fc.out_features == 10
     assert not torch.equal(model.layer4[1].conv2.weight, checkpoint.layer4[1].conv2.weight)  # trained after the freeze
     client = MlflowClient()
     run_id = client.get_model_version_by_alias("resnet18-imagefolder", "baseline").run_id
@@ -338,7 +338,7 @@ def test_the_backbone_stays_frozen_for_the_first_epochs(image_folder):
 
     torch.manual_seed(0)
     model = torchvision.models.resnet18(weights=None)
-    replace_head(model, "fc", 3)
+    replace_head(model, "fc", 10)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     loaders = make_loaders(load_dataset("imagefolder", image_folder, input_shape=(3, 64, 64)), 16, 0, 0)
     finetune_transfer(model, loaders, "fc", FineTune(epochs=1, lr=0.01), freeze_epochs=1)
