@@ -245,6 +245,7 @@ def search(model: nn.Module, data: Any, *, space: str | Path, budget_bytes: floa
     from mcp.pruning.pruner import layers_in_order
     from mcp.search.objective import SearchProblem, enqueue_uniform, make_objective
     from mcp.search.space import build_space, read_space_file
+    from mcp.search.study import study_directions
 
     dev = _device(device)
     d = as_data(data, seed=seed, device=dev)
@@ -258,9 +259,8 @@ def search(model: nn.Module, data: Any, *, space: str | Path, budget_bytes: floa
                             pareto, latency, distill, seed, float(size_bytes_fp32(model)))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     samplers = {"tpe": optuna.samplers.TPESampler(seed=seed), "nsga2": optuna.samplers.NSGAIISampler(seed=seed)}
-    directions = ["maximize", "minimize"] + (["minimize"] if latency else []) if pareto else ["maximize"]
     study = optuna.create_study(storage=storage, study_name=study_name, sampler=samplers[sampler],
-                                directions=directions, load_if_exists=bool(storage))
+                                directions=study_directions(pareto, latency), load_if_exists=bool(storage))
     if not study.trials:
         enqueue_uniform(study, problem, not pareto)
     study.optimize(make_objective(problem), n_trials=trials, catch=(RuntimeError, ValueError))

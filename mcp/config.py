@@ -273,7 +273,6 @@ class ImportConfig(ModelSource):
         if self.freeze_epochs and (not self.head or self.freeze_epochs > self.epochs):
             raise ConfigError(f"freeze_epochs={self.freeze_epochs!r} needs --head and at most epochs={self.epochs}")
         _optimizer_settings(self)
-
         if sum(map(bool, (self.model, self.module, self.timm))) != 1:
             raise ConfigError("give exactly one of --model (a zoo architecture), --module (package.module:factory) and "
                               "--timm (a timm architecture)")

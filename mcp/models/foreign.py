@@ -84,6 +84,20 @@ def build_from_factory(path: str, kwargs: Mapping[str, Any] | None = None) -> nn
     return model
 
 
+def load_weights_only(path: str | Path, *, pickled: str, corrupt: str) -> Any:
+    """``torch.load(path, weights_only=True)``: tensors and plain containers only, so no
+    code runs. A file holding pickled objects fails with the one-line ``pickled``; one that
+    is no PyTorch file at all with ``corrupt`` (``{error}`` names what torch raised)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "global" in str(exc).lower():  # it references objects: a pickle of more than tensors
+            raise McpError(pickled) from None
+        raise McpError(corrupt.format(error="UnpicklingError")) from None
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for bad files
+        raise McpError(corrupt.format(error=type(exc).__name__)) from None
+
+
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """A ``state_dict`` from ``path`` without running code from it: ``.safetensors``, or a
     PyTorch file read with ``weights_only=True`` (a dict of tensors, or one wrapped under
@@ -100,16 +114,11 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError, ValueError) as exc:
             raise McpError(f"weights={str(path)!r} is not a safetensors file: "
                            f"{(str(exc).splitlines() or [''])[0][:200]}") from None
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if "global" in str(exc).lower():
-            raise McpError(f"weights={str(path)!r} holds pickled Python objects (a whole model saved with "
-                           f"torch.save(model)?); refused because unpickling runs code. Save "
-                           f"torch.save(model.state_dict(), path) or use safetensors instead") from None
-        raise McpError(f"weights={str(path)!r} is not a PyTorch checkpoint (UnpicklingError)") from None
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for bad files
-        raise McpError(f"weights={str(path)!r} is not a PyTorch checkpoint ({type(exc).__name__})") from None
+    payload = load_weights_only(
+        path, pickled=f"weights={str(path)!r} holds pickled Python objects (a whole model saved with "
+                      f"torch.save(model)?); refused because unpickling runs code. Save "
+                      f"torch.save(model.state_dict(), path) or use safetensors instead",
+        corrupt=f"weights={str(path)!r} is not a PyTorch checkpoint ({{error}})")
     for _ in range(2):  # unwrap {"state_dict": {...}} and the like
         if isinstance(payload, Mapping) and not any(isinstance(v, torch.Tensor) for v in payload.values()):
             inner = next((payload[k] for k in _WRAPPERS if isinstance(payload.get(k), Mapping)), None)

@@ -18,6 +18,11 @@ SIZE_KEY = {"compressed": "size_bytes_compressed", "onnx": "size_bytes_onnx"}  #
 FILL_SLACK = 0.002
 
 
+def study_directions(pareto: bool, latency: bool) -> list[str]:
+    """Accuracy up; in pareto mode also size down, and latency down when it is an objective."""
+    return ["maximize", "minimize"] + (["minimize"] if latency else []) if pareto else ["maximize"]
+
+
 def budget_excess(size: float, budget: float | None) -> float:
     """Bytes over the budget: <= 0 is within it (-1 when there is no budget). The one test
     of "within the budget" that trials, winners and the pipeline's champion all use."""
@@ -76,8 +81,7 @@ def open_study(cfg: SearchConfig, checked: "Checked", base_uri: str = ""):
     pruner = {"median": optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1),
               "halving": optuna.pruners.SuccessiveHalvingPruner(),
               "none": optuna.pruners.NopPruner()}[cfg.pruner]
-    directions = ["maximize"] if cfg.mode == "max-accuracy" else ["maximize", "minimize"] + (
-        ["minimize"] if cfg.latency else [])
+    directions = study_directions(cfg.mode == "pareto", cfg.latency)
     try:
         study = optuna.create_study(storage=cfg.storage, sampler=sampler, pruner=pruner, study_name=cfg.name(),
                                     directions=directions, load_if_exists=True)

@@ -13,6 +13,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from mcp.export.deploy import grid_onnx
 from mcp.search.space import TrialConfig
 
 CODING = "fixed"  # sizes before and after fine-tuning agree: packed b-bit values, sparse indices
@@ -26,16 +27,7 @@ class Finetuned:
     entries: dict[str, Any]
 
     def onnx(self, input_shape: Sequence[int], out_dir: str | Path, opset: int = 17) -> tuple[Path, str]:
-        return deployable_onnx(self.model, input_shape, self.quantizer, self.entries, out_dir, opset)
-
-
-def deployable_onnx(model: nn.Module, input_shape: Sequence[int], quantizer, entries, out_dir: str | Path,
-                    opset: int = 17) -> tuple[Path, str]:
-    """(file, format): the ONNX model users deploy for weights on b-bit grids (what `mcp
-    quantize` logs for fixed_point and QAT): INT8 weights behind DequantizeLinear."""
-    from mcp.export.deploy import grid_onnx
-
-    return grid_onnx(model, input_shape, quantizer, entries, out_dir, opset)
+        return grid_onnx(self.model, input_shape, self.quantizer, self.entries, out_dir, opset)
 
 
 def prune_candidate(base: nn.Module, input_shape: Sequence[int], tc: TrialConfig, calib, device: str) -> nn.Module:
@@ -70,7 +62,7 @@ def measure_sizes(model: nn.Module, input_shape: Sequence[int], tc: TrialConfig,
     out = {"size_bytes_compressed": float(len(encode_model(q, entries, CODING)))}
     if onnx:
         with tempfile.TemporaryDirectory() as tmp:
-            path, _ = deployable_onnx(q, input_shape, quantizer, entries, tmp)
+            path, _ = grid_onnx(q, input_shape, quantizer, entries, tmp)
             out["size_bytes_onnx"] = float(path.stat().st_size)
     return out
 

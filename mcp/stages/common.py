@@ -12,6 +12,7 @@ from torch import nn
 from mcp.config import DataOptions, RecoveryOptions
 from mcp.errors import McpError
 from mcp.tracking import schema
+from mcp.training.setup import FineTune
 
 
 def setup_data(cfg: DataOptions):
@@ -130,3 +131,9 @@ def lineage(base: nn.Module | None, base_uri: str, model: str, dataset: str) -> 
     to be trained is the zoo ``model``'s."""
     arch = str(base.mcp_recipe.get("name", model)) if base is not None else model
     return arch, schema.registered_name_of(base_uri) or schema.registered_name(arch, dataset)
+
+
+def finetune_of(cfg: Any) -> FineTune:
+    """The fine-tuning settings of a stage config that trains (epochs, optimizer, LR, ...)."""
+    return FineTune(epochs=cfg.epochs, optimizer=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum,
+                    weight_decay=cfg.weight_decay, scheduler=cfg.scheduler, seed=cfg.seed)

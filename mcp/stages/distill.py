@@ -80,15 +80,14 @@ def _distill(cfg: DistillConfig, teacher: nn.Module, teacher_uri: str, student: 
     from mcp import tracking
     from mcp.distillation.train import distill_model
     from mcp.evaluation.plots import plot_training_curves
-    from mcp.stages.common import log_and_register
+    from mcp.stages.common import finetune_of, log_and_register
     from mcp.tracking.tables import log_plot
-    from mcp.training import FineTune, evaluate
+    from mcp.training import evaluate
 
     test_loader = loaders[2]
     student = student.to(device)
     initial = evaluate(student, test_loader, device)["accuracy"] if student_uri else None
-    finetune = FineTune(epochs=cfg.epochs, optimizer=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum,
-                        weight_decay=cfg.weight_decay, scheduler=cfg.scheduler, seed=cfg.seed)
+    finetune = finetune_of(cfg)
     outcome = distill_model(teacher, student, loaders, splits.input_shape, spec_of(cfg), finetune, device=device,
                             callbacks=[tracking.EpochLogger()], progress=show_progress,
                             desc=f"distill {student_arch} <- T={cfg.temperature:g}")

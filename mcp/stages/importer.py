@@ -29,11 +29,10 @@ from mcp.models.foreign import (
     read_weights,
     replace_head,
 )
-from mcp.stages.common import log_and_register, setup_data
+from mcp.stages.common import finetune_of, log_and_register, setup_data
 from mcp.tracking import schema
 from mcp.tracking.tables import log_plot
 from mcp.training import evaluate
-from mcp.training.setup import FineTune
 from mcp.training.transfer import finetune_transfer
 
 
@@ -111,8 +110,7 @@ def run_import(cfg: ImportConfig, show_progress: bool | None = None) -> ImportRe
         if cfg.epochs:
             history = finetune_transfer(
                 model, loaders, recipe.get("head", {}).get("module", ""),
-                FineTune(epochs=cfg.epochs, optimizer=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum,
-                         weight_decay=cfg.weight_decay, scheduler=cfg.scheduler, seed=cfg.seed),
+                finetune_of(cfg),
                 cfg.freeze_epochs, device=device, callbacks=[tracking.EpochLogger()], progress=show_progress,
                 desc=f"import {name}")
             log_plot(plot_training_curves, "training_curves.png", history, title=f"{name} on {cfg.dataset}")

@@ -16,6 +16,7 @@ from mcp.pruning import PruneSpec, Pruning, create_criterion, criterion_names
 from mcp.pruning.finetune import prune_and_finetune
 from mcp.stages.common import (
     find_base_model,
+    finetune_of,
     lineage,
     log_and_register,
     probe_model,
@@ -26,7 +27,7 @@ from mcp.stages.common import (
 from mcp.stages.train import run_baseline
 from mcp.tracking import schema
 from mcp.tracking.tables import log_csv, log_plot
-from mcp.training import FineTune, evaluate
+from mcp.training import evaluate
 
 
 @dataclass
@@ -47,11 +48,6 @@ def read_ratios(path: str) -> dict[str, float]:
         return {str(k): float(v) for k, v in data.items()}
     except (TypeError, ValueError):
         raise ConfigError(f"ratios file {path!r} must map layer names to numbers in [0, 1)") from None
-
-
-def finetune_of(cfg: PruneConfig) -> FineTune:
-    return FineTune(epochs=cfg.epochs, optimizer=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum,
-                    weight_decay=cfg.weight_decay, scheduler=cfg.scheduler, seed=cfg.seed)
 
 
 def spec_of(cfg: PruneConfig, ratios: dict[str, float]) -> PruneSpec:

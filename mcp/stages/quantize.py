@@ -19,6 +19,7 @@ from mcp.quantization.methods import quant_method
 from mcp.quantization.quantize import quantize_model
 from mcp.stages.common import (
     find_base_model,
+    finetune_of,
     lineage,
     log_and_register,
     probe_model,
@@ -30,7 +31,6 @@ from mcp.stages.prune import run_prune
 from mcp.stages.train import run_baseline
 from mcp.tracking import schema
 from mcp.tracking.tables import log_csv, log_plot
-from mcp.training import FineTune
 
 
 @dataclass
@@ -110,8 +110,7 @@ def _quantize(cfg: QuantizeConfig, layer_bits: dict[str, int], base: nn.Module, 
     if spec.kind.prunes_first:  # the prune stage first, as a nested run
         pruned = run_prune(prune_config(cfg, base_uri), show_progress=show_progress)
         model, pruned_metrics = pruned.model, pruned.metrics
-    finetune = FineTune(epochs=cfg.epochs, optimizer=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum,
-                        weight_decay=cfg.weight_decay, scheduler=cfg.scheduler, seed=cfg.seed)
+    finetune = finetune_of(cfg)
     with tempfile.TemporaryDirectory() as tmp:
         outcome = quantize_model(model, loaders, splits.input_shape, spec, Path(tmp), finetune, reference=base,
                                  calib_batches=cfg.calib_batches, opset=cfg.opset, device=device,

@@ -143,16 +143,10 @@ def load_model(uri: str, device: str = "cpu", trust_pickled: bool = False) -> nn
     in it: it is refused unless ``trust_pickled`` is set (``--trust-pickled-model``),
     which warns once per process and is recorded on the run (tag ``mcp.trust_pickled_model``).
     """
-    import mlflow
-    from mlflow.exceptions import MlflowException
 
     from mcp.models import model_from_recipe
 
-    try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
-    except (MlflowException, OSError) as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise McpError(f"cannot load model {uri!r}: {msg[:200]}") from None
+    local = _download(uri)
     extra = local / "extra_files"
     if (extra / RECIPE_FILE).is_file() and (extra / STATE_FILE).is_file():
         try:
@@ -169,28 +163,13 @@ def load_model(uri: str, device: str = "cpu", trust_pickled: bool = False) -> nn
             raise McpError(f"model {uri!r}: weights do not match its recipe {recipe.get('name')!r}: "
                            f"{str(exc).splitlines()[0][:200]}") from None
         return model.to(device).eval()
-    flavors = _flavors(local)
-    if "pytorch" not in flavors:
-        raise McpError(f"model {uri!r} is not a PyTorch model (flavors: {', '.join(flavors) or 'none'}); "
-                       f"an ONNX export names the version it came from in its tag source_model")
+    _require_pytorch(local, uri)
     if not trust_pickled:
         raise McpError(f"model {uri!r} was not logged by mcp: loading it means unpickling it, which runs any code "
                        f"its author put in the file, so it is refused; log its state_dict instead, or pass "
                        f"--trust-pickled-model true if you trust whoever logged it")
     _warn_pickle_once(uri)
-    allow = os.environ.get(_ALLOW_PICKLE)
-    os.environ[_ALLOW_PICKLE] = "true"  # newer MLflow asks for this too; the user has opted in
-    try:
-        model = mlflow.pytorch.load_model(uri, map_location="cpu")
-    except Exception as exc:  # noqa: BLE001 - unpickling raises anything the pickle's code raises
-        raise McpError(f"cannot unpickle model {uri!r}: {type(exc).__name__}: {str(exc)[:200]}") from None
-    finally:
-        if allow is None:
-            os.environ.pop(_ALLOW_PICKLE, None)
-        else:
-            os.environ[_ALLOW_PICKLE] = allow
-    if not isinstance(model, nn.Module):
-        raise McpError(f"model {uri!r} unpickled to a {type(model).__name__}, not a torch.nn.Module")
+    model = _mlflow_pytorch_load(uri, allow_pickle=True)
     if not getattr(model, "mcp_recipe", None):
         raise McpError(f"model {uri!r} has no mcp recipe (the architecture mcp rebuilds it from); "
                        f"build it with mcp.models.create_model")
@@ -203,18 +182,11 @@ def foreign_state_dict(uri: str, trust_pickled: bool = False) -> dict[str, torch
     torch.export loads it; a pickled model only with ``trust_pickled``. (A model mcp
     logged gives its own state_dict.)"""
     import mlflow
-    from mlflow.exceptions import MlflowException
 
-    try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
-    except (MlflowException, OSError) as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise McpError(f"cannot load model {uri!r}: {msg[:200]}") from None
+    local = _download(uri)
     if (local / "extra_files" / STATE_FILE).is_file():
         return read_state_dict(local / "extra_files" / STATE_FILE, f"model {uri!r}")
-    flavors = _flavors(local)
-    if "pytorch" not in flavors:
-        raise McpError(f"model {uri!r} is not a PyTorch model (flavors: {', '.join(flavors) or 'none'})")
+    _require_pytorch(local, uri)
     pt2 = any(local.glob("data/*.pt2"))
     if not pt2 and not trust_pickled:
         raise McpError(f"model {uri!r} was not logged by mcp: it is a pickled PyTorch model, and unpickling runs any "
@@ -226,25 +198,47 @@ def foreign_state_dict(uri: str, trust_pickled: bool = False) -> dict[str, torch
                        f"code (newer MLflow can); upgrade MLflow, or pass --trust-pickled-model true")
     if not pt2:
         _warn_pickle_once(uri)
-    allow = os.environ.get(_ALLOW_PICKLE)
-    os.environ[_ALLOW_PICKLE] = "true" if trust_pickled else "false"  # false: MLflow verifies the pt2 archive
-    try:
-        module = mlflow.pytorch.load_model(uri, map_location="cpu")
-    except Exception as exc:  # noqa: BLE001 - a refused archive, a broken file, the pickle's own errors
-        raise McpError(f"cannot load model {uri!r}: {type(exc).__name__}: "
-                       f"{(str(exc).strip().splitlines() or [''])[0][:240]}") from None
-    finally:
-        if allow is None:
-            os.environ.pop(_ALLOW_PICKLE, None)
-        else:
-            os.environ[_ALLOW_PICKLE] = allow
-    if not isinstance(module, nn.Module):
-        raise McpError(f"model {uri!r} loaded as a {type(module).__name__}, not a torch.nn.Module")
+    module = _mlflow_pytorch_load(uri, allow_pickle=trust_pickled)  # not allowed: MLflow verifies the pt2 archive
     return {k: v for k, v in module.state_dict().items() if isinstance(v, torch.Tensor)}
 
 
 _WARNED: set[str] = set()
 _ALLOW_PICKLE = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
+
+
+def _download(uri: str) -> Path:
+    """The model's artifact folder, or one clear line."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    except (MlflowException, OSError) as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise McpError(f"cannot load model {uri!r}: {msg[:200]}") from None
+
+
+def _mlflow_pytorch_load(uri: str, allow_pickle: bool) -> nn.Module:
+    """``mlflow.pytorch.load_model`` with MLflow's own pickle switch set for this call only:
+    on when the user opted in, off otherwise (MLflow then loads a pt2 archive only after
+    checking it holds no pickles, and refuses a pickle)."""
+    import mlflow
+
+    before = os.environ.get(_ALLOW_PICKLE)
+    os.environ[_ALLOW_PICKLE] = "true" if allow_pickle else "false"
+    try:
+        model = mlflow.pytorch.load_model(uri, map_location="cpu")
+    except Exception as exc:  # noqa: BLE001 - a refused archive, a broken file, a pickle's own code
+        raise McpError(f"cannot load model {uri!r}: {type(exc).__name__}: "
+                       f"{(str(exc).strip().splitlines() or [''])[0][:240]}") from None
+    finally:
+        if before is None:
+            os.environ.pop(_ALLOW_PICKLE, None)
+        else:
+            os.environ[_ALLOW_PICKLE] = before
+    if not isinstance(model, nn.Module):
+        raise McpError(f"model {uri!r} loaded as a {type(model).__name__}, not a torch.nn.Module")
+    return model
 
 
 def _warn_pickle_once(uri: str) -> None:
@@ -259,20 +253,22 @@ def _warn_pickle_once(uri: str) -> None:
 def read_state_dict(path: Path, what: str) -> dict[str, torch.Tensor]:
     """A ``state_dict`` file read with ``weights_only=True``: tensors and plain containers
     only, so no code runs; anything else is one clear line."""
-    import pickle
+    from mcp.models.foreign import load_weights_only
 
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if "global" not in str(exc).lower():  # no object reference: not a pickle of objects at all
-            raise McpError(f"{what}: {path.name} is not a PyTorch state_dict file (UnpicklingError)") from None
-        raise McpError(f"{what}: {path.name} holds pickled Python objects, not only tensors; refused because "
-                       f"unpickling them could run code (save model.state_dict() instead)") from None
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for bad files
-        raise McpError(f"{what}: {path.name} is not a PyTorch state_dict file ({type(exc).__name__})") from None
+    state = load_weights_only(
+        path, pickled=f"{what}: {path.name} holds pickled Python objects, not only tensors; refused because "
+                      f"unpickling them could run code (save model.state_dict() instead)",
+        corrupt=f"{what}: {path.name} is not a PyTorch state_dict file ({{error}})")
     if not isinstance(state, dict):
         raise McpError(f"{what}: {path.name} holds a {type(state).__name__}, not a state_dict")
     return state
+
+
+def _require_pytorch(local: Path, uri: str) -> None:
+    flavors = _flavors(local)
+    if "pytorch" not in flavors:
+        raise McpError(f"model {uri!r} is not a PyTorch model (flavors: {', '.join(flavors) or 'none'}); "
+                       f"an ONNX export names the version it came from in its tag source_model")
 
 
 def _flavors(local: Path) -> list[str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import pickle
 import random
 from pathlib import Path
 from typing import Any
@@ -11,6 +10,7 @@ from typing import Any
 import torch
 
 from mcp.errors import McpError
+from mcp.models.foreign import load_weights_only
 from mcp.training.loop import Callback, Trainer
 
 FORMAT = "mcp-checkpoint-1"
@@ -37,17 +37,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise McpError(f"checkpoint {str(path)!r} does not exist")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if "global" not in str(exc).lower():  # no object reference: not a pickle of objects at all
-            raise McpError(f"checkpoint {str(path)!r} is corrupt or not an mcp checkpoint "
-                           f"(torch.load failed: {type(exc).__name__})") from None
-        raise McpError(f"checkpoint {str(path)!r} holds pickled Python objects beyond tensors and plain values; "
-                       f"refused because unpickling them could run code (mcp checkpoints hold state_dicts)") from None
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for bad files
-        raise McpError(f"checkpoint {str(path)!r} is corrupt or not an mcp checkpoint "
-                       f"(torch.load failed: {type(exc).__name__})") from None
+    payload = load_weights_only(
+        path, pickled=f"checkpoint {str(path)!r} holds pickled Python objects beyond tensors and plain values; "
+                      f"refused because unpickling them could run code (mcp checkpoints hold state_dicts)",
+        corrupt=f"checkpoint {str(path)!r} is corrupt or not an mcp checkpoint (torch.load failed: {{error}})")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise McpError(f"checkpoint {str(path)!r} is not an mcp checkpoint (expected format {FORMAT!r})")
     return payload
