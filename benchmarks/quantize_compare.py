@@ -61,7 +61,7 @@ def main() -> None:
     ratios, drops = [], []
     for seed in range(args.seeds):
         r = run_quantize(QuantizeConfig(method="deep_compression", bits=args.bits, sparsity=args.sparsity,
-                                        share_biases=True, epochs=30, seed=seed, **common), show_progress=False)
+                                        share_biases="true", epochs=30, seed=seed, **common), show_progress=False)
         m, s = r.metrics, r.stages
         ratios.append(s["fp32"] / s["huffman"])
         drops.append(100 * m["accuracy_drop"])

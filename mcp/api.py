@@ -35,14 +35,14 @@ class Data:
 
 
 def as_data(data: Any, *, batch_size: int = 32, seed: int = 0, input_shape: str = "", data_dir: str = "data",
-            device: str = "cpu") -> Data:
+            device: str = "cpu", augment: str = "auto") -> Data:
     """``(train, val, test)`` DataLoaders, a :class:`Data`, or a dataset name."""
     if isinstance(data, Data):
         return data
     if isinstance(data, str):
         from mcp.data import load_dataset, make_loaders
 
-        splits = load_dataset(data, data_dir, False, input_shape or None, 0, 0.1)
+        splits = load_dataset(data, data_dir, False, input_shape or None, 0, 0.1, augment)
         loaders = make_loaders(splits, batch_size, 0, seed, pin_memory=device == "cuda")
         return Data(tuple(loaders), tuple(splits.input_shape), splits.num_classes)
     if isinstance(data, Sequence) and len(data) == 3:
@@ -139,10 +139,10 @@ def prune(model: nn.Module, data: Any, *, sparsity: float = 0.5, criterion: str 
         on_step=_step_logger(track), progress=progress))
 
 
-def quantize(model: nn.Module, data: Any, *, method: str = "ptq_int8", bits: int = 8,
+def quantize(model: nn.Module, data: Any, *, method: str = "ptq_int8", bits: int = 0,
              layer_bits: Mapping[str, int] | None = None, act_bits: int = 0, symmetric: bool = True,
              per_channel: bool = True, observer: str = "minmax", kmeans_init: str = "linear",
-             share_biases: bool = False, reduce_range: bool = True, ignored_layers: Sequence[str] = (),
+             share_biases: bool | str = "auto", reduce_range: bool = True, ignored_layers: Sequence[str] = (),
              calib_batches: int = 16, epochs: int = 10, lr: float = 0.005, optimizer: str = "sgd",
              momentum: float = 0.9, weight_decay: float = 0.0, scheduler: str = "cosine",
              teacher: nn.Module | None = None, temperature: float = 4.0, alpha: float = 0.9, opset: int = 17,
@@ -262,6 +262,12 @@ def search(model: nn.Module, data: Any, *, space: str | Path, budget_bytes: floa
     study = optuna.create_study(storage=storage, study_name=study_name, sampler=samplers[sampler],
                                 directions=study_directions(pareto, latency), load_if_exists=bool(storage))
     if not study.trials:
-        enqueue_uniform(study, problem, not pareto)
+        start = enqueue_uniform(study, problem, not pareto, limit=trials)
+        if start.warning:
+            import warnings
+
+            from mcp.search.objective import SearchWarning
+
+            warnings.warn(start.warning, SearchWarning, stacklevel=2)
     study.optimize(make_objective(problem), n_trials=trials, catch=(RuntimeError, ValueError))
     return study

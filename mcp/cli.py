@@ -79,7 +79,33 @@ def _terminated(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _OneLineErrors(click.Group):
+    """Usage errors (an unknown option, a value outside an option's choices) as one
+    ``error:`` line with exit code 2, like every other bad input, not click's three-line
+    usage block."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs.pop("standalone_mode", None)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click.UsageError as exc:
+            if isinstance(exc, getattr(click.exceptions, "NoArgsIsHelpError", ())):  # `mcp` alone: the help
+                exc.show()
+                sys.exit(exc.exit_code)
+            command = exc.ctx.command_path if exc.ctx is not None else "mcp"
+            _fail(f"{' '.join(exc.format_message().split())} (see: {command} --help)")
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        if isinstance(code, int) and code:  # ctx.exit(code) returns it without standalone mode
+            sys.exit(code)
+        return code
+
+
+@click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="mcp-pipeline")
 def main() -> None:
     """mcp: a tracked model compression pipeline (train, prune, quantize, distill, search, export)."""
@@ -146,6 +172,7 @@ def import_(ctx: click.Context, **kwargs: Any) -> None:
 def prune(ctx: click.Context, **kwargs: Any) -> None:
     """Prune a trained model (default: <model>-<dataset>@baseline, trained first if missing) on a
     schedule, fine-tune it at a reduced LR, and register it as a new version."""
+    from mcp.stages.common import figures_line
     from mcp.stages.prune import comparison_markdown, run_prune
 
     cfg, result = _run_stage(ctx, kwargs, PruneConfig, run_prune)
@@ -154,8 +181,9 @@ def prune(ctx: click.Context, **kwargs: Any) -> None:
         return
     m = result.metrics
     click.echo(f"run {result.run_id}: test_accuracy={m['test_accuracy']:.4f} "
-               f"(baseline {m['baseline_test_accuracy']:.4f}) pruned={m['pruned_fraction']:.4f} "
-               f"params_nonzero={int(m['params_nonzero'])} macs={int(m['macs'])} "
+               f"(baseline {m['baseline_test_accuracy']:.4f}, parent {m['parent_test_accuracy']:.4f}) "
+               f"pruned={m['pruned_fraction']:.4f} params_nonzero={int(m['params_nonzero'])} "
+               f"({figures_line(m, result.baseline)}) macs={int(m['macs'])} "
                f"latency_p50_cpu={m['latency_ms_p50_cpu']:.3f} ms time={m['training_time_s']:.1f} s")
     if result.registered_name:
         click.echo(f"registered: models:/{result.registered_name}/{result.registered_version}")
@@ -184,14 +212,16 @@ def quantize(ctx: click.Context, **kwargs: Any) -> None:
     missing): INT8 PTQ / dynamic, QAT, fixed point at 2-8 bits, k-means sharing, Huffman coding,
     or the whole Deep Compression pipeline. Measures it in ONNX Runtime, encodes it for its real
     size, and registers it as a new version."""
+    from mcp.stages.common import figures_line
     from mcp.stages.quantize import run_quantize
 
     cfg, result = _run_stage(ctx, kwargs, QuantizeConfig, run_quantize)
     m = result.metrics
     click.echo(f"run {result.run_id}: {cfg.method} test_accuracy torch={m['test_accuracy']:.4f} "
-               f"onnx={m['onnx_test_accuracy']:.4f} (baseline {m['baseline_test_accuracy']:.4f}) "
-               f"size fp32={int(m['size_bytes_fp32'])} B compressed={int(m['size_bytes_compressed'])} B "
-               f"({m['compression_ratio']:.1f}x) onnx={int(m['size_bytes_onnx'])} B")
+               f"onnx={m['onnx_test_accuracy']:.4f} (baseline {m['baseline_test_accuracy']:.4f}, parent "
+               f"{m['parent_test_accuracy']:.4f}) size fp32={int(m['size_bytes_fp32'])} B "
+               f"compressed={int(m['size_bytes_compressed'])} B ({figures_line(m, result.baseline)}) "
+               f"onnx={int(m['size_bytes_onnx'])} B")
     for stage, size in result.stages.items():
         click.echo(f"  after {stage}: {size} B ({result.stages['fp32'] / size:.1f}x)")
     click.echo(f"deployed as {result.tags['mcp.deploy_format']}: {result.tags['mcp.deploy_note']}")
@@ -207,13 +237,15 @@ def distill(ctx: click.Context, **kwargs: Any) -> None:
     teacher's softened outputs, optionally with a hint loss on intermediate features. The
     teacher is trained first when it is a model name with no registered baseline. The
     student is registered as a new version of <student>-<dataset>, tagged with its teacher."""
+    from mcp.stages.common import figures_line
     from mcp.stages.distill import run_distill
 
     cfg, result = _run_stage(ctx, kwargs, DistillConfig, run_distill)
     m = result.metrics
     click.echo(f"run {result.run_id}: student test_accuracy={m['test_accuracy']:.4f} "
                f"(teacher {m['teacher_test_accuracy']:.4f}, {result.teacher_uri}) params={int(m['params_total'])} "
-               f"({m['compression_ratio']:.1f}x smaller than the teacher) train_time={m['train_time_s']:.1f} s")
+               f"(float32 size {figures_line(m, result.baseline, parent='teacher')}) "
+               f"train_time={m['train_time_s']:.1f} s")
     if result.registered_name:
         click.echo(f"registered: models:/{result.registered_name}/{result.registered_version}")
 
@@ -225,6 +257,7 @@ def export(ctx: click.Context, **kwargs: Any) -> None:
     """Export a registered model to ONNX (a quantized one in the deployable form `mcp quantize`
     built), check it, optimise it, test its parity with PyTorch in ONNX Runtime (failing
     loudly), log it with MLflow's ONNX flavor and register it with the tag format=onnx."""
+    from mcp.stages.common import figures_line
     from mcp.stages.export import run_export
 
     cfg, result = _run_stage(ctx, kwargs, ExportConfig, run_export)
@@ -232,7 +265,8 @@ def export(ctx: click.Context, **kwargs: Any) -> None:
     click.echo(f"run {result.run_id}: {result.source_uri} -> {result.deploy_format}, {int(m['size_bytes_onnx'])} B, "
                f"{int(m['onnx_nodes'])} nodes; parity max |diff| {m['onnx_max_abs_diff']:.2e}, agreement "
                f"{m['onnx_agreement']:.4f}; test accuracy ONNX Runtime {m['onnx_test_accuracy']:.4f} "
-               f"(PyTorch {m['test_accuracy']:.4f})")
+               f"(PyTorch {m['test_accuracy']:.4f}); float32 size over the ONNX file's "
+               f"{figures_line(m, result.baseline, ratio='compression_ratio_onnx')}")
     if result.registered_name:
         click.echo(f"registered: models:/{result.registered_name}/{result.registered_version} (format=onnx)")
 
@@ -261,6 +295,7 @@ def search(ctx: click.Context, **kwargs: Any) -> None:
     best validation accuracy under a size budget, or the accuracy/size Pareto front. Every trial is
     a nested MLflow run; running the same command again resumes the study. Winners are rebuilt,
     tested and registered (the best with alias 'challenger')."""
+    from mcp.stages.common import figures_line
     from mcp.stages.search import run_search
     from mcp.tracking import schema
 
@@ -274,7 +309,7 @@ def search(ctx: click.Context, **kwargs: Any) -> None:
     for w in result.winners:
         where = schema.version_uri(w['registered_name'], w['version']) if w["registered_name"] else w["run_id"]
         click.echo(f"  trial {w['trial']}: test_accuracy={w['test_accuracy']:.4f} size={int(w['size_bytes_compressed'])} "
-                   f"B ({w['compression_ratio']:.1f}x) {where}{' @' + w['alias'] if w['alias'] else ''}"
+                   f"B ({figures_line(w, result.baseline)}) {where}{' @' + w['alias'] if w['alias'] else ''}"
                    f"{' (registered by an earlier call)' if w.get('reused') else ''}")
         if not w["within_budget"]:
             click.echo("    over the budget after the final fine-tuning (--final-epochs): not the challenger")

@@ -21,6 +21,7 @@ from mcp.quantization.methods import quant_method, quant_method_names
 DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULERS = ("cosine", "step", "constant")
+AUGMENTATIONS = ("auto", "none", "flip", "crop", "crop_flip")  # train-time; mcp.data applies them
 
 
 def option(default: Any, help: str, choices: tuple[str, ...] | None = None, flag_value: str | None = None) -> Any:
@@ -136,6 +137,10 @@ class DataOptions(StageConfig):
     input_shape: str = option("", "CxHxW, e.g. 3x32x32: synthetic data shape / imagefolder or digits resize. "
                                   "Empty: the dataset's own.")
     num_classes: int = option(0, "Classes for synthetic data (0: 10). Ignored for real datasets.")
+    augment: str = option("auto", "Train-time augmentation: random crop (shift) and/or horizontal flip. auto: the "
+                                  "dataset's own (none for digits, MNIST-like, IDX and grayscale image folders; "
+                                  "crop_flip for CIFAR and RGB image folders; flip for Fashion-MNIST).",
+                          AUGMENTATIONS)
     val_fraction: float = option(0.1, "Share of the training split held out for validation.")
     batch_size: int = option(32, "Mini-batch size.")
     workers: int = option(0, "DataLoader worker processes.")
@@ -449,7 +454,8 @@ class QuantizeConfig(RecoveryOptions):
     """`mcp quantize`: quantize a registered model (dense or pruned), encode it, export it, register it."""
 
     method: str = option("ptq_int8", "Quantization method.", QUANT_METHODS)
-    bits: int = option(8, "Weight bit-width, 2-8 (fixed_point, qat, kmeans, huffman, deep_compression).")
+    bits: int = option(0, "Weight bit-width, 2-8 (fixed_point, qat, kmeans, huffman, deep_compression). 0: the "
+                          "method's default (8; deep_compression: 8 for convolutions, 4 for fully connected).")
     bits_file: str = option("", "YAML mapping of layer name to bits; other layers get --bits.")
     act_bits: int = option(0, "fixed_point / qat: activation bits, 2-8 (0: float activations).")
     symmetric: bool = option(True, "fixed_point / qat: symmetric weight grid (else asymmetric, zero point).")
@@ -460,11 +466,12 @@ class QuantizeConfig(RecoveryOptions):
     reduce_range: bool = option(True, "ptq_int8 / dynamic_int8: INT8 weights in [-64, 64] (ONNX Runtime's "
                                       "reduce_range), so its u8 x s8 kernels cannot saturate.")
     kmeans_init: str = option("linear", "k-means centroid initialisation.", KMEANS_INITS)
-    share_biases: bool = option(False, "kmeans / huffman / deep_compression: share the biases too (their own "
-                                       "2^bits codebook per layer).")
+    share_biases: str = option("auto", "kmeans / huffman / deep_compression: share the biases too (their own "
+                                       "2^bits codebook per layer). auto: where their float32 bytes would be more "
+                                       "than 5% of the encoded weights'.", ("auto", "true", "false"), flag_value="true")
     ignored_layers: str = option("", "Comma-separated layer names left in float32.")
-    epochs: int = option(10, "Fine-tuning epochs (qat; centroid fine-tuning for kmeans, huffman, "
-                             "deep_compression). 0: none.")
+    epochs: int = option(-1, "Fine-tuning epochs (qat; centroid fine-tuning for kmeans, huffman, "
+                             "deep_compression). 0: none; -1: the method's default (10; deep_compression: 30).")
     optimizer: str = option("sgd", "Optimizer for fine-tuning.", OPTIMIZERS)
     lr: float = option(0.005, "Fine-tuning learning rate.")
     momentum: float = option(0.9, "SGD momentum.")
@@ -478,16 +485,18 @@ class QuantizeConfig(RecoveryOptions):
     register: bool = option(True, "Register the quantized model as a new version of <model>-<dataset>.")
 
     def validate(self) -> None:
+        if self.epochs == -1:  # resolved here, so the run logs the epochs it trained
+            object.__setattr__(self, "epochs", quant_method(self.method).default_epochs)
         super().validate()
-        if not 2 <= self.bits <= 8:
-            raise ConfigError(f"bits={self.bits!r} is outside the allowed bit-widths 2-8")
+        if self.bits != 0 and not 2 <= self.bits <= 8:
+            raise ConfigError(f"bits={self.bits!r} is outside the allowed bit-widths 2-8 (0: the method's default)")
         if self.act_bits and not 2 <= self.act_bits <= 8:
             raise ConfigError(f"act_bits={self.act_bits!r} must be 0 (float activations) or 2-8")
         kind = quant_method(self.method)
-        if kind.int8_only and (self.bits != 8 or self.bits_file):
+        if kind.int8_only and (self.bits not in (0, 8) or self.bits_file):
             raise ConfigError(f"method {self.method} is 8-bit; use fixed_point or qat for bits={self.bits}")
         if self.epochs < 0:
-            raise ConfigError(f"epochs={self.epochs!r} must be 0 or more")
+            raise ConfigError(f"epochs={self.epochs!r} must be 0 or more (-1: the method's default)")
         if kind.needs_epochs and self.epochs == 0:
             raise ConfigError(f"method {self.method} needs epochs >= 1 (it trains; fixed_point is the same grid "
                               f"without training)")

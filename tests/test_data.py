@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import struct
 
 import numpy as np
@@ -18,7 +19,7 @@ def _labels(ds) -> np.ndarray:
 
 def test_registry_names():
     assert set(dataset_names()) == {"digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "imagefolder",
-                                    "synthetic"}
+                                    "synthetic", "idx"}
 
 
 def test_digits_splits_are_fixed_disjoint_stratified_and_normalised():
@@ -136,3 +137,237 @@ def test_digits_resize_to_a_larger_input():
     assert load_dataset("digits", input_shape="3x16x16").input_shape == (3, 16, 16)
     with pytest.raises(ConfigError, match="input_shape channels=2 for digits"):
         load_dataset("digits", input_shape="2x16x16")
+
+
+# ----------------------------------------------------------------------------- IDX files
+
+
+def _idx_bytes(images: np.ndarray, labels: np.ndarray) -> tuple[bytes, bytes]:
+    n, h, w = images.shape
+    return (struct.pack(">IIII", 0x803, n, h, w) + images.tobytes(),
+            struct.pack(">II", 0x801, len(labels)) + labels.astype(np.uint8).tobytes())
+
+
+def _idx_pair(folder, prefix: str, n: int, gz: bool, seed: int = 0, classes: int = 10, first_label: int = 0,
+              size: int = 12) -> tuple[np.ndarray, np.ndarray]:
+    """Class c is a bright c-th row band plus noise: learnable, and each image is traceable."""
+    rng = np.random.default_rng(seed)
+    labels = (np.arange(n) % classes + first_label).astype(np.uint8)
+    images = rng.integers(0, 60, size=(n, size, size), dtype=np.uint8)
+    for i, c in enumerate(labels - first_label):
+        images[i, c % size] = 250
+    folder.mkdir(parents=True, exist_ok=True)
+    for kind, blob in zip(("images-idx3", "labels-idx1"), _idx_bytes(images, labels)):
+        path = folder / f"{prefix}-{kind}-ubyte{'.gz' if gz else ''}"
+        path.write_bytes(gzip.compress(blob) if gz else blob)
+    return images, labels
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_idx_single_pair_is_split_stratified_and_fixed(tmp_path, gz):
+    images, labels = _idx_pair(tmp_path, "t10k", 200, gz)
+    s = load_dataset("idx", data_dir=tmp_path, val_fraction=0.25)
+    assert s.name == "idx" and s.input_shape == (1, 12, 12) and s.num_classes == 10
+    assert s.class_names == [str(c) for c in range(10)] and s.augment == "none"
+    assert (len(s.train), len(s.val), len(s.test)) == (120, 40, 40)  # 20% test, then 25% of the rest
+    assert all(np.bincount(_labels(split), minlength=10).tolist() == [len(split) // 10] * 10
+               for split in (s.train, s.val, s.test))  # stratified
+    x = s.train.tensors[0]
+    assert abs(x.mean().item()) < 1e-4 and abs(x.std().item() - 1) < 0.05  # normalised by train statistics
+    # the pixels are the file's: un-normalising a test image finds it among the images written
+    again = load_dataset("idx", data_dir=tmp_path, val_fraction=0.25)
+    assert torch.equal(s.test.tensors[0], again.test.tensors[0])
+    band = s.test.tensors[0][0, 0].mean(dim=1).argmax().item()
+    assert band == int(s.test.tensors[1][0])
+
+
+def test_idx_train_and_test_pair_keep_the_official_test_split(tmp_path):
+    _idx_pair(tmp_path, "train", 100, gz=True, seed=1)
+    test_images, test_labels = _idx_pair(tmp_path, "t10k", 30, gz=False, seed=2)
+    s = load_dataset("idx", data_dir=tmp_path, val_fraction=0.2)
+    assert (len(s.train), len(s.val), len(s.test)) == (80, 20, 30)
+    assert torch.equal(s.test.tensors[1], torch.tensor(test_labels, dtype=torch.long))
+    # the test images are normalised with the training split's statistics, in file order
+    raw = torch.tensor(test_images, dtype=torch.float32) / 255.0
+    corr = torch.corrcoef(torch.stack([raw.flatten(), s.test.tensors[0].flatten()]))[0, 1]
+    assert corr > 0.999
+
+
+def test_idx_labels_that_start_at_one_become_classes(tmp_path):
+    _idx_pair(tmp_path, "emnist-letters-train", 60, gz=False, classes=3, first_label=1)
+    s = load_dataset("idx", data_dir=tmp_path)
+    assert s.num_classes == 3 and s.class_names == ["1", "2", "3"]
+    assert set(_labels(s.train)) == {0, 1, 2}
+
+
+def test_idx_resizes_to_input_shape(tmp_path):
+    _idx_pair(tmp_path, "data", 100, gz=False)
+    assert load_dataset("idx", data_dir=tmp_path, input_shape="3x20x20").train[0][0].shape == (3, 20, 20)
+
+
+def _corrupt(tmp_path, name: str, blob: bytes) -> str:
+    _idx_pair(tmp_path, "t10k", 40, gz=name.endswith(".gz"))
+    (tmp_path / name).write_bytes(blob)
+    with pytest.raises(McpError) as info:
+        load_dataset("idx", data_dir=tmp_path)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_idx_wrong_magic_number(tmp_path):
+    good, _ = _idx_bytes(np.zeros((4, 12, 12), np.uint8), np.zeros(4))
+    message = _corrupt(tmp_path, "t10k-images-idx3-ubyte", struct.pack(">I", 0x801) + good[4:])
+    assert "t10k-images-idx3-ubyte" in message and "magic number 0x00000801" in message and "0x00000803" in message
+
+
+def test_idx_counts_that_differ(tmp_path):
+    _, labels = _idx_bytes(np.zeros((39, 12, 12), np.uint8), np.zeros(39))
+    message = _corrupt(tmp_path, "t10k-labels-idx1-ubyte", labels)
+    assert "differ in length" in message and "40 images and 39 labels" in message
+
+
+def test_idx_truncated_data(tmp_path):
+    images, _ = _idx_bytes(np.zeros((40, 12, 12), np.uint8), np.zeros(40))
+    message = _corrupt(tmp_path, "t10k-images-idx3-ubyte", images[:-100])
+    assert "truncated" in message and "40x12x12 = 5,760 bytes" in message and "5,660" in message
+    message = _corrupt(tmp_path / "b", "t10k-images-idx3-ubyte", images[:10])
+    assert "truncated" in message and "16-byte header" in message
+
+
+def test_idx_truncated_gzip(tmp_path):
+    images, _ = _idx_bytes(np.zeros((40, 12, 12), np.uint8), np.zeros(40))
+    message = _corrupt(tmp_path, "t10k-images-idx3-ubyte.gz", gzip.compress(images)[:50])
+    assert "cannot be read" in message and "t10k-images-idx3-ubyte.gz" in message
+
+
+@pytest.mark.parametrize("files, expected", [
+    ((), "no IDX image/label pair"),
+    (("a-images-idx3-ubyte",), "unpaired: a-images-idx3-ubyte"),
+])
+def test_idx_missing_files(tmp_path, files, expected):
+    for name in files:
+        (tmp_path / name).write_bytes(b"")
+    with pytest.raises(McpError, match=expected):
+        load_dataset("idx", data_dir=tmp_path)
+    with pytest.raises(McpError, match="does not exist"):
+        load_dataset("idx", data_dir=tmp_path / "missing")
+
+
+def test_idx_ambiguous_pairs(tmp_path):
+    _idx_pair(tmp_path, "a", 20, gz=False)
+    _idx_pair(tmp_path, "b", 20, gz=False)
+    with pytest.raises(McpError, match="holds 2 IDX pairs \\(a, b\\)"):
+        load_dataset("idx", data_dir=tmp_path)
+    _idx_pair(tmp_path / "both", "t10k", 20, gz=False)
+    _idx_pair(tmp_path / "both", "t10k", 20, gz=True)
+    with pytest.raises(McpError, match="keep one of them"):
+        load_dataset("idx", data_dir=tmp_path / "both")
+
+
+def test_idx_reads_the_shared_mnist_test_files():
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist-t10k"
+    if not folder.is_dir():
+        pytest.skip(f"{folder} is not on this machine")
+    s = load_dataset("idx", data_dir=folder, val_fraction=0.15)
+    assert (len(s.train), len(s.val), len(s.test)) == (6800, 1200, 2000) and s.input_shape == (1, 28, 28)
+    counts = np.bincount(s.test.tensors[1].numpy(), minlength=10) + np.bincount(s.val.tensors[1].numpy(), minlength=10)
+    counts += np.bincount(s.train.tensors[1].numpy(), minlength=10)
+    assert counts.tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]  # its README's class counts
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+
+def _shifted_or_flipped(x: torch.Tensor, seen: torch.Tensor) -> tuple[bool, bool]:
+    """(some sample differs from its stored tensor, a horizontal flip explains every difference)."""
+    differs = not torch.equal(x, seen)
+    return differs, torch.equal(x, seen.flip(-1))
+
+
+@pytest.mark.parametrize("name", ["digits", "synthetic"])
+def test_augment_values_on_tensor_datasets(name):
+    base = load_dataset(name, input_shape="1x8x8" if name == "synthetic" else None)
+    assert base.augment == "none"  # the default for digits, MNIST-like and synthetic data
+    stored = base.train.tensors[0][:64]
+    assert torch.equal(torch.stack([base.train[i][0] for i in range(64)]), stored)
+    torch.manual_seed(0)
+    for augment in ("flip", "crop", "crop_flip"):
+        s = load_dataset(name, augment=augment, input_shape="1x8x8" if name == "synthetic" else None)
+        assert s.augment == augment and len(s.train) == len(base.train)
+        assert torch.equal(s.val.tensors[0], base.val.tensors[0]) and torch.equal(s.test.tensors[0], base.test.tensors[0])
+        draws = torch.stack([s.train[i][0] for i in range(64)])
+        changed = [not torch.equal(d, x) for d, x in zip(draws, stored)]
+        flips = [torch.equal(d, x.flip(-1)) for d, x in zip(draws, stored)]
+        assert 10 < sum(changed) < 64 or augment != "flip"  # about half of the images are flipped
+        if augment == "flip":
+            assert all(f for f, c in zip(flips, changed) if c)  # and nothing else happens to them
+        if augment == "crop":
+            assert not any(f and c for f, c in zip(flips, changed)) and sum(changed) > 32  # shifted, never flipped
+    with pytest.raises(ConfigError, match="augment='rotate' is not allowed; choose one of: auto, none, flip"):
+        load_dataset(name, augment="rotate")
+
+
+def test_augment_defaults_per_dataset(tmp_path):
+    _image_folder(tmp_path / "rgb", per_class=10)
+    assert load_dataset("imagefolder", data_dir=tmp_path / "rgb").augment == "crop_flip"
+    assert load_dataset("imagefolder", data_dir=tmp_path / "rgb", input_shape="1x16x16").augment == "none"
+    assert load_dataset("imagefolder", data_dir=tmp_path / "rgb", augment="none").augment == "none"
+    gray = load_dataset("imagefolder", data_dir=tmp_path / "rgb", input_shape="1x16x16", augment="flip")
+    assert gray.augment == "flip"
+    _write_idx(tmp_path, "MNIST")
+    _write_idx(tmp_path, "FashionMNIST")
+    assert load_dataset("mnist", data_dir=tmp_path).augment == "none"
+    assert load_dataset("fashion_mnist", data_dir=tmp_path).augment == "flip"
+    assert load_dataset("mnist", data_dir=tmp_path, augment="crop").augment == "crop"
+    _idx_pair(tmp_path / "idx", "t10k", 40, gz=False)
+    assert load_dataset("idx", data_dir=tmp_path / "idx").augment == "none"
+
+
+def test_imagefolder_augment_none_gives_the_stored_pixels(tmp_path):
+    _image_folder(tmp_path, per_class=10)
+    s = load_dataset("imagefolder", data_dir=tmp_path, input_shape="3x16x16", augment="none")
+    assert torch.equal(s.train[0][0], s.train[0][0])
+    flipped = load_dataset("imagefolder", data_dir=tmp_path, input_shape="3x16x16", augment="flip")
+    torch.manual_seed(0)
+    draws = [flipped.train[0][0] for _ in range(20)]
+    assert any(torch.equal(d, s.train[0][0].flip(-1)) for d in draws)
+    assert all(torch.equal(d, s.train[0][0]) or torch.equal(d, s.train[0][0].flip(-1)) for d in draws)
+
+
+@pytest.mark.slow
+def test_mnist_as_png_folder_trains_as_well_as_through_idx(tmp_path, experiment):
+    """A new user's path: the MNIST files saved as PNG class folders (train/ and test/, the
+    same test images as `idx`) train LeNet-300-100 within 0.5 points of the IDX loader."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    from mcp.config import TrainConfig
+    from mcp.stages.train import run_train
+
+    folder = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist-t10k"
+    if not folder.is_dir():
+        pytest.skip(f"{folder} is not on this machine")
+    idx = load_dataset("idx", data_dir=folder)
+    for split_name, parts in (("train", (idx.train, idx.val)), ("test", (idx.test,))):
+        for part in parts:
+            x, y = part.tensors
+            lo, hi = x.amin(), x.amax()  # undo the normalisation: MNIST's pixels span 0-255 in every split
+            raw = ((x - lo) / (hi - lo) * 255).round().to(torch.uint8)
+            for i in range(len(y)):
+                path = tmp_path / "png" / split_name / str(int(y[i]))
+                path.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(raw[i, 0].numpy()).save(path / f"{len(list(path.iterdir()))}.png")
+    common = dict(model="lenet300_100", epochs=15, register=False, checkpoint_dir=str(tmp_path / "ck"))
+    through_idx = run_train(TrainConfig(dataset="idx", data_dir=str(folder), **common), show_progress=False)
+    through_png = run_train(TrainConfig(dataset="imagefolder", data_dir=str(tmp_path / "png"), input_shape="1x28x28",
+                                        **common), show_progress=False)
+    import mlflow
+
+    params = mlflow.get_run(through_png.run_id).data.params
+    assert params["data_augment"] == "none" and params["data_test_size"] == "2000"
+    a, b = through_idx.metrics["test_accuracy"], through_png.metrics["test_accuracy"]
+    assert a > 0.95 and abs(a - b) <= 0.005, (a, b)

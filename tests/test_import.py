@@ -4,7 +4,6 @@ starts from. Nothing is unpickled; bad input is one line and registers nothing."
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import textwrap

@@ -52,6 +52,16 @@ def test_the_pipeline_runs_every_step_nested_and_promotes_the_best_model_within_
     assert run.data.metrics["champion_test_accuracy"] == result.champion["test_accuracy"]
     assert {"pipeline.md", "pipeline.csv"} <= {a.path for a in client.list_artifacts(result.run_id)}
     assert "champion" in result.markdown and result.champion["label"] in result.markdown
+    # each model against the baseline and against the model its step started from
+    base, pruned, quantized = result.rows[:3]
+    assert base["compression_ratio"] is None and base["compression_ratio_vs_baseline"] == 1.0
+    assert quantized["compression_ratio_vs_baseline"] == base["size_bytes_compressed"] / quantized[
+        "size_bytes_compressed"]  # the baseline's float32 bytes: its own "compressed" size
+    assert quantized["accuracy_drop"] == pruned["test_accuracy"] - quantized["test_accuracy"]
+    assert quantized["accuracy_drop_vs_baseline"] == base["test_accuracy"] - quantized["test_accuracy"]
+    assert "| ratio vs baseline | ratio vs parent | drop vs baseline (points) | drop vs parent (points) |" in (
+        result.markdown)
+    assert run.data.tags["mcp.baseline_model"] == base["uri"]
     (search,) = [r for r in children if r.data.tags["mcp.stage"] == "search"]
     # named after the baseline and the search problem (space, budget measure, budget ratio)
     assert search.data.params["study_name"] == "pipeline-tiny_mlp-synthetic-v1-default-compressed-0.1"

@@ -63,7 +63,7 @@ def test_kmeans_on_a_pruned_model_keeps_its_zeros(experiment):
     pruned = run_prune(PruneConfig(model="tiny_mlp", sparsity=0.8, epochs=2, **TINY), show_progress=False)
     uri = f"models:/{pruned.registered_name}/{pruned.registered_version}"
     result = run_quantize(QuantizeConfig(model="tiny_mlp", model_uri=uri, method="kmeans", bits=3, epochs=1,
-                                         **TINY), show_progress=False)
+                                         share_biases="false", **TINY), show_progress=False)
     assert result.metrics["params_nonzero"] == pruned.metrics["params_nonzero"]
     for (name, before), after in zip(pruned.model.named_modules(), result.model.modules()):
         if isinstance(before, nn.Linear):
@@ -159,3 +159,53 @@ def test_a_structured_pruned_residual_model_quantizes_and_reloads(experiment):
     with torch.no_grad():
         assert torch.equal(reloaded(x), result.model.cpu().eval()(x))
     assert reloaded.mcp_recipe["quantization"]["method"] == "ptq_int8"
+
+
+def test_method_default_bits_and_auto_shared_biases():
+    """Without --bits: 8 bits, except Deep Compression's 8 for convolutions and 4 for fully
+    connected layers; --share-biases auto shares them where their float32 bytes would weigh."""
+    import copy
+
+    from mcp.models import create_model
+    from mcp.quantization import QuantSpec, Quantizer
+
+    cnn = create_model("tiny_cnn", 4, (3, 8, 8))
+
+    def quantizer(model, **spec):  # a Quantizer attaches to its model: give each its own copy
+        return Quantizer(copy.deepcopy(model), (3, 8, 8) if model is cnn else (1, 8, 8), QuantSpec(**spec))
+
+    dc = quantizer(cnn, method="deep_compression", share_biases="auto")
+    kinds = {n: type(m).__name__ for n, m in dc.layers.items()}
+    assert {n: b for n, b in dc.bits.items()} == {n: 4 if k == "Linear" else 8 for n, k in kinds.items()}
+    assert set(kinds.values()) == {"Conv2d", "Linear"}
+    assert set(quantizer(cnn, method="kmeans").bits.values()) == {8}
+    assert set(quantizer(cnn, method="deep_compression", bits=6).bits.values()) == {6}
+    assert set(quantizer(cnn, method="ptq_int8").bits.values()) == {8}
+
+    mlp = create_model("lenet300_100", 10, (1, 8, 8))  # 50,200 weights, 410 biases
+    assert not quantizer(mlp, method="kmeans", share_biases="auto").share_biases
+    with torch.no_grad():  # 94% pruned: the biases are a third of the payload
+        for m in mlp.modules():
+            if isinstance(m, nn.Linear):
+                w = m.weight
+                w.mul_(w.abs() >= w.abs().flatten().quantile(0.94))
+    assert quantizer(mlp, method="deep_compression", share_biases="auto").share_biases
+    assert not quantizer(mlp, method="deep_compression", share_biases=False).share_biases
+    assert not quantizer(mlp, method="qat", share_biases="auto").share_biases  # no codebooks
+    with pytest.raises(ValueError, match="share_biases='maybe' is not allowed"):
+        QuantSpec(method="kmeans", share_biases="maybe").validate()
+
+
+@pytest.mark.slow
+def test_plain_deep_compression_on_the_default_reproduces_the_paper(cli, own_store):
+    """`mcp quantize --method deep_compression` with no other option, on the embedded digits:
+    at least 40x (Han et al.'s LeNet-300-100 figure) within 0.5 points."""
+    result = cli("quantize", "--method", "deep_compression")
+    assert result.exit_code == 0, result.output
+    run = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("Default").experiment_id],
+                                     "tags.`mcp.stage` = 'quantize'")[0]
+    m = run.data.metrics
+    assert m["compression_ratio"] >= 40 and m["accuracy_drop"] <= 0.005, (m["compression_ratio"], m["accuracy_drop"])
+    assert run.data.params["share_biases"] == "auto"
+    recipe_bits = run.data.tags["mcp.bits"]
+    assert "4" in recipe_bits

@@ -48,7 +48,7 @@ def test_family_spaces_and_their_groups():
             assert space.bits_of["stem"] == (6, 8)
     lenet = build_space(read_space_file(space_file_for("lenet5")), ["features.0", "features.3", "classifier.1",
                                                                     "classifier.3", "fc3"], "lenet.yaml")
-    assert lenet.ratio_of["fc3"] == (0.0, 0.8)
+    assert lenet.ratio_of["fc3"] == (0.0, 0.995) and lenet.bits_of["fc3"] == (2, 3, 4, 5, 6, 8)
 
 
 @pytest.mark.parametrize("data, message", [
@@ -328,3 +328,54 @@ def test_promote_moves_champion_by_version_or_by_the_stated_policy(cli, experime
                           (["ghost", "--best"], "registered model 'ghost' does not exist")):
         out = cli("promote", *args)
         assert out.exit_code == 2 and message in out.output and len(out.output.strip().splitlines()) == 1
+
+
+def test_a_space_that_caps_a_layer_starts_from_uniform_where_allowed_and_says_why(experiment, tmp_path, capsys):
+    """ResNet-20's space caps the stem's ratio, so no single ratio fits the budget: the
+    study says so in one warning line and a run tag, and starts from every layer at one
+    ratio and bit-width clipped to its range. (Before, it started from nothing, silently.)"""
+    run_train(TrainConfig(model="tiny_mlp", epochs=2, **TINY), show_progress=False)
+    space = _space(tmp_path, "prune: {ratio: [0.0, 0.9]}\nquantize: {bits: [4, 8]}\nfinetune: {epochs: [1, 1]}\n"
+                             "layers:\n  '5': {ratio: [0.0, 0.2], bits: [8]}\n")
+    capsys.readouterr()
+    result = run_search(_cfg(tmp_path, space=space, budget_ratio=0.1, trials=1, register=False), show_progress=False)
+    warning = result.uniform_warning
+    assert warning.startswith("no uniform starting trial")
+    assert "5 allows only 8 bits, not 4" in warning  # the head's bits exclude the fewest
+    assert "5's ratio range [0, 0.2] excludes" in warning and "8 bits in every layer fits the budget" in warning
+    assert "starting instead from uniform where allowed" in warning
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert err == [f"warning: {warning}"]
+    tags = MlflowClient().get_run(result.run_id).data.tags
+    assert tags["mcp.uniform_warning"] == warning and tags["mcp.uniform_start"].startswith("uniform where allowed")
+    first = result.trials[0]["params"]  # one ratio and bit-width, clipped where the space caps them
+    assert first["ratio.1"] == first["ratio.3"] > 0.2 and first["ratio.5"] == 0.2
+    assert first["bits.1"] == first["bits.3"] == 4 and "bits.5" not in first  # the head has one choice: 8
+    for w in result.winners:  # the starting model is the baseline: the figures against both are one
+        assert w["compression_ratio_vs_baseline"] == w["compression_ratio"]
+        assert w["accuracy_drop_vs_baseline"] == w["accuracy_drop"]
+
+
+def test_a_space_every_layer_fits_starts_from_strictly_uniform_without_a_warning(experiment, tmp_path):
+    from mcp.search.objective import SearchProblem, enqueue_uniform
+    from mcp.search.study import load_space
+
+    class Study:  # what enqueue_uniform asks of an Optuna study
+        def __init__(self):
+            self.queued = []
+
+        def enqueue_trial(self, params):
+            self.queued.append(params)
+
+    run_train(TrainConfig(model="tiny_mlp", epochs=1, **TINY), show_progress=False)
+    base = tracking.load_model("models:/tiny_mlp-synthetic@baseline")
+    cfg = _cfg(tmp_path, space=_space(tmp_path, "prune: {ratio: [0.0, 0.9]}\nquantize: {bits: [4, 8]}\n"))
+    space, _ = load_space(cfg, base, (3, 8, 8))
+    study = Study()
+    start = enqueue_uniform(study, SearchProblem(space, base, (3, 8, 8), None, "cpu", [], 4000.0), True)
+    assert start.warning == "" and len(study.queued) == 2 and start.describe().startswith("uniform: ratio")
+    assert sorted({v for k, v in study.queued[0].items() if k.startswith("bits.")}
+                  | {v for k, v in study.queued[1].items() if k.startswith("bits.")}) == [4, 8]  # every bit-width
+    for params in study.queued:  # one ratio, one bit-width in every layer
+        assert len({v for k, v in params.items() if k.startswith("ratio.")}) == 1
+        assert len({v for k, v in params.items() if k.startswith("bits.")}) == 1

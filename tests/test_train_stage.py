@@ -35,7 +35,8 @@ def test_default_config_trains_lenet300_100_to_96_percent(default_run):
     assert default_run.metrics["test_accuracy"] >= 0.96
     assert default_run.metrics["params_total"] == 64 * 300 + 300 + 300 * 100 + 100 + 100 * 10 + 10
     assert default_run.metrics["macs"] == 64 * 300 + 300 * 100 + 100 * 10
-    assert default_run.metrics["size_bytes_fp32"] == 4 * default_run.metrics["params_total"]
+    # dense float32 in the payload's container: 4 bytes a parameter, and each tensor's shape (6 tensors, no BN)
+    assert 0 < default_run.metrics["size_bytes_fp32"] - 4 * default_run.metrics["params_total"] < 64
     version = MlflowClient().get_model_version_by_alias("lenet300_100-digits", "baseline")
     assert version.run_id == default_run.run_id or version.tags["source_run"] == default_run.run_id
     assert float(version.tags["test_accuracy"]) == pytest.approx(default_run.metrics["test_accuracy"], rel=1e-5)
@@ -79,6 +80,7 @@ def test_cli_run_is_fully_tracked(cli, experiment, tmp_path):
     assert run.data.tags["mcp.stage"] == "train"
     assert set(TrainConfig.defaults()) <= set(run.data.params)
     assert run.data.params["model"] == "tiny_cnn" and run.data.params["epochs"] == "3"
+    assert run.data.params["augment"] == "auto" and run.data.params["data_augment"] == "none"  # as applied
     for metric in GLOSSARY:
         assert metric in run.data.metrics, metric
     for metric in ("train_loss", "val_accuracy", "lr"):
@@ -122,6 +124,9 @@ def test_resume_from_a_checkpoint(cli, experiment, tmp_path):
     (["--dataset", "mnist", "--data-dir", "missing-folder"], "pass --download"),
     (["--epochs", "0"], "epochs=0 must be positive"),
     (["--batch-size", "0"], "batch_size=0 must be positive"),
+    (["--augment", "rotate"], "'rotate' is not one of 'auto', 'none', 'flip', 'crop', 'crop_flip'"),
+    (["--bogus", "1"], "No such option '--bogus'"),  # click's usage errors are one line too
+    (["--dataset", "idx", "--data-dir", "missing-folder"], "data_dir 'missing-folder' does not exist; expected"),
 ])
 def test_bad_input_is_one_line_and_leaves_no_run(cli, experiment, args, message):
     result = cli("train", *args)
@@ -167,3 +172,11 @@ def test_mlflow_run_entry_points(tmp_path, entry, params):
     assert run.data.metrics["epochs_trained"] == 2 and "test_accuracy" in run.data.metrics
     versions = client.search_model_versions(f"name='{model}-digits'")
     assert run.info.run_id in {v.tags.get("source_run") for v in versions}
+
+
+def test_augment_is_applied_and_logged(cli, experiment, tmp_path):
+    result = cli("train", *TINY, "--epochs", "1", "--checkpoint-dir", tmp_path, "--register", "false",
+                 "--augment", "crop_flip")
+    assert result.exit_code == 0, result.output
+    (run,) = runs_of(experiment)
+    assert run.data.params["augment"] == run.data.params["data_augment"] == "crop_flip"

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
+from mcp.config import AUGMENTATIONS
 from mcp.errors import ConfigError, McpError
 
 SPLIT_SEED = 0  # fixed: the split is part of the dataset, not of the experiment
@@ -29,10 +30,12 @@ class DataSplits:
     input_shape: tuple[int, int, int]
     num_classes: int
     class_names: list[str]
+    augment: str = "none"  # the train-time augmentation applied (resolved from "auto")
 
     def summary(self) -> dict[str, object]:
         return {
             "dataset": self.name,
+            "augment": self.augment,
             "input_shape": "x".join(map(str, self.input_shape)),
             "num_classes": self.num_classes,
             "train_size": len(self.train),
@@ -83,13 +86,18 @@ def load_dataset(
     input_shape: str | tuple[int, int, int] | None = None,
     num_classes: int = 0,
     val_fraction: float = 0.1,
+    augment: str = "auto",
 ) -> DataSplits:
+    """``augment``: train-time augmentation, one of :data:`AUGMENTATIONS`; ``auto`` is the
+    dataset's own default (none for digits, MNIST-like and grayscale data)."""
     if name not in _DATASETS:
         raise ConfigError(f"unknown dataset {name!r}; choose one of: {', '.join(dataset_names())}")
+    if augment not in AUGMENTATIONS:
+        raise ConfigError(f"augment={augment!r} is not allowed; choose one of: {', '.join(AUGMENTATIONS)}")
     shape = parse_shape(input_shape) if isinstance(input_shape, str) and input_shape else input_shape or None
     return _DATASETS[name](
         data_dir=Path(data_dir), download=download, input_shape=shape,
-        num_classes=num_classes, val_fraction=val_fraction,
+        num_classes=num_classes, val_fraction=val_fraction, augment=augment,
     )
 
 
@@ -140,51 +148,74 @@ class _Transformed(Dataset):
         return self.transform(x), y
 
 
-def _tensor_splits(name: str, x: torch.Tensor, y: torch.Tensor, val_fraction: float,
-                   class_names: list[str]) -> DataSplits:
-    """Stratified test/val split of in-memory data, normalised with train statistics."""
+def _tensor_splits(name: str, x: torch.Tensor, y: torch.Tensor, val_fraction: float, class_names: list[str],
+                   augment: str = "none", test: tuple[torch.Tensor, torch.Tensor] | None = None) -> DataSplits:
+    """Stratified (test and) validation split of in-memory data, normalised with the
+    training split's statistics. ``test``: a given test split (then only validation is
+    held out of ``x``)."""
     labels = y.numpy()
-    rest, test_idx = _split_indices(len(y), TEST_FRACTION, labels)
+    if test is None:
+        rest, test_idx = _split_indices(len(y), TEST_FRACTION, labels)
+        x_test, y_test = x[test_idx], y[test_idx]
+    else:
+        rest, (x_test, y_test) = np.arange(len(y)), test
     train_rel, val_rel = _split_indices(len(rest), val_fraction, labels[rest])
     train_idx, val_idx = rest[train_rel], rest[val_rel]
     mean = x[train_idx].mean(dim=(0, 2, 3), keepdim=True)
     std = x[train_idx].std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
-    x = (x - mean) / std
+    x, x_test = (x - mean) / std, (x_test - mean) / std
+    train: Dataset = TensorDataset(x[train_idx], y[train_idx])
+    if augment != "none":
+        from torchvision import transforms as T
+
+        train = _Transformed(train, T.Compose(_train_augment(augment, tuple(x.shape[2:]))))
     return DataSplits(
         name=name,
-        train=TensorDataset(x[train_idx], y[train_idx]),
+        train=train,
         val=TensorDataset(x[val_idx], y[val_idx]),
-        test=TensorDataset(x[test_idx], y[test_idx]),
+        test=TensorDataset(x_test, y_test),
         input_shape=tuple(x.shape[1:]),  # type: ignore[arg-type]
         num_classes=len(class_names),
         class_names=class_names,
+        augment=augment,
     )
+
+
+def _resized(x: torch.Tensor, input_shape: tuple[int, int, int] | None, dataset: str) -> torch.Tensor:
+    """Grayscale N x 1 x H x W images at ``input_shape`` (bilinear; 3 channels repeat the gray one)."""
+    if not input_shape or tuple(input_shape) == tuple(x.shape[1:]):
+        return x
+    channels, height, width = input_shape
+    if channels not in (1, 3):
+        raise ConfigError(f"input_shape channels={channels} for {dataset}; allowed: 1 (grayscale) or 3 (repeated)")
+    if (height, width) != tuple(x.shape[2:]):
+        x = torch.nn.functional.interpolate(x, size=(height, width), mode="bilinear", align_corners=False)
+    return x.repeat(1, channels, 1, 1)
+
+
+def _augment_of(requested: str, default: str) -> str:
+    return default if requested == "auto" else requested
 
 
 # ----------------------------------------------------------------------------- datasets
 
 
 @register_dataset("digits")
-def _digits(val_fraction: float, input_shape: tuple[int, int, int] | None = None, **_: object) -> DataSplits:
+def _digits(val_fraction: float, input_shape: tuple[int, int, int] | None = None, augment: str = "auto",
+            **_: object) -> DataSplits:
     """scikit-learn's bundled 8x8 handwritten digits (1,797 real images, 10 classes);
     --input-shape 1xHxW (or 3xHxW) resizes them bilinearly, for models that need more pixels."""
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
-    x = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    if input_shape and tuple(input_shape) != (1, 8, 8):
-        channels, height, width = input_shape
-        if channels not in (1, 3):
-            raise ConfigError(f"input_shape channels={channels} for digits; allowed: 1 (grayscale) or 3 (repeated)")
-        x = torch.nn.functional.interpolate(x, size=(height, width), mode="bilinear", align_corners=False)
-        x = x.repeat(1, channels, 1, 1)
+    x = _resized(torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0, input_shape, "digits")
     y = torch.tensor(bunch.target, dtype=torch.long)
-    return _tensor_splits("digits", x, y, val_fraction, [str(c) for c in range(10)])
+    return _tensor_splits("digits", x, y, val_fraction, [str(c) for c in range(10)], _augment_of(augment, "none"))
 
 
 @register_dataset("synthetic")
 def _synthetic(input_shape: tuple[int, int, int] | None, num_classes: int, val_fraction: float,
-               **_: object) -> DataSplits:
+               augment: str = "auto", **_: object) -> DataSplits:
     """Random class prototypes plus noise: learnable, any shape, instant. For tests and speed checks."""
     shape = input_shape or (3, 32, 32)
     classes = num_classes or 10
@@ -193,7 +224,118 @@ def _synthetic(input_shape: tuple[int, int, int] | None, num_classes: int, val_f
     prototypes = torch.randn((classes, *shape), generator=gen)
     y = torch.arange(n) % classes
     x = prototypes[y] + 1.5 * torch.randn((n, *shape), generator=gen)
-    return _tensor_splits("synthetic", x, y, val_fraction, [f"class_{c}" for c in range(classes)])
+    return _tensor_splits("synthetic", x, y, val_fraction, [f"class_{c}" for c in range(classes)],
+                          _augment_of(augment, "none"))
+
+
+# ----------------------------------------------------------------------------- IDX files
+
+_IDX_IMAGES, _IDX_LABELS = "-images-idx3-ubyte", "-labels-idx1-ubyte"
+_IDX_MAGIC = {3: 0x00000803, 1: 0x00000801}  # unsigned bytes, 3 dimensions (images) / 1 (labels)
+_IDX_LAYOUT = ("expected <prefix>-images-idx3-ubyte[.gz] and <prefix>-labels-idx1-ubyte[.gz] (as MNIST, "
+               "Fashion-MNIST, KMNIST and EMNIST ship), one pair, or a train and a test pair")
+
+
+def read_idx(path: Path, dims: int) -> np.ndarray:
+    """An IDX file of unsigned bytes with ``dims`` dimensions (gzipped or not) as a uint8 array."""
+    import gzip
+
+    try:
+        raw = gzip.open(path).read() if path.name.endswith(".gz") else path.read_bytes()
+    except (OSError, EOFError) as exc:
+        raise McpError(f"IDX file {str(path)!r} cannot be read: {exc}") from None
+    magic = int.from_bytes(raw[:4], "big") if len(raw) >= 4 else None
+    if magic != _IDX_MAGIC[dims]:
+        found = "none (file shorter than 4 bytes)" if magic is None else f"0x{magic:08x}"
+        raise McpError(f"IDX file {str(path)!r} has magic number {found}; expected 0x{_IDX_MAGIC[dims]:08x} "
+                       f"(unsigned bytes, {dims} dimension{'s' if dims > 1 else ''})")
+    header = 4 + 4 * dims
+    if len(raw) < header:
+        raise McpError(f"IDX file {str(path)!r} is truncated: {len(raw)} bytes, shorter than its "
+                       f"{header}-byte header")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(dims))
+    expected = int(np.prod(shape))
+    if len(raw) - header != expected:
+        raise McpError(f"IDX file {str(path)!r} is truncated: its header says {'x'.join(map(str, shape))} = "
+                       f"{expected:,} bytes of data, the file holds {len(raw) - header:,}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def _idx_pairs(data_dir: Path) -> dict[str, tuple[Path, Path]]:
+    """{prefix: (images file, labels file)} for every complete pair in ``data_dir``."""
+    if not data_dir.is_dir():
+        raise McpError(f"data_dir {str(data_dir)!r} does not exist; {_IDX_LAYOUT}")
+    found: dict[str, dict[str, Path]] = {}
+    for path in sorted(data_dir.iterdir()):
+        stem = path.name[:-3] if path.name.endswith(".gz") else path.name
+        for kind, suffix in (("images", _IDX_IMAGES), ("labels", _IDX_LABELS)):
+            if stem.endswith(suffix):
+                prefix = stem[: -len(suffix)]
+                if kind in found.setdefault(prefix, {}):
+                    raise McpError(f"data_dir {str(data_dir)!r} holds {found[prefix][kind].name} and {path.name}; "
+                                   f"keep one of them")
+                found[prefix][kind] = path
+    pairs, lone = {}, []
+    for prefix, files in found.items():
+        if len(files) == 2:
+            pairs[prefix] = (files["images"], files["labels"])
+        else:
+            lone.extend(p.name for p in files.values())
+    if not pairs:
+        detail = f" (unpaired: {', '.join(lone)})" if lone else ""
+        raise McpError(f"no IDX image/label pair in data_dir {str(data_dir)!r}{detail}; {_IDX_LAYOUT}")
+    return pairs
+
+
+def _idx_role(prefix: str) -> str:
+    name = prefix.lower()
+    return "train" if "train" in name else "test" if ("test" in name or "t10k" in name) else "other"
+
+
+def _read_idx_pair(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = read_idx(images_path, 3), read_idx(labels_path, 1)
+    if len(images) != len(labels):
+        raise McpError(f"IDX files {images_path.name} and {labels_path.name} differ in length: "
+                       f"{len(images):,} images and {len(labels):,} labels")
+    return images, labels
+
+
+@register_dataset("idx")
+def _idx(data_dir: Path, input_shape: tuple[int, int, int] | None, val_fraction: float, augment: str = "auto",
+         **_: object) -> DataSplits:
+    """IDX files in --data-dir (MNIST, Fashion-MNIST, KMNIST, EMNIST; .gz or not): the train/test
+    pair when both are there, else one pair split like the others; --input-shape resizes."""
+    pairs = _idx_pairs(data_dir)
+    roles: dict[str, list[str]] = {}
+    for prefix in pairs:
+        roles.setdefault(_idx_role(prefix), []).append(prefix)
+    if len(pairs) == 1:
+        (prefix,) = pairs
+        x, y = _read_idx_pair(*pairs[prefix])
+        test = None
+    elif len(pairs) == 2 and len(roles.get("train", ())) == 1 and len(roles.get("test", ())) == 1:
+        x, y = _read_idx_pair(*pairs[roles["train"][0]])
+        x_test, y_test = _read_idx_pair(*pairs[roles["test"][0]])
+        if x_test.shape[1:] != x.shape[1:]:
+            raise McpError(f"IDX test images are {'x'.join(map(str, x_test.shape[1:]))}, training images "
+                           f"{'x'.join(map(str, x.shape[1:]))}; they must match")
+        test = (x_test, y_test)
+    else:
+        raise McpError(f"data_dir {str(data_dir)!r} holds {len(pairs)} IDX pairs ({', '.join(sorted(pairs))}); "
+                       f"expected one, or one whose name says train and one that says test (or t10k)")
+    classes = np.unique(y if test is None else np.concatenate([y, test[1]]))
+    index = np.full(256, -1, dtype=np.int64)
+    index[classes] = np.arange(len(classes))  # EMNIST letters are labelled 1-26: classes are the labels present
+
+    def tensors(images: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        xt = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
+        return _resized(xt, input_shape, "idx"), torch.from_numpy(index[labels])
+
+    if len(classes) < 2:
+        raise McpError(f"IDX labels in {str(data_dir)!r} hold {len(classes)} class; at least 2 are needed")
+    xt, yt = tensors(x, y)
+    return _tensor_splits("idx", xt, yt, val_fraction, [str(int(c)) for c in classes], _augment_of(augment, "none"),
+                          test=None if test is None else tensors(*test))
 
 
 _TORCHVISION = {
@@ -210,19 +352,18 @@ _TORCHVISION = {
 def _train_augment(kind: str, size: tuple[int, int]) -> list:
     from torchvision import transforms as T
 
-    pad = max(1, size[0] // 8)
-    return {
-        "crop_flip": [T.RandomCrop(size, padding=pad), T.RandomHorizontalFlip()],
-        "flip": [T.RandomHorizontalFlip()],
-        "none": [],
-    }[kind]
+    crop = [T.RandomCrop(size, padding=max(1, size[0] // 8))]  # shifts of up to 1/8 of the side
+    return {"crop_flip": crop + [T.RandomHorizontalFlip()], "crop": crop, "flip": [T.RandomHorizontalFlip()],
+            "none": []}[kind]
 
 
-def _torchvision_dataset(name: str, data_dir: Path, download: bool, val_fraction: float) -> DataSplits:
+def _torchvision_dataset(name: str, data_dir: Path, download: bool, val_fraction: float,
+                         augment: str) -> DataSplits:
     import torchvision
     from torchvision import transforms as T
 
-    cls_name, folder, mean, std, shape, augment = _TORCHVISION[name]
+    cls_name, folder, mean, std, shape, default_augment = _TORCHVISION[name]
+    augment = _augment_of(augment, default_augment)
     cls = getattr(torchvision.datasets, cls_name)
     normalize = [T.ToTensor(), T.Normalize(mean, std)]
     train_tf = T.Compose(_train_augment(augment, shape[1:]) + normalize)
@@ -248,12 +389,13 @@ def _torchvision_dataset(name: str, data_dir: Path, download: bool, val_fraction
         input_shape=shape,
         num_classes=len(train_aug.classes),
         class_names=[str(c) for c in train_aug.classes],
+        augment=augment,
     )
 
 
 def _make_torchvision_loader(name: str) -> Loader:
-    def load(data_dir: Path, download: bool, val_fraction: float, **_: object) -> DataSplits:
-        return _torchvision_dataset(name, data_dir, download, val_fraction)
+    def load(data_dir: Path, download: bool, val_fraction: float, augment: str = "auto", **_: object) -> DataSplits:
+        return _torchvision_dataset(name, data_dir, download, val_fraction, augment)
 
     load.__doc__ = f"torchvision's {_TORCHVISION[name][0]} from --data-dir (--download to fetch)."
     return load
@@ -270,8 +412,9 @@ _IMAGEFOLDER_LAYOUT = ("expected class subfolders (data_dir/<class>/<image>) or 
 
 @register_dataset("imagefolder")
 def _imagefolder(data_dir: Path, input_shape: tuple[int, int, int] | None, val_fraction: float,
-                 **_: object) -> DataSplits:
-    """Any folder of class subfolders, optionally split into train/, val/, test/."""
+                 augment: str = "auto", **_: object) -> DataSplits:
+    """Any folder of class subfolders, optionally split into train/, val/, test/; augmented
+    with random crops and flips when RGB, not at all when grayscale (--augment to choose)."""
     from torchvision import transforms as T
     from torchvision.datasets import ImageFolder
 
@@ -281,11 +424,14 @@ def _imagefolder(data_dir: Path, input_shape: tuple[int, int, int] | None, val_f
     channels, size = shape[0], shape[1:]
     if channels not in (1, 3):
         raise ConfigError(f"input_shape channels={channels} for imagefolder; allowed: 1 (grayscale) or 3 (RGB)")
-    mean, std = ((0.5,), (0.5,)) if channels == 1 else ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    # RGB: ImageNet's statistics, which pretrained backbones expect; grayscale: the training split's (below)
+    mean, std = ((0.0,), (1.0,)) if channels == 1 else ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     base = [T.Grayscale(1)] if channels == 1 else [T.Lambda(_to_rgb)]
     base.append(T.Resize(size))
-    normalize = [T.ToTensor(), T.Normalize(mean, std)]
-    train_tf = T.Compose(base + _train_augment("crop_flip", size) + normalize)
+    norm = T.Normalize(mean, std)
+    normalize = [T.ToTensor(), norm]
+    augment = _augment_of(augment, "crop_flip" if channels == 3 else "none")
+    train_tf = T.Compose(base + _train_augment(augment, size) + normalize)
     eval_tf = T.Compose(base + normalize)
 
     def folder(path: Path, tf) -> ImageFolder:
@@ -316,6 +462,10 @@ def _imagefolder(data_dir: Path, input_shape: tuple[int, int, int] | None, val_f
     if len(train_idx) == 0 or len(val) == 0 or len(test) == 0:
         raise McpError(f"image folder {str(data_dir)!r} has too few images ({len(labels)}) to make "
                        f"train/val/test splits; add images or provide train/, val/ and test/ folders")
+    if channels == 1:  # mean and sd of (a seeded sample of up to 2,000) training images, as for digits and IDX
+        sample = np.random.default_rng(SPLIT_SEED).permutation(train_idx)[:2000]
+        pixels = torch.stack([train_eval[int(i)][0] for i in sample])
+        norm.mean, norm.std = [pixels.mean().item()], [max(pixels.std().item(), 1e-6)]
     return DataSplits(
         name="imagefolder",
         train=Subset(train_aug, train_idx.tolist()),
@@ -324,6 +474,7 @@ def _imagefolder(data_dir: Path, input_shape: tuple[int, int, int] | None, val_f
         input_shape=shape,
         num_classes=len(train_aug.classes),
         class_names=list(train_aug.classes),
+        augment=augment,
     )
 
 

@@ -25,8 +25,13 @@ def count_params(model: nn.Module) -> dict[str, float]:
 
 
 def size_bytes_fp32(model: nn.Module) -> int:
-    """Dense float32 size of the parameters: 4 bytes each, zeros included."""
-    return 4 * sum(p.numel() for p in model.parameters())
+    """Dense float32 size of everything inference needs: every floating-point tensor of
+    the state (weights, biases and BatchNorm running statistics; 4 bytes each, zeros
+    included) in the payload container that ``size_bytes_compressed`` measures, so the
+    two count the same tensors and a float model never encodes larger than this."""
+    from mcp.quantization.codec import dense_size
+
+    return dense_size(model)
 
 
 def count_macs(model: nn.Module, input_shape: Sequence[int]) -> int:

@@ -189,13 +189,26 @@ def _raw_payload(values: np.ndarray, coding: str) -> bytes:
     return min(candidates, key=len)
 
 
+def _header(out: bytearray, kind: int, shape: Sequence[int]) -> None:
+    """A tensor's kind byte and its shape."""
+    out.append(kind)
+    out.append(len(shape))
+    for d in shape:
+        write_varint(out, int(d))
+
+
+def _container(count: int) -> bytearray:
+    out = bytearray(MAGIC)
+    out.append(VERSION)
+    write_varint(out, count)
+    return out
+
+
 def encode(entries: Sequence[Entry], coding: str = "huffman") -> bytes:
     """Encode tensors (raw float arrays, :class:`Codebook` or :class:`Uniform`)."""
     if coding not in CODINGS:
         raise ValueError(f"unknown coding {coding!r}; choose one of {', '.join(CODINGS)}")
-    out = bytearray(MAGIC)
-    out.append(VERSION)
-    write_varint(out, len(entries))
+    out = _container(len(entries))
     for entry in entries:
         if isinstance(entry, Codebook):
             shape = entry.labels.shape
@@ -204,10 +217,7 @@ def encode(entries: Sequence[Entry], coding: str = "huffman") -> bytes:
         else:
             shape = np.shape(entry)
         kind = CODEBOOK if isinstance(entry, Codebook) else UNIFORM if isinstance(entry, Uniform) else RAW
-        out.append(kind)
-        out.append(len(shape))
-        for d in shape:
-            write_varint(out, int(d))
+        _header(out, kind, shape)
         if kind == RAW:
             out += _raw_payload(np.asarray(entry, dtype=np.float32), coding)
             continue
@@ -287,6 +297,23 @@ def inference_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The floating-point tensors inference needs (``num_batches_tracked`` is not one),
     sorted by key: the order does not depend on how parameters were registered."""
     return {k: v for k, v in sorted(model.state_dict().items()) if v.is_floating_point()}
+
+
+def dense_size(model: torch.nn.Module) -> int:
+    """Bytes of the payload that stores every tensor of the model's inference state
+    (:func:`inference_state`: weights, biases, BatchNorm running statistics) as dense
+    float32: what :func:`encode_model` writes when nothing is quantized and no tensor is
+    sparse enough to be stored as gaps. Counted, not encoded. ``size_bytes_fp32`` is this
+    number, so it counts the same tensors, in the same container, as ``size_bytes_compressed``,
+    which can only be smaller or equal (the encoder keeps a layout only when it is smaller
+    than the dense one)."""
+    state = inference_state(model)
+    size = len(_container(len(state)))
+    for tensor in state.values():
+        header = bytearray()
+        _header(header, RAW, tuple(tensor.shape))
+        size += len(header) + 1 + 4 * tensor.numel()  # the mode byte, then float32 values
+    return size
 
 
 def encode_model(model: torch.nn.Module, quantized: Mapping[str, Codebook | Uniform], coding: str) -> bytes:

@@ -23,7 +23,7 @@ MIN_BITS, MAX_BITS = 2, 8
 @dataclass(frozen=True)
 class QuantSpec:
     method: str
-    bits: int = 8
+    bits: int = 0  # 0: the method's default_bits (by layer kind)
     layer_bits: Mapping[str, int] = field(default_factory=dict)
     act_bits: int = 0
     symmetric: bool = True
@@ -31,7 +31,7 @@ class QuantSpec:
     observer: str = "minmax"
     kmeans_init: str = "linear"
     ignored_layers: tuple[str, ...] = ()
-    share_biases: bool = False  # k-means methods: biases get their own codebooks too
+    share_biases: bool | str = False  # k-means methods: biases get their own codebooks too; "auto": where they pay
     reduce_range: bool = True  # INT8 methods: ONNX Runtime's [-64, 64] weights (no u8s8 saturation on AVX2)
     seed: int = 0
 
@@ -46,7 +46,12 @@ class QuantSpec:
 
     def validate(self) -> None:
         kind = self.kind  # an unknown name fails here
-        for where, b in [("bits", self.bits), *((f"bits of layer {k}", v) for k, v in self.layer_bits.items())]:
+        if self.bits != 0 and not (isinstance(self.bits, int) and MIN_BITS <= self.bits <= MAX_BITS):
+            raise ConfigError(f"bits={self.bits!r} is outside the allowed bit-widths {MIN_BITS}-{MAX_BITS} "
+                              f"(0: the method's default)")
+        if self.share_biases not in (True, False, "auto"):
+            raise ConfigError(f"share_biases={self.share_biases!r} is not allowed; use true, false or auto")
+        for where, b in [*((f"bits of layer {k}", v) for k, v in self.layer_bits.items())]:
             if not (isinstance(b, int) and MIN_BITS <= b <= MAX_BITS):
                 raise ConfigError(f"{where}={b!r} is outside the allowed bit-widths {MIN_BITS}-{MAX_BITS}")
         if self.act_bits and not MIN_BITS <= self.act_bits <= MAX_BITS:
@@ -55,8 +60,25 @@ class QuantSpec:
             raise ConfigError(f"unknown observer {self.observer!r}; choose one of {', '.join(OBSERVERS)}")
         if self.kmeans_init not in KMEANS_INITS:
             raise ConfigError(f"unknown kmeans_init {self.kmeans_init!r}; choose one of {', '.join(KMEANS_INITS)}")
-        if kind.int8_only and (self.bits != 8 or self.layer_bits):
+        if kind.int8_only and (self.bits not in (0, 8) or self.layer_bits):
             raise ConfigError(f"method {self.method} is 8-bit; use fixed_point or qat for other bit-widths")
+
+
+BIAS_SHARE_THRESHOLD = 0.05  # share_biases="auto": when float32 biases would exceed 5% of the weights' bits
+
+
+def biases_pay(layers: Mapping[str, nn.Module], bits: Mapping[str, int]) -> bool:
+    """Whether giving biases codebooks of their own pays: their float32 bits against an
+    estimate of the encoded weights (bits per non-zero weight, plus a 4-bit relative index
+    per entry where a layer is sparse, as Deep Compression stores them)."""
+    weight_bits = bias_bits = 0.0
+    for name, module in layers.items():
+        nonzero = int(torch.count_nonzero(module.weight.detach()))
+        sparse = nonzero < 0.5 * module.weight.numel()
+        weight_bits += nonzero * (bits[name] + (4 if sparse else 0))
+        if module.bias is not None:
+            bias_bits += 32 * module.bias.numel()
+    return bias_bits > BIAS_SHARE_THRESHOLD * weight_bits
 
 
 class Quantizer:
@@ -78,11 +100,15 @@ class Quantizer:
         if not layers:
             raise ConfigError(f"no layer to quantize with {spec.method} (ignored: {', '.join(spec.ignored_layers)})")
         self.layers = layers
-        self.bits = {n: spec.layer_bits.get(n, spec.bits) for n in layers}
+        conv_bits, fc_bits = kind.default_bits
+        self.bits = {n: spec.layer_bits.get(n, spec.bits or (fc_bits if isinstance(m, nn.Linear) else conv_bits))
+                     for n, m in layers.items()}
+        self.share_biases = kind.shares_weights and (
+            biases_pay(layers, self.bits) if spec.share_biases == "auto" else bool(spec.share_biases))
         self.sim: QuantSim | None = None
         self.sharing: WeightSharing | None = None
         if kind.shares_weights:
-            self.sharing = WeightSharing(layers, self.bits, spec.kmeans_init, spec.seed, spec.share_biases)
+            self.sharing = WeightSharing(layers, self.bits, spec.kmeans_init, spec.seed, self.share_biases)
         else:  # uniform grids; INT8 methods fix the scheme ONNX Runtime's kernels use
             act = 8 if kind.int8_only else spec.act_bits
             plan = {n: LayerQuant(self.bits[n], act) for n in layers}
@@ -137,7 +163,7 @@ class Quantizer:
     def describe(self) -> dict[str, Any]:
         """For the recipe and the run: method, scheme and per-layer bits."""
         return {"method": self.spec.method, "bits": dict(self.bits), "act_bits": self.spec.act_bits,
-                "share_biases": self.spec.share_biases and self.sharing is not None,
+                "share_biases": self.share_biases,
                 "symmetric": self.spec.symmetric, "per_channel": self.spec.per_channel,
                 "observer": self.spec.observer, "coding": self.spec.coding, "reduce_range": self.spec.reduce_range}
 

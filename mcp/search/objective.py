@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager, Iterator, Protocol
 
 import torch
@@ -171,37 +171,138 @@ def make_objective(problem: SearchProblem, open_log: Callable[[Any], ContextMana
     return objective
 
 
-def enqueue_uniform(study, problem: SearchProblem, max_accuracy: bool) -> None:
+class SearchWarning(UserWarning):
+    """Something the search could not do as asked, said once (a uniform start it could not seed)."""
+
+
+@dataclass
+class UniformStart:
+    """What :func:`enqueue_uniform` seeded a new study with, and what it could not."""
+
+    queued: list[str] = field(default_factory=list)  # what each enqueued trial is: its ratio and bits
+    kind: str = ""  # "uniform", or "uniform where allowed" (clipped to each layer's range)
+    warning: str = ""  # why no strictly uniform trial was enqueued ('' when one was, or none was meant)
+
+    def describe(self) -> str:
+        return f"{self.kind}: {'; '.join(self.queued)}" if self.queued else ""
+
+
+def _start_params(space, ratios: dict[str, float], bits: dict[str, int]) -> dict[str, Any]:
+    """The Optuna params of a configuration given per unit (a unit whose range is one value
+    or whose bit-width has one choice is not sampled, so it has no param)."""
+    params: dict[str, Any] = {}
+    for unit in space.units:
+        lo, hi = space.ratio_of[unit]
+        if hi > lo:
+            params[f"ratio.{unit}"] = ratios[unit]
+        if len(space.bits_of[unit]) > 1:
+            params[f"bits.{unit}"] = bits[unit]
+    if len(space.granularity) > 1:  # the granularity and criterion the sizes were measured at
+        params["granularity"] = space.granularity[0]
+    if len(space.criterion) > 1:
+        params["criterion"] = space.criterion[0]
+    if space.epochs[1] > space.epochs[0]:
+        params["epochs"] = space.epochs[1]
+    if space.lr[1] > space.lr[0]:
+        params["lr"] = (space.lr[0] * space.lr[1]) ** 0.5
+    return params
+
+
+def _span(space, unit: str) -> str:
+    lo, hi = space.ratio_of[unit]
+    return f"[{lo:g}, {hi:g}]"
+
+
+def enqueue_uniform(study, problem: SearchProblem, max_accuracy: bool, limit: int | None = None) -> UniformStart:
     """Start a new study from the uniform configurations that fill the budget (one ratio in
-    every layer, one bit-width for each of the space's two smallest; the longest fine-tuning):
-    the search begins where the usual recipe ends, and must beat it to change the winner."""
-    from mcp.search.trial import uniform_at_budget
+    every layer, for each bit-width that every layer allows; the longest fine-tuning): the
+    search begins with every uniform recipe the space holds (the fewest bits first, at most
+    ``limit``: no more than the trials the call runs), and must beat the best of them (on the
+    validation split) to change the winner.
+
+    When the space rules that out (a layer's ratio range caps it below the ratio the budget
+    needs, no single ratio lies in every range, or no bit-width is allowed everywhere),
+    ``warning`` says which layer excludes what, and the study starts instead from "uniform
+    where allowed": every layer at one ratio and one bit-width, each clipped to what that
+    layer allows, at the least pruning that fits. Nothing is seeded without a budget or for
+    a Pareto front (there is no single recipe to beat)."""
+    from mcp.search.space import (
+        allowed_bits,
+        clipped_ratio,
+        uniform,
+        uniform_where_allowed,
+    )
+    from mcp.search.trial import ratio_at_budget
 
     space, p = problem.space, problem
-    if p.budget is None or not max_accuracy or len(space.granularity) * len(space.criterion) > 1:
-        return
+    start = UniformStart()
+    if p.budget is None or not max_accuracy:
+        return start
+    budget = p.budget * (1 - FILL_SLACK)
+    epochs, lr = space.epochs[1], space.lr[0]
+    units = list(space.units)
+
+    def smallest_fitting(config, lo: float, hi: float, steps: int = 12) -> float | None:
+        return ratio_at_budget(p.base, p.input_shape, config, lo, hi, budget, p.calib, p.device, p.seed, steps,
+                               p.budget_on)
+
+    lows = {u: space.ratio_of[u][0] for u in units}
+    highs = {u: space.ratio_of[u][1] for u in units}
+    lo_unit, hi_unit = max(units, key=lows.get), min(units, key=highs.get)
+    lo, hi, top = lows[lo_unit], highs[hi_unit], max(highs.values())
     all_bits = sorted({b for choices in space.bits_of.values() for b in choices})
-    queued = 0
-    for bits in all_bits:
-        if queued == 2 or not all(bits in space.bits_of[u] for u in space.units):
+    everywhere = [b for b in all_bits if all(b in space.bits_of[u] for u in units)]
+    reasons: list[str] = []
+    narrower = [b for b in all_bits if b not in everywhere and (not everywhere or b < everywhere[0])]
+    if narrower:  # the fewest bits, which a uniform start would take, are not allowed everywhere
+        excluding: dict[str, list[int]] = {}
+        for b in narrower:
+            excluding.setdefault(next(u for u in units if b not in space.bits_of[u]), []).append(b)
+        reasons.append("; ".join(f"{u} allows only {', '.join(map(str, space.bits_of[u]))} bits, not "
+                                 f"{', '.join(map(str, bs))}" for u, bs in excluding.items())
+                       + ("" if everywhere else ": no bit-width is allowed in every layer"))
+    if lo > hi:
+        reasons.append(f"no single ratio lies in every layer's range ({lo_unit} allows {_span(space, lo_unit)}, "
+                       f"{hi_unit} allows {_span(space, hi_unit)})")
+    for bits in everywhere if lo <= hi else ():
+        if limit is not None and len(start.queued) >= limit:
+            break
+        ratio = smallest_fitting(lambda r, b=bits: uniform(space, r, b, epochs, lr), lo, hi)
+        if ratio is not None:
+            study.enqueue_trial(_start_params(space, {u: ratio for u in units}, {u: bits for u in units}))
+            start.kind = "uniform"
+            start.queued.append(f"ratio {ratio:.4f} and {bits} bits in every layer")
             continue
-        ratio = uniform_at_budget(p.base, p.input_shape, space, bits, p.budget * (1 - FILL_SLACK), p.calib, p.device,
-                                  p.seed, on=p.budget_on)
+        needed = (smallest_fitting(lambda r, b=bits: uniform(space, r, b, epochs, lr), hi, top, steps=7)
+                  if top > hi else None)  # to name it: two decimals are enough
+        if needed is not None:
+            reasons.append(f"{hi_unit}'s ratio range {_span(space, hi_unit)} excludes {needed:.2f}, the ratio at "
+                           f"which {bits} bits in every layer fits the budget")
+        else:
+            reasons.append(f"no ratio up to {top:g} fits the budget with {bits} bits in every layer")
+    if start.queued:
+        return start
+
+    for bits in all_bits:  # the closest the space allows: one ratio and bit-width, clipped per layer
+        if len(start.queued) == min(2, limit or 2):
+            break
+        ratio = smallest_fitting(lambda r, b=bits: uniform_where_allowed(space, r, b, epochs, lr),
+                                 min(lows.values()), top)
         if ratio is None:
             continue
-        params: dict[str, Any] = {}
-        for unit in space.units:
-            lo, hi = space.ratio_of[unit]
-            if hi > lo:
-                params[f"ratio.{unit}"] = ratio
-            if len(space.bits_of[unit]) > 1:
-                params[f"bits.{unit}"] = bits
-        if space.epochs[1] > space.epochs[0]:
-            params["epochs"] = space.epochs[1]
-        if space.lr[1] > space.lr[0]:
-            params["lr"] = (space.lr[0] * space.lr[1]) ** 0.5
-        study.enqueue_trial(params)
-        queued += 1
+        ratios = {u: clipped_ratio(space, u, ratio) for u in units}
+        widths = {u: allowed_bits(space.bits_of[u], bits) for u in units}
+        study.enqueue_trial(_start_params(space, ratios, widths))
+        start.kind = "uniform where allowed"
+        clipped = [f"{u} at {ratios[u]:g}" + (f", {widths[u]} bits" if widths[u] != bits else "")
+                   for u in units if (ratios[u], widths[u]) != (ratio, bits)]
+        start.queued.append(f"ratio {ratio:.4f} and {bits} bits ({'; '.join(clipped)})")
+    instead = (f"; starting instead from uniform where allowed (one ratio and bit-width, each layer's clipped to "
+               f"what it allows): {'; '.join(start.queued)}" if start.queued else
+               "; no configuration clipped to what each layer allows fits the budget either")
+    start.warning = ("no uniform starting trial (one prune ratio and one bit-width in every layer) to compare the "
+                     "search with: " + "; ".join(reasons) + instead)
+    return start
 
 
 def trial_table(study, budget_on: str) -> list[dict[str, Any]]:

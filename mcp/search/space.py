@@ -200,3 +200,25 @@ def uniform(space: Space, ratio: float, bits: int, epochs: int, lr: float) -> Tr
     layers = [n for members in space.units.values() for n in members]
     return TrialConfig({n: ratio for n in layers}, {n: bits for n in layers}, space.granularity[0],
                        space.criterion[0], epochs, lr)
+
+
+def allowed_bits(choices: Sequence[int], bits: int) -> int:
+    """The bit-width a unit allowing ``choices`` takes for ``bits``: itself, else the next
+    wider choice, else its widest."""
+    return bits if bits in choices else min((b for b in choices if b > bits), default=max(choices))
+
+
+def clipped_ratio(space: Space, unit: str, ratio: float) -> float:
+    lo, hi = space.ratio_of[unit]
+    return min(max(ratio, lo), hi)
+
+
+def uniform_where_allowed(space: Space, ratio: float, bits: int, epochs: int, lr: float) -> TrialConfig:
+    """Uniform where the space allows it: every unit at ``ratio`` clipped to its range and
+    at ``bits`` (or the next wider bit-width it allows): the closest a space that caps a
+    layer (a ResNet's stem, say) comes to one ratio and one bit-width everywhere."""
+    ratios, widths = {}, {}
+    for unit, members in space.units.items():
+        for n in members:
+            ratios[n], widths[n] = clipped_ratio(space, unit, ratio), allowed_bits(space.bits_of[unit], bits)
+    return TrialConfig(ratios, widths, space.granularity[0], space.criterion[0], epochs, lr)

@@ -113,9 +113,18 @@ def uniform_at_budget(base: nn.Module, input_shape: Sequence[int], space, bits: 
     hi = min(r[1] for r in space.ratio_of.values())
     if lo > hi:
         return None
+    return ratio_at_budget(base, input_shape, lambda r: uniform(space, r, bits, space.epochs[1], space.lr[0]),
+                           lo, hi, budget, calib, device, seed, steps, on)
 
+
+def ratio_at_budget(base: nn.Module, input_shape: Sequence[int], config: Callable[[float], TrialConfig], lo: float,
+                    hi: float, budget: float, calib, device: str, seed: int = 0, steps: int = 12,
+                    on: str = "compressed") -> float | None:
+    """The smallest ratio ``r`` in [lo, hi] whose configuration ``config(r)`` fits
+    ``budget``, by bisection on encoded sizes (sizes fall as ``r`` grows); None when even
+    ``hi`` is over."""
     def fits(ratio: float) -> bool:
-        tc = uniform(space, ratio, bits, space.epochs[1], space.lr[0])
+        tc = config(ratio)
         model = prune_candidate(base, input_shape, tc, calib, device)
         return compressed_size(model, input_shape, tc, seed, on) <= budget
 

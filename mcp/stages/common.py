@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -22,7 +23,7 @@ def setup_data(cfg: DataOptions):
 
     device = resolve_device(cfg.device)
     splits = load_dataset(cfg.dataset, cfg.data_dir, cfg.download, cfg.input_shape or None,
-                          cfg.num_classes, cfg.val_fraction)
+                          cfg.num_classes, cfg.val_fraction, cfg.augment)
     loaders = make_loaders(splits, cfg.batch_size, cfg.workers, cfg.seed, pin_memory=device == "cuda")
     return device, splits, loaders
 
@@ -137,3 +138,109 @@ def finetune_of(cfg: Any) -> FineTune:
     """The fine-tuning settings of a stage config that trains (epochs, optimizer, LR, ...)."""
     return FineTune(epochs=cfg.epochs, optimizer=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum,
                     weight_decay=cfg.weight_decay, scheduler=cfg.scheduler, seed=cfg.seed)
+
+
+# --- Figures against the parent and against the baseline -------------------------------------------
+
+FIGURES = ("compression_ratio", "compression_ratio_vs_baseline", "accuracy_drop", "accuracy_drop_vs_baseline")
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """The baseline a stage's ``*_vs_baseline`` figures compare with: the version its
+    lineage starts from (see :func:`mcp.tracking.models.lineage_root`), measured on the
+    stage's own test split. When the lineage has none, the parent stands in and
+    ``fallback`` says why."""
+
+    uri: str
+    parent_uri: str
+    test_accuracy: float
+    size_bytes_fp32: float
+    params_total: float
+    fallback: str = ""
+
+    @property
+    def is_parent(self) -> bool:
+        return self.uri == self.parent_uri
+
+    def figures(self, accuracy: float, size: float, by_params: bool = False) -> dict[str, float]:
+        """Metrics against this baseline for a model of ``accuracy`` and ``size`` (the
+        same accuracy and the same size the stage's ``accuracy_drop`` and
+        ``compression_ratio`` use: non-zero parameters with ``by_params``, else bytes)."""
+        reference = self.params_total if by_params else self.size_bytes_fp32
+        return {"baseline_test_accuracy": self.test_accuracy, "baseline_size_bytes_fp32": self.size_bytes_fp32,
+                "accuracy_drop_vs_baseline": self.test_accuracy - accuracy,
+                "compression_ratio_vs_baseline": reference / max(float(size), 1.0)}
+
+    def run_tags(self) -> dict[str, str]:
+        return {schema.BASELINE_MODEL: self.uri, **({schema.BASELINE_FALLBACK: self.fallback} if self.fallback else {})}
+
+    def version_tags(self, metrics: Mapping[str, float], keys: tuple[str, ...] = FIGURES) -> dict[str, str]:
+        """Short-key version tags: the baseline's URI, why the parent stands in (if it
+        does), and the figures against both."""
+        return {schema.BASELINE_MODEL_KEY: self.uri,
+                **({schema.BASELINE_FALLBACK_KEY: self.fallback} if self.fallback else {}),
+                **{k: f"{metrics[k]:.6g}" for k in keys if k in metrics}}
+
+
+def lineage_baseline(parent: nn.Module, parent_uri: str, test_loader, device: str,
+                     parent_accuracy: float | None = None, trust_pickled: bool = False) -> Baseline:
+    """The :class:`Baseline` of what a stage makes from ``parent`` (loaded from
+    ``parent_uri``): the lineage's baseline, loaded and tested on ``test_loader``, or the
+    parent itself (``parent_accuracy`` saves testing it again) when it is the baseline or
+    when the lineage has none (a ``runs:/`` URI of a foreign run, say): then ``fallback``
+    says why, and the run and the version carry it as a tag."""
+    from mcp import tracking
+    from mcp.evaluation.metrics import count_params, size_bytes_fp32
+    from mcp.training import evaluate
+
+    def measured(model: nn.Module, uri: str, accuracy: float | None, fallback: str = "") -> Baseline:
+        if accuracy is None:
+            accuracy = evaluate(model.to(device), test_loader, device)["accuracy"]
+        return Baseline(uri, parent_uri, float(accuracy), float(size_bytes_fp32(model)),
+                        float(count_params(model)["params_total"]), fallback)
+
+    def parent_instead(why: str) -> Baseline:
+        return measured(parent, parent_uri, parent_accuracy,
+                        f"no registered baseline in the lineage of {parent_uri or 'the model'} ({why}): "
+                        f"the figures vs baseline are vs the parent")
+
+    if not parent_uri:
+        return parent_instead("it has no URI")
+    root, why = tracking.models.lineage_root(parent_uri)
+    if root is None:
+        return parent_instead(why)
+    if root == parent_uri:
+        return measured(parent, parent_uri, parent_accuracy)
+    try:
+        model = tracking.load_model(root, trust_pickled=trust_pickled)
+    except McpError as exc:
+        return parent_instead(f"{root} does not load: {exc}")
+    recipe, mine = getattr(model, "mcp_recipe", {}), getattr(parent, "mcp_recipe", {})
+    if (list(recipe.get("input_shape", [])), recipe.get("num_classes")) != (
+            list(mine.get("input_shape", [])), mine.get("num_classes")):
+        return parent_instead(f"{root} takes other inputs or classes")
+    return measured(model, root, None)
+
+
+def tag_baseline(ref: Baseline) -> None:
+    """Tag the active run with the baseline its figures compare with (and any fallback)."""
+    from mcp import tracking
+
+    for key, value in ref.run_tags().items():
+        tracking.runs.set_tag(key, value)
+
+
+def figures_line(metrics: Mapping[str, float], ref: Baseline | None, parent: str = "parent",
+                 ratio: str = "compression_ratio", drop: str = "accuracy_drop") -> str:
+    """'14.2x vs baseline, 3.6x vs parent; accuracy drop 0.59 points vs baseline, 0.20 vs
+    parent', the same figure once when the parent is the baseline, and the parent's alone
+    (saying so) when the lineage has no baseline."""
+    r, d = metrics[ratio], 100 * metrics[drop]
+    if ref is None or ref.fallback:
+        why = " (no baseline in its lineage: see tag mcp.baseline_fallback)" if ref is not None else ""
+        return f"{r:.1f}x vs {parent}; accuracy drop {d:.2f} points vs {parent}{why}"
+    if ref.is_parent:
+        return f"{r:.1f}x vs baseline (the {parent}); accuracy drop {d:.2f} points vs baseline (the {parent})"
+    rb, db = metrics[f"{ratio}_vs_baseline"], 100 * metrics[f"{drop}_vs_baseline"]
+    return f"{rb:.1f}x vs baseline, {r:.1f}x vs {parent}; accuracy drop {db:.2f} points vs baseline, {d:.2f} vs {parent}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,6 +22,7 @@ class DistillResult:
     teacher_uri: str
     registered_name: str | None
     registered_version: str | None
+    baseline: Any = None  # mcp.stages.common.Baseline: what the *_vs_baseline figures compare with
 
 
 def spec_of(cfg: DistillConfig):
@@ -80,7 +82,12 @@ def _distill(cfg: DistillConfig, teacher: nn.Module, teacher_uri: str, student: 
     from mcp import tracking
     from mcp.distillation.train import distill_model
     from mcp.evaluation.plots import plot_training_curves
-    from mcp.stages.common import finetune_of, log_and_register
+    from mcp.stages.common import (
+        finetune_of,
+        lineage_baseline,
+        log_and_register,
+        tag_baseline,
+    )
     from mcp.tracking.tables import log_plot
     from mcp.training import evaluate
 
@@ -94,6 +101,13 @@ def _distill(cfg: DistillConfig, teacher: nn.Module, teacher_uri: str, student: 
     metrics = outcome.metrics
     if initial is not None:
         metrics["initial_test_accuracy"] = initial
+    # a student is compared with its teacher (compression_ratio: the teacher's float32 size over its
+    # own) and with the baseline of the teacher's lineage
+    metrics["accuracy_drop"] = metrics["accuracy_gap_to_teacher"]
+    ref = lineage_baseline(teacher, teacher_uri, test_loader, device, metrics["teacher_test_accuracy"],
+                           cfg.trust_pickled_model)
+    metrics.update(ref.figures(metrics["test_accuracy"], metrics["size_bytes_fp32"]))
+    tag_baseline(ref)
     tracking.log_metrics(metrics)
 
     log_plot(plot_training_curves, "training_curves.png", outcome.history,
@@ -108,8 +122,9 @@ def _distill(cfg: DistillConfig, teacher: nn.Module, teacher_uri: str, student: 
                     **({"hint_layers": cfg.hint_layers} if cfg.hint_layers else {}),
                     **({"parent_model": student_uri} if student_uri else {}),
                     **{k: f"{metrics[k]:.6g}" for k in ("test_accuracy", "teacher_test_accuracy", "params_total",
-                                                         "params_nonzero", "size_bytes_fp32", "latency_ms_p50_cpu")}}
+                                                         "params_nonzero", "size_bytes_fp32", "latency_ms_p50_cpu")},
+                    **ref.version_tags(metrics)}
     _, version = log_and_register(student, next(iter(test_loader))[0][:4],
                                   {"dataset": cfg.dataset, "class_names": splits.class_names,
                                    "distilled_from": teacher_uri}, reg_name, None, version_tags)
-    return DistillResult(run_id, metrics, student, teacher_uri, reg_name, version)
+    return DistillResult(run_id, metrics, student, teacher_uri, reg_name, version, ref)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -24,6 +25,7 @@ class ExportResult:
     onnx_model_uri: str
     registered_name: str | None
     registered_version: str | None
+    baseline: Any = None  # mcp.stages.common.Baseline: what the *_vs_baseline figures compare with
 
 
 def run_export(cfg: ExportConfig, show_progress: bool | None = None) -> ExportResult:
@@ -31,9 +33,14 @@ def run_export(cfg: ExportConfig, show_progress: bool | None = None) -> ExportRe
     from mcp import tracking
     from mcp.export import ort_predict
     from mcp.export.deploy import export_deployable
-    from mcp.stages.common import deployable_of, resolve_model_ref, setup_data
+    from mcp.stages.common import (
+        deployable_of,
+        lineage_baseline,
+        resolve_model_ref,
+        setup_data,
+    )
 
-    _, splits, (train_loader, _, test_loader) = setup_data(cfg)
+    device, splits, (train_loader, _, test_loader) = setup_data(cfg)
     model, uri, arch = resolve_model_ref(cfg.model_uri or cfg.model, cfg.dataset, splits,
                                          cfg.trust_pickled_model)
     if model is None:
@@ -46,9 +53,12 @@ def run_export(cfg: ExportConfig, show_progress: bool | None = None) -> ExportRe
                                  optimize=cfg.optimize, atol=cfg.atol, min_agreement=cfg.min_agreement,
                                  parity_samples=cfg.parity_samples, deployed=deployable_of(uri, tmp), what=uri)
         path, fmt, metrics, session, x = done.path, done.deploy_format, done.metrics, done.session, done.example
+        ref = lineage_baseline(model, uri, test_loader, device, metrics["test_accuracy"], cfg.trust_pickled_model)
+        metrics.update(export_figures(metrics, ref))
 
         params = {**cfg.to_dict(), "source_model": uri, "deploy_format": fmt}
-        tags = {schema.MODEL: arch, schema.DATASET: cfg.dataset, schema.PARENT_MODEL: uri, schema.DEPLOY_FORMAT: fmt}
+        tags = {schema.MODEL: arch, schema.DATASET: cfg.dataset, schema.PARENT_MODEL: uri, schema.DEPLOY_FORMAT: fmt,
+                **ref.run_tags()}
         with tracking.stage_run("export", params, tags, run_name=f"export-{arch}-{cfg.dataset}") as run:
             tracking.log_metrics(metrics)
             example = x[:4].numpy().astype(np.float32)
@@ -59,6 +69,25 @@ def run_export(cfg: ExportConfig, show_progress: bool | None = None) -> ExportRe
                                 run.info.run_id, "deploy_format": fmt,
                                 **{k: f"{metrics[k]:.6g}" for k in ("onnx_test_accuracy", "size_bytes_onnx",
                                                                      "onnx_max_abs_diff", "onnx_agreement",
-                                                                     "params_nonzero", "macs")}}
+                                                                     "params_nonzero", "macs")},
+                                **ref.version_tags(metrics, EXPORT_FIGURES)}
                 version = str(tracking.register_model(info.model_uri, reg_name, None, version_tags).version)
-    return ExportResult(run.info.run_id, metrics, uri, fmt, info.model_uri, reg_name if version else None, version)
+    return ExportResult(run.info.run_id, metrics, uri, fmt, info.model_uri, reg_name if version else None, version,
+                        ref)
+
+
+EXPORT_FIGURES = ("compression_ratio_onnx", "compression_ratio_onnx_vs_baseline", "accuracy_drop",
+                  "accuracy_drop_vs_baseline")
+
+
+def export_figures(metrics: dict[str, float], ref) -> dict[str, float]:
+    """The deployed file against its parent (the model exported: its PyTorch test accuracy,
+    its float32 size) and against the baseline of its lineage: accuracy drops of the ONNX
+    Runtime accuracy, and the float32 size over the ONNX file's."""
+    onnx_size = max(metrics["size_bytes_onnx"], 1.0)
+    return {"accuracy_drop": metrics["test_accuracy"] - metrics["onnx_test_accuracy"],
+            "accuracy_drop_vs_baseline": ref.test_accuracy - metrics["onnx_test_accuracy"],
+            "compression_ratio_onnx": metrics["size_bytes_fp32"] / onnx_size,
+            "compression_ratio_onnx_vs_baseline": ref.size_bytes_fp32 / onnx_size,
+            "parent_test_accuracy": metrics["test_accuracy"], "baseline_test_accuracy": ref.test_accuracy,
+            "baseline_size_bytes_fp32": ref.size_bytes_fp32}

@@ -74,8 +74,8 @@ def run_pipeline(cfg: PipelineConfig, show_progress: bool | None = None) -> Pipe
                    "baseline_test_accuracy": rows[0]["test_accuracy"]}
         if champion:
             metrics.update({f"champion_{k}": float(champion[k]) for k in (
-                "test_accuracy", "size_bytes_compressed", "compression_ratio", "size_bytes_onnx",
-                "speedup_p50_cpu")})
+                "test_accuracy", "size_bytes_compressed", "compression_ratio", "compression_ratio_vs_baseline",
+                "accuracy_drop", "accuracy_drop_vs_baseline", "size_bytes_onnx", "speedup_p50_cpu")})
         tracking.log_metrics(metrics)
     return PipelineResult(run.info.run_id, budget, rows, champion, markdown)
 
@@ -141,14 +141,26 @@ def _compress(cfg: PipelineConfig, base_uri: str, checked, steps, bar, show_prog
                   quantized_uri: quantized.metrics["size_bytes_compressed"],
                   **{uri: w["size_bytes_compressed"] for uri, w in zip(winners, searched.winners)}}
     budget = checked.budget or 0.0
-    fp32 = next(r for r in bench.rows if r["uri"] == base_uri)["size_bytes_fp32"]
+    by_uri = {r["uri"]: r for r in bench.rows}
+    parents = {pruned_uri: base_uri, quantized_uri: pruned_uri, **{uri: base_uri for uri in winners}}
+    ref = pruned.baseline  # the baseline of the starting model's lineage, as the prune step found it
+    for key, value in ref.run_tags().items():
+        tracking.runs.set_tag(key, value)
+    if ref.uri in by_uri:  # measured like every other row: deployed, in ONNX Runtime
+        base_fp32, base_accuracy = by_uri[ref.uri]["size_bytes_fp32"], by_uri[ref.uri]["test_accuracy"]
+    else:  # the pipeline started further down the lineage: the baseline as the prune step tested it
+        base_fp32, base_accuracy = ref.size_bytes_fp32, ref.test_accuracy
     rows = []
     for row in bench.rows:
         size = compressed.get(row["uri"]) or row["size_bytes_fp32"]
         measured = row["size_bytes_onnx"] if cfg.budget_on == "onnx" else size
+        parent = by_uri.get(parents.get(row["uri"], ""))
         rows.append({"step": candidates[row["uri"]], "uri": row["uri"], "label": row["label"],
                      "deploy_format": row["deploy_format"], "test_accuracy": row["test_accuracy"],
-                     "size_bytes_compressed": float(size), "compression_ratio": fp32 / size,
+                     "size_bytes_compressed": float(size), "compression_ratio_vs_baseline": base_fp32 / size,
+                     "compression_ratio": parent["size_bytes_fp32"] / size if parent else None,
+                     "accuracy_drop_vs_baseline": base_accuracy - row["test_accuracy"],
+                     "accuracy_drop": parent["test_accuracy"] - row["test_accuracy"] if parent else None,
                      "size_bytes_budgeted": float(measured), "within_budget": row["uri"] != base_uri
                      and within_budget(measured, budget),
                      "size_bytes_onnx": row["size_bytes_onnx"], "latency_ms_p50_cpu": row["latency_ms_p50_cpu"],
@@ -177,17 +189,22 @@ def _promote(cfg: PipelineConfig, rows: list[dict[str, Any]], name: str, bar) ->
 
 COLUMNS = (("step", "step"), ("label", "model"), ("deploy_format", "deployed as"),
            ("test_accuracy", "test acc (ONNX Runtime)"), ("size_bytes_compressed", "compressed B"),
-           ("compression_ratio", "ratio"), ("size_bytes_onnx", "ONNX B"), ("latency_ms_p50_cpu", "CPU p50 ms"),
-           ("speedup_p50_cpu", "speedup"))
+           ("compression_ratio_vs_baseline", "ratio vs baseline"), ("compression_ratio", "ratio vs parent"),
+           ("accuracy_drop_vs_baseline", "drop vs baseline (points)"), ("accuracy_drop", "drop vs parent (points)"),
+           ("size_bytes_onnx", "ONNX B"), ("latency_ms_p50_cpu", "CPU p50 ms"), ("speedup_p50_cpu", "speedup"))
 
 
 def _cell(key: str, value: Any) -> str:
+    if value is None:  # the starting model has no parent in the pipeline
+        return "-"
     if key == "test_accuracy":
         return f"{value:.2%}"
     if key in ("size_bytes_compressed", "size_bytes_onnx"):
         return f"{value:,.0f}"
-    if key in ("compression_ratio", "speedup_p50_cpu"):
-        return f"{value:.1f}x" if key == "compression_ratio" else f"{value:.2f}x"
+    if key.startswith("accuracy_drop"):
+        return f"{100 * value:.2f}"
+    if key in ("compression_ratio", "compression_ratio_vs_baseline", "speedup_p50_cpu"):
+        return f"{value:.2f}x" if key == "speedup_p50_cpu" else f"{value:.1f}x"
     if key == "latency_ms_p50_cpu":
         return f"{value:.3f}"
     return str(value)
@@ -204,7 +221,9 @@ def _summary(cfg: PipelineConfig, rows: list[dict[str, Any]], budget: float, cha
         lines.append("| " + " | ".join(_cell(k, r[k]) for k, _ in COLUMNS) + f" | {mark} |")
     where = (schema.alias_uri(schema.registered_name_of(champion["uri"]), schema.CHAMPION_ALIAS)
              if champion else "")
-    note = (f"budget: {budget:,.0f} B as {'the ONNX file' if cfg.budget_on == 'onnx' else 'the encoded payload'} "
+    note = (f"ratios: float32 size over the compressed size, against the baseline and against the model each "
+            f"step started from (its parent); drops: test accuracy points lost, the same two ways.\n"
+            f"budget: {budget:,.0f} B as {'the ONNX file' if cfg.budget_on == 'onnx' else 'the encoded payload'} "
             f"({cfg.budget_ratio:g} of the baseline's float32 size); "
             + (f"champion: {champion['label']} -> {where}" if champion and cfg.promote else
                f"best within the budget: {champion['label']} (not promoted)" if champion else
@@ -216,7 +235,8 @@ def _summary(cfg: PipelineConfig, rows: list[dict[str, Any]], budget: float, cha
         with path.open("w", newline="") as fh:
             writer = csv.writer(fh)
             keys = ["step", "uri", "label", "deploy_format", "test_accuracy", "size_bytes_compressed",
-                    "compression_ratio", "within_budget", "size_bytes_onnx", "latency_ms_p50_cpu", "speedup_p50_cpu"]
+                    "compression_ratio_vs_baseline", "compression_ratio", "accuracy_drop_vs_baseline", "accuracy_drop",
+                    "within_budget", "size_bytes_onnx", "latency_ms_p50_cpu", "speedup_p50_cpu"]
             writer.writerow(keys + ["champion"])
             for r in rows:
                 writer.writerow([r[k] for k in keys] + [bool(r.get("champion"))])

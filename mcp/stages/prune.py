@@ -15,14 +15,17 @@ from mcp.evaluation.plots import plot_bars, plot_comparison, plot_pruning_curves
 from mcp.pruning import PruneSpec, Pruning, create_criterion, criterion_names
 from mcp.pruning.finetune import prune_and_finetune
 from mcp.stages.common import (
+    Baseline,
     find_base_model,
     finetune_of,
     lineage,
+    lineage_baseline,
     log_and_register,
     probe_model,
     recovery_loss,
     recovery_teacher,
     setup_data,
+    tag_baseline,
 )
 from mcp.stages.train import run_baseline
 from mcp.tracking import schema
@@ -39,6 +42,7 @@ class PruneResult:
     registered_name: str | None
     registered_version: str | None
     comparison: list[dict[str, Any]] | None = None
+    baseline: Baseline | None = None  # what the *_vs_baseline figures compare with
 
 
 def read_ratios(path: str) -> dict[str, float]:
@@ -96,29 +100,33 @@ def run_prune(cfg: PruneConfig, show_progress: bool | None = None) -> PruneResul
         if teacher_uri:
             tracking.runs.set_tag(schema.DISTILL_FROM, teacher_uri)
         base_metrics = evaluate(base.to(device), loaders[2], device)
-        tracking.log_metrics({"baseline_test_accuracy": base_metrics["accuracy"]})
+        ref = lineage_baseline(base, base_uri, loaders[2], device, base_metrics["accuracy"], cfg.trust_pickled_model)
+        tag_baseline(ref)
+        tracking.log_metrics({"parent_test_accuracy": base_metrics["accuracy"],
+                              "baseline_test_accuracy": ref.test_accuracy})
         if len(runs) == 1:
             result = _prune_one(cfg, ratios, base, base_uri, splits, loaders, device, show_progress, teacher,
-                                teacher_uri)
+                                teacher_uri, ref)
             result.run_id = run.info.run_id
             return result
         rows = []
         for variant in runs:
             label = variant.schedule if cfg.compare == "schedules" else variant.criterion
-            with tracking.stage_run("prune", variant.to_dict(), {**tags, schema.COMPARE: label},
+            with tracking.stage_run("prune", variant.to_dict(), {**tags, schema.COMPARE: label, **ref.run_tags()},
                                     run_name=f"prune-{label}"):
                 one = _prune_one(variant.replace(register=False), ratios, base, base_uri, splits, loaders, device,
-                                 show_progress, teacher, teacher_uri)
+                                 show_progress, teacher, teacher_uri, ref)
             rows.append(_comparison_row(label, one.metrics))
         _log_comparison(rows, cfg.compare)
-        return PruneResult(run.info.run_id, {}, base, {}, None, None, rows)
+        return PruneResult(run.info.run_id, {}, base, {}, None, None, rows, ref)
 
 
 def _prune_one(cfg: PruneConfig, ratios: dict[str, float], base: nn.Module, base_uri: str, splits, loaders,
                device: str, show_progress: bool | None, teacher: nn.Module | None = None,
-               teacher_uri: str = "") -> PruneResult:
+               teacher_uri: str = "", ref: Baseline | None = None) -> PruneResult:
     """Prune a copy of ``base`` per ``cfg`` inside the active run (fine-tuning by
-    distillation from ``teacher`` when given); log and register it."""
+    distillation from ``teacher`` when given); log and register it. Its figures compare
+    with ``base`` (the parent) and with ``ref``, the baseline of its lineage."""
     test_loader = loaders[2]
     outcome = prune_and_finetune(
         base, loaders, splits.input_shape, spec_of(cfg, ratios), finetune_of(cfg), prune_epochs=cfg.prune_epochs,
@@ -127,6 +135,14 @@ def _prune_one(cfg: PruneConfig, ratios: dict[str, float], base: nn.Module, base
         on_step=lambda k, values: tracking.log_metrics(values, step=k), progress=show_progress,
         desc=f"prune {cfg.schedule} {cfg.criterion}")
     model, metrics, layer_sparsity, history = outcome.model, outcome.metrics, outcome.layer_sparsity, outcome.history
+    if ref is None:
+        ref = lineage_baseline(base, base_uri, test_loader, device, metrics["baseline_test_accuracy"],
+                               cfg.trust_pickled_model)
+    # the core's "baseline" is the model it was given: here, the parent
+    metrics["parent_test_accuracy"] = metrics.pop("baseline_test_accuracy")
+    metrics["parent_size_bytes_fp32"] = metrics.pop("baseline_size_bytes_fp32")
+    metrics.update(ref.figures(metrics["test_accuracy"], metrics["params_nonzero"], by_params=True))
+    metrics["baseline_params_total"] = ref.params_total
     tracking.log_metrics(metrics)
 
     arch, registered = lineage(base, base_uri, cfg.model, cfg.dataset)
@@ -142,10 +158,12 @@ def _prune_one(cfg: PruneConfig, ratios: dict[str, float], base: nn.Module, base
             "scope": cfg.scope, "granularity": cfg.granularity, "schedule": cfg.schedule,
             "sparsity": f"{metrics['pruned_fraction']:.4f}", "target_sparsity": cfg.sparsity,
             **({"distilled_from": teacher_uri} if teacher_uri else {}),
-            **{k: f"{metrics[k]:.6g}" for k in ("test_accuracy", "params_nonzero", "macs", "latency_ms_p50_cpu")}}
+            **{k: f"{metrics[k]:.6g}" for k in ("test_accuracy", "params_nonzero", "macs", "latency_ms_p50_cpu",
+                                                 "size_bytes_compressed")},
+            **ref.version_tags(metrics)}
     _, version = log_and_register(model, next(iter(test_loader))[0][:4], {"dataset": cfg.dataset,
                                   "class_names": splits.class_names}, reg_name, None, tags)
-    return PruneResult(run_id, metrics, model, layer_sparsity, reg_name, version)
+    return PruneResult(run_id, metrics, model, layer_sparsity, reg_name, version, baseline=ref)
 
 
 COMPARISON_COLUMNS = ("test_accuracy", "accuracy_drop", "training_time_s", "params_nonzero", "size_kib",

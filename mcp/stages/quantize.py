@@ -18,14 +18,17 @@ from mcp.quantization import Quantizer, QuantSpec
 from mcp.quantization.methods import quant_method
 from mcp.quantization.quantize import quantize_model
 from mcp.stages.common import (
+    Baseline,
     find_base_model,
     finetune_of,
     lineage,
+    lineage_baseline,
     log_and_register,
     probe_model,
     recovery_loss,
     recovery_teacher,
     setup_data,
+    tag_baseline,
 )
 from mcp.stages.prune import run_prune
 from mcp.stages.train import run_baseline
@@ -43,6 +46,7 @@ class QuantizeResult:
     registered_version: str | None
     stages: dict[str, int] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
+    baseline: Baseline | None = None  # what the *_vs_baseline figures compare with
 
 
 def read_bits(path: str) -> dict[str, int]:
@@ -60,7 +64,7 @@ def spec_of(cfg: QuantizeConfig, layer_bits: dict[str, int]) -> QuantSpec:
     return QuantSpec(method=cfg.method, bits=cfg.bits, layer_bits=layer_bits, act_bits=cfg.act_bits,
                      symmetric=cfg.symmetric, per_channel=cfg.per_channel, observer=cfg.observer,
                      kmeans_init=cfg.kmeans_init, ignored_layers=cfg.ignored(), reduce_range=cfg.reduce_range,
-                     share_biases=cfg.share_biases, seed=cfg.seed)
+                     share_biases={"true": True, "false": False}.get(cfg.share_biases, "auto"), seed=cfg.seed)
 
 
 def prune_config(cfg: QuantizeConfig, base_uri: str) -> PruneConfig:
@@ -126,6 +130,13 @@ def _quantize(cfg: QuantizeConfig, layer_bits: dict[str, int], base: nn.Module, 
     if pruned_metrics:
         metrics["pruned_test_accuracy"] = pruned_metrics["test_accuracy"]
         metrics["training_time_s"] += pruned_metrics["training_time_s"]  # the whole pipeline's time
+    # the core's "baseline" is the model it was given (its reference): here, the parent
+    metrics["parent_test_accuracy"] = metrics.pop("baseline_test_accuracy")
+    metrics["parent_size_bytes_fp32"] = metrics["size_bytes_fp32"]
+    ref = lineage_baseline(base, base_uri, test_loader, device, metrics["parent_test_accuracy"],
+                           cfg.trust_pickled_model)
+    metrics.update(ref.figures(metrics["onnx_test_accuracy"], metrics["size_bytes_compressed"]))
+    tag_baseline(ref)
     tracking.log_metrics(metrics)
 
     arch, registered = lineage(base, base_uri, cfg.model, cfg.dataset)
@@ -148,13 +159,14 @@ def _quantize(cfg: QuantizeConfig, layer_bits: dict[str, int], base: nn.Module, 
                     "bits": bits_tag, "deploy_format": deploy_format, "sparsity": f"{metrics['sparsity']:.4f}",
                     **({"distilled_from": teacher_uri} if teacher_uri else {}),
                     **{k: f"{metrics[k]:.6g}" for k in ("test_accuracy", "onnx_test_accuracy", "size_bytes_compressed",
-                                                         "size_bytes_onnx", "compression_ratio")}}
+                                                         "size_bytes_onnx")},
+                    **ref.version_tags(metrics)}
     _, version = log_and_register(model, next(iter(test_loader))[0][:4],
                                   {"dataset": cfg.dataset, "class_names": splits.class_names,
                                    "quantization": {**outcome.quantization, "calib_batches": cfg.calib_batches,
                                                     "calib_batch_size": cfg.batch_size}},
                                   reg_name, None, version_tags)
-    return QuantizeResult(run_id, metrics, model, layers, reg_name, version, stages, run_tags)
+    return QuantizeResult(run_id, metrics, model, layers, reg_name, version, stages, run_tags, ref)
 
 
 def _bits_tag(bits: dict[str, int]) -> str:

@@ -35,13 +35,22 @@ class SearchResult:
     budget_bytes: float | None
     trials: list[dict[str, Any]]
     winners: list[dict[str, Any]]
+    baseline: Any = None  # mcp.stages.common.Baseline: what the winners' *_vs_baseline figures compare with
+    uniform_warning: str = ""  # why the study could not start from a (strictly) uniform trial
 
 
 def run_search(cfg: SearchConfig, show_progress: bool | None = None) -> SearchResult:
     from mcp import tracking
     from mcp.evaluation.metrics import size_bytes_fp32
-    from mcp.stages.common import find_base_model, lineage, setup_data
+    from mcp.stages.common import (
+        find_base_model,
+        lineage,
+        lineage_baseline,
+        setup_data,
+        tag_baseline,
+    )
     from mcp.stages.train import run_baseline
+    from mcp.training import evaluate
 
     device, splits, loaders = setup_data(cfg)
     base, base_uri = find_base_model(cfg.model, cfg.model_uri, cfg.dataset, splits, cfg.trust_pickled_model)
@@ -61,16 +70,39 @@ def run_search(cfg: SearchConfig, show_progress: bool | None = None) -> SearchRe
         if base is None:
             base, base_uri = run_baseline(cfg, show_progress)
             remember_base(study, cfg, base_uri)
+        parent_accuracy = evaluate(base.to(device), loaders[2], device)["accuracy"]
+        ref = lineage_baseline(base, base_uri, loaders[2], device, parent_accuracy, cfg.trust_pickled_model)
+        tag_baseline(ref)
+        tracking.log_metrics({"parent_test_accuracy": parent_accuracy, "baseline_test_accuracy": ref.test_accuracy})
         context = _Context(cfg, space, base, base_uri, splits, loaders, device, budget, study, checked.calib,
-                           size_bytes_fp32(base), registered)
+                           size_bytes_fp32(base), registered, ref, parent_accuracy)
+        warning = ""
         if not study.trials:
-            enqueue_uniform(study, context.problem, cfg.mode == "max-accuracy")
+            warning = _start_uniform(context)
         _optimize(context, show_progress)
         trials = trial_table(study, cfg.budget_on)
         winners = _winners(context, trials)
         _log_study(context, trials, winners)
         _deploy(context, winners, show_progress)
-        return SearchResult(run.info.run_id, cfg.name(), budget, trials, winners)
+        return SearchResult(run.info.run_id, cfg.name(), budget, trials, winners, ref, warning)
+
+
+def _start_uniform(ctx: _Context) -> str:
+    """Seed a new study with the uniform configuration(s) that fill the budget; when no
+    strictly uniform one can be seeded, say why in one warning line and a run tag (the
+    study then starts from the closest uniform-where-allowed configuration, if any).
+    Returns the warning ('' when none)."""
+    import click
+
+    from mcp import tracking
+
+    start = enqueue_uniform(ctx.study, ctx.problem, ctx.cfg.mode == "max-accuracy", limit=ctx.cfg.trials)
+    if start.queued:
+        tracking.runs.set_tag(schema.UNIFORM_START, start.describe())
+    if start.warning:
+        click.echo(f"warning: {start.warning}", err=True)
+        tracking.runs.set_tag(schema.UNIFORM_WARNING, start.warning)
+    return start.warning
 
 
 @dataclass
@@ -87,6 +119,8 @@ class _Context:
     calib: list  # the pruning criteria's calibration batches, fixed for the whole study
     base_fp32: int  # the starting model's float32 size, for compression ratios
     registered: str  # the registered model winners become versions of
+    baseline: Any = None  # mcp.stages.common.Baseline of the starting model's lineage
+    parent_accuracy: float = 0.0  # the starting model's test accuracy
 
     @property
     def problem(self) -> SearchProblem:
@@ -145,6 +179,8 @@ def _winners(ctx: _Context, trials: list[dict[str, Any]]) -> list[dict[str, Any]
         chosen = sorted((done[i] for i in non_dominated(points)), key=lambda t: -t["val_accuracy"])
     registered = _registered_winners(ctx)
     winners = [registered.get(t["number"]) or _rebuild(ctx, t) for t in chosen]
+    for w in winners:  # a winner registered by an earlier call gets today's figures too
+        w.update(_figures(ctx, w["onnx_test_accuracy"], w["size_bytes_compressed"]))
     first = next((w for w in winners if w["within_budget"]), None)  # the most accurate that still fits
     if first is not None and first["registered_name"]:
         from mcp import tracking
@@ -156,6 +192,13 @@ def _winners(ctx: _Context, trials: list[dict[str, Any]]) -> list[dict[str, Any]
 
 WINNER_KEYS = ("test_accuracy", "val_accuracy", "size_bytes_compressed", "size_bytes_onnx", "onnx_test_accuracy",
                "compression_ratio", "sparsity")
+
+
+def _figures(ctx: _Context, accuracy: float, size: float) -> dict[str, float]:
+    """A winner against its parent (the starting model) and its lineage's baseline: the
+    drops are of its ONNX Runtime accuracy, as `mcp quantize` measures them."""
+    return {"compression_ratio": ctx.base_fp32 / size, "accuracy_drop": ctx.parent_accuracy - accuracy,
+            "parent_test_accuracy": ctx.parent_accuracy, **ctx.baseline.figures(accuracy, size)}
 
 
 def _registered_winners(ctx: _Context) -> dict[int, dict[str, Any]]:
@@ -209,11 +252,13 @@ def _rebuild(ctx: _Context, t: dict[str, Any]) -> dict[str, Any]:
         val = evaluate(model, ctx.loaders[1], ctx.device)
         metrics = {"test_accuracy": test["accuracy"], "test_loss": test["loss"], "val_accuracy": val["accuracy"],
                    "size_bytes_compressed": float(len(tuned.payload)), **model_metrics(model, shape, ctx.device)}
-        metrics["compression_ratio"] = ctx.base_fp32 / metrics["size_bytes_compressed"]
         deploy_format = _log_deployable(tuned, shape, ctx.loaders[2], metrics)
+        metrics.update(_figures(ctx, metrics["onnx_test_accuracy"], metrics["size_bytes_compressed"]))
         within = within_budget(metrics[SIZE_KEY[cfg.budget_on]], ctx.budget)
         tracking.log_metrics(metrics)
         tracking.runs.set_tag(schema.WITHIN_BUDGET, str(within).lower())
+        for key, value in ctx.baseline.run_tags().items():
+            tracking.runs.set_tag(key, value)
         reg_name = ctx.registered if cfg.register else None
         version_tags = {schema.STAGE: "search", "source_run": run.info.run_id, "parent_model": ctx.base_uri,
                         "study": cfg.name(), "trial": t["number"], "mode": cfg.mode,
@@ -222,8 +267,8 @@ def _rebuild(ctx: _Context, t: dict[str, Any]) -> dict[str, Any]:
                         "budget_on": cfg.budget_on, "within_budget": str(within).lower(),
                         "final_epochs_option": str(cfg.final_epochs),
                         **{k: f"{metrics[k]:.6g}" for k in ("test_accuracy", "val_accuracy", "size_bytes_compressed",
-                                                             "size_bytes_onnx", "onnx_test_accuracy",
-                                                             "compression_ratio", "sparsity")}}
+                                                             "size_bytes_onnx", "onnx_test_accuracy", "sparsity")},
+                        **ctx.baseline.version_tags(metrics)}
         quantization = {"method": "qat", "bits": tc.bits, "act_bits": 0, "symmetric": True, "per_channel": True,
                         "observer": "minmax", "coding": "fixed", "reduce_range": False}
         _, version = log_and_register(model, next(iter(ctx.loaders[2]))[0][:4],
@@ -301,8 +346,9 @@ def _log_study(ctx: _Context, trials: list[dict[str, Any]], winners: list[dict[s
     tracking.log_metrics({f"trials_{k}": float(v) for k, v in counts.items()} | {"trials_total": float(len(trials))})
     if winners:
         best = winners[0]
-        tracking.log_metrics({f"best_{k}": float(best[k]) for k in ("test_accuracy", "size_bytes_compressed",
-                                                                   "size_bytes_onnx", "compression_ratio")})
+        tracking.log_metrics({f"best_{k}": float(best[k]) for k in (
+            "test_accuracy", "size_bytes_compressed", "size_bytes_onnx", "compression_ratio",
+            "compression_ratio_vs_baseline", "accuracy_drop", "accuracy_drop_vs_baseline")})
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "trials.csv"
         with path.open("w", newline="") as fh:

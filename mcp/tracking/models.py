@@ -312,6 +312,62 @@ def source_run_id(uri: str) -> str | None:
     return None
 
 
+def _provenance(uri: str) -> tuple[str | None, str | None, bool]:
+    """(stage, parent URI, holds the ``baseline`` alias) of a ``models:/<name>/<version>``
+    (its version tags) or a ``runs:/`` URI (its run's tags); LookupError when neither
+    exists in this store."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    try:
+        run_id = None
+        if uri.startswith(schema.MODELS_SCHEME):
+            name, version, alias = schema.parse_models_uri(pin_version(uri))
+            if alias is not None:
+                raise LookupError(f"{uri}: no version has alias {alias!r}")
+            if version is None:  # MLflow 3's logged model (models:/m-<id>): the run that logged it
+                run_id = client.get_logged_model(name).source_run_id
+                if not run_id:
+                    raise LookupError(f"{uri} was logged by no run")
+            else:
+                v = client.get_model_version(name, version)
+                return v.tags.get(schema.STAGE), v.tags.get("parent_model") or None, schema.BASELINE in v.aliases
+        elif uri.startswith("runs:/"):
+            run_id = uri.removeprefix("runs:/").split("/", 1)[0]
+        if run_id is not None:
+            tags = client.get_run(run_id).data.tags
+            return tags.get(schema.STAGE), tags.get(schema.PARENT_MODEL) or None, False
+    except MlflowException as exc:
+        raise LookupError(f"{uri} is not in this tracking store ({type(exc).__name__})") from None
+    raise LookupError(f"{uri} is neither a models:/ nor a runs:/ URI, so no lineage is recorded for it")
+
+
+def lineage_root(uri: str, max_depth: int = 100) -> tuple[str | None, str]:
+    """The baseline the model ``uri`` descends from: follow ``parent_model`` links (version
+    tags; a run's ``mcp.parent_model``) up to the version or run that a train or import
+    stage made, that holds the ``baseline`` alias, or a student distilled from scratch.
+    Returns (its URI, "") or (None, why the lineage has no baseline)."""
+    seen: list[str] = []
+    current = pin_version(uri)
+    while len(seen) < max_depth:
+        if current in seen:
+            return None, f"its lineage loops at {current}"
+        seen.append(current)
+        try:
+            stage, parent, aliased = _provenance(current)
+        except LookupError as exc:
+            return None, str(exc)
+        if aliased or stage in schema.ROOT_STAGES or (stage == "distill" and not parent):
+            return current, ""
+        if stage is None:
+            return None, f"{current} was not made by an mcp stage"
+        if not parent:
+            return None, f"{current} ({stage}) records no parent model"
+        current = pin_version(parent)
+    return None, f"its lineage is longer than {max_depth} models"
+
+
 def deployable_onnx(uri: str, dst: str | Path) -> tuple[Path | None, str]:
     """The deployable ONNX model the stage that made ``uri`` built (a quantized model's
     QDQ / INT8 form, logged as ``onnx/model.onnx``) and its ``mcp.deploy_format``;

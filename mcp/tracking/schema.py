@@ -32,6 +32,18 @@ TRUST_PICKLED_MODEL = "mcp.trust_pickled_model"  # the user let a pickled model 
 SOURCE = "mcp.source"  # where an imported model came from: a zoo name or package.module:factory
 WEIGHTS = "mcp.weights"
 API = "mcp.api"  # the run is a call of the Python API (mcp.prune, ...)  # the weights file an imported model was loaded from
+BASELINE_MODEL = "mcp.baseline_model"  # the baseline the run's *_vs_baseline figures compare with
+BASELINE_FALLBACK = "mcp.baseline_fallback"  # why the parent stands in: its lineage has no registered baseline
+UNIFORM_START = "mcp.uniform_start"  # the uniform trial(s) a new study was seeded with
+UNIFORM_WARNING = "mcp.uniform_warning"  # why no (strictly) uniform trial could be seeded
+
+# What a stage made is compared with the model it started from (its parent: ``compression_ratio``,
+# ``accuracy_drop``) and with the baseline its lineage starts from (``*_vs_baseline``): the version
+# that a train or import stage registered, or that holds the ``baseline`` alias, found by following
+# ``parent_model`` links. Versions carry the same facts under short keys.
+BASELINE_MODEL_KEY = "baseline_model"
+BASELINE_FALLBACK_KEY = "baseline_fallback"
+ROOT_STAGES = ("train", "import")  # stages whose versions start a lineage
 
 # Aliases of registered versions
 BASELINE = "baseline"
@@ -69,5 +81,9 @@ def parse_models_uri(uri: str) -> tuple[str, str | None, str | None]:
 
 
 def registered_name_of(uri: str) -> str | None:
-    """The registered model a ``models:/`` URI names, else None."""
-    return parse_models_uri(uri)[0] if uri.startswith(MODELS_SCHEME) else None
+    """The registered model a ``models:/<name>/<version>`` or ``models:/<name>@<alias>`` URI
+    names, else None (MLflow 3's logged models, ``models:/m-<id>``, are not registered)."""
+    if not uri.startswith(MODELS_SCHEME):
+        return None
+    name, version, alias = parse_models_uri(uri)
+    return name if (version or alias) else None

@@ -57,6 +57,8 @@ class QuantMethod:
     needs_epochs: bool = False  # meaningless without training (QAT)
     coding: str = "fixed"  # how the payload is encoded: fixed or huffman
     prunes_first: bool = False  # runs the prune stage first (Deep Compression)
+    default_bits: tuple[int, int] = (8, 8)  # (convolutions, fully connected layers) when bits are not given
+    default_epochs: int = 10  # fine-tuning epochs when not given (methods that fine-tune)
     remarks: Callable[[str, Any], list[str]] = lambda fmt, spec: []  # notes on what was deployed
 
 

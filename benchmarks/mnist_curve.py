@@ -1,0 +1,280 @@
+"""The accuracy/size curve on MNIST's 10,000 real test images: the joint search against
+uniform pruning with a uniform bit-width, the hand recipe and Deep Compression.
+
+    python benchmarks/mnist_curve.py [--data-dir ../shared/data/mnist-t10k] [--seeds 3]
+        [--budgets 0.01,0.02,0.05,0.1,0.2] [--trials 20] [--final-epochs 8]
+        [--dc-sparsities 0.94,0.96,0.97] [--out mnist_curve.json] [--plot mnist_curve.png]
+
+The data is `--dataset idx` on the MNIST test files: a fixed stratified split of 6,800
+train, 1,200 validation and 2,000 test images (`--val-fraction 0.15`). Per seed:
+
+- baseline: `mcp train` with its defaults (LeNet-300-100, 60 epochs);
+- search: for every budget (a share of the baseline's float32 bytes), one `mcp search`
+  study (max-accuracy, `--trials`, the lenet space); the winner is chosen on the
+  validation split only and rebuilt with `--final-epochs` of fine-tuning;
+- uniform: for every bit-width 2-8, the least single prune ratio in [0, 0.999] (in every
+  layer, not held to the space's ranges) that fits the same budget with the search's
+  margin, fine-tuned the same way (QAT for `--final-epochs` at the geometric mean of the
+  space's LR range) and dropped if that leaves it over the budget; the bit-width with the
+  best validation accuracy is kept;
+- hand recipe: `mcp prune` 90% (gradual, 30 epochs) then `mcp quantize --method qat
+  --bits 4` (8 epochs);
+- Deep Compression: `mcp quantize --method deep_compression` with its defaults, at each
+  of `--dc-sparsities` (the first is its default, 94%), with the size after each stage.
+
+Everything is scored on the test split; sizes are encoded bytes (`size_bytes_compressed`).
+Results go to `--out` after every step (JSON), so an interrupted run keeps what it did;
+`--report` prints the tables and draws the plot from that file without training. The
+JSON and the plot are logged as artifacts of a run "mnist-curve" in the experiment
+"benchmark-mnist-curve", beside the runs that made them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+DATA = dict(dataset="idx", val_fraction=0.15)
+MODEL = "lenet300_100"
+
+
+def _uniform(base, splits, loaders, space, budget, epochs, lr, seed, device):
+    """Best (by validation accuracy) single ratio + single bit-width within the budget, held
+    to it as the search's trials are: sized with the search's margin under the budget, and
+    dropped when fine-tuning leaves it over."""
+    from mcp.data.calibration import calibration_batches
+    from mcp.search.space import uniform
+    from mcp.search.study import FILL_SLACK
+    from mcp.search.trial import finetune_quantized, prune_candidate, ratio_at_budget
+    from mcp.training import evaluate
+
+    shape = splits.input_shape
+    calib = calibration_batches(loaders[0], 8)
+    best = None
+    for bits in range(2, 9):
+        ratio = ratio_at_budget(base, shape, lambda r, b=bits: uniform(space, r, b, epochs, lr), 0.0, 0.999,
+                                budget * (1 - FILL_SLACK), calib, device, seed)
+        if ratio is None:
+            continue
+        tc = uniform(space, ratio, bits, epochs, lr)
+        tuned = finetune_quantized(prune_candidate(base, shape, tc, calib, device), shape, tc, loaders, device, seed)
+        if len(tuned.payload) > budget:
+            continue  # over the budget after fine-tuning: infeasible, as a search trial would be
+        val = evaluate(tuned.model, loaders[1], device)["accuracy"]
+        if best is None or val > best["val"]:
+            best = {"bits": bits, "ratio": ratio, "val": val, "size": len(tuned.payload),
+                    "test": evaluate(tuned.model, loaders[2], device)["accuracy"]}
+    return best
+
+
+def _save(results: dict, path: Path) -> None:
+    path.write_text(json.dumps(results, indent=1))
+
+
+def run(args) -> dict:
+    import mlflow
+
+    from mcp.config import PruneConfig, QuantizeConfig, SearchConfig, TrainConfig
+    from mcp.search.study import load_space
+    from mcp.stages.common import setup_data
+    from mcp.stages.prune import run_prune
+    from mcp.stages.quantize import run_quantize
+    from mcp.stages.search import run_search
+    from mcp.stages.train import run_train
+
+    out = Path(args.out)
+    results = json.loads(out.read_text()) if out.exists() else {"seeds": {}}
+    results["settings"] = {k: v for k, v in vars(args).items() if k not in ("report",)}
+    mlflow.set_experiment("benchmark-mnist-curve")
+    data = dict(DATA, data_dir=args.data_dir)
+    budgets = [float(b) for b in args.budgets.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in range(args.seed_start, args.seed_start + args.seeds):
+            r = results["seeds"].setdefault(str(seed), {})
+            t0 = time.perf_counter()
+            base = run_train(TrainConfig(model=MODEL, seed=seed, register=False, checkpoint_dir=tmp, **data),
+                             show_progress=False)
+            r["baseline"] = {"test": base.metrics["test_accuracy"], "fp32": base.metrics["size_bytes_fp32"],
+                             "seconds": time.perf_counter() - t0}
+            _save(results, out)
+            print(f"seed {seed}: baseline {100 * r['baseline']['test']:.2f}%", flush=True)
+
+            r.setdefault("budgets", {})
+            device, splits, loaders = setup_data(SearchConfig(model=MODEL, seed=seed, **data))
+            space, _ = load_space(SearchConfig(model=MODEL, seed=seed, **data), base.model, splits.input_shape)
+            for ratio in budgets:
+                if str(ratio) in r["budgets"]:
+                    continue  # done by an earlier, interrupted invocation with the same --out
+                t1 = time.perf_counter()
+                cfg = SearchConfig(model=MODEL, model_uri=base.model_uri, seed=seed, trials=args.trials,
+                                   budget_ratio=ratio, final_epochs=args.final_epochs,
+                                   storage=f"sqlite:///{tmp}/optuna.db", study_name=f"s{seed}-b{ratio}",
+                                   register=False, **data)
+                found = run_search(cfg, show_progress=False)
+                w = found.winners[0]
+                uni = _uniform(base.model, splits, loaders, space, found.budget_bytes, args.final_epochs,
+                               (space.lr[0] * space.lr[1]) ** 0.5, seed, device)
+                r["budgets"][str(ratio)] = {
+                    "budget": found.budget_bytes, "search": w["test_accuracy"], "search_val": w["val_accuracy"],
+                    "search_size": w["size_bytes_compressed"], "uniform": uni and uni["test"],
+                    "uniform_val": uni and uni["val"], "uniform_size": uni and uni["size"],
+                    "uniform_bits": uni and uni["bits"], "uniform_ratio": uni and uni["ratio"],
+                    "uniform_warning": getattr(found, "uniform_warning", ""),
+                    "seconds": time.perf_counter() - t1}
+                _save(results, out)
+                u = f"{100 * uni['test']:.2f}%" if uni else "none fits"
+                print(f"seed {seed}: budget {ratio:.0%}: search {100 * w['test_accuracy']:.2f}% uniform {u} "
+                      f"({time.perf_counter() - t1:.0f} s)", flush=True)
+            pruned = run_prune(PruneConfig(model=MODEL, model_uri=base.model_uri, sparsity=0.9, schedule="gradual",
+                                           epochs=30, seed=seed, **data), show_progress=False)
+            pruned_uri = f"models:/{pruned.registered_name}/{pruned.registered_version}"
+            hand = run_quantize(QuantizeConfig(model=MODEL, model_uri=pruned_uri, method="qat", bits=4,
+                                               epochs=8, seed=seed, register=False, **data), show_progress=False)
+            r["hand"] = {"test": hand.metrics["test_accuracy"], "size": hand.metrics["size_bytes_compressed"]}
+            _save(results, out)
+            print(f"seed {seed}: hand recipe {100 * r['hand']['test']:.2f}% {int(r['hand']['size']):,} B", flush=True)
+
+            r.setdefault("dc", {})
+            for sparsity in [float(s) for s in args.dc_sparsities.split(",")]:
+                if str(sparsity) in r["dc"]:
+                    continue
+                dc = run_quantize(QuantizeConfig(model=MODEL, model_uri=base.model_uri, method="deep_compression",
+                                                 sparsity=sparsity, seed=seed, register=False, **data),
+                                  show_progress=False)
+                r["dc"][str(sparsity)] = {"test": dc.metrics["test_accuracy"], "pruned_test":
+                                          dc.metrics.get("pruned_test_accuracy"), "size": dc.stages["huffman"],
+                                          "stages": dc.stages, "bits": dc.tags.get("mcp.bits", "")}
+                _save(results, out)
+                print(f"seed {seed}: DC {sparsity:.0%} {100 * dc.metrics['test_accuracy']:.2f}% "
+                      f"{dc.stages['huffman']:,} B", flush=True)
+
+    return results
+
+
+def _ms(values: list[float]) -> str:
+    values = [100 * v for v in values]
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.2f} ± {sd:.2f}"
+
+
+def report(results: dict, plot: str) -> None:
+    import torch
+
+    seeds = [results["seeds"][k] for k in sorted(results["seeds"]) if "dc" in results["seeds"][k]]
+    if not seeds:
+        raise SystemExit("no finished seed in the results file")
+    fp32 = seeds[0]["baseline"]["fp32"]
+    s = results["settings"]
+    print(f"\nLeNet-300-100 on the MNIST test files (idx: 6,800 train / 1,200 val / 2,000 test), {len(seeds)} seeds, "
+          f"{s['trials']} trials, {s['final_epochs']} final epochs, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} CPU threads; mean ± sd of test accuracy (%)\n")
+    print(f"baseline (float32, {int(fp32):,} B): {_ms([r['baseline']['test'] for r in seeds])}%\n")
+    print("| budget (of float32) | budget (B) | search | its size (B) | uniform (best single ratio + bits) "
+          "| its size (B) | search - uniform (points, per seed) |")
+    print("|---|---|---|---|---|---|---|")
+    budgets = sorted(seeds[0]["budgets"], key=float)
+    for b in budgets:
+        rows = [r["budgets"][b] for r in seeds if b in r["budgets"]]
+        ok = [x for x in rows if x["uniform"] is not None]
+        gaps = [100 * (x["search"] - x["uniform"]) for x in ok]
+        picks = ", ".join(f"{x['uniform_bits']}b@{x['uniform_ratio']:.1%}" for x in ok)
+        uni = f"{_ms([x['uniform'] for x in ok])} ({picks})" if ok else "none fits"
+        print(f"| {float(b):.0%} | {int(statistics.mean(x['budget'] for x in rows)):,} "
+              f"| {_ms([x['search'] for x in rows])} | {int(statistics.mean(x['search_size'] for x in rows)):,} "
+              f"| {uni} | {int(statistics.mean(x['uniform_size'] for x in ok)) if ok else 0:,} "
+              f"| {statistics.mean(gaps) if gaps else float('nan'):+.2f} ({', '.join(f'{g:+.2f}' for g in gaps)}) |")
+    hand = [r["hand"] for r in seeds]
+    print(f"\nhand recipe (prune 90% gradual + QAT 4 bits): {_ms([h['test'] for h in hand])}% at "
+          f"{int(statistics.mean(h['size'] for h in hand)):,} B ({fp32 / statistics.mean(h['size'] for h in hand):.0f}x)\n")
+    print("Deep Compression (`mcp quantize --method deep_compression --sparsity S`, defaults otherwise), "
+          "beside Han et al.'s LeNet-300-100 (full MNIST: 40x, error 1.64% -> 1.58%)\n")
+    print("| sparsity | baseline | pruned | after k-means + Huffman | drop (points) | pruned (B) | + k-means (B) "
+          "| + Huffman (B) | ratio pruned | ratio k-means | ratio Huffman |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for sp in sorted(seeds[0]["dc"], key=float):
+        d = [r["dc"][sp] for r in seeds]
+        drops = [r["baseline"]["test"] - r["dc"][sp]["test"] for r in seeds]
+        st = {k: statistics.mean(x["stages"][k] for x in d) for k in ("fp32", "pruned", "kmeans", "huffman")}
+        print(f"| {float(sp):.0%} | {_ms([r['baseline']['test'] for r in seeds])} | {_ms([x['pruned_test'] for x in d])} "
+              f"| {_ms([x['test'] for x in d])} | {_ms(drops)} | {int(st['pruned']):,} | {int(st['kmeans']):,} "
+              f"| {int(st['huffman']):,} | {st['fp32'] / st['pruned']:.1f}x | {st['fp32'] / st['kmeans']:.1f}x "
+              f"| {st['fp32'] / st['huffman']:.1f}x |")
+    if plot:
+        _plot(seeds, budgets, plot)
+        print(f"\nplot: {plot}")
+
+
+def _plot(seeds: list[dict], budgets: list[str], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def line(points):  # [(size, accuracy) per seed] per x -> mean size, mean and sd of accuracy
+        xs = [statistics.mean(p[0] for p in pts) for pts in points]
+        ys = [100 * statistics.mean(p[1] for p in pts) for pts in points]
+        es = [100 * statistics.stdev([p[1] for p in pts]) if len(pts) > 1 else 0.0 for pts in points]
+        return xs, ys, es
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key, size_key, label, style in (("search", "search_size", "joint search (winner on validation)", "o-"),
+                                        ("uniform", "uniform_size", "uniform ratio + bit-width", "s--")):
+        pts = [[(r["budgets"][b][size_key], r["budgets"][b][key]) for r in seeds if r["budgets"][b][key] is not None]
+               for b in budgets]
+        pts = [p for p in pts if p]
+        ax.errorbar(*line(pts), fmt=style, capsize=3, label=label)
+    dc = sorted(seeds[0]["dc"], key=float)
+    ax.errorbar(*line([[(r["dc"][sp]["size"], r["dc"][sp]["test"]) for r in seeds] for sp in dc]), fmt="^:",
+                capsize=3, label="Deep Compression (94-97% pruned)")
+    ax.errorbar(*line([[(r["hand"]["size"], r["hand"]["test"]) for r in seeds]]), fmt="D", capsize=3,
+                label="hand recipe (90% + 4 bits)")
+    base = statistics.mean(100 * r["baseline"]["test"] for r in seeds)
+    ax.axhline(base, color="gray", lw=0.8, ls=":", label=f"float32 baseline ({base:.2f}%)")
+    ax.set_xscale("log")
+    ax.set_xlabel("compressed size (bytes, log scale)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"LeNet-300-100 on MNIST (2,000 test images), {len(seeds)} seeds, mean ± sd")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[1].parent / "shared" / "data"
+                                                  / "mnist-t10k"))
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seed-start", type=int, default=0, help="first seed (to share the seeds out between "
+                                                                  "processes, each with its own --out)")
+    parser.add_argument("--budgets", default="0.01,0.02,0.05,0.1,0.2")
+    parser.add_argument("--trials", type=int, default=20)
+    parser.add_argument("--final-epochs", type=int, default=8)
+    parser.add_argument("--dc-sparsities", default="0.94,0.96,0.97")
+    parser.add_argument("--out", default="mnist_curve.json")
+    parser.add_argument("--plot", default="mnist_curve.png")
+    parser.add_argument("--report", action="store_true", help="only print the tables and plot from --out (a "
+                                                                  "comma-separated list merges several)")
+    args = parser.parse_args()
+    if args.report:
+        parts = [json.loads(Path(p).read_text()) for p in args.out.split(",")]
+        results = {"settings": parts[0]["settings"], "seeds": {k: v for p in parts for k, v in p["seeds"].items()}}
+    else:
+        results = run(args)
+    report(results, args.plot)
+    import mlflow
+
+    mlflow.set_experiment("benchmark-mnist-curve")
+    with mlflow.start_run(run_name="mnist-curve"):  # the results and the plot, tracked beside the runs that made them
+        for path in args.out.split(","):
+            mlflow.log_artifact(path)
+        if args.plot:
+            mlflow.log_artifact(args.plot)
+
+
+if __name__ == "__main__":
+    main()
