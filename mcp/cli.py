@@ -116,6 +116,9 @@ def _run_stage(ctx: click.Context, kwargs: dict[str, Any], config_cls: type[Stag
     """Build the config from options (and --config), run the stage; user errors exit 2."""
     try:
         cfg = config_cls.from_dict(explicit_values(ctx, kwargs), source=kwargs.get("config_file") or "options")
+        from mcp.tracking.runs import check_tracking_server
+
+        check_tracking_server()  # before the data is loaded: an unreachable server fails in seconds
         return cfg, run(cfg)
     except McpError as exc:
         _fail(str(exc))

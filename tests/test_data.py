@@ -371,3 +371,28 @@ def test_mnist_as_png_folder_trains_as_well_as_through_idx(tmp_path, experiment)
     assert params["data_augment"] == "none" and params["data_test_size"] == "2000"
     a, b = through_idx.metrics["test_accuracy"], through_png.metrics["test_accuracy"]
     assert a > 0.95 and abs(a - b) <= 0.005, (a, b)
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "not_an_image"])
+def test_imagefolder_names_a_file_that_cannot_be_read(tmp_path, damage):
+    _image_folder(tmp_path, per_class=10)
+    bad = tmp_path / "dog" / "3.png"
+    data = bad.read_bytes()
+    bad.write_bytes({"empty": b"", "truncated": data[: len(data) // 3], "not_an_image": b"hello"}[damage])
+    with pytest.raises(McpError) as info:
+        s = load_dataset("imagefolder", data_dir=tmp_path, input_shape="3x16x16")
+        for i in range(len(s.train)):  # a damaged file is met when training reads it
+            s.train[i]
+        for split in (s.val, s.test):
+            for i in range(len(split)):
+                split[i]
+    message = str(info.value)
+    assert str(bad) in message and "\n" not in message
+    assert ("is empty" if damage == "empty" else "cannot be read") in message
+
+
+def test_imagefolder_an_empty_class_folder_is_named(tmp_path):
+    _image_folder(tmp_path, per_class=3)
+    (tmp_path / "bird").mkdir()
+    with pytest.raises(McpError, match="no images found under .* bird"):
+        load_dataset("imagefolder", data_dir=tmp_path)

@@ -180,3 +180,39 @@ def test_augment_is_applied_and_logged(cli, experiment, tmp_path):
     assert result.exit_code == 0, result.output
     (run,) = runs_of(experiment)
     assert run.data.params["augment"] == run.data.params["data_augment"] == "crop_flip"
+
+
+def test_a_diverged_training_fails_in_one_line_and_registers_nothing(cli, own_store, tmp_path):
+    import mlflow
+
+    result = cli("train", *TINY, "--epochs", "3", "--lr", "1e6", "--checkpoint-dir", tmp_path)
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert lines[-1].startswith("error: training diverged: the loss is ") and "learning rate 1e+06" in lines[-1]
+    assert "Traceback" not in result.output
+    (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert run.info.status == "FAILED"
+    assert not MlflowClient().search_model_versions("name='tiny_cnn-synthetic'")
+
+
+def test_an_unreachable_tracking_server_fails_in_seconds_in_one_line(cli, experiment, tmp_path):
+    import socket
+    import time
+
+    import mlflow
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"http://127.0.0.1:{port}")
+    try:
+        t0 = time.perf_counter()
+        result = cli("train", *TINY, "--epochs", "1", "--checkpoint-dir", tmp_path)
+        seconds = time.perf_counter() - t0
+    finally:
+        mlflow.set_tracking_uri(before)
+    assert result.exit_code == 2 and seconds < 15
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and f"MLflow tracking server 'http://127.0.0.1:{port}' is not reachable" in lines[0]
+    assert runs_of(experiment) == []

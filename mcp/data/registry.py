@@ -436,10 +436,16 @@ def _imagefolder(data_dir: Path, input_shape: tuple[int, int, int] | None, val_f
 
     def folder(path: Path, tf) -> ImageFolder:
         try:
-            return ImageFolder(str(path), transform=tf)
+            found = ImageFolder(str(path), transform=tf, loader=_load_image)
         except (FileNotFoundError, RuntimeError) as exc:
-            raise McpError(f"no images found under {str(path)!r} ({exc.__class__.__name__}); "
-                           f"{_IMAGEFOLDER_LAYOUT}; image types: {', '.join(IMAGE_EXTENSIONS)}") from None
+            detail = " ".join(str(exc).split()) or exc.__class__.__name__
+            raise McpError(f"no images found under {str(path)!r} ({detail}); {_IMAGEFOLDER_LAYOUT}; image types: "
+                           f"{', '.join(IMAGE_EXTENSIONS)}") from None
+        empty = [p for p, _ in found.samples if Path(p).stat().st_size == 0]
+        if empty:
+            raise McpError(f"image file {empty[0]!r} is empty ({len(empty)} empty file(s) under {str(path)!r}); "
+                           f"remove or replace them")
+        return found
 
     has_splits = (data_dir / "train").is_dir()
     root = data_dir / "train" if has_splits else data_dir
@@ -476,6 +482,19 @@ def _imagefolder(data_dir: Path, input_shape: tuple[int, int, int] | None, val_f
         class_names=list(train_aug.classes),
         augment=augment,
     )
+
+
+def _load_image(path: str):
+    """PIL's loader, with a file that cannot be decoded named in one line (training stops
+    there, the run ends FAILED and nothing is registered)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")  # as torchvision's default loader
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
+        raise McpError(f"image file {path!r} cannot be read ({' '.join(str(exc).split())}); remove or replace "
+                       f"it") from None
 
 
 def _to_rgb(image):

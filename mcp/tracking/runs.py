@@ -16,6 +16,34 @@ def _mlflow():
     return mlflow
 
 
+REACH_TIMEOUT_S = 5.0
+
+
+def check_tracking_server(uri: str | None = None) -> None:
+    """An ``http(s)://`` tracking URI must answer MLflow's ``/health`` within seconds: an
+    unreachable server is one line, not minutes of retries and a traceback. Other stores
+    (SQLite, a folder, ``databricks``) are left to MLflow."""
+    import urllib.error
+    import urllib.request
+
+    uri = uri if uri is not None else _mlflow().get_tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return
+    from mcp.errors import McpError
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=REACH_TIMEOUT_S) as reply:
+            if reply.status == 200:
+                return
+            reason = f"HTTP {reply.status} from /health"
+    except urllib.error.HTTPError as exc:
+        reason = f"HTTP {exc.code} from /health"
+    except (urllib.error.URLError, OSError) as exc:
+        reason = " ".join(str(getattr(exc, "reason", exc)).split())
+    raise McpError(f"MLflow tracking server {uri!r} is not reachable ({reason}); start it, or set "
+                   f"MLFLOW_TRACKING_URI to a reachable server or a local store (e.g. sqlite:///mlflow.db)")
+
+
 @contextlib.contextmanager
 def stage_run(stage: str, params: Mapping[str, Any], tags: Mapping[str, str] | None = None,
               run_name: str | None = None) -> Iterator[Any]:
@@ -29,6 +57,8 @@ def stage_run(stage: str, params: Mapping[str, Any], tags: Mapping[str, str] | N
     """
     mlflow = _mlflow()
     nested = mlflow.active_run() is not None  # a stage inside a stage (baseline, compared variants)
+    if not nested:
+        check_tracking_server()
     tags = {schema.STAGE: stage, **(tags or {})}
     if params.get("trust_pickled_model") is True:  # the user let a pickled model run its code
         tags[schema.TRUST_PICKLED_MODEL] = "true"

@@ -6,6 +6,7 @@ resumed from a checkpoint continues exactly as an uninterrupted one would.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 import warnings
@@ -14,6 +15,8 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
+
+from mcp.errors import McpError
 
 
 # (model, x, y) -> (loss, logits, named parts of the loss as floats, averaged into the epoch's logs)
@@ -45,6 +48,10 @@ def evaluate(model: nn.Module, loader: DataLoader, device: str | torch.device = 
         count += y.numel()
     model.train(was_training)
     return {"loss": loss_sum / max(count, 1), "accuracy": correct / max(count, 1)}
+
+
+class TrainingDiverged(McpError):
+    """The training loss became NaN or infinite."""
 
 
 class Trainer:
@@ -122,18 +129,24 @@ class Trainer:
             else:
                 out = self.model(x)
                 loss, parts = self.loss_fn(out, y), {}
+            value = loss.item()
+            if not math.isfinite(value):  # diverged: stop before the step writes NaN into the weights
+                raise TrainingDiverged(
+                    f"training diverged: the loss is {value} at epoch {epoch + 1}, batch {i + 1} (learning rate "
+                    f"{self.optimizer.param_groups[0]['lr']:g}); the run ends FAILED and nothing is registered; "
+                    f"lower the learning rate (--lr)")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self._call("on_after_backward")
             self.optimizer.step()
             self.global_step += 1
             n = y.numel()
-            loss_sum += loss.item() * n
+            loss_sum += value * n
             correct += (out.argmax(1) == y).sum().item()
             count += n
             for key, value in parts.items():
                 part_sums[key] = part_sums.get(key, 0.0) + value * n
-            self._call("on_batch_end", i, loss.item())
+            self._call("on_batch_end", i, value)
         return {"train_loss": loss_sum / max(count, 1), "train_accuracy": correct / max(count, 1),
                 **{key: total / max(count, 1) for key, total in part_sums.items()}}
 
