@@ -100,6 +100,10 @@ class _OneLineErrors(click.Group):
         except click.Abort:
             click.echo("Aborted!", err=True)
             sys.exit(1)
+        except Exception as exc:  # MLflow refusing the store's settings (an unknown experiment, a bad URI)
+            if not type(exc).__module__.startswith("mlflow."):
+                raise
+            _fail(f"MLflow: {' '.join(str(exc).split())[:300]}")
         if isinstance(code, int) and code:  # ctx.exit(code) returns it without standalone mode
             sys.exit(code)
         return code

@@ -644,6 +644,9 @@ class SearchConfig(StartModel):
     pruner: str = option("median", "Optuna pruner that stops bad trials early (max-accuracy only).",
                          OPTUNA_PRUNERS)
     storage: str = option("sqlite:///optuna.db", "Optuna storage: any SQLAlchemy URL.")
+    heartbeat: float = option(30.0, "Seconds between a running trial's heartbeats in the storage. A trial "
+                                    "silent for 3 heartbeats (its worker was killed) is failed, retried once, "
+                                    "and its MLflow run ends KILLED, when a worker next opens the study.")
     study_name: str = option("", "Study name (running again resumes it). Empty: <model>-<dataset>-<mode>.")
     fill_budget: bool = option(True, "Scale each trial's sampled ratios so that it just fits the budget (the "
                                      "samples then share the pruning between layers); false: over-budget trials "
@@ -665,6 +668,7 @@ class SearchConfig(StartModel):
         if self.latency and self.mode != "pareto":
             raise ConfigError("latency=true is an objective of mode pareto (max-accuracy optimises accuracy alone)")
         _positive("trials", self.trials)
+        _positive("heartbeat", self.heartbeat)
         if self.timeout < 0 or self.final_epochs < 0:
             raise ConfigError("timeout and final_epochs must be 0 or more")
         _positive("calib_batches", self.calib_batches)

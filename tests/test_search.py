@@ -379,3 +379,70 @@ def test_a_space_every_layer_fits_starts_from_strictly_uniform_without_a_warning
     for params in study.queued:  # one ratio, one bit-width in every layer
         assert len({v for k, v in params.items() if k.startswith("ratio.")}) == 1
         assert len({v for k, v in params.items() if k.startswith("bits.")}) == 1
+
+
+def test_a_worker_killed_mid_trial_leaves_nothing_running_and_the_trial_is_retried(tmp_path):
+    """kill -9 of a search worker during a trial: the next worker on the study fails the
+    stale trial (no heartbeat), queues it once more, and ends its MLflow runs KILLED."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import mlflow
+    import optuna
+    from optuna.storages import RetryFailedTrialCallback
+
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_EXPERIMENT")}
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path}/mlflow.db"
+    args = [sys.executable, "-m", "mcp", "search", "--model", "tiny_mlp", "--dataset", "synthetic",
+            "--input-shape", "3x8x8", "--num-classes", "4", "--budget-ratio", "0.3", "--heartbeat", "1",
+            "--storage", storage, "--register", "false", "--export", "false", "--benchmark", "false",
+            "--pruner", "none",  # trials long enough (15 epochs) to be caught running
+            "--space", _space(tmp_path, SMALL_SPACE.replace("epochs: [1, 2]", "epochs: [15, 15]"))]
+    log = open(tmp_path / "worker.log", "w")
+    worker = subprocess.Popen([*args, "--trials", "30"], env=env, cwd=tmp_path, stdout=log, stderr=log)
+    killed = None
+    deadline = time.time() + 180
+    try:
+        while killed is None and time.time() < deadline and worker.poll() is None:
+            time.sleep(0.05)
+            try:
+                study = optuna.load_study(study_name="tiny_mlp-synthetic-max-accuracy", storage=storage)
+            except KeyError:
+                continue  # not created yet
+            running = study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+            if running and running[0].number >= 1 and "mlflow_run_id" in running[0].user_attrs:
+                os.kill(worker.pid, signal.SIGKILL)
+                killed = running[0].number
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+        worker.wait()
+    log.close()
+    assert killed is not None, (tmp_path / "worker.log").read_text()[-3000:]
+    time.sleep(3.5)  # three heartbeats of silence: the trial is stale
+
+    again = subprocess.run([*args, "--trials", "2"], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"warning: trial {killed} of study 'tiny_mlp-synthetic-max-accuracy' was left running" in again.stderr
+    study = optuna.load_study(study_name="tiny_mlp-synthetic-max-accuracy", storage=storage)
+    states = {t.number: t.state for t in study.trials}
+    assert states[killed] == optuna.trial.TrialState.FAIL
+    assert optuna.trial.TrialState.RUNNING not in states.values()
+    retried = [t for t in study.trials if RetryFailedTrialCallback.retried_trial_number(t) == killed]
+    assert len(retried) == 1 and retried[0].state == optuna.trial.TrialState.COMPLETE
+    assert retried[0].params == study.trials[killed].params
+
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    try:
+        runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    finally:
+        mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
+    by_id = {r.info.run_id: r for r in runs}
+    killed_run = by_id[study.trials[killed].user_attrs["mlflow_run_id"]]
+    assert killed_run.info.status == "KILLED"
+    assert by_id[killed_run.data.tags["mlflow.parentRunId"]].info.status == "KILLED"  # the dead worker's study run

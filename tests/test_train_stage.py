@@ -216,3 +216,16 @@ def test_an_unreachable_tracking_server_fails_in_seconds_in_one_line(cli, experi
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and f"MLflow tracking server 'http://127.0.0.1:{port}' is not reachable" in lines[0]
     assert runs_of(experiment) == []
+
+
+def test_an_mlflow_setting_the_store_refuses_is_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "MLFLOW_EXPERIMENT_ID": "987654"}
+    result = subprocess.run([sys.executable, "-m", "mcp", "train", *TINY, "--epochs", "1"], env=env, cwd=tmp_path,
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.strip().splitlines() if " INFO " not in line]  # MLflow's migrations
+    assert len(lines) == 1 and lines[0].startswith("error: MLflow: ") and "987654" in lines[0], result.stderr

@@ -58,6 +58,37 @@ def study_settings(cfg: SearchConfig, checked: "Checked") -> dict[str, Any]:
             "budget_bytes": round(checked.budget or 0), "latency": cfg.latency}
 
 
+STALE_HEARTBEATS = 3  # a running trial silent for this many heartbeats is stale (its worker died)
+
+
+def _storage(url: str, heartbeat: float):
+    """Optuna's RDB storage with heartbeats: a trial whose worker was killed (kill -9, a
+    lost host) stops beating, and the next worker to open the study fails it and enqueues
+    it again once (``RetryFailedTrialCallback``), so the study never waits on it."""
+    import warnings
+
+    import optuna
+    from optuna.storages import RetryFailedTrialCallback
+
+    with warnings.catch_warnings():  # both are marked experimental in Optuna; a warning on every call is noise
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(
+            url, heartbeat_interval=max(1, round(heartbeat)),
+            grace_period=max(2, round(STALE_HEARTBEATS * heartbeat)),
+            failed_trial_callback=RetryFailedTrialCallback(max_retry=1))
+
+
+def fail_stale_trials(study) -> list:
+    """Fail the study's stale running trials now (Optuna does it too when a trial starts);
+    returns the frozen trials that were failed."""
+    import optuna
+
+    running = {t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))}
+    optuna.storages.fail_stale_trials(study)
+    return [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))
+            if t.number in running]
+
+
 def open_study(cfg: SearchConfig, checked: "Checked", base_uri: str = ""):
     """Create the study, or load it to resume (same name and storage). Resuming one
     created under other settings (space, budget, objectives) or from another starting
@@ -83,8 +114,8 @@ def open_study(cfg: SearchConfig, checked: "Checked", base_uri: str = ""):
               "none": optuna.pruners.NopPruner()}[cfg.pruner]
     directions = study_directions(cfg.mode == "pareto", cfg.latency)
     try:
-        study = optuna.create_study(storage=cfg.storage, sampler=sampler, pruner=pruner, study_name=cfg.name(),
-                                    directions=directions, load_if_exists=True)
+        study = optuna.create_study(storage=_storage(cfg.storage, cfg.heartbeat), sampler=sampler, pruner=pruner,
+                                    study_name=cfg.name(), directions=directions, load_if_exists=True)
     except Exception as exc:  # noqa: BLE001 - storage URLs fail in many ways (SQLAlchemy, Optuna)
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise McpError(f"cannot open study {cfg.name()!r} in storage {cfg.storage!r}: {first[:200]}") from None

@@ -60,6 +60,7 @@ def run_search(cfg: SearchConfig, show_progress: bool | None = None) -> SearchRe
     checked = check_search(cfg, splits, loaders, base)
     space, space_path, budget = checked.space, checked.space_path, checked.budget
     study = open_study(cfg, checked, base_uri if base is not None else "")
+    _end_stale_trials(study, cfg.name())
 
     params = {**cfg.to_dict(), **{f"data_{k}": v for k, v in splits.summary().items()}, "device_resolved": device,
               "space_file": str(space_path), "budget_bytes": budget or 0, "study_trials_before": len(study.trials)}
@@ -85,6 +86,33 @@ def run_search(cfg: SearchConfig, show_progress: bool | None = None) -> SearchRe
         _log_study(context, trials, winners)
         _deploy(context, winners, show_progress)
         return SearchResult(run.info.run_id, cfg.name(), budget, trials, winners, ref, warning)
+
+
+def _end_stale_trials(study, name: str) -> None:
+    """Trials a killed worker left running: Optuna fails them (and queues each once more);
+    their MLflow runs, and the killed worker's study run, end KILLED, never RUNNING."""
+    import click
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from mcp.search.study import fail_stale_trials
+
+    client = MlflowClient()
+    for trial in fail_stale_trials(study):
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        ended = []
+        while run_id:
+            try:
+                run = client.get_run(run_id)
+            except MlflowException:  # a run in another tracking store: nothing to end here
+                break
+            if run.info.status == "RUNNING":
+                client.set_terminated(run_id, "KILLED")
+                ended.append(run.info.run_name)
+            run_id = run.data.tags.get("mlflow.parentRunId") if run.data.tags.get(schema.STAGE) == "search" else None
+        click.echo(f"warning: trial {trial.number} of study {name!r} was left running by a worker that stopped; "
+                   f"it is failed and queued once more" + (f" (runs ended KILLED: {', '.join(ended)})" if ended
+                                                            else ""), err=True)
 
 
 def _start_uniform(ctx: _Context) -> str:
