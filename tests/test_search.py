@@ -389,6 +389,7 @@ def test_a_worker_killed_mid_trial_leaves_nothing_running_and_the_trial_is_retri
     import subprocess
     import sys
     import time
+    import warnings
 
     import mlflow
     import optuna
@@ -432,7 +433,9 @@ def test_a_worker_killed_mid_trial_leaves_nothing_running_and_the_trial_is_retri
     states = {t.number: t.state for t in study.trials}
     assert states[killed] == optuna.trial.TrialState.FAIL
     assert optuna.trial.TrialState.RUNNING not in states.values()
-    retried = [t for t in study.trials if RetryFailedTrialCallback.retried_trial_number(t) == killed]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retried = [t for t in study.trials if RetryFailedTrialCallback.retried_trial_number(t) == killed]
     assert len(retried) == 1 and retried[0].state == optuna.trial.TrialState.COMPLETE
     assert retried[0].params == study.trials[killed].params
 

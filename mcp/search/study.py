@@ -81,10 +81,14 @@ def _storage(url: str, heartbeat: float):
 def fail_stale_trials(study) -> list:
     """Fail the study's stale running trials now (Optuna does it too when a trial starts);
     returns the frozen trials that were failed."""
+    import warnings
+
     import optuna
 
     running = {t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))}
-    optuna.storages.fail_stale_trials(study)
+    with warnings.catch_warnings():  # experimental in Optuna: no warning on every open
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
     return [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))
             if t.number in running]
 
