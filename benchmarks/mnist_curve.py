@@ -104,8 +104,9 @@ def run(args) -> dict:
             print(f"seed {seed}: baseline {100 * r['baseline']['test']:.2f}%", flush=True)
 
             r.setdefault("budgets", {})
-            device, splits, loaders = setup_data(SearchConfig(model=MODEL, seed=seed, **data))
-            space, _ = load_space(SearchConfig(model=MODEL, seed=seed, **data), base.model, splits.input_shape)
+            probe = SearchConfig(model=MODEL, seed=seed, **data)
+            device, splits, loaders = setup_data(probe)
+            space, _ = load_space(probe, base.model, splits.input_shape)
             for ratio in budgets:
                 if str(ratio) in r["budgets"]:
                     continue  # done by an earlier, interrupted invocation with the same --out

@@ -281,12 +281,6 @@ def test_idx_reads_the_shared_mnist_test_files():
 # ----------------------------------------------------------------------------- augmentation
 
 
-def _shifted_or_flipped(x: torch.Tensor, seen: torch.Tensor) -> tuple[bool, bool]:
-    """(some sample differs from its stored tensor, a horizontal flip explains every difference)."""
-    differs = not torch.equal(x, seen)
-    return differs, torch.equal(x, seen.flip(-1))
-
-
 @pytest.mark.parametrize("name", ["digits", "synthetic"])
 def test_augment_values_on_tensor_datasets(name):
     base = load_dataset(name, input_shape="1x8x8" if name == "synthetic" else None)

@@ -51,9 +51,9 @@ class QuantSpec:
                               f"(0: the method's default)")
         if self.share_biases not in (True, False, "auto"):
             raise ConfigError(f"share_biases={self.share_biases!r} is not allowed; use true, false or auto")
-        for where, b in [*((f"bits of layer {k}", v) for k, v in self.layer_bits.items())]:
+        for layer, b in self.layer_bits.items():
             if not (isinstance(b, int) and MIN_BITS <= b <= MAX_BITS):
-                raise ConfigError(f"{where}={b!r} is outside the allowed bit-widths {MIN_BITS}-{MAX_BITS}")
+                raise ConfigError(f"bits of layer {layer}={b!r} is outside the allowed bit-widths {MIN_BITS}-{MAX_BITS}")
         if self.act_bits and not MIN_BITS <= self.act_bits <= MAX_BITS:
             raise ConfigError(f"act_bits={self.act_bits!r} must be 0 (float activations) or {MIN_BITS}-{MAX_BITS}")
         if self.observer not in OBSERVERS:

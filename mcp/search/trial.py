@@ -103,20 +103,6 @@ def finetune_quantized(model: nn.Module, input_shape: Sequence[int], tc: TrialCo
     return Finetuned(model, encode_model(model, entries, CODING), quantizer, entries)
 
 
-def uniform_at_budget(base: nn.Module, input_shape: Sequence[int], space, bits: int, budget: float, calib,
-                      device: str, seed: int = 0, steps: int = 12, on: str = "compressed"):
-    """The smallest single prune ratio (within every unit's range) at which ``bits`` in every
-    layer fits ``budget``, found by bisection on encoded sizes; None when none fits."""
-    from mcp.search.space import uniform
-
-    lo = max(r[0] for r in space.ratio_of.values())
-    hi = min(r[1] for r in space.ratio_of.values())
-    if lo > hi:
-        return None
-    return ratio_at_budget(base, input_shape, lambda r: uniform(space, r, bits, space.epochs[1], space.lr[0]),
-                           lo, hi, budget, calib, device, seed, steps, on)
-
-
 def ratio_at_budget(base: nn.Module, input_shape: Sequence[int], config: Callable[[float], TrialConfig], lo: float,
                     hi: float, budget: float, calib, device: str, seed: int = 0, steps: int = 12,
                     on: str = "compressed") -> float | None:

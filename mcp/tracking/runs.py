@@ -17,6 +17,7 @@ def _mlflow():
 
 
 REACH_TIMEOUT_S = 5.0
+_REACHED: set[str] = set()  # servers that answered: checked once per process
 
 
 def check_tracking_server(uri: str | None = None) -> None:
@@ -27,13 +28,14 @@ def check_tracking_server(uri: str | None = None) -> None:
     import urllib.request
 
     uri = uri if uri is not None else _mlflow().get_tracking_uri()
-    if not uri.startswith(("http://", "https://")):
+    if not uri.startswith(("http://", "https://")) or uri in _REACHED:
         return
     from mcp.errors import McpError
 
     try:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=REACH_TIMEOUT_S) as reply:
             if reply.status == 200:
+                _REACHED.add(uri)
                 return
             reason = f"HTTP {reply.status} from /health"
     except urllib.error.HTTPError as exc:
