@@ -7,6 +7,7 @@ logged params can never disagree. Precedence: defaults < --config FILE < command
 from __future__ import annotations
 
 import dataclasses
+import os
 import signal
 import sys
 from typing import Any, Callable
@@ -75,7 +76,13 @@ def _fail(message: str) -> None:
 
 
 def _terminated(signum: int, frame: Any) -> None:
-    """SIGTERM (a scheduler or `kill`) unwinds like Ctrl-C, so the open runs end KILLED."""
+    """SIGTERM (a scheduler or `kill`) and Ctrl-C unwind as KeyboardInterrupt, so the open
+    runs end KILLED; one that arrives during a write to the tracking store waits for it
+    (:func:`mcp.tracking.runs.on_stop_signal`)."""
+    runs = sys.modules.get("mcp.tracking.runs")  # not loaded yet: nothing is being written
+    if runs is not None:
+        runs.on_stop_signal(signum, frame)
+        return
     raise KeyboardInterrupt(f"signal {signum}")
 
 
@@ -100,6 +107,8 @@ class _OneLineErrors(click.Group):
         except click.Abort:
             click.echo("Aborted!", err=True)
             sys.exit(1)
+        except OSError as exc:  # the disk is full, a folder is not writable or not a folder: one line, not a traceback
+            _fail(" ".join(str(exc).split())[:300] or type(exc).__name__)
         except Exception as exc:  # MLflow refusing the store's settings (an unknown experiment, a bad URI)
             if not type(exc).__module__.startswith("mlflow."):
                 raise
@@ -114,6 +123,9 @@ class _OneLineErrors(click.Group):
 def main() -> None:
     """mcp: a tracked model compression pipeline (train, prune, quantize, distill, search, export)."""
     signal.signal(signal.SIGTERM, _terminated)
+    signal.signal(signal.SIGINT, _terminated)
+    # with a tracking server MLflow prints two "View run" links per run (a search makes dozens); mcp prints its own
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 def _run_stage(ctx: click.Context, kwargs: dict[str, Any], config_cls: type[StageConfig], run: Any):

@@ -638,12 +638,15 @@ class SearchConfig(StartModel):
                             BUDGET_MEASURES)
     latency: bool = option(False, "pareto: CPU latency as a third objective (ONNX Runtime p50 at batch 1, one "
                                   "thread, of each trial's deployable ONNX model, timed in a process of its own).")
-    trials: int = option(20, "Trials to add to the study in this call.")
+    trials: int = option(20, "Trials the study runs in all: a total that every worker of the study shares "
+                             "(running the command again resumes up to it; raise it to add trials).")
     timeout: float = option(0.0, "Stop adding trials after this many seconds (0: no limit).")
     sampler: str = option("tpe", "Optuna sampler (both honour the budget as a constraint).", SAMPLERS)
     pruner: str = option("median", "Optuna pruner that stops bad trials early (max-accuracy only).",
                          OPTUNA_PRUNERS)
-    storage: str = option("sqlite:///optuna.db", "Optuna storage: any SQLAlchemy URL.")
+    storage: str = option("", "Optuna storage: any SQLAlchemy URL; every worker of a study names the same one "
+                              "(PostgreSQL beyond one machine). Empty: optuna.db beside the SQLite tracking "
+                              "database (required with a tracking server).")
     heartbeat: float = option(30.0, "Seconds between a running trial's heartbeats in the storage. A trial "
                                     "silent for 3 heartbeats (its worker was killed) is failed, retried once, "
                                     "and its MLflow run ends KILLED, when a worker next opens the study.")
@@ -672,8 +675,6 @@ class SearchConfig(StartModel):
         if self.timeout < 0 or self.final_epochs < 0:
             raise ConfigError("timeout and final_epochs must be 0 or more")
         _positive("calib_batches", self.calib_batches)
-        if not self.storage.strip():
-            raise ConfigError("storage='' must be an SQLAlchemy URL, e.g. sqlite:///optuna.db")
 
     def name(self) -> str:
         return self.study_name or f"{self.model}-{self.dataset}-{self.mode}"
@@ -700,8 +701,9 @@ class PipelineConfig(ModelSource):
     budget_on: str = option("compressed", "Search step: what the budget measures (see `mcp search`).",
                             BUDGET_MEASURES)
     space: str = option("", "Search step: search space YAML (empty: the model family's file).")
-    trials: int = option(20, "Search step: trials to add to the study.")
-    storage: str = option("sqlite:///optuna.db", "Search step: Optuna storage (SQLAlchemy URL).")
+    trials: int = option(20, "Search step: trials the study runs in all (shared by its workers).")
+    storage: str = option("", "Search step: Optuna storage (SQLAlchemy URL). Empty: optuna.db beside the SQLite "
+                              "tracking database.")
     study_name: str = option("", "Search step: study name. Empty: pipeline-<model>-<dataset>-v<baseline "
                                  "version>, so a new baseline starts a new study and the same one resumes it.")
     final_epochs: int = option(8, "Search step: fine-tuning epochs of the rebuilt winner.")

@@ -132,7 +132,7 @@ def test_a_tiny_study_tracks_every_trial_registers_its_winner_and_resumes(experi
     assert {"export", "benchmark"} <= {r.data.tags["mcp.stage"] for r in children}
     assert winner["latency_ms_p50_cpu"] > 0 and winner["speedup_p50_cpu"] > 0
 
-    again = run_search(cfg.replace(trials=3, export=False, benchmark=False), show_progress=False)  # resumes
+    again = run_search(cfg.replace(trials=8, export=False, benchmark=False), show_progress=False)  # resumes to 8
     assert len(again.trials) == 8 and [t["number"] for t in again.trials] == list(range(8))
     assert MlflowClient().get_run(again.run_id).data.params["study_trials_before"] == "5"
 
@@ -245,6 +245,7 @@ def test_non_dominated_points():
     (["--space", "missing.yaml"], "search space 'missing.yaml' does not exist"),
     (["--budget-ratio", "0"], "mode max-accuracy needs a budget"),
     (["--storage", "nosuchdb://x"], "cannot open study"),
+    (["--storage", "postgresql://mcp@127.0.0.1:1/optuna"], "cannot open study"),  # nothing listens: in seconds
     (["--trials", "0"], "trials=0 must be positive"),
     (["--latency"], "latency=true is an objective of mode pareto"),
 ])
@@ -286,7 +287,8 @@ def test_resuming_under_other_settings_or_from_another_model_is_refused_before_a
                                        "models:/tiny_mlp-synthetic/2"):
         run_search(cfg, show_progress=False)
     assert len(runs_of(experiment)) == before
-    assert len(run_search(cfg.replace(model_uri="models:/tiny_mlp-synthetic/1"), show_progress=False).trials) == 2
+    assert len(run_search(cfg.replace(model_uri="models:/tiny_mlp-synthetic/1", trials=2),
+                          show_progress=False).trials) == 2
 
 
 def test_a_resumed_study_reuses_its_registered_winner_and_its_onnx_version(experiment, tmp_path, monkeypatch):
@@ -301,8 +303,8 @@ def test_a_resumed_study_reuses_its_registered_winner_and_its_onnx_version(exper
         raise ValueError("no fine-tuning in this call")
 
     monkeypatch.setattr(trial_module, "finetune_quantized", broken)  # the new trial fails; a rebuild would too
-    again = run_search(cfg.replace(trials=1), show_progress=False)
-    assert again.trials[-1]["state"] == "failed"
+    again = run_search(cfg.replace(trials=3), show_progress=False)  # one more trial: it fails, and its retries
+    assert [t["state"] for t in again.trials[2:]] == ["failed"] * 3
     (winner,) = again.winners
     assert winner["reused"] and winner["trial"] == first["trial"]
     assert (winner["version"], winner["onnx_version"], winner["alias"]) == (first["version"], first["onnx_version"],
@@ -364,7 +366,7 @@ def test_a_space_every_layer_fits_starts_from_strictly_uniform_without_a_warning
         def __init__(self):
             self.queued = []
 
-        def enqueue_trial(self, params):
+        def enqueue_trial(self, params, skip_if_exists=False):
             self.queued.append(params)
 
     run_train(TrainConfig(model="tiny_mlp", epochs=1, **TINY), show_progress=False)
@@ -381,6 +383,7 @@ def test_a_space_every_layer_fits_starts_from_strictly_uniform_without_a_warning
         assert len({v for k, v in params.items() if k.startswith("bits.")}) == 1
 
 
+@pytest.mark.slow  # a real kill -9; the fast test_scale_out checks the same sweep in-process
 def test_a_worker_killed_mid_trial_leaves_nothing_running_and_the_trial_is_retried(tmp_path):
     """kill -9 of a search worker during a trial: the next worker on the study fails the
     stale trial (no heartbeat), queues it once more, and ends its MLflow runs KILLED."""
@@ -393,7 +396,7 @@ def test_a_worker_killed_mid_trial_leaves_nothing_running_and_the_trial_is_retri
 
     import mlflow
     import optuna
-    from optuna.storages import RetryFailedTrialCallback
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
 
     storage = f"sqlite:///{tmp_path}/optuna.db"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_EXPERIMENT")}
@@ -404,7 +407,8 @@ def test_a_worker_killed_mid_trial_leaves_nothing_running_and_the_trial_is_retri
             "--pruner", "none",  # trials long enough (15 epochs) to be caught running
             "--space", _space(tmp_path, SMALL_SPACE.replace("epochs: [1, 2]", "epochs: [15, 15]"))]
     log = open(tmp_path / "worker.log", "w")
-    worker = subprocess.Popen([*args, "--trials", "30"], env=env, cwd=tmp_path, stdout=log, stderr=log)
+    args += ["--trials", "3"]
+    worker = subprocess.Popen(args, env=env, cwd=tmp_path, stdout=log, stderr=log)
     killed = None
     deadline = time.time() + 180
     try:
@@ -426,7 +430,7 @@ def test_a_worker_killed_mid_trial_leaves_nothing_running_and_the_trial_is_retri
     assert killed is not None, (tmp_path / "worker.log").read_text()[-3000:]
     time.sleep(3.5)  # three heartbeats of silence: the trial is stale
 
-    again = subprocess.run([*args, "--trials", "2"], env=env, cwd=tmp_path, capture_output=True, text=True)
+    again = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True)  # the same command
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"warning: trial {killed} of study 'tiny_mlp-synthetic-max-accuracy' was left running" in again.stderr
     study = optuna.load_study(study_name="tiny_mlp-synthetic-max-accuracy", storage=storage)
@@ -435,9 +439,11 @@ def test_a_worker_killed_mid_trial_leaves_nothing_running_and_the_trial_is_retri
     assert optuna.trial.TrialState.RUNNING not in states.values()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        retried = [t for t in study.trials if RetryFailedTrialCallback.retried_trial_number(t) == killed]
+        retried = [t for t in study.trials if RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == killed]
     assert len(retried) == 1 and retried[0].state == optuna.trial.TrialState.COMPLETE
     assert retried[0].params == study.trials[killed].params
+    # it resumed to the requested total: 3 finished trials besides the killed one
+    assert sorted(t.state.name for t in study.trials) == ["COMPLETE"] * 3 + ["FAIL"]
 
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     try:

@@ -82,8 +82,8 @@ def trial_latency(tuned, shape) -> float:
         return float(measure_onnx(path, shape, "cpu", 1, batch=8, warmup=20, iters=100, seconds=0.5)["p50_ms"])
 
 
-def make_objective(problem: SearchProblem, open_log: Callable[[Any], ContextManager[TrialLog]] = no_log,
-                   on_trial_end: Callable[[], None] | None = None) -> Callable[[Any], float | tuple[float, ...]]:
+def make_objective(problem: SearchProblem, open_log: Callable[[Any], ContextManager[TrialLog]] = no_log
+                   ) -> Callable[[Any], float | tuple[float, ...]]:
     """The function ``study.optimize`` calls: one trial, its measurements sent to the log
     ``open_log(trial)`` opens, its state kept in the trial's user attribute ``state``."""
     import optuna
@@ -161,9 +161,6 @@ def make_objective(problem: SearchProblem, open_log: Callable[[Any], ContextMana
             except Exception:
                 set_state(trial, log, "failed")
                 raise
-            finally:
-                if on_trial_end is not None:
-                    on_trial_end()
         if outcome == ["pruned"]:
             raise optuna.TrialPruned()
         return tuple(outcome) if p.pareto else outcome[0]
@@ -269,7 +266,8 @@ def enqueue_uniform(study, problem: SearchProblem, max_accuracy: bool, limit: in
             break
         ratio = smallest_fitting(lambda r, b=bits: uniform(space, r, b, epochs, lr), lo, hi)
         if ratio is not None:
-            study.enqueue_trial(_start_params(space, {u: ratio for u in units}, {u: bits for u in units}))
+            study.enqueue_trial(_start_params(space, {u: ratio for u in units}, {u: bits for u in units}),
+                                skip_if_exists=True)
             start.kind = "uniform"
             start.queued.append(f"ratio {ratio:.4f} and {bits} bits in every layer")
             continue
@@ -292,7 +290,7 @@ def enqueue_uniform(study, problem: SearchProblem, max_accuracy: bool, limit: in
             continue
         ratios = {u: clipped_ratio(space, u, ratio) for u in units}
         widths = {u: allowed_bits(space.bits_of[u], bits) for u in units}
-        study.enqueue_trial(_start_params(space, ratios, widths))
+        study.enqueue_trial(_start_params(space, ratios, widths), skip_if_exists=True)
         start.kind = "uniform where allowed"
         clipped = [f"{u} at {ratios[u]:g}" + (f", {widths[u]} bits" if widths[u] != bits else "")
                    for u in units if (ratios[u], widths[u]) != (ratio, bits)]

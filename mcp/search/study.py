@@ -61,21 +61,80 @@ def study_settings(cfg: SearchConfig, checked: "Checked") -> dict[str, Any]:
 STALE_HEARTBEATS = 3  # a running trial silent for this many heartbeats is stale (its worker died)
 
 
+_STORAGES: dict[tuple[str, int], Any] = {}
+
+
 def _storage(url: str, heartbeat: float):
     """Optuna's RDB storage with heartbeats: a trial whose worker was killed (kill -9, a
     lost host) stops beating, and the next worker to open the study fails it and enqueues
-    it again once (``RetryFailedTrialCallback``), so the study never waits on it."""
+    it again once (``RetryFailedTrialCallback``), so the study never waits on it. Workers
+    that start together on a fresh database all create Optuna's tables: the losers of
+    that race retry and find them. One storage per URL and process."""
+    import inspect
+    import time
     import warnings
 
     import optuna
-    from optuna.storages import RetryFailedTrialCallback
 
-    with warnings.catch_warnings():  # both are marked experimental in Optuna; a warning on every call is noise
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(
-            url, heartbeat_interval=max(1, round(heartbeat)),
-            grace_period=max(2, round(STALE_HEARTBEATS * heartbeat)),
-            failed_trial_callback=RetryFailedTrialCallback(max_retry=1))
+    # Optuna 4.9 renamed the callback (the old name warns); both requeue a stale trial once
+    retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or \
+        optuna.storages.RetryFailedTrialCallback
+    callback = ("heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in
+                inspect.signature(optuna.storages.RDBStorage).parameters else "failed_trial_callback")
+    key = (url, max(1, round(heartbeat)))
+    if key in _STORAGES:
+        return _STORAGES[key]
+    engine_kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite"):
+        engine_kwargs["connect_args"] = {"timeout": 60}  # many workers on one file wait for its lock
+    elif url.startswith("postgresql"):
+        engine_kwargs["connect_args"] = {"connect_timeout": 10}  # an unreachable server fails in seconds
+    for attempt in range(6):
+        try:
+            with warnings.catch_warnings(), sqlite_creation_lock(url):
+                # both are marked experimental in Optuna; a warning on every call is noise
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                storage = optuna.storages.RDBStorage(
+                    url, engine_kwargs=engine_kwargs, heartbeat_interval=key[1],
+                    grace_period=max(2, round(STALE_HEARTBEATS * heartbeat)), **{callback: retry(max_retry=1)})
+            break
+        except Exception as exc:  # noqa: BLE001 - only the table-creation race is retried
+            text = f"{type(exc).__name__} {exc}"
+            if attempt == 5 or not any(s in text for s in ("IntegrityError", "already exists", "locked",
+                                                           "UniqueViolation", "duplicate key")):
+                raise
+            time.sleep(0.3 * (attempt + 1))
+    _STORAGES[key] = storage
+    return storage
+
+
+def sqlite_creation_lock(url: str):
+    """For a SQLite file: an exclusive lock on its folder while a store is opened, so that
+    processes starting together do not run the same table migrations at once (which
+    fails, or half-migrates the file). A no-op for other databases."""
+    import contextlib
+
+    from mcp.locking import folder_lock
+
+    if not url.startswith("sqlite:///"):
+        return contextlib.nullcontext()
+    return folder_lock(Path(url[len("sqlite:///"):]).parent)
+
+
+def default_storage(tracking_uri: str) -> str:
+    """The study lives beside the runs it refers to: ``optuna.db`` next to a SQLite
+    tracking database (or a local ``mlruns`` folder). A tracking server or any other store
+    has no such place, so ``--storage`` must name the database its workers share."""
+    from urllib.parse import urlparse
+
+    if tracking_uri.startswith("sqlite:///"):
+        return f"sqlite:///{Path(tracking_uri[len('sqlite:///'):]).parent / 'optuna.db'}"
+    parsed = urlparse(tracking_uri)
+    if parsed.scheme in ("", "file") and not tracking_uri.startswith("databricks"):
+        return f"sqlite:///{Path(parsed.path or tracking_uri).parent / 'optuna.db'}"
+    raise ConfigError(f"storage='' needs a local tracking store to put the study beside, and the tracking URI is "
+                      f"{tracking_uri!r}; pass --storage with the database every worker shares, e.g. "
+                      f"postgresql://user:password@host/optuna")
 
 
 def fail_stale_trials(study) -> list:
@@ -200,12 +259,10 @@ def check_search(cfg: SearchConfig, splits, loaders, base) -> Checked:
     return Checked(space, space_path, calib, budget)
 
 
-def check_storage(url: str) -> None:
+def check_storage(url: str, heartbeat: float = 30.0) -> None:
     """Connect to the Optuna storage now (creating its tables), or fail in one line."""
-    import optuna
-
     try:
-        optuna.storages.get_storage(url)
+        _storage(url, heartbeat)
     except Exception as exc:  # noqa: BLE001 - storage URLs fail in many ways (SQLAlchemy, Optuna)
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise McpError(f"cannot open Optuna storage {url!r}: {first[:200]}") from None

@@ -22,7 +22,16 @@ import torch
 from mcp.config import SearchConfig
 from mcp.errors import McpError
 from mcp.search.objective import SearchProblem, enqueue_uniform, make_objective, trial_table
-from mcp.search.study import SIZE_KEY, check_search, open_study, remember_base, within_budget
+from mcp.search.claims import Claims
+from mcp.search.study import (
+    SIZE_KEY,
+    STALE_HEARTBEATS,
+    check_search,
+    default_storage,
+    open_study,
+    remember_base,
+    within_budget,
+)
 from mcp.tracking import schema
 
 STATE_TAG = schema.TRIAL_STATE
@@ -49,10 +58,13 @@ def run_search(cfg: SearchConfig, show_progress: bool | None = None) -> SearchRe
         setup_data,
         tag_baseline,
     )
-    from mcp.stages.train import run_baseline
     from mcp.training import evaluate
 
     device, splits, loaders = setup_data(cfg)
+    if not cfg.storage:
+        import mlflow
+
+        cfg = cfg.replace(storage=default_storage(mlflow.get_tracking_uri()))
     base, base_uri = find_base_model(cfg.model, cfg.model_uri, cfg.dataset, splits, cfg.trust_pickled_model)
     arch, registered = lineage(base, base_uri, cfg.model, cfg.dataset)
     if arch != cfg.model and not cfg.study_name:  # an imported model: its own study, not the zoo model's
@@ -60,59 +72,164 @@ def run_search(cfg: SearchConfig, show_progress: bool | None = None) -> SearchRe
     checked = check_search(cfg, splits, loaders, base)
     space, space_path, budget = checked.space, checked.space_path, checked.budget
     study = open_study(cfg, checked, base_uri if base is not None else "")
-    _end_stale_trials(study, cfg.name())
+    check_tracking_store(study, cfg)
+    claims = Claims(cfg.storage, cfg.name(), heartbeat=cfg.heartbeat, grace=STALE_HEARTBEATS * cfg.heartbeat)
 
     params = {**cfg.to_dict(), **{f"data_{k}": v for k, v in splits.summary().items()}, "device_resolved": device,
               "space_file": str(space_path), "budget_bytes": budget or 0, "study_trials_before": len(study.trials)}
     tags = {schema.MODEL: arch, schema.DATASET: cfg.dataset, schema.PARENT_MODEL: base_uri,
             schema.STUDY_NAME: cfg.name(), schema.SEARCH_MODE: cfg.mode}
-    with tracking.stage_run("search", params, tags, run_name=f"search-{cfg.name()}") as run:
-        tracking.runs.set_tag(schema.SPACE, space_path.read_text())
-        if base is None:
-            base, base_uri = run_baseline(cfg, show_progress)
-            remember_base(study, cfg, base_uri)
-        parent_accuracy = evaluate(base.to(device), loaders[2], device)["accuracy"]
-        ref = lineage_baseline(base, base_uri, loaders[2], device, parent_accuracy, cfg.trust_pickled_model)
-        tag_baseline(ref)
-        tracking.log_metrics({"parent_test_accuracy": parent_accuracy, "baseline_test_accuracy": ref.test_accuracy})
-        context = _Context(cfg, space, base, base_uri, splits, loaders, device, budget, study, checked.calib,
-                           size_bytes_fp32(base), registered, ref, parent_accuracy)
-        warning = ""
-        if not study.trials:
-            warning = _start_uniform(context)
-        _optimize(context, show_progress)
-        trials = trial_table(study, cfg.budget_on)
-        winners = _winners(context, trials)
-        _log_study(context, trials, winners)
-        _deploy(context, winners, show_progress)
-        return SearchResult(run.info.run_id, cfg.name(), budget, trials, winners, ref, warning)
+    try:
+        with tracking.stage_run("search", params, tags, run_name=f"search-{cfg.name()}") as run:
+            remember_tracking_store(study, run.info.run_id)
+            claims.note = run.info.run_id  # what a worker that takes over this one's work ends KILLED
+            tracking.runs.set_tag(schema.SPACE, space_path.read_text())
+            if base is None:  # the first worker trains the baseline; the others wait for it and start from it
+                base, base_uri = _agreed_baseline(cfg, claims, splits, show_progress)
+                remember_base(study, cfg, base_uri)
+                tracking.runs.set_tag(schema.PARENT_MODEL, base_uri)
+            parent_accuracy = evaluate(base.to(device), loaders[2], device)["accuracy"]
+            ref = lineage_baseline(base, base_uri, loaders[2], device, parent_accuracy, cfg.trust_pickled_model)
+            tag_baseline(ref)
+            tracking.log_metrics({"parent_test_accuracy": parent_accuracy,
+                                  "baseline_test_accuracy": ref.test_accuracy})
+            context = _Context(cfg, space, base, base_uri, splits, loaders, device, budget, study, checked.calib,
+                               size_bytes_fp32(base), registered, ref, parent_accuracy)
+            warning, _ = claims.once("uniform-start", lambda: _start_uniform(context),  # one worker queues them
+                                     taken_over=took_over(cfg, "queue the uniform starting trials"))
+            _optimize(context, claims, show_progress)
+            trials = trial_table(study, cfg.budget_on)
+            winners = _final(context, claims, trials, show_progress)
+            _log_study(context, trials, winners)
+            return SearchResult(run.info.run_id, cfg.name(), budget, trials, winners, ref, warning)
+    finally:
+        claims.close()
 
 
-def _end_stale_trials(study, name: str) -> None:
-    """Trials a killed worker left running: Optuna fails them (and queues each once more);
-    their MLflow runs, and the killed worker's study run, end KILLED, never RUNNING."""
-    import click
-    from mlflow import MlflowClient
+TRACKING_RUN_ATTR = "mcp_tracking_run"  # the study's user attribute: a run of the store it was made with
+
+
+def check_tracking_store(study, cfg: SearchConfig) -> None:
+    """Refuse a study made with another tracking store: its trials' runs are not in this one."""
+    import mlflow
     from mlflow.exceptions import MlflowException
+
+    made_with = study.user_attrs.get(TRACKING_RUN_ATTR)
+    if not made_with:
+        return
+    try:
+        mlflow.MlflowClient().get_run(made_with)
+    except MlflowException:
+        raise McpError(f"study {cfg.name()!r} in {cfg.storage!r} was made with another tracking store (run "
+                       f"{made_with} is not in {mlflow.get_tracking_uri()!r}); set MLFLOW_TRACKING_URI to that "
+                       f"store, or use --study-name or --storage to start a new study") from None
+
+
+def remember_tracking_store(study, run_id: str) -> None:
+    if not study.user_attrs.get(TRACKING_RUN_ATTR):
+        study.set_user_attr(TRACKING_RUN_ATTR, run_id)
+
+
+def _agreed_baseline(cfg: SearchConfig, claims, splits, show_progress: bool | None):
+    """Train and register the baseline once for all the study's workers: the first to ask
+    trains it; the others wait and start from the version it registered."""
+    import click
+
+    from mcp.stages.common import find_base_model
+    from mcp.stages.train import run_baseline
+
+    trained: list = []
+
+    def train() -> str:
+        model, uri = run_baseline(cfg, show_progress)
+        trained.append(model)
+        return uri
+
+    uri, mine = claims.once("baseline", train, taken_over=took_over(cfg, "train the baseline"),
+                            waiting=lambda row: click.echo(f"study {cfg.name()!r}: waiting for worker {row['owner']} "
+                                                           f"to train the baseline", err=True))
+    if mine:
+        return trained[0], uri
+    base, _ = find_base_model(cfg.model, uri, cfg.dataset, splits, cfg.trust_pickled_model)
+    return base, uri
+
+
+def _sweep(study, name: str, claims) -> None:
+    """Trials a killed worker left running: Optuna fails them (and queues each once more);
+    their MLflow runs, and the killed worker's study run, end KILLED, never RUNNING. The
+    tickets of failed trials (and of a worker that died holding one before its trial
+    started) are released, so that the study still reaches its total."""
+    import datetime
+    import time
+
+    import click
+    import optuna
 
     from mcp.search.study import fail_stale_trials
 
-    client = MlflowClient()
-    for trial in fail_stale_trials(study):
-        run_id = trial.user_attrs.get("mlflow_run_id")
-        ended = []
-        while run_id:
-            try:
-                run = client.get_run(run_id)
-            except MlflowException:  # a run in another tracking store: nothing to end here
-                break
-            if run.info.status == "RUNNING":
-                client.set_terminated(run_id, "KILLED")
-                ended.append(run.info.run_name)
-            run_id = run.data.tags.get("mlflow.parentRunId") if run.data.tags.get(schema.STAGE) == "search" else None
+    def warn(trial, what: str) -> None:
+        ended = end_dead_runs(trial.user_attrs.get("mlflow_run_id", ""))
         click.echo(f"warning: trial {trial.number} of study {name!r} was left running by a worker that stopped; "
-                   f"it is failed and queued once more" + (f" (runs ended KILLED: {', '.join(ended)})" if ended
-                                                            else ""), err=True)
+                   f"it is {what}" + (f" (runs ended KILLED: {', '.join(ended)})" if ended else ""), err=True)
+
+    for trial in fail_stale_trials(study):
+        warn(trial, "failed and queued once more")
+    # A worker killed before its trial's first heartbeat leaves a running trial Optuna never
+    # calls stale; the claim on the trial (kept fresh by the worker's own heartbeat) tells.
+    # Twice the grace: Optuna's own check (which also queues the trial again) comes first.
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        row = claims.get(f"run-{trial.number}")
+        since = time.time() - row["beat"] if row else (datetime.datetime.now() - trial.datetime_start).total_seconds()
+        if since > 2 * claims.grace and (row is None or claims.take_over(row)):
+            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+            warn(trial, "failed")
+    states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
+    for row in claims.rows("ticket-"):
+        if row["value"] == "" and claims.stale(row):
+            claims.release(row["key"], row)
+        elif row["value"] and states.get(int(row["value"])) == optuna.trial.TrialState.FAIL:
+            claims.release(row["key"], row)
+
+
+def end_dead_runs(run_id: str) -> list[str]:
+    """End KILLED what a dead worker left RUNNING: ``run_id``, the search runs above it (up
+    to the worker's own top run) and every run still RUNNING below those. Returns their names."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client, ended, dead = MlflowClient(), [], []
+    while run_id:
+        try:
+            run = client.get_run(run_id)
+        except MlflowException:  # a run in another tracking store: nothing to end here
+            break
+        if run.info.status == "RUNNING":
+            client.set_terminated(run_id, "KILLED")
+            ended.append(run.info.run_name)
+            dead.append(run)
+        run_id = run.data.tags.get("mlflow.parentRunId") if run.data.tags.get(schema.STAGE) == "search" else None
+    while dead:
+        run = dead.pop()
+        for child in client.search_runs([run.info.experiment_id],
+                                        f"tags.mlflow.parentRunId = '{run.info.run_id}' and "
+                                        f"attributes.status = 'RUNNING'"):
+            client.set_terminated(child.info.run_id, "KILLED")
+            ended.append(child.info.run_name)
+            dead.append(child)
+    return ended
+
+
+def took_over(cfg: SearchConfig, what: str):
+    """What a worker does when it takes over work a dead worker had claimed: end that
+    worker's runs KILLED, and say so in one line."""
+    import click
+
+    def taken_over(dead_run: str) -> None:
+        ended = end_dead_runs(dead_run)
+        click.echo(f"warning: the worker that was to {what} for study {cfg.name()!r} stopped; this one does it"
+                   + (f" (runs ended KILLED: {', '.join(ended)})" if ended else ""), err=True)
+
+    return taken_over
 
 
 def _start_uniform(ctx: _Context) -> str:
@@ -158,17 +275,24 @@ class _Context:
                              cfg.latency, cfg.distill, cfg.seed, float(self.base_fp32))
 
 
-def _optimize(ctx: _Context, show_progress: bool | None) -> None:
-    """Run ``--trials`` trials of the core objective; each trial is a nested run."""
+def _optimize(ctx: _Context, claims, show_progress: bool | None) -> None:
+    """Run trials until the study has ``--trials`` in all, however many workers share it:
+    each trial needs a ticket (``ticket-<i>``, i < the total) that only one worker can
+    claim. Then wait for the other workers' running trials, so that every worker chooses
+    the winners from the same finished study."""
     import contextlib
+    import time
 
+    import click
+    import optuna
     from tqdm.auto import tqdm
 
     from mcp import tracking
 
-    cfg = ctx.cfg
-    bar = tqdm(total=cfg.trials, desc=f"search {cfg.name()}", unit="trial",
-               disable=None if show_progress is None else not show_progress)
+    cfg, study = ctx.cfg, ctx.study
+    done_states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    bar = tqdm(total=cfg.trials, initial=min(cfg.trials, len(study.get_trials(deepcopy=False, states=done_states))),
+               desc=f"search {cfg.name()}", unit="trial", disable=None if show_progress is None else not show_progress)
 
     class RunLog:
         def metrics(self, values: dict[str, float], step: int | None = None) -> None:
@@ -185,10 +309,125 @@ def _optimize(ctx: _Context, show_progress: bool | None) -> None:
             trial.set_user_attr("mlflow_run_id", run.info.run_id)
             yield RunLog()
 
-    objective = make_objective(ctx.problem, trial_run, lambda: bar.update(1))
-    ctx.study.optimize(objective, n_trials=cfg.trials, timeout=cfg.timeout or None,
-                       catch=(RuntimeError, ValueError, McpError))
+    objective = make_objective(ctx.problem, trial_run)
+    started, attempts, waited = time.monotonic(), 0, False
+    poll = min(2.0, cfg.heartbeat)
+    while True:
+        _sweep(study, cfg.name(), claims)
+        out_of_time = bool(cfg.timeout) and time.monotonic() - started > cfg.timeout
+        ticket = None if out_of_time or attempts >= cfg.trials else _take_ticket(claims, cfg.trials)
+        if ticket is not None:
+            attempts += 1  # a worker tries at most --trials trials per call, whatever fails
+            if _run_trial(ctx, claims, ticket, objective):
+                bar.update(1)
+            continue
+        if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            break
+        if not waited and show_progress is not False:
+            click.echo(f"study {cfg.name()!r}: waiting for other workers' running trials", err=True)
+            waited = True
+        time.sleep(poll)
     bar.close()
+
+
+def _take_ticket(claims, total: int) -> str | None:
+    """Claim the lowest free ticket below the study's total, or None when all are held."""
+    held = {row["key"] for row in claims.rows("ticket-")}
+    for i in range(total):
+        key = f"ticket-{i}"
+        if key not in held and claims.claim(key):
+            return key
+    return None
+
+
+class _TrialHeartbeat:
+    """Beat a running trial in Optuna's storage, as ``study.optimize`` does, so that a
+    worker that dies leaves a trial the others see as stale."""
+
+    def __init__(self, storage, trial_id: int, interval: float):
+        import threading
+
+        self._stop = threading.Event()
+
+        def beat() -> None:
+            while True:
+                try:
+                    storage.record_heartbeat(trial_id)
+                except Exception:  # noqa: BLE001 - a missed beat is retried at the next interval
+                    pass
+                if self._stop.wait(interval):
+                    return
+
+        self._thread = threading.Thread(target=beat, name="mcp-trial-heartbeat", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _run_trial(ctx: _Context, claims, ticket: str, objective) -> bool:
+    """Ask Optuna for the next trial (a queued one first), run it under ``ticket`` and tell
+    Optuna how it ended; True when it finished (complete, pruned or infeasible)."""
+    import warnings
+
+    import click
+    import optuna
+
+    from mcp.search.study import _storage
+
+    study, cfg = ctx.study, ctx.cfg
+    # Optuna says heartbeats are meant for study.optimize: this loop beats the trial itself
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used", category=UserWarning)
+    for _ in range(5):
+        trial = study.ask()
+        if claims.claim(f"run-{trial.number}"):
+            break
+        # two workers popped the same queued trial at once (SQLite reads without locking): the other runs it
+    else:
+        claims.release(ticket)
+        return False
+    claims.set_value(ticket, str(trial.number))
+    beat = _TrialHeartbeat(_storage(cfg.storage, cfg.heartbeat), trial._trial_id, cfg.heartbeat)
+    try:
+        values = objective(trial)
+    except optuna.TrialPruned:
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        return True
+    except (RuntimeError, ValueError, McpError) as exc:
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        claims.release(ticket)  # another trial takes its place
+        click.echo(f"warning: trial {trial.number} of study {cfg.name()!r} failed: "
+                   f"{(str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]}", err=True)
+        return False
+    except BaseException:  # Ctrl-C, SIGTERM: the trial ends FAIL (its run KILLED) and its ticket is free again
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        claims.release(ticket)
+        raise
+    finally:
+        beat.stop()
+    study.tell(trial, values)
+    return True
+
+
+def _final(ctx: _Context, claims, trials: list[dict[str, Any]], show_progress: bool | None) -> list[dict[str, Any]]:
+    """Choose, rebuild, register, export and benchmark the winners once for the finished
+    study, whichever worker gets there first; the others wait and report the same ones."""
+    import click
+
+    cfg = ctx.cfg
+    what = (f"winners-of-{len(trials)}-trials-final-epochs-{cfg.final_epochs}-register-{cfg.register}-"
+            f"export-{cfg.export}-benchmark-{cfg.benchmark}")
+
+    def work() -> list[dict[str, Any]]:
+        winners = _winners(ctx, trials)
+        _deploy(ctx, winners, show_progress)
+        return winners
+
+    winners, _ = claims.once(what, work, taken_over=took_over(cfg, "register the winners"),
+                             waiting=lambda row: click.echo(f"study {cfg.name()!r}: waiting for worker "
+                                                            f"{row['owner']} to register the winners", err=True))
+    return winners
 
 
 def _winners(ctx: _Context, trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -409,6 +648,7 @@ def _log_plots(ctx: _Context, tmp: Path) -> None:
 
     multi = ctx.cfg.mode == "pareto"
     warnings.filterwarnings("ignore", message="PedAnovaImportanceEvaluator")
+    warnings.filterwarnings("ignore", message="Target and region quantiles select the same set")
     plots = {"param_importances.png": lambda: vis.plot_param_importances(
         ctx.study, target=(lambda t: -t.values[0]) if multi else None, target_name="val_accuracy")}
     if multi:

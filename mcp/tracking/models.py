@@ -21,6 +21,7 @@ from torch import nn
 
 from mcp.errors import McpError
 from mcp.tracking import schema
+from mcp.tracking.runs import mlflow_write
 from mcp.tracking.schema import registered_name  # noqa: F401  (mcp.tracking.registered_name)
 
 RECIPE_FILE = "mcp_recipe.json"
@@ -37,6 +38,7 @@ def _requirements() -> list[str]:
             f"mlflow=={mlflow.__version__}"]
 
 
+@mlflow_write
 def log_model(model: nn.Module, example: torch.Tensor, extra_recipe: Mapping[str, Any] | None = None):
     """Log ``model`` (moved to CPU, eval mode) into the active run; returns MLflow's ModelInfo."""
     import mlflow
@@ -61,6 +63,7 @@ def log_model(model: nn.Module, example: torch.Tensor, extra_recipe: Mapping[str
         )
 
 
+@mlflow_write
 def log_weights(model: nn.Module) -> None:
     """Log what a Python API call produced into the active run: the model with its recipe
     when it has one (so it reloads, registers and compresses further), else its
@@ -78,6 +81,7 @@ def log_weights(model: nn.Module) -> None:
         mlflow.log_artifact(str(path), artifact_path="weights")
 
 
+@mlflow_write
 def register_model(model_uri: str, name: str, alias: str | None, tags: Mapping[str, Any]):
     """Register ``model_uri`` as a new version of ``name`` with ``tags`` and move ``alias`` to it."""
     import mlflow
@@ -100,6 +104,7 @@ def alias_version(name: str, alias: str) -> str | None:
         return None
 
 
+@mlflow_write
 def set_alias(name: str, alias: str, version: str) -> None:
     from mlflow import MlflowClient
 
@@ -404,6 +409,7 @@ class _OnceFilter(logging.Filter):
 _PROVIDER_WARNING = _OnceFilter("are unavailable in this onnxruntime build")
 
 
+@mlflow_write
 def log_onnx_model(path: str | Path, example: np.ndarray, outputs: np.ndarray):
     """Log an ONNX file with MLflow's ONNX flavor (signature, input example; one file,
     no external data) into the active run, so pyfunc and `mlflow models serve` load it."""

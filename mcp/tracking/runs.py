@@ -16,19 +16,67 @@ def _mlflow():
     return mlflow
 
 
+_DEFERRED: list[int] = [0]  # depth of the MLflow writes under way
+_PENDING: list[int] = []  # a stop signal that arrived during one
+
+
+def on_stop_signal(signum: int, frame: Any) -> None:
+    """SIGTERM (a scheduler, `docker stop`, `kill`) and SIGINT (Ctrl-C) unwind the stage as
+    KeyboardInterrupt, so its runs end KILLED. One that arrives while MLflow writes to its
+    store waits for the write to end: interrupted inside a SQLite commit, the store stays
+    locked and the run could not be ended at all."""
+    if _DEFERRED[0]:
+        _PENDING.append(signum)
+        return
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextlib.contextmanager
+def uninterrupted() -> Iterator[None]:
+    """Hold stop signals for the duration of an MLflow write; act on them after it."""
+    _DEFERRED[0] += 1
+    try:
+        yield
+    finally:
+        _DEFERRED[0] -= 1
+        if not _DEFERRED[0] and _PENDING:
+            signum = _PENDING[0]
+            _PENDING.clear()
+            raise KeyboardInterrupt(f"signal {signum}")
+
+
+def mlflow_write(fn):
+    """Decorate a function that writes to the tracking store: see :func:`uninterrupted`."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with uninterrupted():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 REACH_TIMEOUT_S = 5.0
 _REACHED: set[str] = set()  # servers that answered: checked once per process
 
 
 def check_tracking_server(uri: str | None = None) -> None:
     """An ``http(s)://`` tracking URI must answer MLflow's ``/health`` within seconds: an
-    unreachable server is one line, not minutes of retries and a traceback. Other stores
-    (SQLite, a folder, ``databricks``) are left to MLflow."""
+    unreachable server is one line, not minutes of retries and a traceback. A new SQLite
+    store is created now, also by workers that start together on it. Other stores (a
+    folder, ``databricks``) are left to MLflow."""
     import urllib.error
     import urllib.request
 
     uri = uri if uri is not None else _mlflow().get_tracking_uri()
-    if not uri.startswith(("http://", "https://")) or uri in _REACHED:
+    if uri in _REACHED:
+        return
+    if uri.startswith("sqlite:"):
+        _create_sqlite_store(uri)
+        _REACHED.add(uri)
+        return
+    if not uri.startswith(("http://", "https://")):
         return
     from mcp.errors import McpError
 
@@ -44,6 +92,19 @@ def check_tracking_server(uri: str | None = None) -> None:
         reason = " ".join(str(getattr(exc, "reason", exc)).split())
     raise McpError(f"MLflow tracking server {uri!r} is not reachable ({reason}); start it, or set "
                    f"MLFLOW_TRACKING_URI to a reachable server or a local store (e.g. sqlite:///mlflow.db)")
+
+
+def _create_sqlite_store(uri: str) -> None:
+    """Open (creating) a SQLite tracking store, one process at a time: processes that
+    create the same new file at once would run MLflow's table migrations together, and
+    all but one fail."""
+    path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else ""
+    if not path or path == ":memory:":
+        return
+    from mcp.locking import folder_lock
+
+    with folder_lock(Path(path).resolve().parent):
+        _mlflow().MlflowClient(uri).search_experiments(max_results=1)
 
 
 @contextlib.contextmanager
@@ -64,17 +125,21 @@ def stage_run(stage: str, params: Mapping[str, Any], tags: Mapping[str, str] | N
     tags = {schema.STAGE: stage, **(tags or {})}
     if params.get("trust_pickled_model") is True:  # the user let a pickled model run its code
         tags[schema.TRUST_PICKLED_MODEL] = "true"
-    run = mlflow.start_run(run_name=run_name, nested=nested, tags=tags)
+    with uninterrupted():
+        run = mlflow.start_run(run_name=run_name, nested=nested, tags=tags)
     try:
         log_params(params)
         yield run
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (the CLI turns it into KeyboardInterrupt)
-        mlflow.end_run(status="KILLED")
+        with uninterrupted():
+            mlflow.end_run(status="KILLED")
         raise
     except BaseException:
-        mlflow.end_run(status="FAILED")
+        with uninterrupted():
+            mlflow.end_run(status="FAILED")
         raise
-    mlflow.end_run(status="FINISHED")
+    with uninterrupted():
+        mlflow.end_run(status="FINISHED")
 
 
 def _param_text(value: Any) -> str:
@@ -83,6 +148,7 @@ def _param_text(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+@mlflow_write
 def log_params(params: Mapping[str, Any]) -> None:
     """Log params, plus the whole mapping as ``config.json``.
 
@@ -97,10 +163,12 @@ def log_params(params: Mapping[str, Any]) -> None:
     mlflow.log_dict(dict(params), "config.json")
 
 
+@mlflow_write
 def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
     _mlflow().log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
 
+@mlflow_write
 def set_tag(key: str, value: str) -> None:
     _mlflow().set_tag(key, value)
 
@@ -109,10 +177,12 @@ def active_run_id() -> str:
     return _mlflow().active_run().info.run_id
 
 
+@mlflow_write
 def log_text(text: str, artifact_file: str) -> None:
     _mlflow().log_text(text, artifact_file)
 
 
+@mlflow_write
 def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
     _mlflow().log_artifact(str(path), artifact_path=artifact_path)
 
@@ -122,6 +192,7 @@ def run_metrics(run_id: str) -> dict[str, float]:
     return dict(_mlflow().get_run(run_id).data.metrics)
 
 
+@mlflow_write
 def mark_killed(run_id: str) -> None:
     """Mark a run that died without ending (for example the run a checkpoint came from)."""
     from mlflow import MlflowClient
