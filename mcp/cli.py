@@ -109,10 +109,13 @@ class _OneLineErrors(click.Group):
             sys.exit(1)
         except OSError as exc:  # the disk is full, a folder is not writable or not a folder: one line, not a traceback
             _fail(" ".join(str(exc).split())[:300] or type(exc).__name__)
-        except Exception as exc:  # MLflow refusing the store's settings (an unknown experiment, a bad URI)
-            if not type(exc).__module__.startswith("mlflow."):
+        except Exception as exc:  # MLflow refusing the store's settings (an unknown experiment, a bad URI) ...
+            # ... or a database that went away under a search (the study's storage, its claims)
+            source = {"mlflow": "MLflow", "sqlalchemy": "database", "optuna": "Optuna"}.get(
+                type(exc).__module__.split(".")[0])
+            if source is None:
                 raise
-            _fail(f"MLflow: {' '.join(str(exc).split())[:300]}")
+            _fail(f"{source}: {' '.join(str(exc).split())[:300]}")
         if isinstance(code, int) and code:  # ctx.exit(code) returns it without standalone mode
             sys.exit(code)
         return code

@@ -190,7 +190,8 @@ def _running_trial(storage: str):
         else None
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
+@pytest.mark.slow  # two worker processes (~20 s each); test_untrusted_models has a fast SIGTERM test of a stage
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signalled_worker_ends_its_runs_killed_and_the_same_command_resumes(tmp_path, signum):
     """SIGTERM (a scheduler, `docker stop`) or SIGINT during a trial: exit non-zero, the
     trial failed and its runs KILLED at once, not RUNNING; the same command then runs the
@@ -251,7 +252,7 @@ def test_a_trial_that_stopped_beating_is_failed_queued_once_more_and_its_runs_en
     time.sleep(4.2)  # three heartbeats of silence (SQLite's clock has whole seconds)
 
     alive = Claims(storage, "s", heartbeat=1.0, grace=3.0)
-    _sweep(study, "s", alive)
+    _sweep(study, "s", alive, storage, 1.0)
     states = [t.state for t in study.trials]
     assert states == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.WAITING]  # queued once more
     assert study.trials[1].params == study.trials[0].params
@@ -280,10 +281,10 @@ def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_failed_and_its_
     assert dead.claim(f"run-{trial.number}") and dead.set_value(ticket, str(trial.number))
     dead.close()  # the worker is gone: nothing beats its claims any more
     alive = Claims(storage, "s", heartbeat=60, grace=0.25)
-    _sweep(study, "s", alive)
+    _sweep(study, "s", alive, storage, 1.0)
     assert study.trials[0].state == optuna.trial.TrialState.RUNNING  # not silent long enough yet
     time.sleep(0.6)  # twice the grace
-    _sweep(study, "s", alive)
+    _sweep(study, "s", alive, storage, 1.0)
     assert study.trials[0].state == optuna.trial.TrialState.FAIL
     assert _take_ticket(alive, 2) == "ticket-0"  # its ticket is free again: the study still reaches its total
     assert _take_ticket(alive, 2) == "ticket-1" and _take_ticket(alive, 2) is None
@@ -412,3 +413,25 @@ def test_an_artifact_store_that_cannot_be_written_ends_the_run_failed_and_regist
     (run,) = client.search_runs([experiment])
     assert run.info.status == "FAILED"
     assert client.search_model_versions("name='tiny_mlp-synthetic'") == []
+
+
+def test_a_claims_table_the_search_cannot_use_is_one_line_and_the_run_ends_failed(tmp_path, own_store, cli):
+    """A database error under a search (here a foreign `mcp_claims` table in the study's
+    storage) is one `error: database:` line, not a traceback, and leaves no run RUNNING."""
+    import sqlite3
+
+    from mlflow import MlflowClient
+
+    db = tmp_path / "optuna.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE mcp_claims (something_else TEXT)")
+    space = tmp_path / "space.yaml"
+    space.write_text(SPACE)
+    result = cli("search", "--model", "tiny_mlp", "--dataset", "synthetic", "--input-shape", "3x8x8",
+                 "--num-classes", "4", "--budget-ratio", "0.3", "--space", space, "--trials", "1",
+                 "--storage", f"sqlite:///{db}")
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2 and lines[-1].startswith("error: database: "), result.output[-2000:]
+    assert "mcp_claims" in lines[-1]
+    runs = MlflowClient().search_runs([r.experiment_id for r in MlflowClient().search_experiments()])
+    assert runs and not [r.info.run_name for r in runs if r.info.status == "RUNNING"]

@@ -37,7 +37,7 @@ def _table(metadata):
                     sa.Column("study", sa.String(512), primary_key=True),
                     sa.Column("key", sa.String(256), primary_key=True),
                     sa.Column("owner", sa.String(256), nullable=False),
-                    sa.Column("beat", sa.Float, nullable=False),  # the owner's last heartbeat, seconds since epoch
+                    sa.Column("beat", sa.Double, nullable=False),  # the owner's last heartbeat: the database's clock, s
                     sa.Column("done", sa.Boolean, nullable=False, default=False),
                     sa.Column("value", sa.Text, nullable=False, default=""))
 
@@ -67,9 +67,18 @@ class Claims:
                 if attempt == 4:
                     raise
                 time.sleep(0.2 * (attempt + 1))
+        self._offset = 0.0  # the database's clock minus this host's: hosts' clocks may differ, the server's is one
+        if url.startswith("postgresql"):
+            with self.engine.connect() as conn:
+                self._offset = float(conn.execute(sa.text("SELECT EXTRACT(EPOCH FROM clock_timestamp())")).scalar()) \
+                    - time.time()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat_loop, name="mcp-claims-heartbeat", daemon=True)
         self._thread.start()
+
+    def now(self) -> float:
+        """Seconds since the epoch by the database's clock (SQLite: this host's, the only one)."""
+        return time.time() + self._offset
 
     # -- the primitives: each one statement, atomic in the database ------------------------------------------
 
@@ -80,7 +89,7 @@ class Claims:
         try:
             with self.engine.begin() as conn:
                 conn.execute(self.table.insert().values(study=self.study, key=key, owner=self.owner,
-                                                        beat=time.time(), done=False, value=value))
+                                                        beat=self.now(), done=False, value=value))
             return True
         except sa.exc.IntegrityError:
             return False
@@ -104,10 +113,10 @@ class Claims:
             return conn.execute(self.table.update().where(*cond).values(**values)).rowcount == 1
 
     def set_value(self, key: str, value: str) -> bool:
-        return self._update(key, {"owner": self.owner}, value=value, beat=time.time())
+        return self._update(key, {"owner": self.owner}, value=value, beat=self.now())
 
     def finish(self, key: str, value: str) -> bool:
-        return self._update(key, {"owner": self.owner}, value=value, done=True, beat=time.time())
+        return self._update(key, {"owner": self.owner}, value=value, done=True, beat=self.now())
 
     def release(self, key: str, row: dict[str, Any] | None = None) -> bool:
         """Delete a claim: ours, or ``row`` as read (compare-and-delete: nobody took it since)."""
@@ -120,10 +129,10 @@ class Claims:
     def take_over(self, row: dict[str, Any]) -> bool:
         """Take a stale claim: only if nobody beat it or took it since ``row`` was read."""
         return self._update(row["key"], {"owner": row["owner"], "beat": row["beat"], "done": False},
-                            owner=self.owner, beat=time.time())
+                            owner=self.owner, beat=self.now())
 
     def stale(self, row: dict[str, Any]) -> bool:
-        return not row["done"] and time.time() - row["beat"] > self.grace
+        return not row["done"] and self.now() - row["beat"] > self.grace
 
     # -- heartbeat --------------------------------------------------------------------------------------------
 
@@ -133,12 +142,13 @@ class Claims:
                 c = self.table.c
                 with self.engine.begin() as conn:
                     conn.execute(self.table.update().where(c.study == self.study, c.owner == self.owner,
-                                                           c.done.is_(False)).values(beat=time.time()))
+                                                           c.done.is_(False)).values(beat=self.now()))
             except Exception:  # noqa: BLE001 - a missed beat is retried; the work itself reports real faults
                 pass
 
     def close(self) -> None:
         self._stop.set()
+        self._thread.join()
         self.engine.dispose()
 
     # -- work done once per study -----------------------------------------------------------------------------
@@ -154,9 +164,10 @@ class Claims:
         key = f"once:{what}"
         said = False
         while True:
-            mine = self.claim(key, self.note)
+            row = self.get(key)  # read first: a failed INSERT is an error line in PostgreSQL's log
+            mine = row is None and self.claim(key, self.note)
             if not mine:
-                row = self.get(key)
+                row = row or self.get(key)
                 if row is None:
                     continue  # released just now (its worker failed): ask again
                 if row["done"]:

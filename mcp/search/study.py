@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from mcp.config import SearchConfig
 from mcp.errors import ConfigError, McpError
@@ -137,19 +137,35 @@ def default_storage(tracking_uri: str) -> str:
                       f"postgresql://user:password@host/optuna")
 
 
-def fail_stale_trials(study) -> list:
-    """Fail the study's stale running trials now (Optuna does it too when a trial starts);
-    returns the frozen trials that were failed."""
+def fail_stale_trials(study, url: str, heartbeat: float, claim: Callable[[str], bool]) -> list:
+    """Fail the study's stale running trials (their worker stopped beating) and queue each
+    once more, as Optuna's ``fail_stale_trials`` does, but only those this call fails, and
+    each by one worker: ``claim(f"fail-<number>")`` must succeed first (on SQLite two
+    workers could otherwise both fail a trial and queue it twice). Returns those trials."""
+    import copy
     import warnings
 
     import optuna
 
-    running = {t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))}
-    with warnings.catch_warnings():  # experimental in Optuna: no warning on every open
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
-    return [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))
-            if t.number in running]
+    storage = _storage(url, heartbeat)
+    study_id = storage.get_study_id_from_name(study.study_name)
+    failed = []
+    for trial_id in storage._get_stale_trial_ids(study_id):  # Optuna's own test of a trial's silence
+        if not claim(f"fail-{storage.get_trial_number_from_id(trial_id)}"):
+            continue
+        try:
+            if not storage.set_trial_state_values(trial_id, state=optuna.trial.TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
+        trial = copy.deepcopy(storage.get_trial(trial_id))
+        callback = storage.get_heartbeat_stale_trial_callback()
+        if callback is not None:
+            with warnings.catch_warnings():  # experimental in Optuna: no warning on every open
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                callback(study, trial)
+        failed.append(trial)
+    return failed
 
 
 def open_study(cfg: SearchConfig, checked: "Checked", base_uri: str = ""):

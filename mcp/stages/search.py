@@ -95,6 +95,7 @@ def run_search(cfg: SearchConfig, show_progress: bool | None = None) -> SearchRe
                                   "baseline_test_accuracy": ref.test_accuracy})
             context = _Context(cfg, space, base, base_uri, splits, loaders, device, budget, study, checked.calib,
                                size_bytes_fp32(base), registered, ref, parent_accuracy)
+            claims.once("tickets-of-earlier-trials", lambda: _ticket_earlier_trials(study, claims))
             warning, _ = claims.once("uniform-start", lambda: _start_uniform(context),  # one worker queues them
                                      taken_over=took_over(cfg, "queue the uniform starting trials"))
             _optimize(context, claims, show_progress)
@@ -154,13 +155,12 @@ def _agreed_baseline(cfg: SearchConfig, claims, splits, show_progress: bool | No
     return base, uri
 
 
-def _sweep(study, name: str, claims) -> None:
+def _sweep(study, name: str, claims, storage: str, heartbeat: float) -> None:
     """Trials a killed worker left running: Optuna fails them (and queues each once more);
     their MLflow runs, and the killed worker's study run, end KILLED, never RUNNING. The
     tickets of failed trials (and of a worker that died holding one before its trial
     started) are released, so that the study still reaches its total."""
     import datetime
-    import time
 
     import click
     import optuna
@@ -172,16 +172,16 @@ def _sweep(study, name: str, claims) -> None:
         click.echo(f"warning: trial {trial.number} of study {name!r} was left running by a worker that stopped; "
                    f"it is {what}" + (f" (runs ended KILLED: {', '.join(ended)})" if ended else ""), err=True)
 
-    for trial in fail_stale_trials(study):
+    for trial in fail_stale_trials(study, storage, heartbeat, claims.claim):
         warn(trial, "failed and queued once more")
     # A worker killed before its trial's first heartbeat leaves a running trial Optuna never
     # calls stale; the claim on the trial (kept fresh by the worker's own heartbeat) tells.
     # Twice the grace: Optuna's own check (which also queues the trial again) comes first.
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         row = claims.get(f"run-{trial.number}")
-        since = time.time() - row["beat"] if row else (datetime.datetime.now() - trial.datetime_start).total_seconds()
-        if since > 2 * claims.grace and (row is None or claims.take_over(row)):
-            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+        since = claims.now() - row["beat"] if row else (datetime.datetime.now() - trial.datetime_start).total_seconds()
+        if since > 2 * claims.grace and claims.claim(f"fail-{trial.number}"):
+            study.tell(trial.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
             warn(trial, "failed")
     states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
     for row in claims.rows("ticket-"):
@@ -313,7 +313,7 @@ def _optimize(ctx: _Context, claims, show_progress: bool | None) -> None:
     started, attempts, waited = time.monotonic(), 0, False
     poll = min(2.0, cfg.heartbeat)
     while True:
-        _sweep(study, cfg.name(), claims)
+        _sweep(study, cfg.name(), claims, cfg.storage, cfg.heartbeat)
         out_of_time = bool(cfg.timeout) and time.monotonic() - started > cfg.timeout
         ticket = None if out_of_time or attempts >= cfg.trials else _take_ticket(claims, cfg.trials)
         if ticket is not None:
@@ -321,13 +321,37 @@ def _optimize(ctx: _Context, claims, show_progress: bool | None) -> None:
             if _run_trial(ctx, claims, ticket, objective):
                 bar.update(1)
             continue
-        if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if not _unfinished(study, claims):
             break
         if not waited and show_progress is not False:
             click.echo(f"study {cfg.name()!r}: waiting for other workers' running trials", err=True)
             waited = True
         time.sleep(poll)
     bar.close()
+
+
+def _ticket_earlier_trials(study, claims) -> int:
+    """A study made before tickets existed: its finished trials hold tickets, so that the
+    total counts them. Returns how many (0 for a new study)."""
+    import optuna
+
+    done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
+                                                      optuna.trial.TrialState.PRUNED))
+    for i, trial in enumerate(done):
+        claims.claim(f"ticket-{i}", str(trial.number))
+    return len(done)
+
+
+def _unfinished(study, claims) -> bool:
+    """Whether some worker still works on the study: a trial runs, or a ticket is held for a
+    trial not yet asked for (or one that failed and is about to be freed)."""
+    import optuna
+
+    states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
+    if optuna.trial.TrialState.RUNNING in states.values():
+        return True
+    done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    return any(not row["value"] or states.get(int(row["value"])) not in done for row in claims.rows("ticket-"))
 
 
 def _take_ticket(claims, total: int) -> str | None:
@@ -379,34 +403,40 @@ def _run_trial(ctx: _Context, claims, ticket: str, objective) -> bool:
     study, cfg = ctx.study, ctx.cfg
     # Optuna says heartbeats are meant for study.optimize: this loop beats the trial itself
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used", category=UserWarning)
-    for _ in range(5):
-        trial = study.ask()
-        if claims.claim(f"run-{trial.number}"):
-            break
-        # two workers popped the same queued trial at once (SQLite reads without locking): the other runs it
-    else:
+    try:
+        for _ in range(5):
+            trial = study.ask()
+            if claims.claim(f"run-{trial.number}"):
+                break
+            # two workers popped the same queued trial at once (SQLite reads without locking): the other runs it
+        else:
+            claims.release(ticket)
+            return False
+        claims.set_value(ticket, str(trial.number))
+    except BaseException:  # a signal (or a lost database) before the trial started: its ticket is free again
         claims.release(ticket)
-        return False
-    claims.set_value(ticket, str(trial.number))
+        raise
     beat = _TrialHeartbeat(_storage(cfg.storage, cfg.heartbeat), trial._trial_id, cfg.heartbeat)
     try:
         values = objective(trial)
     except optuna.TrialPruned:
-        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED, skip_if_finished=True)
         return True
     except (RuntimeError, ValueError, McpError) as exc:
-        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        study.tell(trial, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
         claims.release(ticket)  # another trial takes its place
         click.echo(f"warning: trial {trial.number} of study {cfg.name()!r} failed: "
                    f"{(str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]}", err=True)
         return False
     except BaseException:  # Ctrl-C, SIGTERM: the trial ends FAIL (its run KILLED) and its ticket is free again
-        study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        claims.release(ticket)
+        try:
+            study.tell(trial, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+        finally:
+            claims.release(ticket)
         raise
     finally:
         beat.stop()
-    study.tell(trial, values)
+    study.tell(trial, values, skip_if_finished=True)
     return True
 
 

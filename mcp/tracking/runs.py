@@ -125,18 +125,21 @@ def stage_run(stage: str, params: Mapping[str, Any], tags: Mapping[str, str] | N
     tags = {schema.STAGE: stage, **(tags or {})}
     if params.get("trust_pickled_model") is True:  # the user let a pickled model run its code
         tags[schema.TRUST_PICKLED_MODEL] = "true"
-    with uninterrupted():
-        run = mlflow.start_run(run_name=run_name, nested=nested, tags=tags)
+    run = None
     try:
+        with uninterrupted():  # a signal held during the start acts here, with the run started
+            run = mlflow.start_run(run_name=run_name, nested=nested, tags=tags)
         log_params(params)
         yield run
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (the CLI turns it into KeyboardInterrupt)
-        with uninterrupted():
-            mlflow.end_run(status="KILLED")
+        if run is not None:
+            with uninterrupted():
+                mlflow.end_run(status="KILLED")
         raise
     except BaseException:
-        with uninterrupted():
-            mlflow.end_run(status="FAILED")
+        if run is not None:
+            with uninterrupted():
+                mlflow.end_run(status="FAILED")
         raise
     with uninterrupted():
         mlflow.end_run(status="FINISHED")
