@@ -131,6 +131,7 @@ def test_a_study_the_pipeline_cannot_resume_is_refused_before_its_run(cli, exper
     assert len(runs_of(experiment)) == before
 
 
+@pytest.mark.slow  # the ONNX budget itself has a fast test in test_search.py
 def test_a_pipeline_budget_on_the_onnx_file_judges_every_model_by_its_onnx_size(experiment, tmp_path):
     structured = str(ROOT / "search_spaces" / "structured.yaml")
     cfg = PipelineConfig(model="tiny_mlp", storage=f"sqlite:///{tmp_path / 'optuna.db'}", budget_on="onnx",
