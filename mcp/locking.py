@@ -1,5 +1,5 @@
-"""A lock between processes on one machine, for the moments that must not run twice at
-once (creating a SQLite store's tables)."""
+"""Locks between processes on one machine, for the moments that must not run twice at
+once (creating a SQLite store's tables: MLflow's, Optuna's)."""
 
 from __future__ import annotations
 
@@ -26,3 +26,13 @@ def folder_lock(folder: Path) -> Iterator[None]:
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+def sqlite_lock(url: str):
+    """For a SQLite file URL: :func:`folder_lock` on its folder, so that processes opening a
+    new store together do not run the same table migrations at once (which fails, or
+    half-migrates the file). A no-op for other databases and in-memory SQLite."""
+    path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else ""
+    if not path or path == ":memory:":
+        return contextlib.nullcontext()
+    return folder_lock(Path(path).resolve().parent)

@@ -30,6 +30,44 @@ from mcp.errors import McpError
 TABLE = "mcp_claims"
 
 
+def engine_kwargs(url: str) -> dict[str, Any]:
+    """How the study's database is opened, by Optuna's storage and by the claims alike:
+    many workers on one SQLite file wait for its lock; an unreachable PostgreSQL server
+    fails in seconds."""
+    if url.startswith("sqlite"):
+        return {"connect_args": {"timeout": 60}}
+    if url.startswith("postgresql"):
+        return {"connect_args": {"connect_timeout": 10}}
+    return {}
+
+
+class Heartbeat:
+    """Call ``beat()`` every ``interval`` seconds in a daemon thread (at once, too, when
+    ``first``) until :meth:`stop`; a failed beat is retried at the next interval (the
+    work itself reports real faults)."""
+
+    def __init__(self, beat: Callable[[], None], interval: float, name: str, first: bool = True):
+        self._stop = threading.Event()
+
+        def loop() -> None:
+            if not first and self._stop.wait(interval):
+                return
+            while True:
+                try:
+                    beat()
+                except Exception:  # noqa: BLE001 - a missed beat is retried at the next interval
+                    pass
+                if self._stop.wait(interval):
+                    return
+
+        self._thread = threading.Thread(target=loop, name=name, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def _table(metadata):
     import sqlalchemy as sa
 
@@ -52,12 +90,7 @@ class Claims:
         self.study, self.heartbeat, self.grace = study, heartbeat, grace
         self.note = ""  # what a once-claim holds while its work runs: this worker's MLflow run
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        kwargs: dict[str, Any] = {}
-        if url.startswith("sqlite"):
-            kwargs["connect_args"] = {"timeout": 60}
-        elif url.startswith("postgresql"):
-            kwargs["connect_args"] = {"connect_timeout": 10}
-        self.engine = sa.create_engine(url, **kwargs)
+        self.engine = sa.create_engine(url, **engine_kwargs(url))
         self.table = _table(sa.MetaData())
         for attempt in range(5):  # workers starting together all create it: one wins, the rest see it
             try:
@@ -72,9 +105,7 @@ class Claims:
             with self.engine.connect() as conn:
                 self._offset = float(conn.execute(sa.text("SELECT EXTRACT(EPOCH FROM clock_timestamp())")).scalar()) \
                     - time.time()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat_loop, name="mcp-claims-heartbeat", daemon=True)
-        self._thread.start()
+        self._beat = Heartbeat(self._beat_once, heartbeat, "mcp-claims-heartbeat", first=False)
 
     def now(self) -> float:
         """Seconds since the epoch by the database's clock (SQLite: this host's, the only one)."""
@@ -136,19 +167,14 @@ class Claims:
 
     # -- heartbeat --------------------------------------------------------------------------------------------
 
-    def _beat_loop(self) -> None:
-        while not self._stop.wait(self.heartbeat):
-            try:
-                c = self.table.c
-                with self.engine.begin() as conn:
-                    conn.execute(self.table.update().where(c.study == self.study, c.owner == self.owner,
-                                                           c.done.is_(False)).values(beat=self.now()))
-            except Exception:  # noqa: BLE001 - a missed beat is retried; the work itself reports real faults
-                pass
+    def _beat_once(self) -> None:
+        c = self.table.c
+        with self.engine.begin() as conn:
+            conn.execute(self.table.update().where(c.study == self.study, c.owner == self.owner,
+                                                   c.done.is_(False)).values(beat=self.now()))
 
     def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
+        self._beat.stop()
         self.engine.dispose()
 
     # -- work done once per study -----------------------------------------------------------------------------

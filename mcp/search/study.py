@@ -66,8 +66,8 @@ _STORAGES: dict[tuple[str, int], Any] = {}
 
 def _storage(url: str, heartbeat: float):
     """Optuna's RDB storage with heartbeats: a trial whose worker was killed (kill -9, a
-    lost host) stops beating, and the next worker to open the study fails it and enqueues
-    it again once (``RetryFailedTrialCallback``), so the study never waits on it. Workers
+    lost host) stops beating, and the next worker to look fails it and enqueues it again
+    once (``RetryHeartbeatStaleTrialCallback``), so the study never waits on it. Workers
     that start together on a fresh database all create Optuna's tables: the losers of
     that race retry and find them. One storage per URL and process."""
     import inspect
@@ -76,26 +76,24 @@ def _storage(url: str, heartbeat: float):
 
     import optuna
 
+    from mcp.locking import sqlite_lock
+    from mcp.search.claims import engine_kwargs
+
+    key = (url, max(1, round(heartbeat)))
+    if key in _STORAGES:
+        return _STORAGES[key]
     # Optuna 4.9 renamed the callback (the old name warns); both requeue a stale trial once
     retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or \
         optuna.storages.RetryFailedTrialCallback
     callback = ("heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in
                 inspect.signature(optuna.storages.RDBStorage).parameters else "failed_trial_callback")
-    key = (url, max(1, round(heartbeat)))
-    if key in _STORAGES:
-        return _STORAGES[key]
-    engine_kwargs: dict[str, Any] = {}
-    if url.startswith("sqlite"):
-        engine_kwargs["connect_args"] = {"timeout": 60}  # many workers on one file wait for its lock
-    elif url.startswith("postgresql"):
-        engine_kwargs["connect_args"] = {"connect_timeout": 10}  # an unreachable server fails in seconds
     for attempt in range(6):
         try:
-            with warnings.catch_warnings(), sqlite_creation_lock(url):
+            with warnings.catch_warnings(), sqlite_lock(url):
                 # both are marked experimental in Optuna; a warning on every call is noise
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 storage = optuna.storages.RDBStorage(
-                    url, engine_kwargs=engine_kwargs, heartbeat_interval=key[1],
+                    url, engine_kwargs=engine_kwargs(url), heartbeat_interval=key[1],
                     grace_period=max(2, round(STALE_HEARTBEATS * heartbeat)), **{callback: retry(max_retry=1)})
             break
         except Exception as exc:  # noqa: BLE001 - only the table-creation race is retried
@@ -106,19 +104,6 @@ def _storage(url: str, heartbeat: float):
             time.sleep(0.3 * (attempt + 1))
     _STORAGES[key] = storage
     return storage
-
-
-def sqlite_creation_lock(url: str):
-    """For a SQLite file: an exclusive lock on its folder while a store is opened, so that
-    processes starting together do not run the same table migrations at once (which
-    fails, or half-migrates the file). A no-op for other databases."""
-    import contextlib
-
-    from mcp.locking import folder_lock
-
-    if not url.startswith("sqlite:///"):
-        return contextlib.nullcontext()
-    return folder_lock(Path(url[len("sqlite:///"):]).parent)
 
 
 def default_storage(tracking_uri: str) -> str:

@@ -72,6 +72,17 @@ def resolve_model_ref(ref: str, dataset: str, splits,
     return loaded, uri, recipe["name"]
 
 
+def study_storage(storage: str) -> str:
+    """``--storage``, or when empty the study's place beside the tracking store
+    (:func:`mcp.search.study.default_storage`)."""
+    if storage:
+        return storage
+    from mcp import tracking
+    from mcp.search.study import default_storage
+
+    return default_storage(tracking.runs.tracking_uri())
+
+
 def find_base_model(model: str, model_uri: str, dataset: str, splits,
                     trust_pickled: bool = False) -> tuple[nn.Module | None, str]:
     """The model a compression stage starts from: ``model_uri``, else the registered

@@ -43,14 +43,11 @@ def run_pipeline(cfg: PipelineConfig, show_progress: bool | None = None) -> Pipe
     from tqdm.auto import tqdm
 
     from mcp import tracking
-    from mcp.search.study import check_search, check_storage, default_storage, open_study
-    from mcp.stages.common import find_base_model, lineage, setup_data
+    from mcp.search.study import check_search, check_storage, open_study
+    from mcp.stages.common import find_base_model, lineage, setup_data, study_storage
 
     _, splits, loaders = setup_data(cfg)
-    if not cfg.storage:  # the study beside the tracking store
-        import mlflow
-
-        cfg = cfg.replace(storage=default_storage(mlflow.get_tracking_uri()))
+    cfg = cfg.replace(storage=study_storage(cfg.storage))
     base, base_uri = (None, "") if cfg.retrain else find_base_model(cfg.model, cfg.model_uri, cfg.dataset, splits,
                                                                           cfg.trust_pickled_model)
     if base is None:

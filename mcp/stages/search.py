@@ -22,12 +22,11 @@ import torch
 from mcp.config import SearchConfig
 from mcp.errors import McpError
 from mcp.search.objective import SearchProblem, enqueue_uniform, make_objective, trial_table
-from mcp.search.claims import Claims
+from mcp.search.claims import Claims, Heartbeat
 from mcp.search.study import (
     SIZE_KEY,
     STALE_HEARTBEATS,
     check_search,
-    default_storage,
     open_study,
     remember_base,
     within_budget,
@@ -56,15 +55,13 @@ def run_search(cfg: SearchConfig, show_progress: bool | None = None) -> SearchRe
         lineage,
         lineage_baseline,
         setup_data,
+        study_storage,
         tag_baseline,
     )
     from mcp.training import evaluate
 
     device, splits, loaders = setup_data(cfg)
-    if not cfg.storage:
-        import mlflow
-
-        cfg = cfg.replace(storage=default_storage(mlflow.get_tracking_uri()))
+    cfg = cfg.replace(storage=study_storage(cfg.storage))
     base, base_uri = find_base_model(cfg.model, cfg.model_uri, cfg.dataset, splits, cfg.trust_pickled_model)
     arch, registered = lineage(base, base_uri, cfg.model, cfg.dataset)
     if arch != cfg.model and not cfg.study_name:  # an imported model: its own study, not the zoo model's
@@ -112,18 +109,13 @@ TRACKING_RUN_ATTR = "mcp_tracking_run"  # the study's user attribute: a run of t
 
 def check_tracking_store(study, cfg: SearchConfig) -> None:
     """Refuse a study made with another tracking store: its trials' runs are not in this one."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
+    from mcp import tracking
 
     made_with = study.user_attrs.get(TRACKING_RUN_ATTR)
-    if not made_with:
-        return
-    try:
-        mlflow.MlflowClient().get_run(made_with)
-    except MlflowException:
+    if made_with and not tracking.runs.run_exists(made_with):
         raise McpError(f"study {cfg.name()!r} in {cfg.storage!r} was made with another tracking store (run "
-                       f"{made_with} is not in {mlflow.get_tracking_uri()!r}); set MLFLOW_TRACKING_URI to that "
-                       f"store, or use --study-name or --storage to start a new study") from None
+                       f"{made_with} is not in {tracking.runs.tracking_uri()!r}); set MLFLOW_TRACKING_URI to that "
+                       f"store, or use --study-name or --storage to start a new study")
 
 
 def remember_tracking_store(study, run_id: str) -> None:
@@ -193,30 +185,10 @@ def _sweep(study, name: str, claims, storage: str, heartbeat: float) -> None:
 
 def end_dead_runs(run_id: str) -> list[str]:
     """End KILLED what a dead worker left RUNNING: ``run_id``, the search runs above it (up
-    to the worker's own top run) and every run still RUNNING below those. Returns their names."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
+    to the worker's own top run) and every run still RUNNING below those."""
+    from mcp import tracking
 
-    client, ended, dead = MlflowClient(), [], []
-    while run_id:
-        try:
-            run = client.get_run(run_id)
-        except MlflowException:  # a run in another tracking store: nothing to end here
-            break
-        if run.info.status == "RUNNING":
-            client.set_terminated(run_id, "KILLED")
-            ended.append(run.info.run_name)
-            dead.append(run)
-        run_id = run.data.tags.get("mlflow.parentRunId") if run.data.tags.get(schema.STAGE) == "search" else None
-    while dead:
-        run = dead.pop()
-        for child in client.search_runs([run.info.experiment_id],
-                                        f"tags.mlflow.parentRunId = '{run.info.run_id}' and "
-                                        f"attributes.status = 'RUNNING'"):
-            client.set_terminated(child.info.run_id, "KILLED")
-            ended.append(child.info.run_name)
-            dead.append(child)
-    return ended
+    return tracking.runs.mark_killed(run_id, up_through_stage="search")
 
 
 def took_over(cfg: SearchConfig, what: str):
@@ -364,32 +336,6 @@ def _take_ticket(claims, total: int) -> str | None:
     return None
 
 
-class _TrialHeartbeat:
-    """Beat a running trial in Optuna's storage, as ``study.optimize`` does, so that a
-    worker that dies leaves a trial the others see as stale."""
-
-    def __init__(self, storage, trial_id: int, interval: float):
-        import threading
-
-        self._stop = threading.Event()
-
-        def beat() -> None:
-            while True:
-                try:
-                    storage.record_heartbeat(trial_id)
-                except Exception:  # noqa: BLE001 - a missed beat is retried at the next interval
-                    pass
-                if self._stop.wait(interval):
-                    return
-
-        self._thread = threading.Thread(target=beat, name="mcp-trial-heartbeat", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 def _run_trial(ctx: _Context, claims, ticket: str, objective) -> bool:
     """Ask Optuna for the next trial (a queued one first), run it under ``ticket`` and tell
     Optuna how it ended; True when it finished (complete, pruned or infeasible)."""
@@ -416,7 +362,9 @@ def _run_trial(ctx: _Context, claims, ticket: str, objective) -> bool:
     except BaseException:  # a signal (or a lost database) before the trial started: its ticket is free again
         claims.release(ticket)
         raise
-    beat = _TrialHeartbeat(_storage(cfg.storage, cfg.heartbeat), trial._trial_id, cfg.heartbeat)
+    # beat the trial in Optuna's storage, as study.optimize does: a worker that dies leaves a trial seen as stale
+    storage = _storage(cfg.storage, cfg.heartbeat)
+    beat = Heartbeat(lambda: storage.record_heartbeat(trial._trial_id), cfg.heartbeat, "mcp-trial-heartbeat")
     try:
         values = objective(trial)
     except optuna.TrialPruned:

@@ -98,12 +98,9 @@ def _create_sqlite_store(uri: str) -> None:
     """Open (creating) a SQLite tracking store, one process at a time: processes that
     create the same new file at once would run MLflow's table migrations together, and
     all but one fail."""
-    path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else ""
-    if not path or path == ":memory:":
-        return
-    from mcp.locking import folder_lock
+    from mcp.locking import sqlite_lock
 
-    with folder_lock(Path(path).resolve().parent):
+    with sqlite_lock(uri):
         _mlflow().MlflowClient(uri).search_experiments(max_results=1)
 
 
@@ -196,17 +193,50 @@ def run_metrics(run_id: str) -> dict[str, float]:
 
 
 @mlflow_write
-def mark_killed(run_id: str) -> None:
-    """Mark a run that died without ending (for example the run a checkpoint came from)."""
+def mark_killed(run_id: str, up_through_stage: str = "") -> list[str]:
+    """End KILLED what a process that died left RUNNING: ``run_id``, its ancestors while
+    they are runs of ``up_through_stage`` (a dead search worker's study run above its
+    trial's), and every run still RUNNING below those. A run in another store is left
+    alone. Returns the names of the runs it ended."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    client = MlflowClient()
-    try:
-        if client.get_run(run_id).info.status == "RUNNING":
+    client, ended, dead = MlflowClient(), [], []
+    while run_id:
+        try:
+            run = client.get_run(run_id)
+        except MlflowException:  # the run lives in another store: nothing to end here
+            break
+        if run.info.status == "RUNNING":
             client.set_terminated(run_id, status="KILLED")
+            ended.append(run.info.run_name)
+            dead.append(run)
+        above = up_through_stage and run.data.tags.get(schema.STAGE) == up_through_stage
+        run_id = run.data.tags.get("mlflow.parentRunId") if above else None
+    while dead:
+        run = dead.pop()
+        for child in client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}' "
+                                                                  f"and attributes.status = 'RUNNING'"):
+            client.set_terminated(child.info.run_id, status="KILLED")
+            ended.append(child.info.run_name)
+            dead.append(child)
+    return ended
+
+
+def run_exists(run_id: str) -> bool:
+    """Whether the tracking store holds this run."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        MlflowClient().get_run(run_id)
+        return True
     except MlflowException:
-        pass  # the run lives in another store: nothing to mark here
+        return False
+
+
+def tracking_uri() -> str:
+    return _mlflow().get_tracking_uri()
 
 
 class EpochLogger(Callback):
