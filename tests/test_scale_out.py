@@ -271,19 +271,20 @@ def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_failed_and_its_
     import optuna
 
     from mcp.search.claims import Claims
+    from mcp.search.study import _storage
     from mcp.stages.search import _sweep, _take_ticket
 
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    study = optuna.create_study(study_name="s", storage=storage)
-    dead = Claims(storage, "s", heartbeat=60, grace=0.25)
+    study = optuna.create_study(study_name="s", storage=_storage(storage, 1.0))  # opened before the clock starts
+    dead = Claims(storage, "s", heartbeat=60, grace=1.0)
+    alive = Claims(storage, "s", heartbeat=60, grace=1.0)
     ticket = _take_ticket(dead, 2)
     trial = study.ask()
     assert dead.claim(f"run-{trial.number}") and dead.set_value(ticket, str(trial.number))
     dead.close()  # the worker is gone: nothing beats its claims any more
-    alive = Claims(storage, "s", heartbeat=60, grace=0.25)
     _sweep(study, "s", alive, storage, 1.0)
     assert study.trials[0].state == optuna.trial.TrialState.RUNNING  # not silent long enough yet
-    time.sleep(0.6)  # twice the grace
+    time.sleep(2.1)  # twice the grace
     _sweep(study, "s", alive, storage, 1.0)
     assert study.trials[0].state == optuna.trial.TrialState.FAIL
     assert _take_ticket(alive, 2) == "ticket-0"  # its ticket is free again: the study still reaches its total

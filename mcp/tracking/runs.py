@@ -17,32 +17,34 @@ def _mlflow():
 
 
 _DEFERRED: list[int] = [0]  # depth of the MLflow writes under way
-_PENDING: list[int] = []  # a stop signal that arrived during one
+_STOPPED: list[int] = []  # the stop signals received: once one arrives, the process is stopping
 
 
 def on_stop_signal(signum: int, frame: Any) -> None:
     """SIGTERM (a scheduler, `docker stop`, `kill`) and SIGINT (Ctrl-C) unwind the stage as
     KeyboardInterrupt, so its runs end KILLED. One that arrives while MLflow writes to its
     store waits for the write to end: interrupted inside a SQLite commit, the store stays
-    locked and the run could not be ended at all."""
-    if _DEFERRED[0]:
-        _PENDING.append(signum)
-        return
-    raise KeyboardInterrupt(f"signal {signum}")
+    locked and the run could not be ended at all. The signal is also remembered: Python
+    drops an exception raised where the signal happened to land in a garbage-collection
+    callback, and the next write raises it again."""
+    _STOPPED.append(signum)
+    if not _DEFERRED[0]:
+        raise KeyboardInterrupt(f"signal {signum}")
 
 
 @contextlib.contextmanager
 def uninterrupted() -> Iterator[None]:
-    """Hold stop signals for the duration of an MLflow write; act on them after it."""
+    """Hold stop signals for the duration of an MLflow write; act on them after it (unless
+    the stop is already unwinding: ending the runs KILLED is itself a write)."""
+    import sys
+
     _DEFERRED[0] += 1
     try:
         yield
     finally:
         _DEFERRED[0] -= 1
-        if not _DEFERRED[0] and _PENDING:
-            signum = _PENDING[0]
-            _PENDING.clear()
-            raise KeyboardInterrupt(f"signal {signum}")
+        if not _DEFERRED[0] and _STOPPED and not isinstance(sys.exc_info()[1], KeyboardInterrupt):
+            raise KeyboardInterrupt(f"signal {_STOPPED[0]}")
 
 
 def mlflow_write(fn):
