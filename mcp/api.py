@@ -143,7 +143,7 @@ def quantize(model: nn.Module, data: Any, *, method: str = "ptq_int8", bits: int
              layer_bits: Mapping[str, int] | None = None, act_bits: int = 0, symmetric: bool = True,
              per_channel: bool = True, observer: str = "minmax", kmeans_init: str = "linear",
              share_biases: bool | str = "auto", reduce_range: bool = True, ignored_layers: Sequence[str] = (),
-             calib_batches: int = 16, epochs: int = 10, lr: float = 0.005, optimizer: str = "sgd",
+             precision: str = "int8", calib_batches: int = 16, epochs: int = 10, lr: float = 0.005, optimizer: str = "sgd",
              momentum: float = 0.9, weight_decay: float = 0.0, scheduler: str = "cosine",
              teacher: nn.Module | None = None, temperature: float = 4.0, alpha: float = 0.9, opset: int = 17,
              out_dir: str | Path | None = None, seed: int = 0, device: str = "auto", progress: bool | None = False,
@@ -165,7 +165,7 @@ def quantize(model: nn.Module, data: Any, *, method: str = "ptq_int8", bits: int
     spec = QuantSpec(method=method, bits=bits, layer_bits=dict(layer_bits or {}), act_bits=act_bits,
                      symmetric=symmetric, per_channel=per_channel, observer=observer, kmeans_init=kmeans_init,
                      ignored_layers=tuple(ignored_layers), share_biases=share_biases, reduce_range=reduce_range,
-                     seed=seed)
+                     precision=precision, seed=seed)
     out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="mcp-quantize-"))
     return _tracked("quantize", params, model, track, lambda callbacks: quantize_model(
         model, d.loaders, d.input_shape, spec, out, _finetune(epochs, lr, optimizer, momentum, weight_decay, scheduler,

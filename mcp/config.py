@@ -378,6 +378,8 @@ class PruneConfig(RecoveryOptions):
     ignored_layers: str = option("", "Comma-separated layer names never to prune.")
     norm: int = option(1, "Magnitude criterion: 1 (L1) or 2 (L2) norm.")
     hessian: str = option("fisher", "Second-order criterion: diagonal Hessian estimate.", ("fisher", "hutchinson"))
+    round_to: int = option(1, "Structured: keep every pruned layer's channel count a multiple of this (8 or 16 "
+                              "suit the SIMD width of many CPU kernels; measure with mcp benchmark). 1: any count.")
     calib_batches: int = option(8, "Training batches used by data-driven criteria.")
     bn_l1: float = option(0.0, "Network-slimming L1 penalty on BatchNorm scales during fine-tuning.")
     optimizer: str = option("sgd", "Optimizer for fine-tuning.", OPTIMIZERS)
@@ -407,6 +409,9 @@ class PruneConfig(RecoveryOptions):
             raise ConfigError(f"bn_l1={self.bn_l1!r} must be 0 or more")
         if self.ratios_file and self.scope != "layerwise":
             raise ConfigError("ratios_file needs scope 'layerwise'")
+        if self.round_to < 1 or (self.round_to > 1 and self.granularity != "structured"):
+            raise ConfigError(f"round_to={self.round_to!r} must be 1 or more, and above 1 only with granularity "
+                              f"structured")
 
     def ignored(self) -> list[str]:
         return [n.strip() for n in self.ignored_layers.split(",") if n.strip()]
@@ -465,6 +470,9 @@ class QuantizeConfig(RecoveryOptions):
     calib_batches: int = option(16, "Training batches used for calibration.")
     reduce_range: bool = option(True, "ptq_int8 / dynamic_int8: INT8 weights in [-64, 64] (ONNX Runtime's "
                                       "reduce_range), so its u8 x s8 kernels cannot saturate.")
+    precision: str = option("int8", "ptq_int8: int8 quantizes every layer; speed only the layers that ONNX Runtime "
+                                    "runs at least 10% faster in INT8 than in float32 at their shapes on this CPU "
+                                    "(timed once per shape and cached), float32 elsewhere.", ("int8", "speed"))
     kmeans_init: str = option("linear", "k-means centroid initialisation.", KMEANS_INITS)
     share_biases: str = option("auto", "kmeans / huffman / deep_compression: share the biases too (their own "
                                        "2^bits codebook per layer). auto: where their float32 bytes would be more "
@@ -495,6 +503,8 @@ class QuantizeConfig(RecoveryOptions):
         kind = quant_method(self.method)
         if kind.int8_only and (self.bits not in (0, 8) or self.bits_file):
             raise ConfigError(f"method {self.method} is 8-bit; use fixed_point or qat for bits={self.bits}")
+        if self.precision == "speed" and self.method != "ptq_int8":
+            raise ConfigError(f"precision=speed (INT8 where it runs faster) is for method ptq_int8, not {self.method}")
         if self.epochs < 0:
             raise ConfigError(f"epochs={self.epochs!r} must be 0 or more (-1: the method's default)")
         if kind.needs_epochs and self.epochs == 0:
@@ -636,6 +646,11 @@ class SearchConfig(StartModel):
                                           "or the deployable ONNX file (size_bytes_onnx: INT8 weights, zeros "
                                           "stored densely, so only removed channels shrink it).",
                             BUDGET_MEASURES)
+    budget_ms: float = option(0.0, "Latency budget (ms): the CPU p50 at batch 1, one thread, in ONNX Runtime, of "
+                                   "each trial's model deployed for speed (float32, INT8 in the layers that run "
+                                   "faster in INT8 here), timed in a process of its own before any fine-tuning; "
+                                   "slower trials are infeasible. With or without a size budget (--budget-ratio 0 "
+                                   "for none). 0: no latency budget.")
     latency: bool = option(False, "pareto: CPU latency as a third objective (ONNX Runtime p50 at batch 1, one "
                                   "thread, of each trial's deployable ONNX model, timed in a process of its own).")
     trials: int = option(20, "Trials the study runs in all: a total that every worker of the study shares "
@@ -652,8 +667,9 @@ class SearchConfig(StartModel):
                                     "and its MLflow run ends KILLED, when a worker next opens the study.")
     study_name: str = option("", "Study name (running again resumes it). Empty: <model>-<dataset>-<mode>.")
     fill_budget: bool = option(True, "Scale each trial's sampled ratios so that it just fits the budget (the "
-                                     "samples then share the pruning between layers); false: over-budget trials "
-                                     "are rejected as sampled.")
+                                     "samples then share the pruning between layers): the size budget, else the "
+                                     "latency budget (by bisection on measured latency, 3% below it); false: "
+                                     "over-budget trials are rejected as sampled.")
     distill: bool = option(False, "Fine-tune each trial by distillation from the starting model.")
     final_epochs: int = option(0, "Fine-tuning epochs when a winner is rebuilt (0: its trial's).")
     calib_batches: int = option(8, "Training batches used by data-driven pruning criteria.")
@@ -666,8 +682,10 @@ class SearchConfig(StartModel):
         if self.budget_mb < 0 or not 0.0 <= self.budget_ratio < 1.0:
             raise ConfigError(f"budget_mb={self.budget_mb!r} must be 0 or more and budget_ratio="
                               f"{self.budget_ratio!r} within [0, 1)")
-        if self.mode == "max-accuracy" and self.budget_mb == 0 and self.budget_ratio == 0:
-            raise ConfigError("mode max-accuracy needs a budget: --budget-mb or --budget-ratio")
+        if self.budget_ms < 0:
+            raise ConfigError(f"budget_ms={self.budget_ms!r} must be 0 (no latency budget) or more")
+        if self.mode == "max-accuracy" and self.budget_mb == 0 and self.budget_ratio == 0 and self.budget_ms == 0:
+            raise ConfigError("mode max-accuracy needs a budget: --budget-mb, --budget-ratio or --budget-ms")
         if self.latency and self.mode != "pareto":
             raise ConfigError("latency=true is an objective of mode pareto (max-accuracy optimises accuracy alone)")
         _positive("trials", self.trials)
@@ -700,6 +718,8 @@ class PipelineConfig(ModelSource):
     budget_ratio: float = option(0.1, "Search step: size budget as a share of the baseline's float32 size.")
     budget_on: str = option("compressed", "Search step: what the budget measures (see `mcp search`).",
                             BUDGET_MEASURES)
+    budget_ms: float = option(0.0, "Search step: latency budget in ms as well (see `mcp search --budget-ms`); "
+                                   "a model within the budget meets both. 0: none.")
     space: str = option("", "Search step: search space YAML (empty: the model family's file).")
     trials: int = option(20, "Search step: trials the study runs in all (shared by its workers).")
     storage: str = option("", "Search step: Optuna storage (SQLAlchemy URL). Empty: optuna.db beside the SQLite "
@@ -741,7 +761,8 @@ class PipelineConfig(ModelSource):
                                        bits=self.bits, epochs=self.quantize_epochs if fine_tuned else 0,
                                        distill_from=teacher if fine_tuned and self.quantize_epochs else "", **data),
             "search": SearchConfig(model=self.model, model_uri=base_uri, budget_ratio=self.budget_ratio,
-                                   budget_on=self.budget_on, space=self.space, trials=self.trials,
+                                   budget_on=self.budget_on, budget_ms=self.budget_ms, space=self.space,
+                                   trials=self.trials,
                                    storage=self.storage, study_name=self.study_name or "pipeline", distill=self.distill,
                                    final_epochs=self.final_epochs, benchmark=False, **data),
             "benchmark": BenchmarkConfig(model=self.model, threads=self.threads, seconds=self.seconds, **data),

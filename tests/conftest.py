@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("MCP_DEPLOY_TIMING_S", "0.02")  # each registered model's deployed latency: timed briefly
+os.environ.setdefault("MCP_CACHE_DIR", tempfile.mkdtemp(prefix="mcp-test-cache-"))  # kernel timings: not the user's
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -41,9 +41,13 @@ def test_structured_prune_trains_the_baseline_first_and_tracks_everything(experi
                 "prune_step_test_loss", "prune_step_elapsed_s"):
         assert sorted(m.step for m in client.get_metric_history(result.run_id, key)) == [0, 1], key
     for key in ("test_accuracy", "params_total", "params_nonzero", "sparsity", "macs", "size_bytes_fp32",
-                "latency_ms_p50_cpu", "latency_ms_p95_cpu", "peak_memory_mb", "train_time_s", "training_time_s",
-                "compression_ratio", "baseline_test_accuracy"):
+                "latency_ms_p50_cpu", "torch_latency_ms_p95_cpu", "peak_memory_mb", "train_time_s",
+                "training_time_s", "compression_ratio", "baseline_test_accuracy", "baseline_latency_ms_p50_cpu",
+                "parent_latency_ms_p50_cpu", "speedup_p50_cpu_vs_baseline"):
         assert key in run.data.metrics, key
+    m = run.data.metrics  # the deployed ONNX model's latency, next to the baseline's, timed side by side
+    assert m["speedup_p50_cpu_vs_baseline"] == pytest.approx(m["baseline_latency_ms_p50_cpu"] / m["latency_ms_p50_cpu"])
+    assert m["latency_ms_p50_cpu"] != m["torch_latency_ms_p50_cpu"]
     assert run.data.metrics["params_total"] < run.data.metrics["baseline_size_bytes_fp32"] / 4
     assert len(client.get_metric_history(result.run_id, "val_accuracy")) == 3
     artifacts = {a.path for a in client.list_artifacts(result.run_id, "plots")}

@@ -17,7 +17,7 @@ from mcp.config import TrainConfig
 from mcp.stages.train import run_train
 
 GLOSSARY = ("test_accuracy", "test_loss", "params_total", "params_nonzero", "sparsity", "macs", "size_bytes_fp32",
-            "latency_ms_p50_cpu", "latency_ms_p95_cpu", "throughput_ips_cpu", "peak_memory_mb", "train_time_s")
+            "latency_ms_p50_cpu", "torch_latency_ms_p95_cpu", "torch_throughput_ips_cpu", "peak_memory_mb", "train_time_s")
 TINY = ["--model", "tiny_cnn", "--dataset", "synthetic", "--input-shape", "3x8x8", "--num-classes", "4"]
 
 

@@ -48,6 +48,7 @@ COLUMNS = (  # (header, key, format); a missing GPU value prints "not available"
     ("model", "label", "{}"), ("format", "deploy_format", "{}"),
     ("accuracy (ORT)", "test_accuracy", "{:.2%}"), ("Δ accuracy (points)", "accuracy_delta", "{:+.2f}"),
     ("ONNX (KiB)", "size_kib_onnx", "{:.1f}"), ("size ratio", "size_ratio_onnx", "{:.2f}x"),
+    ("compressed (KiB)", "size_kib_compressed", "{:.1f}"),
     ("params (non-zero)", "params_nonzero", "{:,.0f}"), ("MACs", "macs", "{:,.0f}"),
     ("CPU p50 (ms)", "latency_ms_p50_cpu", "{:.3f}"), ("CPU p95 (ms)", "latency_ms_p95_cpu", "{:.3f}"),
     ("CPU throughput (img/s)", "throughput_ips_cpu", "{:,.0f}"), ("speedup p50", "speedup_p50_cpu", "{:.2f}x"),

@@ -79,14 +79,15 @@ def measure_latency(model: nn.Module, input_shape: Sequence[int], device: str = 
 
 def latency_metrics(model: nn.Module, input_shape: Sequence[int], device: str = "cpu",
                     throughput_batch: int = 64) -> dict[str, float]:
-    """Glossary latency metrics for one device kind ('cpu' or 'cuda' -> suffix _gpu)."""
+    """PyTorch's latency and throughput for one device kind ('cpu' or 'cuda' -> suffix
+    _gpu), named ``torch_*``: the glossary's ``latency_ms_*`` is the deployed ONNX model's."""
     suffix = "gpu" if device.startswith("cuda") else "cpu"
     single = measure_latency(model, input_shape, device, batch_size=1)
     batched = measure_latency(model, input_shape, device, batch_size=throughput_batch, warmup=3, iters=10)
     return {
-        f"latency_ms_p50_{suffix}": single["p50"],
-        f"latency_ms_p95_{suffix}": single["p95"],
-        f"throughput_ips_{suffix}": batched["throughput"],
+        f"torch_latency_ms_p50_{suffix}": single["p50"],
+        f"torch_latency_ms_p95_{suffix}": single["p95"],
+        f"torch_throughput_ips_{suffix}": batched["throughput"],
     }
 
 
@@ -100,8 +101,8 @@ def peak_memory_mb(device: str = "cpu") -> float:
 
 def model_metrics(model: nn.Module, input_shape: Sequence[int], device: str) -> dict[str, float]:
     """Glossary metrics of a model's shape, size and speed: params (total, non-zero),
-    sparsity, MACs, ``size_bytes_fp32``, CPU latency and throughput (and the GPU ones on
-    CUDA). Accuracy is measured by the caller, on the split it chooses."""
+    sparsity, MACs, ``size_bytes_fp32``, PyTorch's CPU latency and throughput (and the GPU
+    ones on CUDA). Accuracy is measured by the caller, on the split it chooses."""
     metrics: dict[str, float] = dict(count_params(model))
     metrics["macs"] = float(count_macs(model, input_shape))
     metrics["size_bytes_fp32"] = float(size_bytes_fp32(model))

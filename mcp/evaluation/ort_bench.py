@@ -30,11 +30,7 @@ def _peak_rss_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
-def measure(path: str, shape: tuple[int, ...], device: str = "cpu", threads: int = 1, batch: int = 64,
-            warmup: int = 20, iters: int = 200, seconds: float = 2.0) -> dict:
-    """Batch 1: at least ``iters`` timed runs and at least ``seconds`` of them (short
-    runs on a shared machine are noisy); then the same budget at ``batch`` for throughput."""
-    import numpy as np
+def _session(path: str, threads: int, providers: list[str]):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -42,13 +38,51 @@ def measure(path: str, shape: tuple[int, ...], device: str = "cpu", threads: int
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return ort.InferenceSession(path, options, providers=providers)
+
+
+def compare(paths: list[str], shape: tuple[int, ...], threads: int = 1, seconds: float = 0.5,
+            rounds: int = 4) -> list[float]:
+    """p50 (ms, batch 1, CPU) of several models timed side by side in this process, each
+    for ``seconds`` in all: in ``rounds`` slices, the models visited in rotated order,
+    so that a busy moment of the machine does not fall on one model alone."""
+    import numpy as np
+
+    sessions = [_session(str(p), threads, ["CPUExecutionProvider"]) for p in paths]
+    x = np.random.default_rng(0).standard_normal((1, *shape), dtype=np.float32)
+    feeds = [{s.get_inputs()[0].name: x} for s in sessions]
+    for s, feed in zip(sessions, feeds):
+        for _ in range(5):
+            s.run(None, feed)
+    times: list[list[float]] = [[] for _ in paths]
+    n = len(paths)
+    for r in range(rounds):
+        for k in [(r + i) % n for i in range(n)]:
+            end = time.perf_counter() + seconds / rounds
+            while True:
+                t0 = time.perf_counter()
+                sessions[k].run(None, feeds[k])
+                t1 = time.perf_counter()
+                times[k].append(t1 - t0)
+                if t1 > end and len(times[k]) >= 3 * (r + 1):
+                    break
+    return [float(np.median(t) * 1000) for t in times]
+
+
+def measure(path: str, shape: tuple[int, ...], device: str = "cpu", threads: int = 1, batch: int = 64,
+            warmup: int = 20, iters: int = 200, seconds: float = 2.0) -> dict:
+    """Batch 1: at least ``iters`` timed runs and at least ``seconds`` of them (short
+    runs on a shared machine are noisy); then the same budget at ``batch`` for throughput."""
+    import numpy as np
+    import onnxruntime as ort
+
     if device == "cuda":
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             raise RuntimeError("CUDAExecutionProvider is not available (install the gpu extra: onnxruntime-gpu)")
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     else:
         providers = ["CPUExecutionProvider"]
-    session = ort.InferenceSession(path, options, providers=providers)
+    session = _session(path, threads, providers)
     name = session.get_inputs()[0].name
     rng = np.random.default_rng(0)
     one = rng.standard_normal((1, *shape), dtype=np.float32)

@@ -93,6 +93,26 @@ def grid_onnx(model: nn.Module, input_shape: Sequence[int], quantizer: Any, entr
     return int8_weights_or_fp32(fp32, quantizer, entries, out_dir / "model.onnx")
 
 
+def speed_onnx(model: nn.Module, input_shape: Sequence[int], calib: Sequence, out_dir: str | Path,
+               opset: int = 17) -> tuple[Path, str]:
+    """(file, format) of ``model`` deployed for speed: the float32 export, with INT8 (QDQ,
+    calibrated on ``calib``) in the layers that ONNX Runtime runs faster in INT8 at their
+    shapes on this CPU (:mod:`mcp.export.kernel_speed`); ``onnx_fp32`` when none does."""
+    from mcp.export.kernel_speed import layer_speeds
+    from mcp.export.onnx import export_onnx
+    from mcp.quantization.onnx_int8 import static_int8
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fp32 = export_onnx(model, input_shape, out_dir / "fp32.onnx", opset)
+    speeds = layer_speeds(fp32)
+    if not any(s.int8_faster for s in speeds):
+        (out_dir / "model.onnx").write_bytes(fp32.read_bytes())
+        return out_dir / "model.onnx", "onnx_fp32"
+    slow = [i for i, s in enumerate(speeds) if not s.int8_faster]
+    return static_int8(fp32, out_dir / "model.onnx", calib, float_layers=slow), "onnx_qdq_int8"
+
+
 def deploy_note(deploy_format: str, bits: Mapping[str, int], extra: str = "") -> str:
     """The one-line note a run and a version carry on what was deployed: the format's note,
     the bit-widths held in INT8 containers, and the method's own remark."""

@@ -36,6 +36,7 @@ class PruneSpec:
     ignored_layers: Sequence[str] = ()
     norm: int = 1
     hessian: str = "fisher"
+    round_to: int = 1  # structured: keep channel counts at multiples of this (Torch-Pruning's round_to)
 
     @property
     def events(self) -> int:
@@ -56,6 +57,10 @@ class Pruning:
         self.criterion = create_criterion(spec.criterion, spec.granularity, norm=spec.norm, hessian=spec.hessian)
         self.layers, self.all_names = select_layers(model, input_shape, spec.keep_first, spec.keep_last,
                                                     list(spec.ignored_layers))
+        if not isinstance(spec.round_to, int) or spec.round_to < 1:
+            raise ConfigError(f"round_to={spec.round_to!r} must be a whole number of channels, 1 or more")
+        if spec.round_to > 1 and spec.granularity != "structured":
+            raise ConfigError(f"round_to={spec.round_to} rounds channel counts: it needs granularity structured")
         if spec.ratios and spec.scope != "layerwise":
             raise ConfigError("per-layer ratios need scope 'layerwise'")
         unknown = sorted(set(spec.ratios) - set(self.layers))
@@ -73,7 +78,7 @@ class Pruning:
         if spec.granularity == "structured":
             self.cut: UnstructuredPruner | StructuredPruner = StructuredPruner(
                 model, self.input_shape, self.layers, self.all_names, spec.scope, schedule, spec.events,
-                spec.sparsity, spec.ratios if spec.scope == "layerwise" else None)
+                spec.sparsity, spec.ratios if spec.scope == "layerwise" else None, spec.round_to)
         else:
             self.cut = UnstructuredPruner(self.layers, spec.scope)
         self.done = 0

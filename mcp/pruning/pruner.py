@@ -184,7 +184,8 @@ class StructuredPruner:
     ``ratios``. :meth:`step` performs the next event."""
 
     def __init__(self, model: nn.Module, input_shape, layers: Mapping[str, nn.Module], all_names: list[str],
-                 scope: str, schedule, steps: int, sparsity: float, ratios: Mapping[str, float] | None = None):
+                 scope: str, schedule, steps: int, sparsity: float, ratios: Mapping[str, float] | None = None,
+                 round_to: int = 1):
         import torch_pruning as tp
 
         modules = dict(model.named_modules())
@@ -203,6 +204,7 @@ class StructuredPruner:
             global_pruning=scope == "global", pruning_ratio=sparsity,
             pruning_ratio_dict={layers[n]: r for n, r in (ratios or {}).items() if n not in left} or None,
             iterative_steps=steps, ignored_layers=ignored, unwrapped_parameters=unwrapped,
+            round_to=round_to if round_to > 1 else None,
             # Torch-Pruning asks for steps + 1 ratios, the first being the unpruned state
             iterative_pruning_ratio_scheduler=lambda target, n: [0.0] + list(schedule(target, n)),
         )

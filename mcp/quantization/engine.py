@@ -18,6 +18,7 @@ from mcp.quantization.methods import QuantMethod, quant_method
 from mcp.quantization.uniform import OBSERVERS, LayerQuant, QuantSim
 
 MIN_BITS, MAX_BITS = 2, 8
+PRECISIONS = ("int8", "speed")
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class QuantSpec:
     ignored_layers: tuple[str, ...] = ()
     share_biases: bool | str = False  # k-means methods: biases get their own codebooks too; "auto": where they pay
     reduce_range: bool = True  # INT8 methods: ONNX Runtime's [-64, 64] weights (no u8s8 saturation on AVX2)
+    precision: str = "int8"  # ptq_int8: "int8" every layer, "speed" INT8 only where it runs faster than float32
     seed: int = 0
 
     @property
@@ -60,6 +62,10 @@ class QuantSpec:
             raise ConfigError(f"unknown observer {self.observer!r}; choose one of {', '.join(OBSERVERS)}")
         if self.kmeans_init not in KMEANS_INITS:
             raise ConfigError(f"unknown kmeans_init {self.kmeans_init!r}; choose one of {', '.join(KMEANS_INITS)}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision={self.precision!r} is not allowed; choose one of: {', '.join(PRECISIONS)}")
+        if self.precision == "speed" and self.method != "ptq_int8":
+            raise ConfigError(f"precision=speed (INT8 where it runs faster) is for method ptq_int8, not {self.method}")
         if kind.int8_only and (self.bits not in (0, 8) or self.layer_bits):
             raise ConfigError(f"method {self.method} is 8-bit; use fixed_point or qat for other bit-widths")
 
@@ -144,6 +150,10 @@ class Quantizer:
                                                     self.sim.symmetric, 0 if self.sim.per_channel else -1)
             self.sim.bake()
         return entries
+
+    def float_layers(self) -> list[int]:
+        """Indices (in execution order) of the layers left in float32 (ignored)."""
+        return [i for i, name in enumerate(self.order) if name not in self.layers]
 
     def signed_integers(self, entries: Mapping[str, Codebook | Uniform]) -> list[np.ndarray | None]:
         """Per layer in execution order: ``q - zero`` for uniform weights that fit INT8, else None."""

@@ -36,8 +36,9 @@ class _Reader:
 
 
 def static_int8(fp32_path: str | Path, out_path: str | Path, batches: Sequence, observer: str = "minmax",
-                per_channel: bool = True, reduce_range: bool = True) -> Path:
-    """``reduce_range`` keeps weights in [-64, 64]: ONNX Runtime's x86 u8 x s8 kernels can
+                per_channel: bool = True, reduce_range: bool = True, float_layers: Sequence[int] = ()) -> Path:
+    """``float_layers``: indices (in graph order) of Conv/Gemm layers left in float32.
+    ``reduce_range`` keeps weights in [-64, 64]: ONNX Runtime's x86 u8 x s8 kernels can
     sum pairs of products into saturating 16-bit integers (the non-VNNI path), and
     full-range weights overflow them (measured on this project's machine: 4% of
     predictions flipped on a small CNN)."""
@@ -49,13 +50,28 @@ def static_int8(fp32_path: str | Path, out_path: str | Path, batches: Sequence, 
     with tempfile.TemporaryDirectory() as tmp:
         prepped = Path(tmp) / "prepped.onnx"
         quant_pre_process(str(fp32_path), str(prepped), skip_symbolic_shape=True)
+        excluded = _node_names(prepped, float_layers)
         quantize_static(str(prepped), str(out_path), reader_cls(batches), quant_format=QuantFormat.QDQ,
                         per_channel=per_channel, reduce_range=reduce_range, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8,
-                        calibrate_method=getattr(CalibrationMethod, CALIBRATION[observer]),
+                        calibrate_method=getattr(CalibrationMethod, CALIBRATION[observer]), nodes_to_exclude=excluded,
                         extra_options={"WeightSymmetric": True, "ActivationSymmetric": False,
                                        "OpTypesToExcludeOutputQuantization": ["Gemm"]})
     return Path(out_path)
+
+
+def _node_names(path: Path, layers: Sequence[int]) -> list[str]:
+    """The names of the ``layers``-th Conv/Gemm nodes of the model at ``path``."""
+    import onnx
+
+    from mcp.export.kernel_speed import weighted_nodes
+
+    if not layers:
+        return []
+    nodes = weighted_nodes(onnx.load(str(path)))
+    if max(layers) >= len(nodes):
+        raise ValueError(f"layer index {max(layers)} is out of range: the graph has {len(nodes)} Conv/Gemm nodes")
+    return [nodes[i].name for i in layers]
 
 
 def gemm_to_matmul(model) -> None:
@@ -111,10 +127,11 @@ def weight_int8_dq(fp32_path: str | Path, out_path: str | Path, layer_ints: Sequ
     import onnx
     from onnx import helper, numpy_helper
 
+    from mcp.export.kernel_speed import weighted_nodes
+
     model = onnx.load(str(fp32_path))
     inits = {i.name: i for i in model.graph.initializer}
-    weighted = [n for n in model.graph.node if n.op_type in ("Conv", "Gemm") and len(n.input) > 1
-                and n.input[1] in inits]
+    weighted = weighted_nodes(model)
     if len(weighted) != len(layer_ints):
         raise ValueError(f"the ONNX graph has {len(weighted)} Conv/Gemm nodes; the model has {len(layer_ints)} layers")
     new_nodes = []

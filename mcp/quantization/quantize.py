@@ -41,6 +41,39 @@ class QuantizeOutcome:
     run_id: str | None = None  # the MLflow run of a tracked mcp.* call
 
 
+def by_speed(model: nn.Module, shape: tuple[int, ...], spec: QuantSpec, opset: int = 17
+             ) -> tuple[QuantSpec, str, dict[str, float]]:
+    """``spec`` with the layers that ONNX Runtime runs no faster in INT8 than in float32 at
+    their shapes on this CPU (see :mod:`mcp.export.kernel_speed`) added to its ignored
+    layers; the note and figures that say so."""
+    import dataclasses
+    import tempfile
+
+    from mcp.errors import McpError
+    from mcp.export.kernel_speed import MARGIN, cpu_model, int8_layers
+    from mcp.export.onnx import export_onnx
+    from mcp.pruning.pruner import layers_in_order
+
+    order = [n for n, _ in layers_in_order(model, shape)]
+    with tempfile.TemporaryDirectory() as tmp:
+        speeds = int8_layers(order, export_onnx(model, shape, Path(tmp) / "float.onnx", opset))
+    candidates = [n for n in order if n not in spec.ignored_layers]
+    faster = [n for n in candidates if speeds[n].int8_faster]
+    if not faster:
+        best = min(candidates, key=lambda n: speeds[n].int8_ms / speeds[n].fp32_ms)
+        raise McpError(f"precision speed: no layer of this model runs at least {MARGIN:.0%} faster in INT8 than in "
+                       f"float32 on this CPU ({cpu_model()}; the closest, {best}, takes {speeds[best].int8_ms:.4f} "
+                       f"against {speeds[best].fp32_ms:.4f} ms); deploy the float32 model (mcp export), or use "
+                       f"--precision int8 for the smaller file")
+    slow = tuple(n for n in candidates if n not in faster)
+    note = (f"INT8 in {len(faster)} of {len(order)} layers (where ONNX Runtime runs their shapes faster than float32 "
+            f"on this CPU), float32 in the rest")
+    figures = {"int8_layers": float(len(faster)), "float_layers": float(len(order) - len(faster)),
+               "kernel_ms_fp32": sum(speeds[n].fp32_ms for n in order),
+               "kernel_ms_chosen": sum(speeds[n].int8_ms if n in faster else speeds[n].fp32_ms for n in order)}
+    return dataclasses.replace(spec, ignored_layers=tuple(spec.ignored_layers) + slow), note, figures
+
+
 @torch.no_grad()
 def _predict(model: nn.Module, loader, device: str) -> np.ndarray:
     model.eval()
@@ -76,6 +109,10 @@ def quantize_model(model: nn.Module, loaders: Sequence[Any], input_shape: Sequen
     if kind.prunes_first:
         stages["fp32"] = size_bytes_fp32(model)
         stages["pruned"] = len(encode_model(model, {}, "fixed"))
+    speed_note = ""
+    if spec.precision == "speed":
+        spec, speed_note, speed_metrics = by_speed(model, shape, spec, opset)
+        metrics.update(speed_metrics)
     torch.manual_seed(spec.seed)
     quantizer = Quantizer(model, shape, spec)
     calib = calibration_batches(train_loader, calib_batches)
@@ -123,6 +160,7 @@ def quantize_model(model: nn.Module, loaders: Sequence[Any], input_shape: Sequen
     for name, size in stages.items():
         metrics[f"size_bytes_{name}"] = float(size)
         metrics[f"compression_ratio_{name}"] = stages.get("fp32", size) / size
-    note = deploy_note(deploy_format, quantizer.bits, "; ".join(kind.remarks(deploy_format, spec)))
+    note = deploy_note(deploy_format, quantizer.bits, "; ".join([*kind.remarks(deploy_format, spec),
+                                                                 *([speed_note] if speed_note else [])]))
     return QuantizeOutcome(model, metrics, payload, deploy_path, deploy_format, note, layers, quantizer.describe(),
                            history, stages)

@@ -21,6 +21,7 @@ import torch
 from mcp.search.study import FILL_SLACK, SIZE_KEY, budget_excess
 
 STATES = ("complete", "pruned", "infeasible", "failed")
+LATENCY_SLACK = 0.03  # a latency budget is filled to 3% below it: timing noise then rarely tips a trial over
 
 
 class TrialLog(Protocol):
@@ -62,6 +63,7 @@ class SearchProblem:
     distill: bool = False  # fine-tune by distillation from the starting model
     seed: int = 0
     base_fp32: float = 0.0  # the starting model's float32 size, for compression ratios
+    budget_ms: float = 0.0  # latency budget: CPU p50 (ms) of the model deployed for speed; 0: none
 
 
 def constrain(trial, key: str, excess: float) -> None:
@@ -90,7 +92,7 @@ def make_objective(problem: SearchProblem, open_log: Callable[[Any], ContextMana
 
     from mcp.evaluation.metrics import count_params
     from mcp.search.space import sample
-    from mcp.search.trial import fill_budget, finetune_quantized, measure_sizes, prune_candidate
+    from mcp.search.trial import deployed_latency, fill_budget, finetune_quantized, measure_sizes, prune_candidate
     from mcp.training import evaluate
 
     p = problem
@@ -116,6 +118,10 @@ def make_objective(problem: SearchProblem, open_log: Callable[[Any], ContextMana
                     target = p.budget * (1 - FILL_SLACK)
                     tc = fill_budget(p.base, shape, p.space, tc, target, p.calib, p.device, p.seed,
                                      on=on) or tc  # None: even the highest ratios are over; rejected below
+                elif p.budget_ms and p.fill_budget:  # the same along the line, on measured latency
+                    tc = fill_budget(p.base, shape, p.space, tc, p.budget_ms * (1 - LATENCY_SLACK), p.calib,
+                                     p.device, p.seed, steps=6,
+                                     measure=lambda model: deployed_latency(model, shape, p.calib)) or tc
                 trial.set_user_attr("ratios", tc.ratios)
                 model = prune_candidate(p.base, shape, tc, p.calib, p.device)
                 sizes = measure_sizes(model, shape, tc, p.seed, onnx=on == "onnx")
@@ -125,6 +131,16 @@ def make_objective(problem: SearchProblem, open_log: Callable[[Any], ContextMana
                 for key, value in sizes.items():
                     trial.set_user_attr(key, value)
                 log.metrics({**sizes, **count_params(model)})
+                if p.budget_ms:  # latency depends on the shapes alone: measured before any fine-tuning
+                    latency = deployed_latency(model, shape, p.calib)
+                    trial.set_user_attr("latency_ms_p50_cpu", latency)
+                    log.metrics({"latency_ms_p50_cpu": latency})
+                    over = latency - p.budget_ms
+                    trial.set_user_attr("latency_excess", over)
+                    if hasattr(trial, "set_constraint"):
+                        trial.set_constraint("latency_excess", over)
+                    if over > 0 and excess <= 0:
+                        excess = over  # rejected below, like a model over the size budget
                 if excess > 0:  # over the budget: rejected before any fine-tuning
                     constrain(trial, "budget_excess_final", excess)
                     set_state(trial, log, "infeasible")
@@ -137,7 +153,8 @@ def make_objective(problem: SearchProblem, open_log: Callable[[Any], ContextMana
                             if trial.should_prune():
                                 raise optuna.TrialPruned(f"pruned after epoch {epoch}")
 
-                    tuned = finetune_quantized(model, shape, tc, p.loaders, p.device, p.seed, report, distiller())
+                    tuned = finetune_quantized(model, shape, tc, p.loaders, p.device, p.seed, report, distiller(),
+                                               speed_calib=p.calib if p.budget_ms else None)
                     val = evaluate(tuned.model, p.loaders[1], p.device)["accuracy"]
                     # weights that QAT moved onto or off zero change the encoded size a little: measure again
                     sizes["size_bytes_compressed"] = float(len(tuned.payload))
@@ -149,8 +166,9 @@ def make_objective(problem: SearchProblem, open_log: Callable[[Any], ContextMana
                     state = "infeasible" if excess > 0 else "complete"  # over after fine-tuning: infeasible after all
                     constrain(trial, "budget_excess_final", excess)
                     outcome = [val, float(size)] if p.pareto else [val]
-                    if p.latency:
-                        latency = trial_latency(tuned, shape)
+                    if p.latency:  # the latency budget measured it already, on the same deployed form
+                        latency = (float(trial.user_attrs["latency_ms_p50_cpu"]) if p.budget_ms
+                                   else trial_latency(tuned, shape))
                         trial.set_user_attr("latency_ms_p50_cpu", latency)
                         log.metrics({"latency_ms_p50_cpu": latency})
                         outcome.append(latency)
@@ -198,6 +216,8 @@ def _start_params(space, ratios: dict[str, float], bits: dict[str, int]) -> dict
         params["granularity"] = space.granularity[0]
     if len(space.criterion) > 1:
         params["criterion"] = space.criterion[0]
+    if len(space.round_to) > 1:
+        params["round_to"] = space.round_to[0]
     if space.epochs[1] > space.epochs[0]:
         params["epochs"] = space.epochs[1]
     if space.lr[1] > space.lr[0]:
@@ -233,6 +253,8 @@ def enqueue_uniform(study, problem: SearchProblem, max_accuracy: bool, limit: in
 
     space, p = problem.space, problem
     start = UniformStart()
+    if p.budget is None and p.budget_ms and max_accuracy:
+        return _uniform_within_latency(study, p)
     if p.budget is None or not max_accuracy:
         return start
     budget = p.budget * (1 - FILL_SLACK)
@@ -303,6 +325,36 @@ def enqueue_uniform(study, problem: SearchProblem, max_accuracy: bool, limit: in
     return start
 
 
+def _uniform_within_latency(study, p: SearchProblem) -> UniformStart:
+    """A latency budget alone: start from the least uniform pruning (one ratio in every
+    layer, clipped to what each allows; the widest bit-width) whose deployed model meets
+    it, by bisection on measured latency: what uniform pruning by hand would deploy, and
+    what the search must beat."""
+    from mcp.search.space import allowed_bits, clipped_ratio, uniform_where_allowed
+    from mcp.search.trial import deployed_latency, ratio_at_budget
+
+    space, start = p.space, UniformStart()
+    units = list(space.units)
+    bits = max(b for choices in space.bits_of.values() for b in choices)
+    lo, hi = min(space.ratio_of[u][0] for u in units), max(space.ratio_of[u][1] for u in units)
+    ratio = ratio_at_budget(p.base, p.input_shape,
+                            lambda r: uniform_where_allowed(space, r, bits, space.epochs[1], space.lr[0]), lo, hi,
+                            p.budget_ms, p.calib, p.device, p.seed, steps=7,
+                            measure=lambda model: deployed_latency(model, p.input_shape, p.calib))
+    if ratio is None:
+        start.warning = (f"no uniform starting trial: one ratio in every layer meets the latency budget of "
+                         f"{p.budget_ms:g} ms only beyond the space's ranges")
+        return start
+    ratios = {u: clipped_ratio(space, u, ratio) for u in units}
+    widths = {u: allowed_bits(space.bits_of[u], bits) for u in units}
+    study.enqueue_trial(_start_params(space, ratios, widths), skip_if_exists=True)
+    clipped = any(r != ratio for r in ratios.values())
+    start.kind = "uniform where allowed" if clipped else "uniform"
+    start.queued.append(f"ratio {ratio:.4f} in every layer{' (clipped to each range)' if clipped else ''}, the "
+                        f"least uniform pruning within {p.budget_ms:g} ms")
+    return start
+
+
 def trial_table(study, budget_on: str) -> list[dict[str, Any]]:
     """One row per trial: state, validation accuracy, sizes, latency, feasibility, params."""
     rows = []
@@ -316,7 +368,8 @@ def trial_table(study, budget_on: str) -> list[dict[str, Any]]:
                      "size_bytes_onnx": t.user_attrs.get("size_bytes_onnx"),
                      "size_bytes": t.user_attrs.get(SIZE_KEY[budget_on]),
                      "latency_ms_p50_cpu": t.user_attrs.get("latency_ms_p50_cpu"),
-                     "feasible": t.user_attrs.get("budget_excess", 1.0) <= 0, "params": dict(t.params),
+                     "feasible": t.user_attrs.get("budget_excess", 1.0) <= 0
+                     and t.user_attrs.get("latency_excess", 0.0) <= 0, "params": dict(t.params),
                      "ratios": t.user_attrs.get("ratios"),
                      "mlflow_run_id": t.user_attrs.get("mlflow_run_id")})
     return rows

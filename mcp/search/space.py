@@ -32,7 +32,7 @@ from mcp.errors import ConfigError
 
 SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
 TOP_KEYS = {"models", "prune", "quantize", "finetune", "layers", "groups", "description"}
-SECTION_KEYS = {"prune": {"ratio", "granularity", "criterion"}, "quantize": {"bits"}, "finetune": {"epochs", "lr"}}
+SECTION_KEYS = {"prune": {"ratio", "granularity", "criterion", "round_to"}, "quantize": {"bits"}, "finetune": {"epochs", "lr"}}
 LAYER_KEYS = {"ratio", "bits"}
 
 
@@ -48,6 +48,7 @@ class Space:
     units: dict[str, tuple[str, ...]] = field(default_factory=dict)  # sampled unit -> its layers
     ratio_of: dict[str, tuple[float, float]] = field(default_factory=dict)  # unit -> its ratio range
     bits_of: dict[str, tuple[int, ...]] = field(default_factory=dict)  # unit -> its bit choices
+    round_to: tuple[int, ...] = (1,)  # structured: channel counts kept at multiples of one of these
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ class TrialConfig:
     criterion: str
     epochs: int
     lr: float
+    round_to: int = 1
 
 
 def _range(where: str, value: Any, low: float, high: float, kind: type) -> tuple:
@@ -130,6 +132,13 @@ def build_space(data: Mapping[str, Any], layers: Sequence[str], source: str = "s
     bits = _bits(f"{source}: quantize.bits", quant.get("bits", [4, 8]))
     granularity = _choices(f"{source}: prune.granularity", prune.get("granularity", ["unstructured"]), GRANULARITIES)
     criterion = _choices(f"{source}: prune.criterion", prune.get("criterion", ["magnitude"]), CRITERIA)
+    round_to = prune.get("round_to", [1])
+    if (not isinstance(round_to, (list, tuple)) or not round_to
+            or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in round_to)):
+        raise ConfigError(f"{source}: prune.round_to={round_to!r} must be a non-empty list of whole numbers, 1 or more")
+    if max(round_to) > 1 and "structured" not in granularity:
+        raise ConfigError(f"{source}: prune.round_to={round_to!r} rounds channel counts: it needs granularity "
+                          f"structured")
     epochs = _range(f"{source}: finetune.epochs", tune.get("epochs", [1, 3]), 0, 1000, int)
     lr = _range(f"{source}: finetune.lr", tune.get("lr", [0.001, 0.01]), 1e-7, 10.0, float)
 
@@ -170,7 +179,8 @@ def build_space(data: Mapping[str, Any], layers: Sequence[str], source: str = "s
             ratio_of[name] = _range(f"{source}: layers.{name}.ratio", values["ratio"], 0.0, 1.0, float)
         if "bits" in values:
             bits_of[name] = _bits(f"{source}: layers.{name}.bits", values["bits"])
-    return Space(source, ratio, bits, granularity, criterion, epochs, lr, units, ratio_of, bits_of)
+    return Space(source, ratio, bits, granularity, criterion, epochs, lr, units, ratio_of, bits_of,
+                 tuple(sorted(set(round_to))))
 
 
 def sample(trial, space: Space) -> TrialConfig:
@@ -192,14 +202,17 @@ def sample(trial, space: Space) -> TrialConfig:
     epochs = trial.suggest_int("epochs", lo, hi) if hi > lo else lo
     lr_lo, lr_hi = space.lr
     lr = trial.suggest_float("lr", lr_lo, lr_hi, log=True) if lr_hi > lr_lo else lr_lo
-    return TrialConfig(ratios, bits, granularity, criterion, epochs, lr)
+    round_to = (trial.suggest_categorical("round_to", list(space.round_to)) if len(space.round_to) > 1
+                else space.round_to[0])
+    return TrialConfig(ratios, bits, granularity, criterion, epochs, lr,
+                       int(round_to) if granularity == "structured" else 1)
 
 
 def uniform(space: Space, ratio: float, bits: int, epochs: int, lr: float) -> TrialConfig:
     """The same ratio and bit-width in every layer (the baseline a search must beat)."""
     layers = [n for members in space.units.values() for n in members]
     return TrialConfig({n: ratio for n in layers}, {n: bits for n in layers}, space.granularity[0],
-                       space.criterion[0], epochs, lr)
+                       space.criterion[0], epochs, lr, space.round_to[0] if space.granularity[0] == "structured" else 1)
 
 
 def allowed_bits(choices: Sequence[int], bits: int) -> int:
@@ -221,4 +234,5 @@ def uniform_where_allowed(space: Space, ratio: float, bits: int, epochs: int, lr
     for unit, members in space.units.items():
         for n in members:
             ratios[n], widths[n] = clipped_ratio(space, unit, ratio), allowed_bits(space.bits_of[unit], bits)
-    return TrialConfig(ratios, widths, space.granularity[0], space.criterion[0], epochs, lr)
+    return TrialConfig(ratios, widths, space.granularity[0], space.criterion[0], epochs, lr,
+                       space.round_to[0] if space.granularity[0] == "structured" else 1)

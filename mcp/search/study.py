@@ -55,7 +55,7 @@ def study_settings(cfg: SearchConfig, checked: "Checked") -> dict[str, Any]:
 
     return {"space_sha256": hashlib.sha256(checked.space_path.read_bytes()).hexdigest()[:16],
             "space_file": checked.space_path.name, "budget_on": cfg.budget_on,
-            "budget_bytes": round(checked.budget or 0), "latency": cfg.latency}
+            "budget_bytes": round(checked.budget or 0), "latency": cfg.latency, "budget_ms": cfg.budget_ms}
 
 
 STALE_HEARTBEATS = 3  # a running trial silent for this many heartbeats is stale (its worker died)
@@ -162,11 +162,11 @@ def open_study(cfg: SearchConfig, checked: "Checked", base_uri: str = ""):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
     def constraints(trial) -> list[float]:  # <= 0: within the budget
-        return [float(trial.user_attrs.get("budget_excess", 0.0))]
+        return [float(trial.user_attrs.get("budget_excess", 0.0)), float(trial.user_attrs.get("latency_excess", 0.0))]
 
     # Optuna 5 takes constraints from trial.set_constraint; older versions from the sampler's constraints_func
     budget = checked.budget
-    constraint = constraints if budget and not hasattr(optuna.trial.Trial, "set_constraint") else None
+    constraint = constraints if (budget or cfg.budget_ms) and not hasattr(optuna.trial.Trial, "set_constraint") else None
     if cfg.sampler == "nsga2":
         sampler = optuna.samplers.NSGAIISampler(seed=cfg.seed, constraints_func=constraint,
                                                 population_size=max(4, min(50, cfg.trials)))
@@ -191,8 +191,8 @@ def open_study(cfg: SearchConfig, checked: "Checked", base_uri: str = ""):
     if stored is None:
         study.set_user_attr(SETTINGS_ATTR, settings)
     else:
-        for key in ("space_sha256", "budget_on", "budget_bytes", "latency"):
-            if stored.get(key) == settings[key]:
+        for key in ("space_sha256", "budget_on", "budget_bytes", "latency", "budget_ms"):
+            if stored.get(key, 0.0 if key == "budget_ms" else None) == settings[key]:
                 continue
             what, was, now = key, stored.get(key), settings[key]
             if key == "space_sha256":
@@ -257,6 +257,15 @@ def check_search(cfg: SearchConfig, splits, loaders, base) -> Checked:
             raise ConfigError(f"budget {budget:,.0f} B is below the smallest size space {space_path.name!r} can "
                               f"reach ({reachable:,.0f} B measured as {cfg.budget_on}, every layer at its highest "
                               f"ratio and fewest bits){hint}; raise --budget-mb/--budget-ratio or widen the space")
+    if cfg.budget_ms:
+        from mcp.search.trial import smallest_latency
+
+        fastest = smallest_latency(probe, splits.input_shape, space, calib, "cpu")
+        if fastest > cfg.budget_ms:
+            raise ConfigError(f"budget_ms={cfg.budget_ms:g} is below the smallest latency space {space_path.name!r} "
+                              f"can reach on this CPU ({fastest:.4f} ms: ONNX Runtime p50 at batch 1, one thread, "
+                              f"every layer at its highest ratio, INT8 where faster); raise --budget-ms or widen the "
+                              f"space (higher ratios, structured granularity)")
     return Checked(space, space_path, calib, budget)
 
 

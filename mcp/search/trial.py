@@ -5,6 +5,7 @@ training at the per-layer bit-widths, and encode the result."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from mcp.export.deploy import grid_onnx
+from mcp.export.deploy import grid_onnx, speed_onnx
 from mcp.search.space import TrialConfig
 
 CODING = "fixed"  # sizes before and after fine-tuning agree: packed b-bit values, sparse indices
@@ -25,9 +26,36 @@ class Finetuned:
     payload: bytes  # the encoded (compressed) form
     quantizer: Any
     entries: dict[str, Any]
+    calib: Sequence | None = None  # set: deployed for speed (a latency budget), calibrated on these batches
 
     def onnx(self, input_shape: Sequence[int], out_dir: str | Path, opset: int = 17) -> tuple[Path, str]:
+        if self.calib is not None:
+            return speed_onnx(self.model, input_shape, self.calib, out_dir, opset)
         return grid_onnx(self.model, input_shape, self.quantizer, self.entries, out_dir, opset)
+
+
+def deployed_latency(model: nn.Module, input_shape: Sequence[int], calib: Sequence, seconds: float = 0.5) -> float:
+    """CPU p50 (ms, batch 1, one thread) of ``model`` as a latency budget deploys it
+    (:func:`mcp.export.deploy.speed_onnx`), timed in a process of its own. Latency depends
+    on the shapes, not on the weights' values: it is measured before any fine-tuning."""
+    from mcp.evaluation.benchmark import measure_onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path, _ = speed_onnx(copy.deepcopy(model).cpu(), input_shape, calib, tmp)
+        return float(measure_onnx(path, input_shape, "cpu", 1, batch=8, warmup=20, iters=100,
+                                  seconds=seconds)["p50_ms"])
+
+
+def smallest_latency(base: nn.Module, input_shape: Sequence[int], space, calib, device: str) -> float:
+    """The lowest latency the space can reach: every unit at its highest ratio, at the
+    granularity that gives the least (a latency budget below it is unreachable)."""
+    bits = {n: max(space.bits_of[u]) for u, members in space.units.items() for n in members}
+    ratios = {n: space.ratio_of[u][1] for u, members in space.units.items() for n in members}
+    found = []
+    for granularity in space.granularity:
+        tc = TrialConfig(ratios, bits, granularity, space.criterion[0], space.epochs[0], space.lr[0])
+        found.append(deployed_latency(prune_candidate(base, input_shape, tc, calib, device), input_shape, calib))
+    return min(found)
 
 
 def prune_candidate(base: nn.Module, input_shape: Sequence[int], tc: TrialConfig, calib, device: str) -> nn.Module:
@@ -36,7 +64,7 @@ def prune_candidate(base: nn.Module, input_shape: Sequence[int], tc: TrialConfig
 
     model = copy.deepcopy(base).to(device)
     spec = PruneSpec(criterion=tc.criterion, scope="layerwise", granularity=tc.granularity, schedule="one_shot",
-                     sparsity=0.0, ratios=dict(tc.ratios))
+                     sparsity=0.0, ratios=dict(tc.ratios), round_to=tc.round_to if tc.granularity == "structured" else 1)
     Pruning(model, input_shape, spec, calib, device).step()
     return model
 
@@ -77,7 +105,7 @@ def compressed_size(model: nn.Module, input_shape: Sequence[int], tc: TrialConfi
 
 def finetune_quantized(model: nn.Module, input_shape: Sequence[int], tc: TrialConfig, loaders, device: str,
                        seed: int = 0, report: Callable[[int, float], None] | None = None, batch_loss=None,
-                       epochs: int | None = None) -> Finetuned:
+                       epochs: int | None = None, speed_calib: Sequence | None = None) -> Finetuned:
     """QAT at ``tc.bits`` for ``epochs`` (default ``tc.epochs``), zeros kept; ``report(epoch,
     val_accuracy)`` after each epoch (it may raise to stop the trial)."""
     from mcp.quantization import Quantizer, encode_model
@@ -100,18 +128,20 @@ def finetune_quantized(model: nn.Module, input_shape: Sequence[int], tc: TrialCo
         trainer.fit()
     quantizer.freeze()
     entries = quantizer.finish()
-    return Finetuned(model, encode_model(model, entries, CODING), quantizer, entries)
+    return Finetuned(model, encode_model(model, entries, CODING), quantizer, entries, speed_calib)
 
 
 def ratio_at_budget(base: nn.Module, input_shape: Sequence[int], config: Callable[[float], TrialConfig], lo: float,
                     hi: float, budget: float, calib, device: str, seed: int = 0, steps: int = 12,
-                    on: str = "compressed") -> float | None:
+                    on: str = "compressed", measure: Callable[[nn.Module], float] | None = None) -> float | None:
     """The smallest ratio ``r`` in [lo, hi] whose configuration ``config(r)`` fits
-    ``budget``, by bisection on encoded sizes (sizes fall as ``r`` grows); None when even
-    ``hi`` is over."""
+    ``budget``, by bisection on encoded sizes, or on what ``measure(pruned model)`` says
+    (a latency): both fall as ``r`` grows. None when even ``hi`` is over."""
     def fits(ratio: float) -> bool:
         tc = config(ratio)
         model = prune_candidate(base, input_shape, tc, calib, device)
+        if measure is not None:
+            return measure(model) <= budget
         return compressed_size(model, input_shape, tc, seed, on) <= budget
 
     if not fits(hi):
@@ -125,23 +155,26 @@ def ratio_at_budget(base: nn.Module, input_shape: Sequence[int], config: Callabl
 
 
 def fill_budget(base: nn.Module, input_shape: Sequence[int], space, tc: TrialConfig, budget: float, calib,
-                device: str, seed: int = 0, steps: int = 10, on: str = "compressed") -> TrialConfig | None:
+                device: str, seed: int = 0, steps: int = 10, on: str = "compressed",
+                measure: Callable[[nn.Module], float] | None = None) -> TrialConfig | None:
     """Move the sampled ratios along one line until the model just fits ``budget``: less
     pruning when it is under (scaling every ratio towards its range's low end), more when
     it is over (towards the high end). The sampled ratios then say how to share the
     pruning between layers, and every feasible trial spends the whole budget. None when
-    even the highest ratios do not fit."""
+    even the highest ratios do not fit. ``budget`` is bytes as ``on`` measures them, or
+    what ``measure(pruned model)`` returns (a latency)."""
     lows = {n: space.ratio_of[u][0] for u, members in space.units.items() for n in members}
     highs = {n: space.ratio_of[u][1] for u, members in space.units.items() for n in members}
 
     def at(t: float) -> TrialConfig:  # t in [-1, 1]: -1 the lows, 0 as sampled, 1 the highs
         edge = lows if t < 0 else highs
         ratios = {n: r + abs(t) * (edge[n] - r) for n, r in tc.ratios.items()}
-        return TrialConfig(ratios, dict(tc.bits), tc.granularity, tc.criterion, tc.epochs, tc.lr)
+        return dataclasses.replace(tc, ratios=ratios, bits=dict(tc.bits))
 
-    def size(t: float) -> int:
+    def size(t: float) -> float:
         c = at(t)
-        return compressed_size(prune_candidate(base, input_shape, c, calib, device), input_shape, c, seed, on)
+        model = prune_candidate(base, input_shape, c, calib, device)
+        return measure(model) if measure is not None else compressed_size(model, input_shape, c, seed, on)
 
     if size(0.0) <= budget:
         lo, hi = -1.0, 0.0  # fits: find the least pruning that still fits

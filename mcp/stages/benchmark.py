@@ -105,7 +105,8 @@ def _prepare(cfg: BenchmarkConfig, splits, tmp: Path) -> list[dict[str, Any]]:
                          "aliases": info[1] if info else [], "size_bytes_onnx": float(path.stat().st_size),
                          "size_kib_onnx": path.stat().st_size / 1024, "size_bytes_fp32": float(size_bytes_fp32(model)),
                          "macs": float(count_macs(model, splits.input_shape)), **count_params(model),
-                         **({"size_bytes_compressed": compressed} if compressed else {})})
+                         **({"size_bytes_compressed": compressed, "size_kib_compressed": compressed / 1024}
+                            if compressed else {})})
     return prepared
 
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -39,6 +39,59 @@ def log_and_register(model: nn.Module, example: torch.Tensor, extra_recipe: Mapp
         return info.model_uri, None
     version = tracking.register_model(info.model_uri, registered, alias, tags)
     return info.model_uri, str(version.version)
+
+
+class DeploymentWarning(UserWarning):
+    """A compressed model that runs slower in ONNX Runtime than the model it started from."""
+
+
+SLOWER_MARGIN = 0.05  # deployed latency above the starting model's by more than this share is "slower"
+DEPLOY_KEYS = ("latency_ms_p50_cpu", "baseline_latency_ms_p50_cpu", "speedup_p50_cpu_vs_baseline",
+               "parent_latency_ms_p50_cpu", "speedup_p50_cpu_vs_parent")
+
+
+def timing_seconds() -> float:
+    """How long each deployed model is timed at registration (``MCP_DEPLOY_TIMING_S``, default 0.3 s)."""
+    import os
+
+    try:
+        return max(0.01, float(os.environ.get("MCP_DEPLOY_TIMING_S", "0.3")))
+    except ValueError:
+        raise McpError(f"MCP_DEPLOY_TIMING_S={os.environ['MCP_DEPLOY_TIMING_S']!r} is not a number of seconds") from None
+
+
+def deployment_figures(model: nn.Module, shape: Sequence[int], deployed: Path | None, baseline: nn.Module | None,
+                       parent: tuple[nn.Module, str] | None, what: str) -> dict[str, float]:
+    """What the model costs at deployment: the CPU p50 (batch 1, one thread, ONNX Runtime)
+    of its deployed ONNX file (``deployed``; None: its float32 export), of the float32
+    baseline's export and of the starting model's deployed file (``parent``: the model
+    and its URI), timed side by side in one process. Says in one line (a
+    :class:`DeploymentWarning`) when the model deploys slower than its starting model."""
+    import tempfile
+    import warnings
+
+    from mcp.evaluation.ort_bench import compare
+    from mcp.export.onnx import export_onnx
+
+    seconds = timing_seconds()
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = [deployed or export_onnx(model, shape, Path(tmp) / "model.onnx")]
+        if baseline is not None:
+            paths.append(export_onnx(baseline, shape, Path(tmp) / "baseline.onnx"))
+        if parent is not None:
+            found = deployable_of(parent[1], Path(tmp)) if parent[1] else None
+            paths.append(found[0] if found else export_onnx(parent[0], shape, Path(tmp) / "parent.onnx"))
+        times = compare([str(p) for p in paths], tuple(shape), 1, seconds)
+    figures = {"latency_ms_p50_cpu": times[0]}
+    if baseline is not None:
+        figures.update(baseline_latency_ms_p50_cpu=times[1], speedup_p50_cpu_vs_baseline=times[1] / times[0])
+    if parent is not None:
+        figures.update(parent_latency_ms_p50_cpu=times[-1], speedup_p50_cpu_vs_parent=times[-1] / times[0])
+        if times[0] > (1 + SLOWER_MARGIN) * times[-1]:
+            warnings.warn(f"{what} deploys slower than the model it started from: {times[0]:.3f} ms against "
+                          f"{times[-1]:.3f} ms in ONNX Runtime (CPU p50, batch 1, one thread)",
+                          DeploymentWarning, stacklevel=2)
+    return figures
 
 
 def reference_uri(ref: str, dataset: str) -> str:
@@ -169,6 +222,7 @@ class Baseline:
     size_bytes_fp32: float
     params_total: float
     fallback: str = ""
+    model: nn.Module | None = field(default=None, compare=False, repr=False)  # to time its float32 export
 
     @property
     def is_parent(self) -> bool:
@@ -209,7 +263,7 @@ def lineage_baseline(parent: nn.Module, parent_uri: str, test_loader, device: st
         if accuracy is None:
             accuracy = evaluate(model.to(device), test_loader, device)["accuracy"]
         return Baseline(uri, parent_uri, float(accuracy), float(size_bytes_fp32(model)),
-                        float(count_params(model)["params_total"]), fallback)
+                        float(count_params(model)["params_total"]), fallback, model)
 
     def parent_instead(why: str) -> Baseline:
         return measured(parent, parent_uri, parent_accuracy,

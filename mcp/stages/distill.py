@@ -83,6 +83,8 @@ def _distill(cfg: DistillConfig, teacher: nn.Module, teacher_uri: str, student: 
     from mcp.distillation.train import distill_model
     from mcp.evaluation.plots import plot_training_curves
     from mcp.stages.common import (
+        DEPLOY_KEYS,
+        deployment_figures,
         finetune_of,
         lineage_baseline,
         log_and_register,
@@ -107,6 +109,8 @@ def _distill(cfg: DistillConfig, teacher: nn.Module, teacher_uri: str, student: 
     ref = lineage_baseline(teacher, teacher_uri, test_loader, device, metrics["teacher_test_accuracy"],
                            cfg.trust_pickled_model)
     metrics.update(ref.figures(metrics["test_accuracy"], metrics["size_bytes_fp32"]))
+    metrics.update(deployment_figures(outcome.student, splits.input_shape, None, ref.model, (teacher, teacher_uri),
+                                      "the student"))
     tag_baseline(ref)
     tracking.log_metrics(metrics)
 
@@ -122,7 +126,7 @@ def _distill(cfg: DistillConfig, teacher: nn.Module, teacher_uri: str, student: 
                     **({"hint_layers": cfg.hint_layers} if cfg.hint_layers else {}),
                     **({"parent_model": student_uri} if student_uri else {}),
                     **{k: f"{metrics[k]:.6g}" for k in ("test_accuracy", "teacher_test_accuracy", "params_total",
-                                                         "params_nonzero", "size_bytes_fp32", "latency_ms_p50_cpu")},
+                                                         "params_nonzero", "size_bytes_fp32") + DEPLOY_KEYS if k in metrics},
                     **ref.version_tags(metrics)}
     _, version = log_and_register(student, next(iter(test_loader))[0][:4],
                                   {"dataset": cfg.dataset, "class_names": splits.class_names,

@@ -29,7 +29,7 @@ from mcp.models.foreign import (
     read_weights,
     replace_head,
 )
-from mcp.stages.common import finetune_of, log_and_register, setup_data
+from mcp.stages.common import deployment_figures, finetune_of, log_and_register, setup_data
 from mcp.tracking import schema
 from mcp.tracking.tables import log_plot
 from mcp.training import evaluate
@@ -117,6 +117,7 @@ def run_import(cfg: ImportConfig, show_progress: bool | None = None) -> ImportRe
         test = evaluate(model, test_loader, device)
         metrics = {"test_accuracy": test["accuracy"], "test_loss": test["loss"],
                    **model_metrics(model, splits.input_shape, device), "peak_memory_mb": peak_memory_mb(device)}
+        metrics.update(deployment_figures(model, splits.input_shape, None, None, None, "the imported model"))
         tracking.log_metrics(metrics)
         reg_name = schema.registered_name(name, cfg.dataset) if cfg.register else None
         version_tags = {schema.STAGE: "import", "source_run": run.info.run_id, "source": source,

@@ -163,7 +163,8 @@ def _compress(cfg: PipelineConfig, base_uri: str, checked, steps, bar, show_prog
                      "accuracy_drop_vs_baseline": base_accuracy - row["test_accuracy"],
                      "accuracy_drop": parent["test_accuracy"] - row["test_accuracy"] if parent else None,
                      "size_bytes_budgeted": float(measured), "within_budget": row["uri"] != base_uri
-                     and within_budget(measured, budget),
+                     and within_budget(measured, budget)
+                     and (not cfg.budget_ms or row["latency_ms_p50_cpu"] <= cfg.budget_ms),
                      "size_bytes_onnx": row["size_bytes_onnx"], "latency_ms_p50_cpu": row["latency_ms_p50_cpu"],
                      "speedup_p50_cpu": row["speedup_p50_cpu"]})
     return rows

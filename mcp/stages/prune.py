@@ -15,7 +15,9 @@ from mcp.evaluation.plots import plot_bars, plot_comparison, plot_pruning_curves
 from mcp.pruning import PruneSpec, Pruning, create_criterion, criterion_names
 from mcp.pruning.finetune import prune_and_finetune
 from mcp.stages.common import (
+    DEPLOY_KEYS,
     Baseline,
+    deployment_figures,
     find_base_model,
     finetune_of,
     lineage,
@@ -58,7 +60,8 @@ def spec_of(cfg: PruneConfig, ratios: dict[str, float]) -> PruneSpec:
     return PruneSpec(criterion=cfg.criterion, scope=cfg.scope, granularity=cfg.granularity, schedule=cfg.schedule,
                      sparsity=cfg.sparsity, initial_sparsity=cfg.initial_sparsity, steps=cfg.prune_steps,
                      ratios=ratios, keep_first=cfg.keep_first, keep_last=cfg.keep_last,
-                     ignored_layers=tuple(cfg.ignored()), norm=cfg.norm, hessian=cfg.hessian)
+                     ignored_layers=tuple(cfg.ignored()), norm=cfg.norm, hessian=cfg.hessian,
+                     round_to=cfg.round_to)
 
 
 def variants(cfg: PruneConfig, model: nn.Module) -> list[PruneConfig]:
@@ -143,6 +146,8 @@ def _prune_one(cfg: PruneConfig, ratios: dict[str, float], base: nn.Module, base
     metrics["parent_size_bytes_fp32"] = metrics.pop("baseline_size_bytes_fp32")
     metrics.update(ref.figures(metrics["test_accuracy"], metrics["params_nonzero"], by_params=True))
     metrics["baseline_params_total"] = ref.params_total
+    metrics.update(deployment_figures(model, splits.input_shape, None, ref.model, (base, base_uri),
+                                      f"the pruned model ({cfg.granularity}, {cfg.sparsity:g})"))
     tracking.log_metrics(metrics)
 
     arch, registered = lineage(base, base_uri, cfg.model, cfg.dataset)
@@ -159,7 +164,7 @@ def _prune_one(cfg: PruneConfig, ratios: dict[str, float], base: nn.Module, base
             "sparsity": f"{metrics['pruned_fraction']:.4f}", "target_sparsity": cfg.sparsity,
             **({"distilled_from": teacher_uri} if teacher_uri else {}),
             **{k: f"{metrics[k]:.6g}" for k in ("test_accuracy", "params_nonzero", "macs", "latency_ms_p50_cpu",
-                                                 "size_bytes_compressed")},
+                                                 "size_bytes_compressed") + DEPLOY_KEYS if k in metrics},
             **ref.version_tags(metrics)}
     _, version = log_and_register(model, next(iter(test_loader))[0][:4], {"dataset": cfg.dataset,
                                   "class_names": splits.class_names}, reg_name, None, tags)

@@ -18,7 +18,9 @@ from mcp.quantization import Quantizer, QuantSpec
 from mcp.quantization.methods import quant_method
 from mcp.quantization.quantize import quantize_model
 from mcp.stages.common import (
+    DEPLOY_KEYS,
     Baseline,
+    deployment_figures,
     find_base_model,
     finetune_of,
     lineage,
@@ -64,6 +66,7 @@ def spec_of(cfg: QuantizeConfig, layer_bits: dict[str, int]) -> QuantSpec:
     return QuantSpec(method=cfg.method, bits=cfg.bits, layer_bits=layer_bits, act_bits=cfg.act_bits,
                      symmetric=cfg.symmetric, per_channel=cfg.per_channel, observer=cfg.observer,
                      kmeans_init=cfg.kmeans_init, ignored_layers=cfg.ignored(), reduce_range=cfg.reduce_range,
+                     precision=cfg.precision,
                      share_biases={"true": True, "false": False}.get(cfg.share_biases, "auto"), seed=cfg.seed)
 
 
@@ -124,6 +127,10 @@ def _quantize(cfg: QuantizeConfig, layer_bits: dict[str, int], base: nn.Module, 
         payload_path = Path(tmp) / "model.mcpz"
         payload_path.write_bytes(outcome.payload)
         tracking.log_artifact(payload_path, "compressed")
+        ref = lineage_baseline(base, base_uri, test_loader, device, outcome.metrics["baseline_test_accuracy"],
+                               cfg.trust_pickled_model)
+        deployment = deployment_figures(outcome.model, splits.input_shape, outcome.onnx_path, ref.model,
+                                        (base, base_uri), f"the {cfg.method} model")
     model, metrics, layers, stages, history = (outcome.model, outcome.metrics, outcome.layers, outcome.stages,
                                                outcome.history)
     deploy_format = outcome.deploy_format
@@ -133,8 +140,7 @@ def _quantize(cfg: QuantizeConfig, layer_bits: dict[str, int], base: nn.Module, 
     # the core's "baseline" is the model it was given (its reference): here, the parent
     metrics["parent_test_accuracy"] = metrics.pop("baseline_test_accuracy")
     metrics["parent_size_bytes_fp32"] = metrics["size_bytes_fp32"]
-    ref = lineage_baseline(base, base_uri, test_loader, device, metrics["parent_test_accuracy"],
-                           cfg.trust_pickled_model)
+    metrics.update(deployment)
     metrics.update(ref.figures(metrics["onnx_test_accuracy"], metrics["size_bytes_compressed"]))
     tag_baseline(ref)
     tracking.log_metrics(metrics)
@@ -159,7 +165,7 @@ def _quantize(cfg: QuantizeConfig, layer_bits: dict[str, int], base: nn.Module, 
                     "bits": bits_tag, "deploy_format": deploy_format, "sparsity": f"{metrics['sparsity']:.4f}",
                     **({"distilled_from": teacher_uri} if teacher_uri else {}),
                     **{k: f"{metrics[k]:.6g}" for k in ("test_accuracy", "onnx_test_accuracy", "size_bytes_compressed",
-                                                         "size_bytes_onnx")},
+                                                         "size_bytes_onnx") + DEPLOY_KEYS},
                     **ref.version_tags(metrics)}
     _, version = log_and_register(model, next(iter(test_loader))[0][:4],
                                   {"dataset": cfg.dataset, "class_names": splits.class_names,

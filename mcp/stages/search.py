@@ -11,6 +11,7 @@ the test split and registered with the alias ``challenger``.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import tempfile
 from dataclasses import dataclass
@@ -244,7 +245,7 @@ class _Context:
         cfg = self.cfg
         return SearchProblem(self.space, self.base, tuple(self.splits.input_shape), self.loaders, self.device,
                              self.calib, self.budget, cfg.budget_on, cfg.fill_budget, cfg.mode == "pareto",
-                             cfg.latency, cfg.distill, cfg.seed, float(self.base_fp32))
+                             cfg.latency, cfg.distill, cfg.seed, float(self.base_fp32), cfg.budget_ms)
 
 
 def _optimize(ctx: _Context, claims, show_progress: bool | None) -> None:
@@ -477,29 +478,30 @@ def _rebuild(ctx: _Context, t: dict[str, Any]) -> dict[str, Any]:
 
     from mcp import tracking
     from mcp.evaluation.metrics import model_metrics
-    from mcp.search import TrialConfig, sample
+    from mcp.search import sample
     from mcp.search.trial import finetune_quantized, prune_candidate
-    from mcp.stages.common import log_and_register
+    from mcp.stages.common import DEPLOY_KEYS, log_and_register
     from mcp.training import evaluate
 
     cfg, shape = ctx.cfg, ctx.splits.input_shape
     tc = sample(optuna.trial.FixedTrial(t["params"]), ctx.space)
     if t.get("ratios"):  # the ratios the trial used (its samples moved to fill the budget)
-        tc = TrialConfig(dict(t["ratios"]), tc.bits, tc.granularity, tc.criterion, tc.epochs, tc.lr)
+        tc = dataclasses.replace(tc, ratios=dict(t["ratios"]))
     with tracking.stage_run("search", {"trial": t["number"], **t["params"]},
                             {schema.STUDY_NAME: cfg.name(), schema.TRIAL_NUMBER: str(t["number"]),
                              schema.PARENT_MODEL: ctx.base_uri}, run_name=f"winner-trial-{t['number']}") as run:
         model = prune_candidate(ctx.base, shape, tc, ctx.calib, ctx.device)
         tuned = finetune_quantized(model, shape, tc, ctx.loaders, ctx.device, cfg.seed,
-                                   epochs=cfg.final_epochs or tc.epochs)
+                                   epochs=cfg.final_epochs or tc.epochs, speed_calib=ctx.calib if cfg.budget_ms else None)
         model = tuned.model
         test = evaluate(model, ctx.loaders[2], ctx.device)
         val = evaluate(model, ctx.loaders[1], ctx.device)
         metrics = {"test_accuracy": test["accuracy"], "test_loss": test["loss"], "val_accuracy": val["accuracy"],
                    "size_bytes_compressed": float(len(tuned.payload)), **model_metrics(model, shape, ctx.device)}
-        deploy_format = _log_deployable(tuned, shape, ctx.loaders[2], metrics)
+        deploy_format = _log_deployable(ctx, tuned, t["number"], metrics)
         metrics.update(_figures(ctx, metrics["onnx_test_accuracy"], metrics["size_bytes_compressed"]))
-        within = within_budget(metrics[SIZE_KEY[cfg.budget_on]], ctx.budget)
+        within = within_budget(metrics[SIZE_KEY[cfg.budget_on]], ctx.budget) and (
+            not cfg.budget_ms or metrics["latency_ms_p50_cpu"] <= cfg.budget_ms)
         tracking.log_metrics(metrics)
         tracking.runs.set_tag(schema.WITHIN_BUDGET, str(within).lower())
         for key, value in ctx.baseline.run_tags().items():
@@ -512,7 +514,8 @@ def _rebuild(ctx: _Context, t: dict[str, Any]) -> dict[str, Any]:
                         "budget_on": cfg.budget_on, "within_budget": str(within).lower(),
                         "final_epochs_option": str(cfg.final_epochs),
                         **{k: f"{metrics[k]:.6g}" for k in ("test_accuracy", "val_accuracy", "size_bytes_compressed",
-                                                             "size_bytes_onnx", "onnx_test_accuracy", "sparsity")},
+                                                             "size_bytes_onnx", "onnx_test_accuracy", "sparsity")
+                           + DEPLOY_KEYS if k in metrics},
                         **ctx.baseline.version_tags(metrics)}
         quantization = {"method": "qat", "bits": tc.bits, "act_bits": 0, "symmetric": True, "per_channel": True,
                         "observer": "minmax", "coding": "fixed", "reduce_range": False}
@@ -526,18 +529,24 @@ def _rebuild(ctx: _Context, t: dict[str, Any]) -> dict[str, Any]:
             **{k: metrics[k] for k in WINNER_KEYS}}
 
 
-def _log_deployable(tuned, shape, test_loader, metrics: dict[str, float]) -> str:
+def _log_deployable(ctx: _Context, tuned, number: int, metrics: dict[str, float]) -> str:
     """Log the winner's deployable ONNX (INT8 weights + DequantizeLinear, as `mcp quantize`
-    logs for QAT) as ``onnx/model.onnx`` with its ``mcp.deploy_format`` tag, so `mcp export`
-    and `mcp benchmark` use it; add its size and ONNX Runtime test accuracy to ``metrics``."""
+    logs for QAT; under a latency budget, float32 with INT8 where it runs faster) as
+    ``onnx/model.onnx`` with its ``mcp.deploy_format`` tag, so `mcp export` and `mcp
+    benchmark` use it; add its size, ONNX Runtime test accuracy and deployed latency (next
+    to the baseline's and the starting model's) to ``metrics``."""
     from mcp import tracking
     from mcp.export import ort_evaluate, ort_session
     from mcp.export.deploy import DEPLOY_NOTES
+    from mcp.stages.common import deployment_figures
 
+    shape = tuple(ctx.splits.input_shape)
     with tempfile.TemporaryDirectory() as tmp:
         path, fmt = tuned.onnx(shape, tmp)
         metrics["size_bytes_onnx"] = float(path.stat().st_size)
-        metrics["onnx_test_accuracy"] = ort_evaluate(ort_session(path), test_loader)["accuracy"]
+        metrics["onnx_test_accuracy"] = ort_evaluate(ort_session(path), ctx.loaders[2])["accuracy"]
+        metrics.update(deployment_figures(tuned.model, shape, path, ctx.baseline.model, (ctx.base, ctx.base_uri),
+                                          f"search trial {number}'s model"))
         tracking.log_artifact(path, "onnx")
     tracking.runs.set_tag(schema.DEPLOY_FORMAT, fmt)
     tracking.runs.set_tag(schema.DEPLOY_NOTE, DEPLOY_NOTES[fmt])

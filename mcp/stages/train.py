@@ -46,7 +46,7 @@ def run_train(cfg: TrainConfig, show_progress: bool | None = None) -> TrainResul
     from mcp.evaluation.metrics import model_metrics, peak_memory_mb
     from mcp.evaluation.plots import plot_training_curves
     from mcp.models import create_model
-    from mcp.stages.common import log_and_register, setup_data
+    from mcp.stages.common import deployment_figures, log_and_register, setup_data
     from mcp.tracking.tables import log_plot
     from mcp.training import EarlyStopping, ProgressBar, Trainer, build_optimizer, build_scheduler, evaluate
     from mcp.training.checkpoint import CheckpointEveryEpoch, load_checkpoint, restore_trainer
@@ -99,6 +99,7 @@ def run_train(cfg: TrainConfig, show_progress: bool | None = None) -> TrainResul
                    "wall_time_s": time.perf_counter() - wall0}
         metrics.update(model_metrics(model, splits.input_shape, device))
         metrics["peak_memory_mb"] = peak_memory_mb(device)
+        metrics.update(deployment_figures(model, splits.input_shape, None, None, None, "the baseline"))
         tracking.log_metrics(metrics)
 
         log_plot(plot_training_curves, "training_curves.png", trainer.history, title=f"{cfg.model} on {cfg.dataset}")

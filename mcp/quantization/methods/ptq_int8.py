@@ -7,8 +7,8 @@ def _qdq(inputs: DeployInputs):
     from mcp.quantization.onnx_int8 import static_int8
 
     spec = inputs.spec
-    return (static_int8(inputs.fp32_path, inputs.out, inputs.calib, spec.observer, reduce_range=spec.reduce_range),
-            "onnx_qdq_int8")
+    return (static_int8(inputs.fp32_path, inputs.out, inputs.calib, spec.observer, reduce_range=spec.reduce_range,
+                        float_layers=inputs.quantizer.float_layers()), "onnx_qdq_int8")
 
 
 register_quant_method(QuantMethod(

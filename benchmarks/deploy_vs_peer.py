@@ -1,0 +1,205 @@
+"""mcp against the peer (Torch-Pruning + ONNX Runtime's quantizer, used directly) on the same
+deployment task: the fastest model within a point of the float32 baseline.
+
+    python benchmarks/deploy_vs_peer.py [--seeds 0,1,2] [--epochs 30] [--finetune-epochs 20]
+                                        [--sparsities 0.75,0.875] [--search-speedup 5] [--rounds 5]
+
+For each seed, in a tracking store of its own (sqlite:///mlruns/deploy_vs_peer.db):
+
+1. `mcp train` trains ResNet-20 on digits at 1x32x32 (the baseline both tools start from);
+2. mcp: `mcp prune --granularity structured --scope layerwise --distill-from parent` at each
+   sparsity (channels removed, fine-tuned by distillation from the baseline), then `mcp
+   quantize --method ptq_int8 --precision speed` of each (INT8 only in the layers ONNX
+   Runtime runs faster in INT8 at their shapes on this CPU); and `mcp search --budget-ms`
+   (search_spaces/resnet_latency.yaml, --search-trials trials, distillation, the winner
+   fine-tuned for --finetune-epochs) for the most accurate model within the baseline's
+   latency over --search-speedup;
+3. the peer (benchmarks/peer_tp_ort.py): Torch-Pruning at the same sparsities, the same
+   fine-tuning epochs with cross-entropy, `quantize_static` INT8 of each;
+4. every file of both tools (and the baseline's float32 export) is timed in ONE process,
+   batch 1, one thread, over --rounds rounds in rotated order; accuracy is ONNX Runtime's
+   on the whole test split (359 images: one image is 0.28 points).
+
+It prints the per-seed table and the summary the README shows, and writes
+benchmarks/results/deploy_vs_peer.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+LATENCY_SPACE = Path(__file__).resolve().parents[1] / "search_spaces" / "resnet_latency.yaml"
+
+
+def _fastest_within(rows, accuracy: float, points: float):
+    ok = [r for r in rows if r["accuracy"] >= accuracy - points / 100]
+    return min(ok, key=lambda r: r["p50_ms"]) if ok else None
+
+
+def one_seed(seed: int, args, tmp: Path) -> dict:
+    from mcp import tracking
+    from mcp.config import PruneConfig, QuantizeConfig, TrainConfig
+    from mcp.data import load_dataset, make_loaders
+    from mcp.errors import McpError
+    from mcp.export.onnx import export_onnx
+    from mcp.stages.prune import run_prune
+    from mcp.stages.quantize import run_quantize
+    from mcp.stages.train import run_train
+    from peer_tp_ort import ort_accuracy, peer_variants, time_files
+
+    shape = (1, 32, 32)
+    data = dict(dataset="digits", input_shape="1x32x32", seed=seed)
+    splits = load_dataset("digits", "data", False, shape, 0, 0.1, "auto")
+    loaders = make_loaders(splits, 32, 0, seed)
+    base = run_train(TrainConfig(model="resnet20", epochs=args.epochs, **data), show_progress=False)
+    base_uri = f"models:/{base.registered_name}/{base.registered_version}"
+    baseline = tracking.load_model(base_uri)
+    rows = [{"tool": "baseline", "label": "fp32 baseline", "path": str(export_onnx(baseline, shape, tmp / "base.onnx"))}]
+    for s in args.sparsities:
+        pruned = run_prune(PruneConfig(model="resnet20", model_uri=base_uri, granularity="structured",
+                                       scope="layerwise", sparsity=s, epochs=args.finetune_epochs,
+                                       distill_from="parent", **data), show_progress=False)
+        uri = f"models:/{pruned.registered_name}/{pruned.registered_version}"
+        path = export_onnx(tracking.load_model(uri), shape, tmp / f"mcp_{s}.onnx")
+        rows.append({"tool": "mcp", "label": f"mcp {s:.1%} channels fp32", "path": str(path)})
+        try:
+            q = run_quantize(QuantizeConfig(model="resnet20", model_uri=uri, precision="speed", **data),
+                             show_progress=False)
+            found, _ = tracking.models.deployable_onnx(f"models:/{q.registered_name}/{q.registered_version}",
+                                                       tmp / f"mcp_q_{s}")
+            rows.append({"tool": "mcp", "label": f"mcp {s:.1%} channels, INT8 where faster "
+                                                 f"({int(q.metrics['int8_layers'])} layers)", "path": str(found)})
+        except McpError as exc:  # no layer is faster in INT8 at these widths: the float model is the deployable
+            print(f"seed {seed}, {s:.1%}: {exc}", flush=True)
+    if args.search_speedup:
+        from mcp.config import SearchConfig
+        from mcp.evaluation.benchmark import measure_onnx
+        from mcp.stages.search import run_search
+
+        budget = measure_onnx(rows[0]["path"], shape, "cpu", 1, batch=8, seconds=1.0)["p50_ms"] / args.search_speedup
+        found = run_search(SearchConfig(model="resnet20", model_uri=base_uri, space=str(LATENCY_SPACE),
+                                        budget_ratio=0.0, budget_ms=budget, trials=args.search_trials, distill=True,
+                                        final_epochs=args.finetune_epochs, export=False, benchmark=False,
+                                        storage=f"sqlite:///{tmp / 'optuna.db'}", study_name=f"latency-{base.registered_version}",
+                                        **data), show_progress=False)
+        for w in found.winners:
+            path, _ = tracking.models.deployable_onnx(f"models:/{w['registered_name']}/{w['version']}", tmp / "w")
+            rows.append({"tool": "mcp", "label": f"mcp search within {budget:.3f} ms (baseline / "
+                                                 f"{args.search_speedup:g}), trial {w['trial']}", "path": str(path)})
+    for r in peer_variants(baseline, loaders, shape, tmp / "peer", sparsities=args.sparsities,
+                           epochs=args.finetune_epochs, seed=seed):
+        rows.append({"tool": "peer", "label": r["label"], "path": r["path"]})
+    for r in rows:
+        r["accuracy"] = ort_accuracy(Path(r["path"]), loaders[2])
+    times = time_files([r["path"] for r in rows], shape, rounds=args.rounds, seconds=args.seconds)
+    for r in rows:
+        r.update(p50_ms=times[r["path"]]["p50_ms"], spread_pct=times[r["path"]]["spread_pct"])
+    for r in rows:
+        r["size_kib"] = Path(r.pop("path")).stat().st_size / 1024
+    base_row = rows[0]
+    for r in rows:
+        r["speedup"] = base_row["p50_ms"] / r["p50_ms"]
+    mine = _fastest_within([r for r in rows if r["tool"] == "mcp"], base_row["accuracy"], 1.0)
+    peer = _fastest_within([r for r in rows if r["tool"] == "peer"], mine["accuracy"], 0.3) if mine else None
+    return {"seed": seed, "rows": rows, "mcp_best": mine, "peer_best": peer,
+            "mcp_vs_peer": peer["p50_ms"] / mine["p50_ms"] if mine and peer else None}
+
+
+def _kind(label: str) -> str:
+    """A row's variant across seeds (a search's budget and trial differ per seed)."""
+    return label.split(" within ")[0] + " within the budget" if " search within " in label else label
+
+
+def summary_table(runs: list[dict]) -> str:
+    """Mean ± sd over the seeds of each variant, and per seed the comparison the README makes."""
+    import statistics as st
+
+    def ms(values, fmt):
+        return fmt.format(st.mean(values)) + (" ± " + fmt.format(st.stdev(values)) if len(values) > 1 else "")
+
+    kinds: dict[str, list[dict]] = {}
+    for run in runs:
+        for row in run["rows"]:
+            kinds.setdefault((row["tool"], _kind(row["label"])), []).append(row)
+    lines = [f"| tool | model | accuracy % (ORT, {len(runs)} seeds) | CPU p50 ms | speedup | ONNX KiB |",
+             "|---|---|---|---|---|---|"]
+    for (tool, kind), rows in kinds.items():
+        lines.append(f"| {tool} | {kind} | {ms([100 * r['accuracy'] for r in rows], '{:.2f}')} | "
+                     f"{ms([r['p50_ms'] for r in rows], '{:.4f}')} | {ms([r['speedup'] for r in rows], '{:.2f}')}x | "
+                     f"{ms([r['size_kib'] for r in rows], '{:.1f}')} |")
+    lines += ["", "| seed | mcp's fastest within 1 point of the baseline | peer's fastest at its accuracy (-0.3 points) "
+                  "| mcp's speed over the peer's |", "|---|---|---|---|"]
+    for run in runs:
+        mine, peer = run["mcp_best"], run["peer_best"]
+        lines.append(f"| {run['seed']} | " + (f"{mine['label']}: {100 * mine['accuracy']:.2f}%, {mine['p50_ms']:.4f} "
+                                              f"ms ({mine['speedup']:.2f}x)" if mine else "none") + " | "
+                     + (f"{peer['label']}: {100 * peer['accuracy']:.2f}%, {peer['p50_ms']:.4f} ms" if peer else
+                        "none that accurate") + " | "
+                     + (f"{run['mcp_vs_peer']:.2f}x" if run["mcp_vs_peer"] else "-") + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--epochs", type=int, default=30, help="baseline training epochs")
+    parser.add_argument("--finetune-epochs", type=int, default=20)
+    parser.add_argument("--sparsities", default="0.75,0.875")
+    parser.add_argument("--search-speedup", type=float, default=5.0,
+                        help="also `mcp search --budget-ms` at the baseline's latency over this (0: no search)")
+    parser.add_argument("--search-trials", type=int, default=12)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=0.5, help="per file per round")
+    parser.add_argument("--tracking-uri", default="sqlite:///mlruns/deploy_vs_peer.db")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "deploy_vs_peer.json"))
+    parser.add_argument("--from-json", default="", help="print the summary of an earlier run's JSON and stop")
+    args = parser.parse_args()
+    if args.from_json:
+        print(summary_table(json.loads(Path(args.from_json).read_text())["runs"]))
+        return
+    args.sparsities = [float(s) for s in args.sparsities.split(",")]
+    os.makedirs("mlruns", exist_ok=True)
+    os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
+    os.environ.setdefault("MCP_DEPLOY_TIMING_S", "0.2")
+    import mlflow
+
+    mlflow.set_tracking_uri(args.tracking_uri)
+    mlflow.set_experiment("benchmark-deploy-vs-peer")
+    t0 = time.time()
+    runs = []
+    for seed in (int(s) for s in args.seeds.split(",")):
+        with tempfile.TemporaryDirectory() as tmp:
+            runs.append(one_seed(seed, args, Path(tmp)))
+        r = runs[-1]
+        print(f"\nseed {seed}\n\n| tool | model | accuracy (ORT) | ONNX KiB | CPU p50 ms | speedup | spread over rounds |"
+              "\n|---|---|---|---|---|---|---|")
+        for row in r["rows"]:
+            print(f"| {row['tool']} | {row['label']} | {100 * row['accuracy']:.2f}% | {row['size_kib']:.1f} | {row['p50_ms']:.4f} | "
+                  f"{row['speedup']:.2f}x | {row['spread_pct']:.1f}% |")
+        if r["mcp_best"]:
+            peer = r["peer_best"]
+            print(f"\nmcp fastest within 1 point: {r['mcp_best']['label']} ({r['mcp_best']['speedup']:.2f}x); "
+                  + (f"peer fastest within 0.3 points of it: {peer['label']} ({peer['speedup']:.2f}x); "
+                     f"mcp {r['mcp_vs_peer']:.2f}x the peer's speed" if peer else "no peer model that accurate"),
+                  flush=True)
+    ratios = [r["mcp_vs_peer"] for r in runs if r["mcp_vs_peer"]]
+    speedups = [r["mcp_best"]["speedup"] for r in runs if r["mcp_best"]]
+    summary = {"seeds": len(runs), "wall_s": time.time() - t0, "command": " ".join(sys.argv),
+               "mcp_speedup_vs_baseline": speedups, "mcp_vs_peer": ratios,
+               "mcp_speedup_mean": statistics.mean(speedups) if speedups else None,
+               "mcp_vs_peer_mean": statistics.mean(ratios) if ratios else None}
+    print("\n" + summary_table(runs) + "\n\n" + json.dumps(summary, indent=1))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"summary": summary, "runs": runs}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
