@@ -735,6 +735,9 @@ class PipelineConfig(ModelSource):
         super().validate()
         if not 0.0 < self.budget_ratio < 1.0:
             raise ConfigError(f"budget_ratio={self.budget_ratio!r} is outside (0, 1): the pipeline needs a budget")
+        if self.budget_ms < 0 or (self.budget_ms and self.threads != 1):
+            raise ConfigError(f"budget_ms={self.budget_ms!r} must be 0 or more, and is a one-thread latency: it needs "
+                              f"threads=1 (got {self.threads})")
         if self.model_uri:
             check_model_ref("model_uri", self.model_uri)
             if self.retrain:

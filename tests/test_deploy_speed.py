@@ -55,6 +55,11 @@ def test_layer_speeds_time_every_conv_and_gemm_once_per_shape_and_cache_them(tmp
 
     monkeypatch.setattr(kernel_speed, "time_pair", no_timing)
     assert kernel_speed.layer_speeds(path, cache=cache) == speeds
+    monkeypatch.undo()
+    broken = {kernel_speed.machine_key(1): {speeds[0].signature: "fast", speeds[1].signature: [0.1, 0.2]}, "x": 3}
+    cache.write_text(__import__("json").dumps(broken))  # a malformed entry is timed again, the rest kept
+    again = kernel_speed.layer_speeds(path, cache=cache)
+    assert again[1].fp32_ms == 0.1 and again[0].fp32_ms > 0
 
 
 def _only_first_layer_faster(monkeypatch):
@@ -197,3 +202,26 @@ def test_compare_times_models_side_by_side(tmp_path):
     path = _onnx(tmp_path)
     p50 = compare([str(path), str(path)], (3, 8, 8), seconds=0.05)
     assert len(p50) == 2 and all(np.isfinite(p) and p > 0 for p in p50)
+
+
+def test_float_layers_stay_float_in_a_residual_graph_whose_order_preprocessing_changes(tmp_path):
+    """ONNX Runtime's pre-processing writes a residual block's shortcut before its convolutions:
+    the layers left float are named on the export, whose order is the model's."""
+    import torch
+
+    from mcp.export.onnx import export_onnx
+    from mcp.pruning.pruner import layers_in_order
+    from mcp.quantization.onnx_int8 import static_int8
+
+    model = create_model("tiny_resnet", 4, (3, 8, 8)).eval()
+    names = [n for n, _ in layers_in_order(model, (3, 8, 8))]
+    shortcut = next(i for i, n in enumerate(names) if "shortcut" in n)
+    path = export_onnx(model, (3, 8, 8), tmp_path / "fp32.onnx")
+    float_node = kernel_speed.weighted_nodes(onnx.load(str(path)))[shortcut].name
+    assert "shortcut" in float_node
+    batches = [(torch.randn(4, 3, 8, 8), torch.zeros(4, dtype=torch.long)) for _ in range(2)]
+    graph = onnx.load(str(static_int8(path, tmp_path / "q.onnx", batches, float_layers=[shortcut]))).graph
+    inits = {i.name for i in graph.initializer}
+    convs = {n.name: n for n in graph.node if n.op_type in ("Conv", "Gemm")}
+    assert convs[float_node].input[1] in inits  # float32 weight
+    assert all(n.input[1] not in inits for name, n in convs.items() if name != float_node)  # INT8 behind DQ

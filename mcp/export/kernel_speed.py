@@ -74,12 +74,18 @@ def machine_key(threads: int) -> str:
     return f"{cpu_model()} | onnxruntime {ort.__version__} | {threads} thread(s)"
 
 
-def _read_cache(path: Path) -> dict[str, Any]:
+def _read_cache(path: Path) -> dict[str, dict[str, list[float]]]:
+    """The cache, with anything malformed left out (it is timed again)."""
     try:
         data = json.loads(path.read_text())
-        return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
         return {}
+    if not isinstance(data, dict):
+        return {}
+    return {key: {sig: [float(v) for v in pair] for sig, pair in entries.items()
+                  if isinstance(pair, list) and len(pair) == 2 and all(isinstance(v, (int, float)) and v > 0
+                                                                       for v in pair)}
+            for key, entries in data.items() if isinstance(entries, dict)}
 
 
 def _write_cache(path: Path, data: dict[str, Any]) -> None:
@@ -102,6 +108,8 @@ def _shapes(model) -> dict[str, list[int]]:
     out = {}
     for v in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
         dims = v.type.tensor_type.shape.dim
+        if any(d.dim_value <= 0 for d in list(dims)[1:]):
+            continue  # only the batch may be dynamic: a layer fed such a tensor has no static shape to time
         out[v.name] = [d.dim_value if d.dim_value > 0 else 1 for d in dims]
     for i in model.graph.initializer:
         out[i.name] = list(i.dims)

@@ -47,10 +47,11 @@ def static_int8(fp32_path: str | Path, out_path: str | Path, batches: Sequence, 
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     reader_cls = type("Reader", (_Reader, CalibrationDataReader), {})
+    excluded = _node_names(Path(fp32_path), float_layers)  # by name: pre-processing reorders the graph
     with tempfile.TemporaryDirectory() as tmp:
         prepped = Path(tmp) / "prepped.onnx"
         quant_pre_process(str(fp32_path), str(prepped), skip_symbolic_shape=True)
-        excluded = _node_names(prepped, float_layers)
+        _check_names(prepped, excluded)
         quantize_static(str(prepped), str(out_path), reader_cls(batches), quant_format=QuantFormat.QDQ,
                         per_channel=per_channel, reduce_range=reduce_range, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8,
@@ -61,7 +62,8 @@ def static_int8(fp32_path: str | Path, out_path: str | Path, batches: Sequence, 
 
 
 def _node_names(path: Path, layers: Sequence[int]) -> list[str]:
-    """The names of the ``layers``-th Conv/Gemm nodes of the model at ``path``."""
+    """The names of the ``layers``-th Conv/Gemm nodes of the exported model at ``path``
+    (torch's export keeps execution order, which is the order of the model's layers)."""
     import onnx
 
     from mcp.export.kernel_speed import weighted_nodes
@@ -72,6 +74,16 @@ def _node_names(path: Path, layers: Sequence[int]) -> list[str]:
     if max(layers) >= len(nodes):
         raise ValueError(f"layer index {max(layers)} is out of range: the graph has {len(nodes)} Conv/Gemm nodes")
     return [nodes[i].name for i in layers]
+
+
+def _check_names(path: Path, names: Sequence[str]) -> None:
+    import onnx
+
+    present = {n.name for n in onnx.load(str(path)).graph.node}
+    missing = [n for n in names if n not in present]
+    if missing:
+        raise ValueError(f"ONNX Runtime's pre-processing renamed or removed node(s) {', '.join(missing)}: cannot "
+                         f"leave them in float32")
 
 
 def gemm_to_matmul(model) -> None:

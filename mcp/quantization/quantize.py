@@ -49,7 +49,7 @@ def by_speed(model: nn.Module, shape: tuple[int, ...], spec: QuantSpec, opset: i
     import dataclasses
     import tempfile
 
-    from mcp.errors import McpError
+    from mcp.errors import ConfigError, McpError
     from mcp.export.kernel_speed import MARGIN, cpu_model, int8_layers
     from mcp.export.onnx import export_onnx
     from mcp.pruning.pruner import layers_in_order
@@ -58,6 +58,8 @@ def by_speed(model: nn.Module, shape: tuple[int, ...], spec: QuantSpec, opset: i
     with tempfile.TemporaryDirectory() as tmp:
         speeds = int8_layers(order, export_onnx(model, shape, Path(tmp) / "float.onnx", opset))
     candidates = [n for n in order if n not in spec.ignored_layers]
+    if not candidates:
+        raise ConfigError(f"precision speed: no layer left to quantize (ignored: {', '.join(spec.ignored_layers)})")
     faster = [n for n in candidates if speeds[n].int8_faster]
     if not faster:
         best = min(candidates, key=lambda n: speeds[n].int8_ms / speeds[n].fp32_ms)

@@ -118,7 +118,8 @@ def make_objective(problem: SearchProblem, open_log: Callable[[Any], ContextMana
                     target = p.budget * (1 - FILL_SLACK)
                     tc = fill_budget(p.base, shape, p.space, tc, target, p.calib, p.device, p.seed,
                                      on=on) or tc  # None: even the highest ratios are over; rejected below
-                elif p.budget_ms and p.fill_budget:  # the same along the line, on measured latency
+                elif p.budget_ms and p.fill_budget and tc.granularity == "structured":  # on measured latency
+                    # (removing single weights leaves a dense model's latency as it is: nothing to fill)
                     tc = fill_budget(p.base, shape, p.space, tc, p.budget_ms * (1 - LATENCY_SLACK), p.calib,
                                      p.device, p.seed, steps=6,
                                      measure=lambda model: deployed_latency(model, shape, p.calib)) or tc
@@ -334,6 +335,8 @@ def _uniform_within_latency(study, p: SearchProblem) -> UniformStart:
     from mcp.search.trial import deployed_latency, ratio_at_budget
 
     space, start = p.space, UniformStart()
+    if space.granularity[0] != "structured":  # only removed channels change the latency
+        return start
     units = list(space.units)
     bits = max(b for choices in space.bits_of.values() for b in choices)
     lo, hi = min(space.ratio_of[u][0] for u in units), max(space.ratio_of[u][1] for u in units)

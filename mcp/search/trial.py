@@ -53,8 +53,9 @@ def smallest_latency(base: nn.Module, input_shape: Sequence[int], space, calib, 
     ratios = {n: space.ratio_of[u][1] for u, members in space.units.items() for n in members}
     found = []
     for granularity in space.granularity:
-        tc = TrialConfig(ratios, bits, granularity, space.criterion[0], space.epochs[0], space.lr[0])
-        found.append(deployed_latency(prune_candidate(base, input_shape, tc, calib, device), input_shape, calib))
+        for round_to in space.round_to if granularity == "structured" else (1,):
+            tc = TrialConfig(ratios, bits, granularity, space.criterion[0], space.epochs[0], space.lr[0], round_to)
+            found.append(deployed_latency(prune_candidate(base, input_shape, tc, calib, device), input_shape, calib))
     return min(found)
 
 
@@ -198,6 +199,8 @@ def smallest_size(base: nn.Module, input_shape: Sequence[int], space, calib, dev
     ratios = {n: space.ratio_of[u][1] for u, members in space.units.items() for n in members}
     sizes = []
     for granularity in space.granularity:
-        tc = TrialConfig(ratios, bits, granularity, space.criterion[0], space.epochs[0], space.lr[0])
-        sizes.append(compressed_size(prune_candidate(base, input_shape, tc, calib, device), input_shape, tc, seed, on))
+        for round_to in space.round_to if granularity == "structured" else (1,):
+            tc = TrialConfig(ratios, bits, granularity, space.criterion[0], space.epochs[0], space.lr[0], round_to)
+            sizes.append(compressed_size(prune_candidate(base, input_shape, tc, calib, device), input_shape, tc, seed,
+                                         on))
     return min(sizes)
