@@ -3,6 +3,8 @@ deployment task: the fastest model within a point of the float32 baseline.
 
     python benchmarks/deploy_vs_peer.py [--seeds 0,1,2] [--epochs 30] [--finetune-epochs 20]
                                         [--sparsities 0.75,0.875] [--search-speedup 5] [--rounds 5]
+                                        [--image-folder [--per-class 120] [--mnist-dir DIR]]
+                                        [--keep DIR]
 
 For each seed, in a tracking store of its own (sqlite:///mlruns/deploy_vs_peer.db):
 
@@ -20,8 +22,14 @@ For each seed, in a tracking store of its own (sqlite:///mlruns/deploy_vs_peer.d
    batch 1, one thread, over --rounds rounds in rotated order; accuracy is ONNX Runtime's
    on the whole test split (359 images: one image is 0.28 points).
 
-It prints the per-seed table and the summary the README shows, and writes
-benchmarks/results/deploy_vs_peer.json.
+With --image-folder the task is an image folder at 1x64x64 instead: --per-class images of
+each digit from MNIST's real test set (../shared/data/mnist-t10k), upscaled from 28x28 and
+written as PNG files into a temporary folder (`--dataset imagefolder`, 20% held out for
+test). ResNet-20 again: its global pooling takes any size. It prints the per-seed table
+and the summary the README shows, and writes benchmarks/results/deploy_vs_peer.json
+(deploy_vs_peer_imagefolder.json). --keep DIR also keeps every timed ONNX file, the test
+split (test.npz) and a manifest.json per seed, for benchmarks/gpu_deploy.py to time the
+same files on a GPU.
 """
 
 from __future__ import annotations
@@ -55,9 +63,9 @@ def one_seed(seed: int, args, tmp: Path) -> dict:
     from mcp.stages.train import run_train
     from peer_tp_ort import ort_accuracy, peer_variants, time_files
 
-    shape = (1, 32, 32)
-    data = dict(dataset="digits", input_shape="1x32x32", seed=seed)
-    splits = load_dataset("digits", "data", False, shape, 0, 0.1, "auto")
+    shape = tuple(int(s) for s in args.input_shape.split("x"))
+    data = dict(dataset=args.dataset, data_dir=args.data_dir, input_shape=args.input_shape, seed=seed)
+    splits = load_dataset(args.dataset, args.data_dir, False, shape, 0, 0.1, "auto")
     loaders = make_loaders(splits, 32, 0, seed)
     base = run_train(TrainConfig(model="resnet20", epochs=args.epochs, **data), show_progress=False)
     base_uri = f"models:/{base.registered_name}/{base.registered_version}"
@@ -102,6 +110,8 @@ def one_seed(seed: int, args, tmp: Path) -> dict:
     times = time_files([r["path"] for r in rows], shape, rounds=args.rounds, seconds=args.seconds)
     for r in rows:
         r.update(p50_ms=times[r["path"]]["p50_ms"], spread_pct=times[r["path"]]["spread_pct"])
+    if args.keep:
+        keep_files(Path(args.keep) / f"seed{seed}", rows, loaders[2], shape)
     for r in rows:
         r["size_kib"] = Path(r.pop("path")).stat().st_size / 1024
     base_row = rows[0]
@@ -113,12 +123,58 @@ def one_seed(seed: int, args, tmp: Path) -> dict:
             "mcp_vs_peer": peer["p50_ms"] / mine["p50_ms"] if mine and peer else None}
 
 
+def keep_files(out: Path, rows: list[dict], test_loader, shape) -> None:
+    """Copies of the timed ONNX files, the test split as arrays and what was measured here."""
+    import shutil
+
+    import numpy as np
+
+    out.mkdir(parents=True, exist_ok=True)
+    xs, ys = zip(*[(x.numpy(), y.numpy()) for x, y in test_loader])
+    np.savez_compressed(out / "test.npz", x=np.concatenate(xs).astype(np.float32), y=np.concatenate(ys))
+    manifest = []
+    for i, r in enumerate(rows):
+        name = f"{i:02d}_{r['tool']}.onnx"
+        shutil.copyfile(r["path"], out / name)
+        manifest.append({"file": name, "tool": r["tool"], "label": r["label"], "accuracy_cpu": r["accuracy"],
+                         "p50_ms_cpu": r["p50_ms"]})
+    (out / "manifest.json").write_text(json.dumps({"input_shape": list(shape), "rows": manifest}, indent=1))
+
+
+def mnist_folder(root: Path, mnist_dir: Path, per_class: int, size: int = 64, seed: int = 0) -> Path:
+    """``per_class`` images of each digit of MNIST's test set, drawn with a fixed seed,
+    upscaled to ``size`` x ``size`` and written as grayscale PNG files in class folders."""
+    import numpy as np
+    from PIL import Image
+
+    from mcp.data.registry import read_idx
+
+    images = read_idx(mnist_dir / "t10k-images-idx3-ubyte.gz", 3)
+    labels = read_idx(mnist_dir / "t10k-labels-idx1-ubyte.gz", 1)
+    rng = np.random.default_rng(seed)
+    for c in range(10):
+        (root / str(c)).mkdir(parents=True, exist_ok=True)
+        for i in rng.choice(np.flatnonzero(labels == c), per_class, replace=False):
+            Image.fromarray(images[i]).resize((size, size), Image.BILINEAR).save(root / str(c) / f"{i}.png")
+    return root
+
+
 def _kind(label: str) -> str:
     """A row's variant across seeds (a search's budget and trial differ per seed)."""
     return label.split(" within ")[0] + " within the budget" if " search within " in label else label
 
 
-def summary_table(runs: list[dict]) -> str:
+def _none_that_accurate(run: dict) -> str:
+    """The peer's most accurate model (its fastest among equals), when none is as accurate as mcp's."""
+    rows = [r for r in run["rows"] if r["tool"] == "peer"]
+    if not rows:
+        return "none"
+    best = min(rows, key=lambda r: (-r["accuracy"], r["p50_ms"]))
+    return (f"none that accurate; its most accurate: {best['label']}, {100 * best['accuracy']:.2f}%, "
+            f"{best['p50_ms']:.4f} ms")
+
+
+def summary_table(runs: list[dict], where: str = "CPU") -> str:
     """Mean ± sd over the seeds of each variant, and per seed the comparison the README makes."""
     import statistics as st
 
@@ -129,7 +185,7 @@ def summary_table(runs: list[dict]) -> str:
     for run in runs:
         for row in run["rows"]:
             kinds.setdefault((row["tool"], _kind(row["label"])), []).append(row)
-    lines = [f"| tool | model | accuracy % (ORT, {len(runs)} seeds) | CPU p50 ms | speedup | ONNX KiB |",
+    lines = [f"| tool | model | accuracy % (ORT, {len(runs)} seeds) | {where} p50 ms | speedup | ONNX KiB |",
              "|---|---|---|---|---|---|"]
     for (tool, kind), rows in kinds.items():
         lines.append(f"| {tool} | {kind} | {ms([100 * r['accuracy'] for r in rows], '{:.2f}')} | "
@@ -142,7 +198,7 @@ def summary_table(runs: list[dict]) -> str:
         lines.append(f"| {run['seed']} | " + (f"{mine['label']}: {100 * mine['accuracy']:.2f}%, {mine['p50_ms']:.4f} "
                                               f"ms ({mine['speedup']:.2f}x)" if mine else "none") + " | "
                      + (f"{peer['label']}: {100 * peer['accuracy']:.2f}%, {peer['p50_ms']:.4f} ms" if peer else
-                        "none that accurate") + " | "
+                        _none_that_accurate(run)) + " | "
                      + (f"{run['mcp_vs_peer']:.2f}x" if run["mcp_vs_peer"] else "-") + " |")
     return "\n".join(lines)
 
@@ -150,6 +206,13 @@ def summary_table(runs: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--image-folder", action="store_true",
+                        help="instead of digits at 1x32x32: an image folder at 1x64x64 of --per-class MNIST test "
+                             "images per digit")
+    parser.add_argument("--per-class", type=int, default=120)
+    parser.add_argument("--mnist-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" /
+                                                   "mnist-t10k"))
+    parser.add_argument("--keep", default="", help="keep the timed ONNX files, test split and manifest here")
     parser.add_argument("--epochs", type=int, default=30, help="baseline training epochs")
     parser.add_argument("--finetune-epochs", type=int, default=20)
     parser.add_argument("--sparsities", default="0.75,0.875")
@@ -159,13 +222,21 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=0.5, help="per file per round")
     parser.add_argument("--tracking-uri", default="sqlite:///mlruns/deploy_vs_peer.db")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "deploy_vs_peer.json"))
+    parser.add_argument("--out", default="", help="default: benchmarks/results/deploy_vs_peer[_imagefolder].json")
     parser.add_argument("--from-json", default="", help="print the summary of an earlier run's JSON and stop")
     args = parser.parse_args()
+    args.out = args.out or str(Path(__file__).parent / "results" / ("deploy_vs_peer_imagefolder.json" if
+                                                                     args.image_folder else "deploy_vs_peer.json"))
     if args.from_json:
-        print(summary_table(json.loads(Path(args.from_json).read_text())["runs"]))
+        found = json.loads(Path(args.from_json).read_text())
+        print(summary_table(found["runs"], found["summary"].get("where", "CPU")))
         return
     args.sparsities = [float(s) for s in args.sparsities.split(",")]
+    args.dataset, args.data_dir, args.input_shape = "digits", "data", "1x32x32"
+    folder = tempfile.TemporaryDirectory() if args.image_folder else None
+    if folder is not None:
+        mnist_folder(Path(folder.name), Path(args.mnist_dir), args.per_class)
+        args.dataset, args.data_dir, args.input_shape = "imagefolder", folder.name, "1x64x64"
     os.makedirs("mlruns", exist_ok=True)
     os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
     os.environ.setdefault("MCP_DEPLOY_TIMING_S", "0.2")
@@ -193,9 +264,12 @@ def main() -> None:
     ratios = [r["mcp_vs_peer"] for r in runs if r["mcp_vs_peer"]]
     speedups = [r["mcp_best"]["speedup"] for r in runs if r["mcp_best"]]
     summary = {"seeds": len(runs), "wall_s": time.time() - t0, "command": " ".join(sys.argv),
+               "data": f"{args.dataset} {args.input_shape}",
                "mcp_speedup_vs_baseline": speedups, "mcp_vs_peer": ratios,
                "mcp_speedup_mean": statistics.mean(speedups) if speedups else None,
                "mcp_vs_peer_mean": statistics.mean(ratios) if ratios else None}
+    if folder is not None:
+        folder.cleanup()
     print("\n" + summary_table(runs) + "\n\n" + json.dumps(summary, indent=1))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"summary": summary, "runs": runs}, indent=1))

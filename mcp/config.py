@@ -111,6 +111,12 @@ def _positive(name: str, value: float) -> None:
         raise ConfigError(f"{name}={value!r} must be positive")
 
 
+def _budget_batch(batch: int, budget_ms: float) -> None:
+    if batch < 1 or (batch > 1 and not budget_ms):
+        raise ConfigError(f"budget_batch={batch!r} must be 1 or more, and more than 1 only with a latency budget "
+                          f"(--budget-ms, got {budget_ms:g})")
+
+
 def _optimizer_settings(cfg: Any) -> None:
     """The checks every stage that trains shares: lr, momentum, weight decay."""
     _positive("lr", cfg.lr)
@@ -651,6 +657,9 @@ class SearchConfig(StartModel):
                                    "faster in INT8 here), timed in a process of its own before any fine-tuning; "
                                    "slower trials are infeasible. With or without a size budget (--budget-ratio 0 "
                                    "for none). 0: no latency budget.")
+    budget_batch: int = option(1, "Images per call that --budget-ms times: 1 is a latency budget; more makes it "
+                                  "a throughput budget (a batch of this many within --budget-ms, the p50 of one "
+                                  "call).")
     latency: bool = option(False, "pareto: CPU latency as a third objective (ONNX Runtime p50 at batch 1, one "
                                   "thread, of each trial's deployable ONNX model, timed in a process of its own).")
     trials: int = option(20, "Trials the study runs in all: a total that every worker of the study shares "
@@ -684,6 +693,7 @@ class SearchConfig(StartModel):
                               f"{self.budget_ratio!r} within [0, 1)")
         if self.budget_ms < 0:
             raise ConfigError(f"budget_ms={self.budget_ms!r} must be 0 (no latency budget) or more")
+        _budget_batch(self.budget_batch, self.budget_ms)
         if self.mode == "max-accuracy" and self.budget_mb == 0 and self.budget_ratio == 0 and self.budget_ms == 0:
             raise ConfigError("mode max-accuracy needs a budget: --budget-mb, --budget-ratio or --budget-ms")
         if self.latency and self.mode != "pareto":
@@ -720,6 +730,8 @@ class PipelineConfig(ModelSource):
                             BUDGET_MEASURES)
     budget_ms: float = option(0.0, "Search step: latency budget in ms as well (see `mcp search --budget-ms`); "
                                    "a model within the budget meets both. 0: none.")
+    budget_batch: int = option(1, "Search step: images per call that --budget-ms times (see `mcp search "
+                                  "--budget-batch`).")
     space: str = option("", "Search step: search space YAML (empty: the model family's file).")
     trials: int = option(20, "Search step: trials the study runs in all (shared by its workers).")
     storage: str = option("", "Search step: Optuna storage (SQLAlchemy URL). Empty: optuna.db beside the SQLite "
@@ -738,6 +750,7 @@ class PipelineConfig(ModelSource):
         if self.budget_ms < 0 or (self.budget_ms and self.threads != 1):
             raise ConfigError(f"budget_ms={self.budget_ms!r} must be 0 or more, and is a one-thread latency: it needs "
                               f"threads=1 (got {self.threads})")
+        _budget_batch(self.budget_batch, self.budget_ms)
         if self.model_uri:
             check_model_ref("model_uri", self.model_uri)
             if self.retrain:
@@ -764,11 +777,14 @@ class PipelineConfig(ModelSource):
                                        bits=self.bits, epochs=self.quantize_epochs if fine_tuned else 0,
                                        distill_from=teacher if fine_tuned and self.quantize_epochs else "", **data),
             "search": SearchConfig(model=self.model, model_uri=base_uri, budget_ratio=self.budget_ratio,
-                                   budget_on=self.budget_on, budget_ms=self.budget_ms, space=self.space,
+                                   budget_on=self.budget_on, budget_ms=self.budget_ms,
+                                   budget_batch=self.budget_batch, space=self.space,
                                    trials=self.trials,
                                    storage=self.storage, study_name=self.study_name or "pipeline", distill=self.distill,
                                    final_epochs=self.final_epochs, benchmark=False, **data),
-            "benchmark": BenchmarkConfig(model=self.model, threads=self.threads, seconds=self.seconds, **data),
+            "benchmark": BenchmarkConfig(model=self.model, threads=self.threads, seconds=self.seconds,
+                                         **({"throughput_batch": self.budget_batch} if self.budget_batch > 1 else {}),
+                                         **data),
         }
 
 

@@ -61,6 +61,7 @@ def test_benchmark_measures_every_version_against_the_baseline(experiment):
     assert rows[0]["test_accuracy"] == pytest.approx(base.metrics["test_accuracy"], abs=1e-9)  # ORT = PyTorch here
     for r in rows:
         assert r["latency_ms_p50_cpu"] <= r["latency_ms_p95_cpu"] and r["throughput_ips_cpu"] > 0
+        assert r["batch_latency_ms_p50_cpu"] > r["latency_ms_p50_cpu"]  # one call at the throughput batch
         assert 10 < r["peak_memory_mb"] < 800  # the inference process alone, not this test process
         assert r["size_ratio_onnx"] == pytest.approx(rows[0]["size_bytes_onnx"] / r["size_bytes_onnx"])
         assert r["speedup_p50_cpu"] == pytest.approx(rows[0]["latency_ms_p50_cpu"] / r["latency_ms_p50_cpu"])

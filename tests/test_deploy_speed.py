@@ -136,7 +136,9 @@ def test_a_latency_budget_rejects_slow_trials_before_fine_tuning(own_store, tmp_
     import mcp.search.trial as trial_module
 
     run_train(TrainConfig(model="tiny_cnn", epochs=2, **TINY), show_progress=False)
-    fake = lambda model, shape, calib, seconds=0.5: float(sum(p.numel() for p in model.parameters())) / 1000  # noqa
+    def fake(model, shape, calib, seconds=0.5, batch=1):  # a batch of n costs n images
+        return batch * float(sum(p.numel() for p in model.parameters())) / 1000
+
     monkeypatch.setattr(trial_module, "deployed_latency", fake)
     monkeypatch.setattr(objective, "deployed_latency", fake, raising=False)
     tuned = []
@@ -154,14 +156,38 @@ def test_a_latency_budget_rejects_slow_trials_before_fine_tuning(own_store, tmp_
     for run in runs_of(_experiment()):
         if run.info.run_name.startswith("trial-") and run.data.tags.get("mcp.trial_state") == "infeasible":
             assert "val_accuracy" not in run.data.metrics and "latency_ms_p50_cpu" in run.data.metrics
-    # filled: each trial's sampled ratios move along a line until it just meets the budget
-    filled = run_search(_search_cfg(tmp_path, STRUCTURED, budget_ms=dense * 0.5, trials=3, register=False,
-                                    study_name="filled"), show_progress=False)
+    # filled: each trial's sampled ratios move along a line until it just meets the budget, here a
+    # throughput budget (a batch of 4 within the time), which every measurement gets
+    filled = run_search(_search_cfg(tmp_path, STRUCTURED, budget_ms=dense * 2, budget_batch=4, trials=3,
+                                    register=False, study_name="filled"), show_progress=False)
     assert all(t["state"] == "complete" for t in filled.trials)
-    assert all(dense * 0.3 < t["latency_ms_p50_cpu"] <= dense * 0.5 for t in filled.trials), filled.trials
+    assert all(dense * 1.2 < t["batch_latency_ms_p50_cpu"] <= dense * 2 for t in filled.trials), filled.trials
+    assert all(t["latency_ms_p50_cpu"] is None for t in filled.trials)
+    winner = MlflowClient().get_run(filled.winners[0]["run_id"])
+    assert winner.data.metrics["batch_latency_ms_p50_cpu"] <= dense * 2
+    assert winner.data.tags["mcp.within_budget"] == "true"
 
 
-def test_a_latency_budget_met_and_one_nothing_can_meet(own_store, tmp_path):
+@pytest.mark.parametrize("batch, budget_ms", [(0, 1.0), (-2, 1.0), (4, 0.0)])
+def test_a_throughput_budget_needs_a_batch_and_a_time(batch, budget_ms):
+    with pytest.raises(ConfigError, match=f"budget_batch={batch} must be 1 or more"):
+        SearchConfig(model="tiny_cnn", budget_ms=budget_ms, budget_batch=batch, **TINY)
+
+
+def test_a_batch_call_is_timed_for_a_throughput_budget(tmp_path):
+    from mcp.search.trial import deployed_latency
+
+    import torch
+
+    model = create_model("tiny_cnn", 4, (3, 8, 8))
+    calib = [(torch.randn(4, 3, 8, 8), torch.zeros(4, dtype=torch.long))]
+    one = deployed_latency(model, (3, 8, 8), calib, seconds=0.1)
+    many = deployed_latency(model, (3, 8, 8), calib, seconds=0.1, batch=256)
+    assert 0 < one < many  # one call at 256 images, not one image's share of it
+
+
+@pytest.mark.slow
+def test_a_latency_budget_met_on_real_timings(own_store, tmp_path):
     run_train(TrainConfig(model="tiny_cnn", epochs=2, **TINY), show_progress=False)
     result = run_search(_search_cfg(tmp_path, STRUCTURED, budget_ms=50.0, trials=2), show_progress=False)
     (winner,) = result.winners
@@ -169,6 +195,10 @@ def test_a_latency_budget_met_and_one_nothing_can_meet(own_store, tmp_path):
     run = MlflowClient().get_run(winner["run_id"])
     assert run.data.metrics["latency_ms_p50_cpu"] <= 50.0 and run.data.tags["mcp.within_budget"] == "true"
     assert run.data.metrics["baseline_latency_ms_p50_cpu"] > 0
+
+
+def test_a_latency_budget_nothing_can_meet_is_refused_before_any_run(own_store, tmp_path):
+    run_train(TrainConfig(model="tiny_cnn", epochs=1, **TINY), show_progress=False)
     before = len(runs_of(_experiment()))
     with pytest.raises(ConfigError) as info:
         run_search(_search_cfg(tmp_path, STRUCTURED, budget_ms=1e-6, study_name="fast"), show_progress=False)

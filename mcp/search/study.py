@@ -55,7 +55,8 @@ def study_settings(cfg: SearchConfig, checked: "Checked") -> dict[str, Any]:
 
     return {"space_sha256": hashlib.sha256(checked.space_path.read_bytes()).hexdigest()[:16],
             "space_file": checked.space_path.name, "budget_on": cfg.budget_on,
-            "budget_bytes": round(checked.budget or 0), "latency": cfg.latency, "budget_ms": cfg.budget_ms}
+            "budget_bytes": round(checked.budget or 0), "latency": cfg.latency, "budget_ms": cfg.budget_ms,
+            "budget_batch": cfg.budget_batch}
 
 
 STALE_HEARTBEATS = 3  # a running trial silent for this many heartbeats is stale (its worker died)
@@ -191,8 +192,8 @@ def open_study(cfg: SearchConfig, checked: "Checked", base_uri: str = ""):
     if stored is None:
         study.set_user_attr(SETTINGS_ATTR, settings)
     else:
-        for key in ("space_sha256", "budget_on", "budget_bytes", "latency", "budget_ms"):
-            if stored.get(key, 0.0 if key == "budget_ms" else None) == settings[key]:
+        for key in ("space_sha256", "budget_on", "budget_bytes", "latency", "budget_ms", "budget_batch"):
+            if stored.get(key, {"budget_ms": 0.0, "budget_batch": 1}.get(key)) == settings[key]:
                 continue
             what, was, now = key, stored.get(key), settings[key]
             if key == "space_sha256":
@@ -260,10 +261,11 @@ def check_search(cfg: SearchConfig, splits, loaders, base) -> Checked:
     if cfg.budget_ms:
         from mcp.search.trial import smallest_latency
 
-        fastest = smallest_latency(probe, splits.input_shape, space, calib, "cpu")
+        fastest = smallest_latency(probe, splits.input_shape, space, calib, "cpu", cfg.budget_batch)
         if fastest > cfg.budget_ms:
             raise ConfigError(f"budget_ms={cfg.budget_ms:g} is below the smallest latency space {space_path.name!r} "
-                              f"can reach on this CPU ({fastest:.4f} ms: ONNX Runtime p50 at batch 1, one thread, "
+                              f"can reach on this CPU ({fastest:.4f} ms: ONNX Runtime p50 at batch {cfg.budget_batch}, one "
+                              f"thread, "
                               f"every layer at its highest ratio, INT8 where faster); raise --budget-ms or widen the "
                               f"space (higher ratios, structured granularity)")
     return Checked(space, space_path, calib, budget)

@@ -34,19 +34,24 @@ class Finetuned:
         return grid_onnx(self.model, input_shape, self.quantizer, self.entries, out_dir, opset)
 
 
-def deployed_latency(model: nn.Module, input_shape: Sequence[int], calib: Sequence, seconds: float = 0.5) -> float:
-    """CPU p50 (ms, batch 1, one thread) of ``model`` as a latency budget deploys it
-    (:func:`mcp.export.deploy.speed_onnx`), timed in a process of its own. Latency depends
-    on the shapes, not on the weights' values: it is measured before any fine-tuning."""
+def deployed_latency(model: nn.Module, input_shape: Sequence[int], calib: Sequence, seconds: float = 0.5,
+                     batch: int = 1) -> float:
+    """CPU p50 (ms, one thread) of one call at ``batch`` images of ``model`` as a latency
+    budget deploys it (:func:`mcp.export.deploy.speed_onnx`), timed in a process of its
+    own. Latency depends on the shapes, not on the weights' values: it is measured before
+    any fine-tuning."""
     from mcp.evaluation.benchmark import measure_onnx
 
     with tempfile.TemporaryDirectory() as tmp:
         path, _ = speed_onnx(copy.deepcopy(model).cpu(), input_shape, calib, tmp)
-        return float(measure_onnx(path, input_shape, "cpu", 1, batch=8, warmup=20, iters=100,
-                                  seconds=seconds)["p50_ms"])
+        if batch == 1:
+            return float(measure_onnx(path, input_shape, "cpu", 1, batch=8, warmup=20, iters=100,
+                                      seconds=seconds)["p50_ms"])
+        return float(measure_onnx(path, input_shape, "cpu", 1, batch=batch, warmup=10, iters=10,
+                                  seconds=seconds)["batch_p50_ms"])
 
 
-def smallest_latency(base: nn.Module, input_shape: Sequence[int], space, calib, device: str) -> float:
+def smallest_latency(base: nn.Module, input_shape: Sequence[int], space, calib, device: str, batch: int = 1) -> float:
     """The lowest latency the space can reach: every unit at its highest ratio, at the
     granularity that gives the least (a latency budget below it is unreachable)."""
     bits = {n: max(space.bits_of[u]) for u, members in space.units.items() for n in members}
@@ -55,7 +60,8 @@ def smallest_latency(base: nn.Module, input_shape: Sequence[int], space, calib, 
     for granularity in space.granularity:
         for round_to in space.round_to if granularity == "structured" else (1,):
             tc = TrialConfig(ratios, bits, granularity, space.criterion[0], space.epochs[0], space.lr[0], round_to)
-            found.append(deployed_latency(prune_candidate(base, input_shape, tc, calib, device), input_shape, calib))
+            found.append(deployed_latency(prune_candidate(base, input_shape, tc, calib, device), input_shape, calib,
+                                          batch=batch))
     return min(found)
 
 

@@ -134,7 +134,8 @@ def _measure(cfg: BenchmarkConfig, row: dict[str, Any], splits, test_loader, gpu
     cpu = measure_onnx(row["path"], shape, "cpu", cfg.threads, cfg.throughput_batch, cfg.warmup, cfg.iters,
                        cfg.seconds)
     row.update(latency_ms_p50_cpu=cpu["p50_ms"], latency_ms_p95_cpu=cpu["p95_ms"],
-               throughput_ips_cpu=cpu["throughput_ips"], peak_memory_mb=cpu["peak_rss_mb"])
+               throughput_ips_cpu=cpu["throughput_ips"], batch_latency_ms_p50_cpu=cpu["batch_p50_ms"],
+               peak_memory_mb=cpu["peak_rss_mb"])
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:

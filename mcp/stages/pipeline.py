@@ -152,6 +152,7 @@ def _compress(cfg: PipelineConfig, base_uri: str, checked, steps, bar, show_prog
     else:  # the pipeline started further down the lineage: the baseline as the prune step tested it
         base_fp32, base_accuracy = ref.size_bytes_fp32, ref.test_accuracy
     rows = []
+    latency_key = "batch_latency_ms_p50_cpu" if cfg.budget_batch > 1 else "latency_ms_p50_cpu"
     for row in bench.rows:
         size = compressed.get(row["uri"]) or row["size_bytes_fp32"]
         measured = row["size_bytes_onnx"] if cfg.budget_on == "onnx" else size
@@ -164,7 +165,7 @@ def _compress(cfg: PipelineConfig, base_uri: str, checked, steps, bar, show_prog
                      "accuracy_drop": parent["test_accuracy"] - row["test_accuracy"] if parent else None,
                      "size_bytes_budgeted": float(measured), "within_budget": row["uri"] != base_uri
                      and within_budget(measured, budget)
-                     and (not cfg.budget_ms or row["latency_ms_p50_cpu"] <= cfg.budget_ms),
+                     and (not cfg.budget_ms or row[latency_key] <= cfg.budget_ms),
                      "size_bytes_onnx": row["size_bytes_onnx"], "latency_ms_p50_cpu": row["latency_ms_p50_cpu"],
                      "speedup_p50_cpu": row["speedup_p50_cpu"]})
     return rows
