@@ -73,8 +73,17 @@ def _only_first_layer_faster(monkeypatch):
     monkeypatch.setattr(kernel_speed, "layer_speeds", decided)
 
 
+def _deployed_faster(monkeypatch, faster: bool = True):
+    """The deployed file timed faster (or slower) than the others, whatever this machine says."""
+    import mcp.evaluation.ort_bench as ort_bench
+
+    monkeypatch.setattr(ort_bench, "compare", lambda paths, *a, **k: [1.0 if faster else 2.0] +
+                        [1.5] * (len(paths) - 1))
+
+
 def test_precision_speed_deploys_int8_only_where_faster_and_passes_parity(own_store, tmp_path, monkeypatch):
     _only_first_layer_faster(monkeypatch)
+    _deployed_faster(monkeypatch)
     run_train(TrainConfig(model="tiny_cnn", epochs=12, **TINY), show_progress=False)  # confident predictions
     result = run_quantize(QuantizeConfig(model="tiny_cnn", precision="speed", **TINY), show_progress=False)
     m = result.metrics
@@ -91,6 +100,22 @@ def test_precision_speed_deploys_int8_only_where_faster_and_passes_parity(own_st
     assert fmt == "onnx_qdq_int8"
     exported = run_export(ExportConfig(model="tiny_cnn", model_uri=uri, **TINY), show_progress=False)
     assert exported.metrics["onnx_agreement"] >= 0.99  # the export's parity check against the mixed model
+
+
+def test_precision_speed_refuses_a_mixed_model_slower_than_its_start(own_store, monkeypatch):
+    _only_first_layer_faster(monkeypatch)
+    _deployed_faster(monkeypatch, faster=False)
+    run_train(TrainConfig(model="tiny_cnn", epochs=1, **TINY), show_progress=False)
+    with pytest.raises(McpError) as info:
+        run_quantize(QuantizeConfig(model="tiny_cnn", precision="speed", **TINY), show_progress=False)
+    assert str(info.value) == (
+        "precision speed: the ptq_int8 model with INT8 in 1 of 3 layers deploys slower than the model it started "
+        "from: 2.000 ms against 1.500 ms in ONNX Runtime (CPU p50, batch 1, one thread); the conversions where "
+        "INT8 and float32 layers meet cost more than those layers gain; deploy the float32 model (mcp export), or "
+        "use --precision int8 for the smaller file")
+    assert [str(v.version) for v in MlflowClient().search_model_versions("name='tiny_cnn-synthetic'")] == ["1"]
+    (run,) = [r for r in runs_of(_experiment()) if r.data.tags.get("mcp.stage") == "quantize"]
+    assert run.info.status == "FAILED" and not MlflowClient().list_artifacts(run.info.run_id, "onnx")
 
 
 def test_precision_speed_with_no_faster_layer_is_one_clear_error(own_store, monkeypatch):
