@@ -52,6 +52,15 @@ def _fastest_within(rows, accuracy: float, points: float):
     return min(ok, key=lambda r: r["p50_ms"]) if ok else None
 
 
+def compared(seed, rows: list[dict]) -> dict:
+    """One run's comparison on its rows' p50 (rows[0] the baseline): mcp's fastest model
+    within 1 point of the baseline against the peer's fastest at least as accurate (-0.3 points)."""
+    mine = _fastest_within([r for r in rows if r["tool"] == "mcp"], rows[0]["accuracy"], 1.0)
+    peer = _fastest_within([r for r in rows if r["tool"] == "peer"], mine["accuracy"], 0.3) if mine else None
+    return {"seed": seed, "rows": rows, "mcp_best": mine, "peer_best": peer,
+            "mcp_vs_peer": peer["p50_ms"] / mine["p50_ms"] if mine and peer else None}
+
+
 def one_seed(seed: int, args, tmp: Path) -> dict:
     from mcp import tracking
     from mcp.config import PruneConfig, QuantizeConfig, TrainConfig
@@ -114,13 +123,9 @@ def one_seed(seed: int, args, tmp: Path) -> dict:
         keep_files(Path(args.keep) / f"seed{seed}", rows, loaders[2], shape)
     for r in rows:
         r["size_kib"] = Path(r.pop("path")).stat().st_size / 1024
-    base_row = rows[0]
     for r in rows:
-        r["speedup"] = base_row["p50_ms"] / r["p50_ms"]
-    mine = _fastest_within([r for r in rows if r["tool"] == "mcp"], base_row["accuracy"], 1.0)
-    peer = _fastest_within([r for r in rows if r["tool"] == "peer"], mine["accuracy"], 0.3) if mine else None
-    return {"seed": seed, "rows": rows, "mcp_best": mine, "peer_best": peer,
-            "mcp_vs_peer": peer["p50_ms"] / mine["p50_ms"] if mine and peer else None}
+        r["speedup"] = rows[0]["p50_ms"] / r["p50_ms"]
+    return compared(seed, rows)
 
 
 def keep_files(out: Path, rows: list[dict], test_loader, shape) -> None:

@@ -23,7 +23,10 @@ def _child_runs(experiment_id, parent_id):
     return [r for r in runs_of(experiment_id) if r.data.tags.get("mlflow.parentRunId") == parent_id]
 
 
-def test_structured_prune_trains_the_baseline_first_and_tracks_everything(experiment, tmp_path):
+def test_structured_prune_trains_the_baseline_first_and_tracks_everything(own_store, tmp_path):
+    from mlflow.tracking.fluent import _get_experiment_id
+
+    experiment = _get_experiment_id()  # a registry of its own: no baseline another test registered
     cfg = PruneConfig(model="tiny_cnn", criterion="magnitude", scope="layerwise", granularity="structured",
                       schedule="iterative", sparsity=0.5, prune_steps=2, prune_epochs=2, epochs=3, **TINY)
     result = run_prune(cfg, show_progress=False)

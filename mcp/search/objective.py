@@ -69,6 +69,11 @@ class SearchProblem:
     budget_batch: int = 1  # the latency budget is that of one call at this many images
 
 
+def latency_key(budget_batch: int) -> str:
+    """The metric a latency budget at ``budget_batch`` images per call is checked on."""
+    return LATENCY_KEY if budget_batch == 1 else BATCH_LATENCY_KEY
+
+
 def constrain(trial, key: str, excess: float) -> None:
     """Bytes over the budget (<= 0: within) as an Optuna constraint (set once per key) and
     as the user attribute ``budget_excess`` (the latest; what the table and older Optuna read)."""
@@ -138,7 +143,7 @@ def make_objective(problem: SearchProblem, open_log: Callable[[Any], ContextMana
                 log.metrics({**sizes, **count_params(model)})
                 if p.budget_ms:  # latency depends on the shapes alone: measured before any fine-tuning
                     latency = deployed_latency(model, shape, p.calib, batch=p.budget_batch)
-                    key = LATENCY_KEY if p.budget_batch == 1 else BATCH_LATENCY_KEY
+                    key = latency_key(p.budget_batch)
                     trial.set_user_attr(key, latency)
                     log.metrics({key: latency})
                     over = latency - p.budget_ms

@@ -264,9 +264,9 @@ def check_search(cfg: SearchConfig, splits, loaders, base) -> Checked:
         fastest = smallest_latency(probe, splits.input_shape, space, calib, "cpu", cfg.budget_batch)
         if fastest > cfg.budget_ms:
             raise ConfigError(f"budget_ms={cfg.budget_ms:g} is below the smallest latency space {space_path.name!r} "
-                              f"can reach on this CPU ({fastest:.4f} ms: ONNX Runtime p50 at batch {cfg.budget_batch}, one "
-                              f"thread, "
-                              f"every layer at its highest ratio, INT8 where faster); raise --budget-ms or widen the "
+                              f"can reach on this CPU ({fastest:.4f} ms: ONNX Runtime p50 at batch "
+                              f"{cfg.budget_batch}, one thread, every layer at its highest ratio, INT8 where "
+                              f"faster); raise --budget-ms or widen the "
                               f"space (higher ratios, structured granularity)")
     return Checked(space, space_path, calib, budget)
 

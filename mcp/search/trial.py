@@ -40,15 +40,21 @@ def deployed_latency(model: nn.Module, input_shape: Sequence[int], calib: Sequen
     budget deploys it (:func:`mcp.export.deploy.speed_onnx`), timed in a process of its
     own. Latency depends on the shapes, not on the weights' values: it is measured before
     any fine-tuning."""
-    from mcp.evaluation.benchmark import measure_onnx
-
     with tempfile.TemporaryDirectory() as tmp:
         path, _ = speed_onnx(copy.deepcopy(model).cpu(), input_shape, calib, tmp)
-        if batch == 1:
-            return float(measure_onnx(path, input_shape, "cpu", 1, batch=8, warmup=20, iters=100,
-                                      seconds=seconds)["p50_ms"])
-        return float(measure_onnx(path, input_shape, "cpu", 1, batch=batch, warmup=10, iters=10,
-                                  seconds=seconds)["batch_p50_ms"])
+        return onnx_latency(path, input_shape, seconds, batch)
+
+
+def onnx_latency(path: str | Path, input_shape: Sequence[int], seconds: float = 0.5, batch: int = 1) -> float:
+    """CPU p50 (ms, one thread) of one call at ``batch`` images of an ONNX file, timed in
+    a process of its own: what a latency budget (``batch`` 1) or a throughput budget checks."""
+    from mcp.evaluation.benchmark import measure_onnx
+
+    if batch == 1:
+        return float(measure_onnx(path, input_shape, "cpu", 1, batch=8, warmup=20, iters=100,
+                                  seconds=seconds)["p50_ms"])
+    return float(measure_onnx(path, input_shape, "cpu", 1, batch=batch, warmup=10, iters=10,
+                              seconds=seconds)["batch_p50_ms"])
 
 
 def smallest_latency(base: nn.Module, input_shape: Sequence[int], space, calib, device: str, batch: int = 1) -> float:

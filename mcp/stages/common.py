@@ -61,14 +61,15 @@ def timing_seconds() -> float:
 
 
 def deployment_figures(model: nn.Module, shape: Sequence[int], deployed: Path | None, baseline: nn.Module | None,
-                       parent: tuple[nn.Module, str] | None, what: str, refuse: str = "") -> dict[str, float]:
+                       parent: tuple[nn.Module, str] | None, what: str,
+                       refuse: tuple[str, str] | None = None) -> dict[str, float]:
     """What the model costs at deployment: the CPU p50 (batch 1, one thread, ONNX Runtime)
     of its deployed ONNX file (``deployed``; None: its float32 export), of the float32
     baseline's export and of the starting model's deployed file (``parent``: the model
     and its URI), timed side by side in one process. Says in one line (a
     :class:`DeploymentWarning`) when the model deploys slower than its starting model;
-    with ``refuse`` (a prefix and a hint, ``"prefix|hint"``) raises that line as an
-    :class:`McpError` instead, for a model whose only purpose was speed."""
+    with ``refuse`` (a prefix and a hint) raises that line as an :class:`McpError`
+    instead, for a model whose only purpose was speed."""
     import tempfile
     import warnings
 
@@ -93,8 +94,7 @@ def deployment_figures(model: nn.Module, shape: Sequence[int], deployed: Path | 
             line = (f"{what} deploys slower than the model it started from: {times[0]:.3f} ms against "
                     f"{times[-1]:.3f} ms in ONNX Runtime (CPU p50, batch 1, one thread)")
             if refuse:
-                prefix, _, hint = refuse.partition("|")
-                raise McpError(f"{prefix}: {line}{'; ' + hint if hint else ''}")
+                raise McpError(f"{refuse[0]}: {line}; {refuse[1]}")
             warnings.warn(line, DeploymentWarning, stacklevel=2)
     return figures
 

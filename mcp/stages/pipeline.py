@@ -95,6 +95,7 @@ def _compress(cfg: PipelineConfig, base_uri: str, checked, steps, bar, show_prog
               arch: str) -> list[dict[str, Any]]:
     """Steps 1-6: the models, exported and benchmarked; one row per model."""
     from mcp import tracking
+    from mcp.search.objective import latency_key
     from mcp.stages.benchmark import run_benchmark
     from mcp.stages.export import run_export
     from mcp.stages.prune import run_prune
@@ -152,7 +153,7 @@ def _compress(cfg: PipelineConfig, base_uri: str, checked, steps, bar, show_prog
     else:  # the pipeline started further down the lineage: the baseline as the prune step tested it
         base_fp32, base_accuracy = ref.size_bytes_fp32, ref.test_accuracy
     rows = []
-    latency_key = "batch_latency_ms_p50_cpu" if cfg.budget_batch > 1 else "latency_ms_p50_cpu"
+    budget_latency = latency_key(cfg.budget_batch)
     for row in bench.rows:
         size = compressed.get(row["uri"]) or row["size_bytes_fp32"]
         measured = row["size_bytes_onnx"] if cfg.budget_on == "onnx" else size
@@ -165,7 +166,7 @@ def _compress(cfg: PipelineConfig, base_uri: str, checked, steps, bar, show_prog
                      "accuracy_drop": parent["test_accuracy"] - row["test_accuracy"] if parent else None,
                      "size_bytes_budgeted": float(measured), "within_budget": row["uri"] != base_uri
                      and within_budget(measured, budget)
-                     and (not cfg.budget_ms or row[latency_key] <= cfg.budget_ms),
+                     and (not cfg.budget_ms or row[budget_latency] <= cfg.budget_ms),
                      "size_bytes_onnx": row["size_bytes_onnx"], "latency_ms_p50_cpu": row["latency_ms_p50_cpu"],
                      "speedup_p50_cpu": row["speedup_p50_cpu"]})
     return rows

@@ -125,13 +125,13 @@ def _quantize(cfg: QuantizeConfig, layer_bits: dict[str, int], base: nn.Module, 
                                  progress=show_progress)
         ref = lineage_baseline(base, base_uri, test_loader, device, outcome.metrics["baseline_test_accuracy"],
                                cfg.trust_pickled_model)
-        what, refuse = f"the {cfg.method} model", ""
+        what, refuse = f"the {cfg.method} model", None
         if cfg.precision == "speed":  # asked for speed alone: a slower model is refused before anything is logged
             m = outcome.metrics
             what += f" with INT8 in {int(m['int8_layers'])} of {int(m['int8_layers'] + m['float_layers'])} layers"
-            refuse = ("precision speed|the conversions where INT8 and float32 layers meet cost more than those "
-                      "layers gain; deploy the float32 model (mcp export), or use --precision int8 for the "
-                      "smaller file")
+            refuse = ("precision speed", "the conversions where INT8 and float32 layers meet cost more than those "
+                      "layers gain; deploy the float32 model (mcp export), or use --precision int8 for the smaller "
+                      "file")
         deployment = deployment_figures(outcome.model, splits.input_shape, outcome.onnx_path, ref.model,
                                         (base, base_uri), what, refuse)
         tracking.log_artifact(outcome.onnx_path, "onnx")
