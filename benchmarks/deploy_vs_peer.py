@@ -2,7 +2,8 @@
 deployment task: the fastest model within a point of the float32 baseline.
 
     python benchmarks/deploy_vs_peer.py [--seeds 0,1,2] [--epochs 30] [--finetune-epochs 20]
-                                        [--sparsities 0.75,0.875] [--search-speedup 5] [--rounds 5]
+                                        [--sparsities 0.75,0.875] [--search-speedup 5,7,8] [--rounds 5]
+                                        [--search-trials 12] [--finalists 3]
                                         [--image-folder [--per-class 120] [--mnist-dir DIR]]
                                         [--keep DIR]
 
@@ -12,10 +13,12 @@ For each seed, in a tracking store of its own (sqlite:///mlruns/deploy_vs_peer.d
 2. mcp: `mcp prune --granularity structured --scope layerwise --distill-from parent` at each
    sparsity (channels removed, fine-tuned by distillation from the baseline), then `mcp
    quantize --method ptq_int8 --precision speed` of each (INT8 only in the layers ONNX
-   Runtime runs faster in INT8 at their shapes on this CPU); and `mcp search --budget-ms`
-   (search_spaces/resnet_latency.yaml, --search-trials trials, distillation, the winner
-   fine-tuned for --finetune-epochs) for the most accurate model within the baseline's
-   latency over --search-speedup;
+   Runtime runs faster in INT8 at their shapes on this CPU); and, for each speedup S in
+   --search-speedup, `mcp search --budget-ms` (search_spaces/resnet_latency.yaml: channel
+   ratios per stage and whole residual blocks removed, --search-trials trials,
+   distillation, its --finalists best trials fine-tuned for --finetune-epochs and the one
+   the validation split ranks first kept) for the most accurate model within the
+   baseline's latency over S;
 3. the peer (benchmarks/peer_tp_ort.py): Torch-Pruning at the same sparsities, the same
    fine-tuning epochs with cross-entropy, `quantize_static` INT8 of each;
 4. every file of both tools (and the baseline's float32 export) is timed in ONE process,
@@ -101,16 +104,25 @@ def one_seed(seed: int, args, tmp: Path) -> dict:
         from mcp.evaluation.benchmark import measure_onnx
         from mcp.stages.search import run_search
 
-        budget = measure_onnx(rows[0]["path"], shape, "cpu", 1, batch=8, seconds=1.0)["p50_ms"] / args.search_speedup
+        base_ms = measure_onnx(rows[0]["path"], shape, "cpu", 1, batch=8, seconds=1.0)["p50_ms"]
+    for speedup in args.search_speedup:
+        budget = base_ms / speedup
         found = run_search(SearchConfig(model="resnet20", model_uri=base_uri, space=str(LATENCY_SPACE),
                                         budget_ratio=0.0, budget_ms=budget, trials=args.search_trials, distill=True,
+                                        finalists=args.finalists,
                                         final_epochs=args.finetune_epochs, export=False, benchmark=False,
-                                        storage=f"sqlite:///{tmp / 'optuna.db'}", study_name=f"latency-{base.registered_version}",
+                                        storage=f"sqlite:///{tmp / 'optuna.db'}",
+                                        study_name=f"latency-{base.registered_version}-{speedup:g}",
                                         **data), show_progress=False)
-        for w in found.winners:
-            path, _ = tracking.models.deployable_onnx(f"models:/{w['registered_name']}/{w['version']}", tmp / "w")
-            rows.append({"tool": "mcp", "label": f"mcp search within {budget:.3f} ms (baseline / "
-                                                 f"{args.search_speedup:g}), trial {w['trial']}", "path": str(path)})
+        for w in found.winners[:1]:  # the one the search chose (on the validation split), not the other finalists
+            path, _ = tracking.models.deployable_onnx(f"models:/{w['registered_name']}/{w['version']}",
+                                                      tmp / f"w{speedup:g}")
+            blocks = tracking.models.version_info(f"models:/{w['registered_name']}/{w['version']}")[0].get(
+                "dropped_blocks", "")
+            rows.append({"tool": "mcp", "label": f"mcp search within {budget:.3f} ms (baseline / {speedup:g}), trial "
+                                                 f"{w['trial']}" + (f", {len(blocks.split(','))} blocks removed" if blocks else ""),
+                         "path": str(path),
+                         "blocks_removed": len(blocks.split(",")) if blocks else 0})
     for r in peer_variants(baseline, loaders, shape, tmp / "peer", sparsities=args.sparsities,
                            epochs=args.finetune_epochs, seed=seed):
         rows.append({"tool": "peer", "label": r["label"], "path": r["path"]})
@@ -166,7 +178,9 @@ def mnist_folder(root: Path, mnist_dir: Path, per_class: int, size: int = 64, se
 
 def _kind(label: str) -> str:
     """A row's variant across seeds (a search's budget and trial differ per seed)."""
-    return label.split(" within ")[0] + " within the budget" if " search within " in label else label
+    if " search within " not in label:
+        return label
+    return label.split(" within ")[0] + " within the baseline's latency / " + label.split("(baseline / ")[1].split(")")[0]
 
 
 def _none_that_accurate(run: dict) -> str:
@@ -221,9 +235,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=30, help="baseline training epochs")
     parser.add_argument("--finetune-epochs", type=int, default=20)
     parser.add_argument("--sparsities", default="0.75,0.875")
-    parser.add_argument("--search-speedup", type=float, default=5.0,
-                        help="also `mcp search --budget-ms` at the baseline's latency over this (0: no search)")
+    parser.add_argument("--search-speedup", default="5,7,8",
+                        help="also `mcp search --budget-ms` at the baseline's latency over each of these "
+                             "(comma-separated; empty: no search)")
     parser.add_argument("--search-trials", type=int, default=12)
+    parser.add_argument("--finalists", type=int, default=3,
+                        help="the search rebuilds this many of its best trials and chooses among them")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=0.5, help="per file per round")
     parser.add_argument("--tracking-uri", default="sqlite:///mlruns/deploy_vs_peer.db")
@@ -237,6 +254,7 @@ def main() -> None:
         print(summary_table(found["runs"], found["summary"].get("where", "CPU")))
         return
     args.sparsities = [float(s) for s in args.sparsities.split(",")]
+    args.search_speedup = [float(s) for s in args.search_speedup.split(",") if s.strip() and float(s) > 0]
     args.dataset, args.data_dir, args.input_shape = "digits", "data", "1x32x32"
     folder = tempfile.TemporaryDirectory() if args.image_folder else None
     if folder is not None:

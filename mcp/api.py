@@ -113,8 +113,8 @@ def prune(model: nn.Module, data: Any, *, sparsity: float = 0.5, criterion: str 
           scope: str = "global", granularity: str = "unstructured", schedule: str = "one_shot",
           steps: int = 10, initial_sparsity: float = 0.0, prune_epochs: int | None = None,
           ratios: Mapping[str, float] | None = None, ignored_layers: Sequence[str] = (), keep_first: bool = False,
-          keep_last: bool = False, norm: int = 1, hessian: str = "fisher", calib_batches: int = 8,
-          bn_l1: float = 0.0, epochs: int = 10, lr: float = 0.01, optimizer: str = "sgd", momentum: float = 0.9,
+          keep_last: bool = False, norm: int = 1, hessian: str = "fisher", round_to: int = 1, drop_blocks: int = 0,
+          calib_batches: int = 8, bn_l1: float = 0.0, epochs: int = 10, lr: float = 0.01, optimizer: str = "sgd", momentum: float = 0.9,
           weight_decay: float = 5e-4, scheduler: str = "cosine", teacher: nn.Module | None = None,
           temperature: float = 4.0, alpha: float = 0.9, seed: int = 0, device: str = "auto",
           progress: bool | None = False, track: bool = True):
@@ -130,7 +130,7 @@ def prune(model: nn.Module, data: Any, *, sparsity: float = 0.5, criterion: str 
     spec = PruneSpec(criterion=criterion, scope=scope, granularity=granularity, schedule=schedule,
                      sparsity=sparsity, initial_sparsity=initial_sparsity, steps=steps, ratios=dict(ratios or {}),
                      keep_first=keep_first, keep_last=keep_last, ignored_layers=tuple(ignored_layers), norm=norm,
-                     hessian=hessian)
+                     hessian=hessian, round_to=round_to, drop_blocks=drop_blocks)
     span = prune_epochs if prune_epochs is not None else max(1, epochs // 2)
     return _tracked("prune", params, model, track, lambda callbacks: prune_and_finetune(
         model, d.loaders, d.input_shape, spec, _finetune(epochs, lr, optimizer, momentum, weight_decay, scheduler, seed),

@@ -386,6 +386,10 @@ class PruneConfig(RecoveryOptions):
     hessian: str = option("fisher", "Second-order criterion: diagonal Hessian estimate.", ("fisher", "hutchinson"))
     round_to: int = option(1, "Structured: keep every pruned layer's channel count a multiple of this (8 or 16 "
                               "suit the SIMD width of many CPU kernels; measure with mcp benchmark). 1: any count.")
+    drop_blocks: int = option(0, "Depth pruning: first remove this many whole blocks (residual blocks with an "
+                                 "identity shortcut), each the one whose removal raises the loss on the "
+                                 "calibration batches the least. Fewer operators: what still cuts latency "
+                                 "once layers are narrow. 0: none.")
     calib_batches: int = option(8, "Training batches used by data-driven criteria.")
     bn_l1: float = option(0.0, "Network-slimming L1 penalty on BatchNorm scales during fine-tuning.")
     optimizer: str = option("sgd", "Optimizer for fine-tuning.", OPTIMIZERS)
@@ -407,6 +411,8 @@ class PruneConfig(RecoveryOptions):
         _positive("prune_steps", self.prune_steps)
         _optimizer_settings(self)
         _positive("calib_batches", self.calib_batches)
+        if isinstance(self.drop_blocks, bool) or not isinstance(self.drop_blocks, int) or self.drop_blocks < 0:
+            raise ConfigError(f"drop_blocks={self.drop_blocks!r} must be a whole number of blocks, 0 or more")
         if self.schedule != "one_shot" and not 0 < self.prune_epochs <= self.epochs:
             raise ConfigError(f"prune_epochs={self.prune_epochs!r} must be in [1, epochs={self.epochs}]")
         if self.norm not in (1, 2):
@@ -681,6 +687,10 @@ class SearchConfig(StartModel):
                                      "over-budget trials are rejected as sampled.")
     distill: bool = option(False, "Fine-tune each trial by distillation from the starting model.")
     final_epochs: int = option(0, "Fine-tuning epochs when a winner is rebuilt (0: its trial's).")
+    finalists: int = option(1, "max-accuracy: rebuild this many of the best feasible trials (by validation "
+                               "accuracy) with --final-epochs, register each, and give 'challenger' to the one "
+                               "the validation split then ranks first: short trials rank configurations "
+                               "noisily. 1: the best trial alone.")
     calib_batches: int = option(8, "Training batches used by data-driven pruning criteria.")
     register: bool = option(True, "Register the winner(s) as new versions with alias 'challenger'.")
     export: bool = option(True, "Export each winner to ONNX (`mcp export`: checker, parity, format=onnx version).")
@@ -703,6 +713,9 @@ class SearchConfig(StartModel):
         if self.timeout < 0 or self.final_epochs < 0:
             raise ConfigError("timeout and final_epochs must be 0 or more")
         _positive("calib_batches", self.calib_batches)
+        _positive("finalists", self.finalists)
+        if self.finalists > 1 and self.mode != "max-accuracy":
+            raise ConfigError(f"finalists={self.finalists} is for mode max-accuracy (pareto rebuilds its whole front)")
 
     def name(self) -> str:
         return self.study_name or f"{self.model}-{self.dataset}-{self.mode}"

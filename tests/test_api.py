@@ -78,8 +78,9 @@ def test_import_mcp_stays_light():
 def test_prune_structured_on_a_user_class(trained, data):
     before = mcp.measure(trained, data, device="cpu")
     out = mcp.prune(trained, data, sparsity=0.5, granularity="structured", criterion="magnitude", epochs=2,
-                    device="cpu")
-    assert out.structured
+                    drop_blocks=1, device="cpu")  # the one shape-preserving block in a Sequential: dw.0
+    assert out.structured and out.dropped == ["dw.0"] and out.metrics["blocks_dropped"] == 1
+    assert isinstance(out.model.dw[0], nn.Identity) and isinstance(trained.dw[0], nn.Conv2d)
     assert out.metrics["params_total"] < before["params_total"]
     assert out.metrics["pruned_fraction"] > 0.2
     x = torch.randn(2, 1, 8, 8)

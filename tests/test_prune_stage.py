@@ -126,6 +126,8 @@ def test_compare_schedules_logs_a_table_and_a_plot(cli, experiment):
     (["--model-uri", "models:/no-such-model/1"], "cannot load model 'models:/no-such-model/1'"),
     (["--ignored-layers", "fc9"], "ignored_layers has unknown layer(s) fc9"),
     (["--schedule", "gradual", "--prune-epochs", "99"], "prune_epochs=99 must be in [1, epochs=40]"),
+    (["--drop-blocks", "-1"], "drop_blocks=-1 must be a whole number of blocks, 0 or more"),
+    (["--drop-blocks", "1"], "drop_blocks=1 is more than the 0 removable blocks this model has"),
 ])
 def test_bad_input_is_one_line_and_leaves_no_run(cli, experiment, args, message):
     result = cli("prune", *args)

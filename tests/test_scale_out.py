@@ -106,6 +106,7 @@ def check_one_study(tracking_uri: str, storage: str, trials: int, workers: int) 
     assert len([r for r in runs if r.info.run_name.startswith("winner-trial-")]) == 1
 
 
+@pytest.mark.slow  # two worker processes, 16 s: the default suite keeps the in-process sharing tests
 def test_two_workers_started_together_on_fresh_sqlite_share_one_study(tmp_path):
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     results = run_workers(2, tmp_path, tracking_uri, "", trials=6)

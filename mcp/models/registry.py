@@ -83,7 +83,11 @@ def model_from_recipe(recipe: dict[str, Any]) -> nn.Module:
         from mcp.models.foreign import apply_head
 
         apply_head(model, recipe["head"])
-    if recipe.get("pruning_history"):  # structured pruning: replay it to get the smaller shapes
+    if recipe.get("depth_pruning"):  # blocks removed, before or after channels were: replay both in order
+        from mcp.pruning.depth import rebuild
+
+        rebuild(model, recipe["input_shape"], list(recipe.get("pruning_history") or []), recipe["depth_pruning"])
+    elif recipe.get("pruning_history"):  # structured pruning: replay it to get the smaller shapes
         from mcp.pruning.pruner import replay_pruning
 
         replay_pruning(model, recipe["input_shape"], recipe["pruning_history"])

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from mcp.errors import ConfigError
+from mcp.pruning.depth import block_order, remove_blocks, removed_blocks, within
 from mcp.pruning.importance import Batches, create_criterion
 from mcp.pruning.pruner import StructuredPruner, UnstructuredPruner, select_layers
 from mcp.pruning.schedules import SCHEDULES
@@ -37,6 +38,9 @@ class PruneSpec:
     norm: int = 1
     hessian: str = "fisher"
     round_to: int = 1  # structured: keep channel counts at multiples of this (Torch-Pruning's round_to)
+    drop_blocks: int = 0  # depth: remove this many whole blocks first, least important first (pruning/depth.py)
+    # the blocks to remove, when already chosen (a search ranks them once on its starting model)
+    blocks: Sequence[str] = ()
 
     @property
     def events(self) -> int:
@@ -54,6 +58,12 @@ class Pruning:
             raise ConfigError(f"schedule={spec.schedule!r} is not allowed; choose one of: {', '.join(SCHEDULES)}")
         self.model, self.input_shape, self.spec = model, tuple(input_shape), spec
         self.batches, self.device = batches, device
+        if not isinstance(spec.drop_blocks, int) or spec.drop_blocks < 0:
+            raise ConfigError(f"drop_blocks={spec.drop_blocks!r} must be a whole number of blocks, 0 or more")
+        if spec.blocks or spec.drop_blocks:
+            remove_blocks(model, list(spec.blocks) or block_order(model, self.input_shape, batches, device,
+                                                                  spec.drop_blocks))
+        self.dropped = removed_blocks(model)  # these and any removed before
         self.criterion = create_criterion(spec.criterion, spec.granularity, norm=spec.norm, hessian=spec.hessian)
         self.layers, self.all_names = select_layers(model, input_shape, spec.keep_first, spec.keep_last,
                                                     list(spec.ignored_layers))
@@ -63,22 +73,23 @@ class Pruning:
             raise ConfigError(f"round_to={spec.round_to} rounds channel counts: it needs granularity structured")
         if spec.ratios and spec.scope != "layerwise":
             raise ConfigError("per-layer ratios need scope 'layerwise'")
-        unknown = sorted(set(spec.ratios) - set(self.layers))
+        ratios = {n: r for n, r in spec.ratios.items() if not within(n, self.dropped)}  # gone with their block
+        unknown = sorted(set(ratios) - set(self.layers))
         if unknown:
             raise ConfigError(f"ratios name layer(s) not in scope: {', '.join(unknown)}; "
                               f"prunable layers: {', '.join(self.layers)}")
-        for name, ratio in spec.ratios.items():
+        for name, ratio in ratios.items():
             if not 0.0 <= float(ratio) < 1.0:
                 raise ConfigError(f"ratio {ratio!r} for layer {name!r} is outside [0, 1)")
         schedule = SCHEDULES[spec.schedule]
         if spec.schedule == "gradual":
             schedule = functools.partial(schedule, initial=spec.initial_sparsity)
         self.schedule = schedule
-        self.final = {n: float(spec.ratios.get(n, spec.sparsity)) for n in self.layers}
+        self.final = {n: float(ratios.get(n, spec.sparsity)) for n in self.layers}
         if spec.granularity == "structured":
             self.cut: UnstructuredPruner | StructuredPruner = StructuredPruner(
                 model, self.input_shape, self.layers, self.all_names, spec.scope, schedule, spec.events,
-                spec.sparsity, spec.ratios if spec.scope == "layerwise" else None, spec.round_to)
+                spec.sparsity, ratios if spec.scope == "layerwise" else None, spec.round_to)
         else:
             self.cut = UnstructuredPruner(self.layers, spec.scope)
         self.done = 0

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
@@ -29,6 +29,7 @@ class PruneOutcome:
     history: dict[str, list[float]]  # per-epoch training curves, with the pruned fraction
     structured: bool
     run_id: str | None = None  # the MLflow run of a tracked mcp.* call
+    dropped: list[str] = field(default_factory=list)  # blocks removed (depth pruning), this call's and earlier
 
 
 def prune_and_finetune(base: nn.Module, loaders: Sequence[Any], input_shape: Sequence[int], spec: PruneSpec,
@@ -107,4 +108,6 @@ def prune_and_finetune(base: nn.Module, loaders: Sequence[Any], input_shape: Seq
     metrics["size_bytes_compressed"] = float(len(encode_model(model, {}, "fixed")))  # float32 values, sparse indices
     metrics["baseline_size_bytes_fp32"] = float(size_bytes_fp32(base))
     metrics["peak_memory_mb"] = peak_memory_mb(device)
-    return PruneOutcome(model, metrics, pruning.layer_sparsity(), trainer.history, pruning.structured)
+    metrics["blocks_dropped"] = float(len(pruning.dropped))
+    return PruneOutcome(model, metrics, pruning.layer_sparsity(), trainer.history, pruning.structured,
+                        dropped=list(pruning.dropped))

@@ -100,7 +100,8 @@ def make_objective(problem: SearchProblem, open_log: Callable[[Any], ContextMana
 
     from mcp.evaluation.metrics import count_params
     from mcp.search.space import sample
-    from mcp.search.trial import deployed_latency, fill_budget, finetune_quantized, measure_sizes, prune_candidate
+    from mcp.search.trial import (deployed_latency, fill_budget, finetune_quantized, measure_sizes, present,
+                                  prune_candidate)
     from mcp.training import evaluate
 
     p = problem
@@ -134,6 +135,7 @@ def make_objective(problem: SearchProblem, open_log: Callable[[Any], ContextMana
                                                                             batch=p.budget_batch)) or tc
                 trial.set_user_attr("ratios", tc.ratios)
                 model = prune_candidate(p.base, shape, tc, p.calib, p.device)
+                tc = present(tc, model)
                 sizes = measure_sizes(model, shape, tc, p.seed, onnx=on == "onnx")
                 size = sizes[SIZE_KEY[on]]
                 excess = budget_excess(size, p.budget)
@@ -213,7 +215,7 @@ class UniformStart:
         return f"{self.kind}: {'; '.join(self.queued)}" if self.queued else ""
 
 
-def _start_params(space, ratios: dict[str, float], bits: dict[str, int]) -> dict[str, Any]:
+def _start_params(space, ratios: dict[str, float], bits: dict[str, int], drop: int | None = None) -> dict[str, Any]:
     """The Optuna params of a configuration given per unit (a unit whose range is one value
     or whose bit-width has one choice is not sampled, so it has no param)."""
     params: dict[str, Any] = {}
@@ -229,6 +231,8 @@ def _start_params(space, ratios: dict[str, float], bits: dict[str, int]) -> dict
         params["criterion"] = space.criterion[0]
     if len(space.round_to) > 1:
         params["round_to"] = space.round_to[0]
+    if space.drop_blocks[1] > space.drop_blocks[0]:  # by default, a uniform start keeps every block it may
+        params["drop_blocks"] = space.drop_blocks[0] if drop is None else drop
     if space.epochs[1] > space.epochs[0]:
         params["epochs"] = space.epochs[1]
     if space.lr[1] > space.lr[0]:
@@ -265,7 +269,7 @@ def enqueue_uniform(study, problem: SearchProblem, max_accuracy: bool, limit: in
     space, p = problem.space, problem
     start = UniformStart()
     if p.budget is None and p.budget_ms and max_accuracy:
-        return _uniform_within_latency(study, p)
+        return _uniform_within_latency(study, p, limit)
     if p.budget is None or not max_accuracy:
         return start
     budget = p.budget * (1 - FILL_SLACK)
@@ -336,11 +340,13 @@ def enqueue_uniform(study, problem: SearchProblem, max_accuracy: bool, limit: in
     return start
 
 
-def _uniform_within_latency(study, p: SearchProblem) -> UniformStart:
+def _uniform_within_latency(study, p: SearchProblem, limit: int | None = None) -> UniformStart:
     """A latency budget alone: start from the least uniform pruning (one ratio in every
     layer, clipped to what each allows; the widest bit-width) whose deployed model meets
     it, by bisection on measured latency: what uniform pruning by hand would deploy, and
-    what the search must beat."""
+    what the search must beat. A space that removes blocks gets one such start at its
+    fewest and one at its most blocks removed (at most ``limit`` starts): how to spend the
+    budget between depth and width is the search's first question."""
     from mcp.search.space import allowed_bits, clipped_ratio, uniform_where_allowed
     from mcp.search.trial import deployed_latency, ratio_at_budget
 
@@ -350,22 +356,27 @@ def _uniform_within_latency(study, p: SearchProblem) -> UniformStart:
     units = list(space.units)
     bits = max(b for choices in space.bits_of.values() for b in choices)
     lo, hi = min(space.ratio_of[u][0] for u in units), max(space.ratio_of[u][1] for u in units)
-    ratio = ratio_at_budget(p.base, p.input_shape,
-                            lambda r: uniform_where_allowed(space, r, bits, space.epochs[1], space.lr[0]), lo, hi,
-                            p.budget_ms, p.calib, p.device, p.seed, steps=7,
-                            measure=lambda model: deployed_latency(model, p.input_shape, p.calib,
-                                                                   batch=p.budget_batch))
-    if ratio is None:
+    depths = sorted({space.drop_blocks[0], space.drop_blocks[1]})
+    for drop in depths[:limit] if limit else depths:
+        ratio = ratio_at_budget(p.base, p.input_shape,
+                                lambda r, d=drop: uniform_where_allowed(space, r, bits, space.epochs[1], space.lr[0],
+                                                                        d), lo, hi,
+                                p.budget_ms, p.calib, p.device, p.seed, steps=7,
+                                measure=lambda model: deployed_latency(model, p.input_shape, p.calib,
+                                                                       batch=p.budget_batch))
+        if ratio is None:
+            continue
+        ratios = {u: clipped_ratio(space, u, ratio) for u in units}
+        widths = {u: allowed_bits(space.bits_of[u], bits) for u in units}
+        study.enqueue_trial(_start_params(space, ratios, widths, drop), skip_if_exists=True)
+        clipped = any(r != ratio for r in ratios.values())
+        start.kind = "uniform where allowed" if clipped or start.kind == "uniform where allowed" else "uniform"
+        start.queued.append(f"ratio {ratio:.4f} in every layer{' (clipped to each range)' if clipped else ''}"
+                            + (f" with {drop} blocks removed" if drop else "")
+                            + f", the least uniform pruning within {p.budget_ms:g} ms")
+    if not start.queued:
         start.warning = (f"no uniform starting trial: one ratio in every layer meets the latency budget of "
                          f"{p.budget_ms:g} ms only beyond the space's ranges")
-        return start
-    ratios = {u: clipped_ratio(space, u, ratio) for u in units}
-    widths = {u: allowed_bits(space.bits_of[u], bits) for u in units}
-    study.enqueue_trial(_start_params(space, ratios, widths), skip_if_exists=True)
-    clipped = any(r != ratio for r in ratios.values())
-    start.kind = "uniform where allowed" if clipped else "uniform"
-    start.queued.append(f"ratio {ratio:.4f} in every layer{' (clipped to each range)' if clipped else ''}, the "
-                        f"least uniform pruning within {p.budget_ms:g} ms")
     return start
 
 

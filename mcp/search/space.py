@@ -7,6 +7,7 @@ A space file (``search_spaces/*.yaml``)::
       ratio: [0.0, 0.95]               # per-layer (or per-group) prune ratio range
       granularity: [unstructured]      # choices
       criterion: [magnitude]           # choices
+      drop_blocks: [0, 3]              # optional: whole blocks removed first (integer range)
     quantize:
       bits: [2, 3, 4, 5, 6, 8]         # per-layer (or per-group) bit-width choices
     finetune:
@@ -32,7 +33,7 @@ from mcp.errors import ConfigError
 
 SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
 TOP_KEYS = {"models", "prune", "quantize", "finetune", "layers", "groups", "description"}
-SECTION_KEYS = {"prune": {"ratio", "granularity", "criterion", "round_to"}, "quantize": {"bits"}, "finetune": {"epochs", "lr"}}
+SECTION_KEYS = {"prune": {"ratio", "granularity", "criterion", "round_to", "drop_blocks"}, "quantize": {"bits"}, "finetune": {"epochs", "lr"}}
 LAYER_KEYS = {"ratio", "bits"}
 
 
@@ -49,6 +50,7 @@ class Space:
     ratio_of: dict[str, tuple[float, float]] = field(default_factory=dict)  # unit -> its ratio range
     bits_of: dict[str, tuple[int, ...]] = field(default_factory=dict)  # unit -> its bit choices
     round_to: tuple[int, ...] = (1,)  # structured: channel counts kept at multiples of one of these
+    drop_blocks: tuple[int, int] = (0, 0)  # depth: how many whole blocks to remove, least important first
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,7 @@ class TrialConfig:
     epochs: int
     lr: float
     round_to: int = 1
+    drop_blocks: int = 0
 
 
 def _range(where: str, value: Any, low: float, high: float, kind: type) -> tuple:
@@ -139,6 +142,7 @@ def build_space(data: Mapping[str, Any], layers: Sequence[str], source: str = "s
     if max(round_to) > 1 and "structured" not in granularity:
         raise ConfigError(f"{source}: prune.round_to={round_to!r} rounds channel counts: it needs granularity "
                           f"structured")
+    drop_blocks = _range(f"{source}: prune.drop_blocks", prune.get("drop_blocks", [0, 0]), 0, 1000, int)
     epochs = _range(f"{source}: finetune.epochs", tune.get("epochs", [1, 3]), 0, 1000, int)
     lr = _range(f"{source}: finetune.lr", tune.get("lr", [0.001, 0.01]), 1e-7, 10.0, float)
 
@@ -180,7 +184,7 @@ def build_space(data: Mapping[str, Any], layers: Sequence[str], source: str = "s
         if "bits" in values:
             bits_of[name] = _bits(f"{source}: layers.{name}.bits", values["bits"])
     return Space(source, ratio, bits, granularity, criterion, epochs, lr, units, ratio_of, bits_of,
-                 tuple(sorted(set(round_to))))
+                 tuple(sorted(set(round_to))), drop_blocks)
 
 
 def sample(trial, space: Space) -> TrialConfig:
@@ -204,15 +208,18 @@ def sample(trial, space: Space) -> TrialConfig:
     lr = trial.suggest_float("lr", lr_lo, lr_hi, log=True) if lr_hi > lr_lo else lr_lo
     round_to = (trial.suggest_categorical("round_to", list(space.round_to)) if len(space.round_to) > 1
                 else space.round_to[0])
+    lo, hi = space.drop_blocks
+    drop = trial.suggest_int("drop_blocks", lo, hi) if hi > lo else lo
     return TrialConfig(ratios, bits, granularity, criterion, epochs, lr,
-                       int(round_to) if granularity == "structured" else 1)
+                       int(round_to) if granularity == "structured" else 1, int(drop))
 
 
 def uniform(space: Space, ratio: float, bits: int, epochs: int, lr: float) -> TrialConfig:
     """The same ratio and bit-width in every layer (the baseline a search must beat)."""
     layers = [n for members in space.units.values() for n in members]
     return TrialConfig({n: ratio for n in layers}, {n: bits for n in layers}, space.granularity[0],
-                       space.criterion[0], epochs, lr, space.round_to[0] if space.granularity[0] == "structured" else 1)
+                       space.criterion[0], epochs, lr, space.round_to[0] if space.granularity[0] == "structured" else 1,
+                       space.drop_blocks[0])
 
 
 def allowed_bits(choices: Sequence[int], bits: int) -> int:
@@ -226,13 +233,16 @@ def clipped_ratio(space: Space, unit: str, ratio: float) -> float:
     return min(max(ratio, lo), hi)
 
 
-def uniform_where_allowed(space: Space, ratio: float, bits: int, epochs: int, lr: float) -> TrialConfig:
+def uniform_where_allowed(space: Space, ratio: float, bits: int, epochs: int, lr: float,
+                          drop_blocks: int | None = None) -> TrialConfig:
     """Uniform where the space allows it: every unit at ``ratio`` clipped to its range and
     at ``bits`` (or the next wider bit-width it allows): the closest a space that caps a
-    layer (a ResNet's stem, say) comes to one ratio and one bit-width everywhere."""
+    layer (a ResNet's stem, say) comes to one ratio and one bit-width everywhere; with
+    ``drop_blocks`` blocks removed first (default: the fewest the space allows)."""
     ratios, widths = {}, {}
     for unit, members in space.units.items():
         for n in members:
             ratios[n], widths[n] = clipped_ratio(space, unit, ratio), allowed_bits(space.bits_of[unit], bits)
     return TrialConfig(ratios, widths, space.granularity[0], space.criterion[0], epochs, lr,
-                       space.round_to[0] if space.granularity[0] == "structured" else 1)
+                       space.round_to[0] if space.granularity[0] == "structured" else 1,
+                       space.drop_blocks[0] if drop_blocks is None else drop_blocks)

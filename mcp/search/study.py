@@ -246,6 +246,14 @@ def check_search(cfg: SearchConfig, splits, loaders, base) -> Checked:
             tc = uniform(space, 0.0, max(space.bits), 0, space.lr[0])
             Pruning(probe, splits.input_shape, PruneSpec(criterion=criterion, scope="layerwise",
                                                          granularity=granularity, ratios=tc.ratios), [], "cpu")
+    if space.drop_blocks[1]:
+        from mcp.pruning.depth import removable_blocks
+
+        blocks = removable_blocks(probe, splits.input_shape)
+        if len(blocks) < space.drop_blocks[1]:
+            raise ConfigError(f"{space_path.name}: prune.drop_blocks={list(space.drop_blocks)} removes up to "
+                              f"{space.drop_blocks[1]} blocks, but this model has {len(blocks)} removable blocks"
+                              + (f" ({', '.join(blocks)})" if blocks else ""))
     calib = calibration_batches(loaders[0], cfg.calib_batches)
     fp32 = size_bytes_fp32(probe)
     budget = cfg.budget_mb * 1e6 if cfg.budget_mb else (cfg.budget_ratio * fp32 if cfg.budget_ratio else None)

@@ -65,21 +65,34 @@ def smallest_latency(base: nn.Module, input_shape: Sequence[int], space, calib, 
     found = []
     for granularity in space.granularity:
         for round_to in space.round_to if granularity == "structured" else (1,):
-            tc = TrialConfig(ratios, bits, granularity, space.criterion[0], space.epochs[0], space.lr[0], round_to)
+            tc = TrialConfig(ratios, bits, granularity, space.criterion[0], space.epochs[0], space.lr[0], round_to,
+                             space.drop_blocks[1])
             found.append(deployed_latency(prune_candidate(base, input_shape, tc, calib, device), input_shape, calib,
                                           batch=batch))
     return min(found)
 
 
 def prune_candidate(base: nn.Module, input_shape: Sequence[int], tc: TrialConfig, calib, device: str) -> nn.Module:
-    """A copy of ``base`` pruned once, layer by layer, to ``tc.ratios``."""
+    """A copy of ``base`` pruned once: its ``tc.drop_blocks`` least important blocks removed
+    (ranked once per starting model and calibration batches), then layer by layer to
+    ``tc.ratios`` (the ratios of layers in removed blocks are moot)."""
     from mcp.pruning import PruneSpec, Pruning
+    from mcp.pruning.depth import cached_block_order
 
+    blocks = cached_block_order(base, input_shape, calib, device, tc.drop_blocks) if tc.drop_blocks else []
     model = copy.deepcopy(base).to(device)
     spec = PruneSpec(criterion=tc.criterion, scope="layerwise", granularity=tc.granularity, schedule="one_shot",
-                     sparsity=0.0, ratios=dict(tc.ratios), round_to=tc.round_to if tc.granularity == "structured" else 1)
+                     sparsity=0.0, ratios=dict(tc.ratios), round_to=tc.round_to if tc.granularity == "structured" else 1,
+                     blocks=tuple(blocks))
     Pruning(model, input_shape, spec, calib, device).step()
     return model
+
+
+def present(tc: TrialConfig, model: nn.Module) -> TrialConfig:
+    """``tc`` without the layers ``model`` no longer has (removed with their blocks)."""
+    names = {n for n, _ in model.named_modules()}
+    return dataclasses.replace(tc, ratios={n: r for n, r in tc.ratios.items() if n in names},
+                               bits={n: b for n, b in tc.bits.items() if n in names})
 
 
 def _spec(method: str, tc: TrialConfig, seed: int):
@@ -98,7 +111,7 @@ def measure_sizes(model: nn.Module, input_shape: Sequence[int], tc: TrialConfig,
     from mcp.quantization import Quantizer, encode_model
 
     q = copy.deepcopy(model).cpu()
-    quantizer = Quantizer(q, input_shape, _spec("fixed_point", tc, seed))
+    quantizer = Quantizer(q, input_shape, _spec("fixed_point", present(tc, q), seed))
     entries = quantizer.finish()
     out = {"size_bytes_compressed": float(len(encode_model(q, entries, CODING)))}
     if onnx:
@@ -127,7 +140,7 @@ def finetune_quantized(model: nn.Module, input_shape: Sequence[int], tc: TrialCo
     train_loader, val_loader, _ = loaders
     epochs = tc.epochs if epochs is None else epochs
     torch.manual_seed(seed)
-    quantizer = Quantizer(model, input_shape, _spec("qat", tc, seed))
+    quantizer = Quantizer(model, input_shape, _spec("qat", present(tc, model), seed))
     if epochs > 0:
         class Reporter(Callback):
             def on_epoch_end(self, trainer, epoch, logs):
@@ -212,7 +225,8 @@ def smallest_size(base: nn.Module, input_shape: Sequence[int], space, calib, dev
     sizes = []
     for granularity in space.granularity:
         for round_to in space.round_to if granularity == "structured" else (1,):
-            tc = TrialConfig(ratios, bits, granularity, space.criterion[0], space.epochs[0], space.lr[0], round_to)
+            tc = TrialConfig(ratios, bits, granularity, space.criterion[0], space.epochs[0], space.lr[0], round_to,
+                             space.drop_blocks[1])
             sizes.append(compressed_size(prune_candidate(base, input_shape, tc, calib, device), input_shape, tc, seed,
                                          on))
     return min(sizes)

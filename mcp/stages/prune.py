@@ -61,7 +61,7 @@ def spec_of(cfg: PruneConfig, ratios: dict[str, float]) -> PruneSpec:
                      sparsity=cfg.sparsity, initial_sparsity=cfg.initial_sparsity, steps=cfg.prune_steps,
                      ratios=ratios, keep_first=cfg.keep_first, keep_last=cfg.keep_last,
                      ignored_layers=tuple(cfg.ignored()), norm=cfg.norm, hessian=cfg.hessian,
-                     round_to=cfg.round_to)
+                     round_to=cfg.round_to, drop_blocks=cfg.drop_blocks)
 
 
 def variants(cfg: PruneConfig, model: nn.Module) -> list[PruneConfig]:
@@ -162,6 +162,7 @@ def _prune_one(cfg: PruneConfig, ratios: dict[str, float], base: nn.Module, base
     tags = {schema.STAGE: "prune", "source_run": run_id, "parent_model": base_uri, "criterion": cfg.criterion,
             "scope": cfg.scope, "granularity": cfg.granularity, "schedule": cfg.schedule,
             "sparsity": f"{metrics['pruned_fraction']:.4f}", "target_sparsity": cfg.sparsity,
+            **({"dropped_blocks": ",".join(outcome.dropped)} if outcome.dropped else {}),
             **({"distilled_from": teacher_uri} if teacher_uri else {}),
             **{k: f"{metrics[k]:.6g}" for k in ("test_accuracy", "params_nonzero", "macs", "latency_ms_p50_cpu",
                                                  "size_bytes_compressed") + DEPLOY_KEYS if k in metrics},

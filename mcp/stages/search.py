@@ -398,7 +398,8 @@ def _final(ctx: _Context, claims, trials: list[dict[str, Any]], show_progress: b
 
     cfg = ctx.cfg
     what = (f"winners-of-{len(trials)}-trials-final-epochs-{cfg.final_epochs}-register-{cfg.register}-"
-            f"export-{cfg.export}-benchmark-{cfg.benchmark}")
+            f"export-{cfg.export}-benchmark-{cfg.benchmark}" + (f"-finalists-{cfg.finalists}" if cfg.finalists > 1
+                                                                else ""))
 
     def work() -> list[dict[str, Any]]:
         winners = _winners(ctx, trials)
@@ -412,21 +413,24 @@ def _final(ctx: _Context, claims, trials: list[dict[str, Any]], show_progress: b
 
 
 def _winners(ctx: _Context, trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rebuild, fine-tune, test and register the best feasible trial (max-accuracy) or each
-    feasible Pareto-front trial (pareto); the most accurate one gets ``challenger``."""
+    """Rebuild, fine-tune, test and register the best feasible trial (max-accuracy; the
+    ``--finalists`` best, ordered by their validation accuracy once rebuilt) or each
+    feasible Pareto-front trial (pareto); the first within the budget gets ``challenger``."""
     from mcp.evaluation.benchmark import non_dominated
 
     done = [t for t in trials if t["state"] == "complete" and t["feasible"]]
     if not done:
         return []
     if ctx.cfg.mode == "max-accuracy":
-        chosen = [max(done, key=lambda t: (t["val_accuracy"], -t["size_bytes"]))]
+        chosen = sorted(done, key=lambda t: (-t["val_accuracy"], t["size_bytes"]))[:ctx.cfg.finalists]
     else:
         points = [(-t["val_accuracy"], t["size_bytes"]) + ((t["latency_ms_p50_cpu"],) if ctx.cfg.latency else ())
                   for t in done]
         chosen = sorted((done[i] for i in non_dominated(points)), key=lambda t: -t["val_accuracy"])
     registered = _registered_winners(ctx)
     winners = [registered.get(t["number"]) or _rebuild(ctx, t) for t in chosen]
+    if len(winners) > 1:  # finalists: ranked again on the validation split after the full fine-tuning
+        winners.sort(key=lambda w: (-w["val_accuracy"], w["size_bytes_compressed"]))
     for w in winners:  # a winner registered by an earlier call gets today's figures too
         w.update(_figures(ctx, w["onnx_test_accuracy"], w["size_bytes_compressed"]))
     first = next((w for w in winners if w["within_budget"]), None)  # the most accurate that still fits
@@ -481,7 +485,8 @@ def _rebuild(ctx: _Context, t: dict[str, Any]) -> dict[str, Any]:
     from mcp import tracking
     from mcp.evaluation.metrics import model_metrics
     from mcp.search import sample
-    from mcp.search.trial import finetune_quantized, prune_candidate
+    from mcp.pruning.depth import removed_blocks
+    from mcp.search.trial import finetune_quantized, present, prune_candidate
     from mcp.stages.common import DEPLOY_KEYS, log_and_register
     from mcp.training import evaluate
 
@@ -493,6 +498,7 @@ def _rebuild(ctx: _Context, t: dict[str, Any]) -> dict[str, Any]:
                             {schema.STUDY_NAME: cfg.name(), schema.TRIAL_NUMBER: str(t["number"]),
                              schema.PARENT_MODEL: ctx.base_uri}, run_name=f"winner-trial-{t['number']}") as run:
         model = prune_candidate(ctx.base, shape, tc, ctx.calib, ctx.device)
+        tc = present(tc, model)
         tuned = finetune_quantized(model, shape, tc, ctx.loaders, ctx.device, cfg.seed,
                                    epochs=cfg.final_epochs or tc.epochs, speed_calib=ctx.calib if cfg.budget_ms else None)
         model = tuned.model
@@ -513,6 +519,7 @@ def _rebuild(ctx: _Context, t: dict[str, Any]) -> dict[str, Any]:
                         "study": cfg.name(), "trial": t["number"], "mode": cfg.mode,
                         "ratios": json.dumps({k: round(v, 4) for k, v in tc.ratios.items()}),
                         "bits": json.dumps(tc.bits), "method": "qat", "deploy_format": deploy_format,
+                        **({"dropped_blocks": ",".join(removed_blocks(model))} if tc.drop_blocks else {}),
                         "budget_on": cfg.budget_on, "within_budget": str(within).lower(),
                         "final_epochs_option": str(cfg.final_epochs),
                         **{k: f"{metrics[k]:.6g}" for k in ("test_accuracy", "val_accuracy", "size_bytes_compressed",
