@@ -45,10 +45,10 @@ def test_greedy_order_takes_the_block_whose_removal_costs_least_and_leaves_the_m
         model.layer2[2].bn2.bias.zero_()
     x = torch.randn(4, *SHAPE)
     before = model(x).detach()
-    order = block_order(model, SHAPE, batches, "cpu", 3)
+    order = block_order(model, SHAPE, batches, 3)
     assert order[0] == "layer2.2" and len(set(order)) == 3
     assert torch.equal(model(x), before)  # ranked on the model, restored afterwards
-    assert block_order(model, SHAPE, [], "cpu", 2) == ["layer3.1", "layer3.2"]  # no data: the deepest
+    assert block_order(model, SHAPE, [], 2) == ["layer3.1", "layer3.2"]  # no data: the deepest
 
 
 def test_depth_and_channel_pruning_rebuild_from_the_recipe_in_the_order_they_happened(tmp_path):
@@ -86,7 +86,7 @@ def test_ratios_of_removed_layers_are_moot_and_too_many_blocks_is_one_clear_erro
     assert isinstance(model.layer1[1], nn.Identity) and model.layer1[0].conv1.out_channels == 8
     with pytest.raises(ConfigError, match=r"drop_blocks=8 is more than the 7 removable blocks this model has "
                                           r"\(layer1.0, "):
-        block_order(create_model("resnet20", 10, SHAPE), SHAPE, [], "cpu", 8)
+        block_order(create_model("resnet20", 10, SHAPE), SHAPE, [], 8)
     with pytest.raises(ConfigError, match="block 'layer1.1' cannot be removed"):
         remove_blocks(model, ["layer1.1"])  # already gone
     with pytest.raises(ConfigError, match="must be a list of"):

@@ -92,10 +92,11 @@ def _loss(model: nn.Module, batches, device: str) -> float:
     return total / max(count, 1)
 
 
-def block_order(model: nn.Module, input_shape: Sequence[int], batches, device: str, count: int) -> list[str]:
+def block_order(model: nn.Module, input_shape: Sequence[int], batches, count: int) -> list[str]:
     """The first ``count`` blocks greedy removal takes: each the removable block whose
     replacement by the identity raises the calibration loss the least, given the earlier
-    ones gone. ``model`` is left as it was. Without ``batches``, the last ``count`` blocks."""
+    ones gone, measured where ``model`` is. ``model`` is left as it was. Without
+    ``batches``, the last ``count`` blocks."""
     candidates = removable_blocks(model, input_shape)
     if count > len(candidates):
         raise ConfigError(f"drop_blocks={count} is more than the {len(candidates)} removable blocks this model has"
@@ -106,7 +107,7 @@ def block_order(model: nn.Module, input_shape: Sequence[int], batches, device: s
         return []
     if not batches:
         return candidates[-count:]
-    device = str(next(model.parameters()).device)  # where the model is (a search's starting model stays put)
+    device = str(next(model.parameters()).device)
     was_training = model.training
     model.eval()
     chosen: list[str] = []
@@ -133,14 +134,14 @@ def block_order(model: nn.Module, input_shape: Sequence[int], batches, device: s
 _ORDERS: "weakref.WeakKeyDictionary[nn.Module, tuple[int, list[str]]]" = weakref.WeakKeyDictionary()
 
 
-def cached_block_order(model: nn.Module, input_shape: Sequence[int], batches, device: str, count: int) -> list[str]:
+def cached_block_order(model: nn.Module, input_shape: Sequence[int], batches, count: int) -> list[str]:
     """:func:`block_order` remembered per model and calibration batches (a search prunes
     many copies of one starting model): the greedy order's prefix is the answer for any
     smaller count."""
     key = id(batches)
     known = _ORDERS.get(model)
     if known is None or known[0] != key or len(known[1]) < count:
-        _ORDERS[model] = (key, block_order(model, input_shape, batches, device, count))
+        _ORDERS[model] = (key, block_order(model, input_shape, batches, count))
     return _ORDERS[model][1][:count]
 
 

@@ -61,7 +61,7 @@ class Pruning:
         if not isinstance(spec.drop_blocks, int) or spec.drop_blocks < 0:
             raise ConfigError(f"drop_blocks={spec.drop_blocks!r} must be a whole number of blocks, 0 or more")
         if spec.blocks or spec.drop_blocks:
-            remove_blocks(model, list(spec.blocks) or block_order(model, self.input_shape, batches, device,
+            remove_blocks(model, list(spec.blocks) or block_order(model, self.input_shape, batches,
                                                                   spec.drop_blocks))
         self.dropped = removed_blocks(model)  # these and any removed before
         self.criterion = create_criterion(spec.criterion, spec.granularity, norm=spec.norm, hessian=spec.hessian)

@@ -79,7 +79,7 @@ def prune_candidate(base: nn.Module, input_shape: Sequence[int], tc: TrialConfig
     from mcp.pruning import PruneSpec, Pruning
     from mcp.pruning.depth import cached_block_order
 
-    blocks = cached_block_order(base, input_shape, calib, device, tc.drop_blocks) if tc.drop_blocks else []
+    blocks = cached_block_order(base, input_shape, calib, tc.drop_blocks) if tc.drop_blocks else []
     model = copy.deepcopy(base).to(device)
     spec = PruneSpec(criterion=tc.criterion, scope="layerwise", granularity=tc.granularity, schedule="one_shot",
                      sparsity=0.0, ratios=dict(tc.ratios), round_to=tc.round_to if tc.granularity == "structured" else 1,
