@@ -3,8 +3,8 @@ deployment task: the fastest model within a point of the float32 baseline.
 
     python benchmarks/deploy_vs_peer.py [--seeds 0,1,2] [--epochs 30] [--finetune-epochs 20]
                                         [--sparsities 0.75,0.875] [--search-speedup 5,7,8] [--rounds 5]
-                                        [--search-trials 12] [--finalists 3]
-                                        [--image-folder [--per-class 120] [--mnist-dir DIR]]
+                                        [--search-trials 12] [--trial-epochs N] [--finalists 3]
+                                        [--mnist | --image-folder [--per-class 120]] [--mnist-dir DIR]
                                         [--keep DIR]
 
 For each seed, in a tracking store of its own (sqlite:///mlruns/deploy_vs_peer.db):
@@ -18,19 +18,25 @@ For each seed, in a tracking store of its own (sqlite:///mlruns/deploy_vs_peer.d
    ratios per stage and whole residual blocks removed, --search-trials trials,
    distillation, its --finalists best trials fine-tuned for --finetune-epochs and the one
    the validation split ranks first kept) for the most accurate model within the
-   baseline's latency over S;
+   baseline's latency over S, which finalists tied on validation break by latency;
 3. the peer (benchmarks/peer_tp_ort.py): Torch-Pruning at the same sparsities, the same
    fine-tuning epochs with cross-entropy, `quantize_static` INT8 of each;
 4. every file of both tools (and the baseline's float32 export) is timed in ONE process,
    batch 1, one thread, over --rounds rounds in rotated order; accuracy is ONNX Runtime's
    on the whole test split (359 images: one image is 0.28 points).
 
+With --mnist the data is MNIST's real test set (--mnist-dir, ../shared/data/mnist-t10k) read
+as IDX files (`--dataset idx`), resized to 1x32x32, in a fixed stratified split of 6,800
+training, 1,200 validation and 2,000 test images (`--val-fraction 0.15`): one test image is
+0.05 points, so "within 0.3 points" is six images, not one. --trial-epochs N runs the
+searches on a copy of the latency space with N fine-tuning epochs per trial.
+
 With --image-folder the task is an image folder at 1x64x64 instead: --per-class images of
 each digit from MNIST's real test set (../shared/data/mnist-t10k), upscaled from 28x28 and
 written as PNG files into a temporary folder (`--dataset imagefolder`, 20% held out for
 test). ResNet-20 again: its global pooling takes any size. It prints the per-seed table
 and the summary the README shows, and writes benchmarks/results/deploy_vs_peer.json
-(deploy_vs_peer_imagefolder.json). --keep DIR also keeps every timed ONNX file, the test
+(deploy_vs_peer_mnist.json, deploy_vs_peer_imagefolder.json). --keep DIR also keeps every timed ONNX file, the test
 split (test.npz) and a manifest.json per seed, for benchmarks/gpu_deploy.py to time the
 same files on a GPU.
 """
@@ -76,8 +82,9 @@ def one_seed(seed: int, args, tmp: Path) -> dict:
     from peer_tp_ort import ort_accuracy, peer_variants, time_files
 
     shape = tuple(int(s) for s in args.input_shape.split("x"))
-    data = dict(dataset=args.dataset, data_dir=args.data_dir, input_shape=args.input_shape, seed=seed)
-    splits = load_dataset(args.dataset, args.data_dir, False, shape, 0, 0.1, "auto")
+    data = dict(dataset=args.dataset, data_dir=args.data_dir, input_shape=args.input_shape, seed=seed,
+                val_fraction=args.val_fraction)
+    splits = load_dataset(args.dataset, args.data_dir, False, shape, 0, args.val_fraction, "auto")
     loaders = make_loaders(splits, 32, 0, seed)
     base = run_train(TrainConfig(model="resnet20", epochs=args.epochs, **data), show_progress=False)
     base_uri = f"models:/{base.registered_name}/{base.registered_version}"
@@ -107,7 +114,7 @@ def one_seed(seed: int, args, tmp: Path) -> dict:
         base_ms = measure_onnx(rows[0]["path"], shape, "cpu", 1, batch=8, seconds=1.0)["p50_ms"]
     for speedup in args.search_speedup:
         budget = base_ms / speedup
-        found = run_search(SearchConfig(model="resnet20", model_uri=base_uri, space=str(LATENCY_SPACE),
+        found = run_search(SearchConfig(model="resnet20", model_uri=base_uri, space=str(args.space),
                                         budget_ratio=0.0, budget_ms=budget, trials=args.search_trials, distill=True,
                                         finalists=args.finalists,
                                         final_epochs=args.finetune_epochs, export=False, benchmark=False,
@@ -225,6 +232,9 @@ def summary_table(runs: list[dict], where: str = "CPU") -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--mnist", action="store_true",
+                        help="instead of digits: MNIST's real test set (--mnist-dir) as IDX files at 1x32x32 "
+                             "(resized from 28x28), split 6,800 train, 1,200 validation, 2,000 test")
     parser.add_argument("--image-folder", action="store_true",
                         help="instead of digits at 1x32x32: an image folder at 1x64x64 of --per-class MNIST test "
                              "images per digit")
@@ -239,6 +249,9 @@ def main() -> None:
                         help="also `mcp search --budget-ms` at the baseline's latency over each of these "
                              "(comma-separated; empty: no search)")
     parser.add_argument("--search-trials", type=int, default=12)
+    parser.add_argument("--trial-epochs", type=int, default=0,
+                        help="fine-tuning epochs per search trial (0: the space's, 4); other values run the search "
+                             "on a copy of search_spaces/resnet_latency.yaml with only that changed")
     parser.add_argument("--finalists", type=int, default=3,
                         help="the search rebuilds this many of its best trials and chooses among them")
     parser.add_argument("--rounds", type=int, default=5)
@@ -247,15 +260,20 @@ def main() -> None:
     parser.add_argument("--out", default="", help="default: benchmarks/results/deploy_vs_peer[_imagefolder].json")
     parser.add_argument("--from-json", default="", help="print the summary of an earlier run's JSON and stop")
     args = parser.parse_args()
-    args.out = args.out or str(Path(__file__).parent / "results" / ("deploy_vs_peer_imagefolder.json" if
-                                                                     args.image_folder else "deploy_vs_peer.json"))
+    args.out = args.out or str(Path(__file__).parent / "results" / (
+        "deploy_vs_peer_imagefolder.json" if args.image_folder else
+        "deploy_vs_peer_mnist.json" if args.mnist else "deploy_vs_peer.json"))
     if args.from_json:
         found = json.loads(Path(args.from_json).read_text())
         print(summary_table(found["runs"], found["summary"].get("where", "CPU")))
         return
+    if args.mnist and args.image_folder:
+        parser.error("--mnist and --image-folder are two tasks: choose one")
     args.sparsities = [float(s) for s in args.sparsities.split(",")]
     args.search_speedup = [float(s) for s in args.search_speedup.split(",") if s.strip() and float(s) > 0]
-    args.dataset, args.data_dir, args.input_shape = "digits", "data", "1x32x32"
+    args.dataset, args.data_dir, args.input_shape, args.val_fraction = "digits", "data", "1x32x32", 0.1
+    if args.mnist:
+        args.dataset, args.data_dir, args.val_fraction = "idx", args.mnist_dir, 0.15
     folder = tempfile.TemporaryDirectory() if args.image_folder else None
     if folder is not None:
         mnist_folder(Path(folder.name), Path(args.mnist_dir), args.per_class)
@@ -267,6 +285,15 @@ def main() -> None:
 
     mlflow.set_tracking_uri(args.tracking_uri)
     mlflow.set_experiment("benchmark-deploy-vs-peer")
+    space_dir = tempfile.TemporaryDirectory()
+    args.space = LATENCY_SPACE
+    if args.trial_epochs:
+        import yaml
+
+        space = yaml.safe_load(LATENCY_SPACE.read_text())
+        space["finetune"]["epochs"] = [args.trial_epochs, args.trial_epochs]
+        args.space = Path(space_dir.name) / LATENCY_SPACE.name
+        args.space.write_text(yaml.safe_dump(space, sort_keys=False))
     t0 = time.time()
     runs = []
     for seed in (int(s) for s in args.seeds.split(",")):
@@ -293,6 +320,7 @@ def main() -> None:
                "mcp_vs_peer_mean": statistics.mean(ratios) if ratios else None}
     if folder is not None:
         folder.cleanup()
+    space_dir.cleanup()
     print("\n" + summary_table(runs) + "\n\n" + json.dumps(summary, indent=1))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"summary": summary, "runs": runs}, indent=1))

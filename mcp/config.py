@@ -752,6 +752,8 @@ class PipelineConfig(ModelSource):
     study_name: str = option("", "Search step: study name. Empty: pipeline-<model>-<dataset>-v<baseline "
                                  "version>, so a new baseline starts a new study and the same one resumes it.")
     final_epochs: int = option(8, "Search step: fine-tuning epochs of the rebuilt winner.")
+    finalists: int = option(1, "Search step: rebuild this many of the best trials and keep the one the validation "
+                               "split then ranks first (see `mcp search --finalists`).")
     threads: int = option(1, "Benchmark step: ONNX Runtime threads for the CPU measurements.")
     seconds: float = option(1.0, "Benchmark step: at least this long per timing.")
     promote: bool = option(True, "Move 'champion' to the most accurate compressed model within the budget.")
@@ -794,7 +796,8 @@ class PipelineConfig(ModelSource):
                                    budget_batch=self.budget_batch, space=self.space,
                                    trials=self.trials,
                                    storage=self.storage, study_name=self.study_name or "pipeline", distill=self.distill,
-                                   final_epochs=self.final_epochs, benchmark=False, **data),
+                                   final_epochs=self.final_epochs, finalists=self.finalists, benchmark=False,
+                                   **data),
             "benchmark": BenchmarkConfig(model=self.model, threads=self.threads, seconds=self.seconds,
                                          **({"throughput_batch": self.budget_batch} if self.budget_batch > 1 else {}),
                                          **data),

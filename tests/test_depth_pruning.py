@@ -184,3 +184,64 @@ def test_a_latency_budget_starts_from_uniform_pruning_at_the_fewest_and_the_most
         assert fake(model, None, None) <= budget and len(removed_blocks(model)) == tc.drop_blocks
     assert all(len(ratios) == 1 for ratios in found)  # one ratio in every layer
     assert found[1].pop() < found[0].pop()  # removing blocks leaves more channels within the same budget
+
+
+def test_finalists_tied_on_validation_go_to_the_faster_under_a_latency_budget():
+    from types import SimpleNamespace
+
+    from mcp.stages.search import _tie_break
+
+    rows = [{"val_accuracy": 0.9, "size_bytes_compressed": 100.0, "latency_ms_p50_cpu": 0.05},
+            {"val_accuracy": 0.9, "size_bytes_compressed": 200.0, "latency_ms_p50_cpu": 0.04},
+            {"val_accuracy": 0.95, "size_bytes_compressed": 300.0, "latency_ms_p50_cpu": 0.06},
+            {"val_accuracy": 0.9, "size_bytes": 50.0, "latency_ms_p50_cpu": None}]  # a trial never timed
+
+    def order(**cfg):
+        ctx = SimpleNamespace(cfg=SimpleNamespace(**cfg))
+        return [r["latency_ms_p50_cpu"] for r in sorted(rows, key=lambda r: (-r["val_accuracy"], _tie_break(ctx, r)))]
+
+    assert order(budget_ms=0.07, budget_batch=1) == [0.06, 0.04, 0.05, None]
+    assert order(budget_ms=0.0, budget_batch=1) == [0.06, None, 0.05, 0.04]  # no latency budget: the smaller
+
+
+class _Res(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return x + torch.relu(self.conv(x))
+
+
+class _ListNet(nn.Module):
+    """A user's own class: blocks in an nn.ModuleList run by a loop, and a ModuleList whose
+    forward reads its first child's weight (the identity has none)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 3, padding=1)
+        self.blocks = nn.ModuleList([_Res(4) for _ in range(3)])
+        self.mixers = nn.ModuleList([nn.Conv2d(4, 4, 1), _Res(4)])
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for block in self.blocks:
+            x = block(x)
+        x = nn.functional.conv2d(x, self.mixers[0].weight) + self.mixers[1](x)
+        return self.fc(x.mean((2, 3)))
+
+
+def test_blocks_of_a_module_list_are_found_unless_removing_them_breaks_the_forward():
+    model = _ListNet().eval()
+    assert removable_blocks(model, SHAPE) == ["blocks.0", "blocks.1", "blocks.2", "mixers.1"]
+    x = torch.randn(2, *SHAPE)
+    before = model(x)
+    order = block_order(model, SHAPE, _batches(), 2)
+    assert model(x).equal(before)  # ranking leaves the model as it was
+    model.mcp_recipe = {}
+    remove_blocks(model, order)
+    assert removed_blocks(model) == order and all(isinstance(model.get_submodule(n), nn.Identity) for n in order)
+    assert model(x).shape == (2, 10)
+    with pytest.raises(ConfigError, match="'stem' cannot be removed: it is not a block left in an nn.Sequential"):
+        remove_blocks(model, ["stem"])

@@ -139,3 +139,20 @@ def test_bad_input_is_one_line_without_a_run(models, cli):
         lines = result.output.strip().splitlines()
         assert result.exit_code == 2 and len(lines) == 1 and message in lines[0], (args, result.output)
     assert len_all_runs() == runs_before
+
+
+def test_a_logged_pytorch_model_serves_through_pyfunc_and_keeps_its_signature(tmp_path, monkeypatch):
+    """The PyTorch flavor beside the recipe: `mlflow.pyfunc` serves a structured-pruned model
+    with a block removed (MLflow's pt2 archive, no pickle) with mcp's logits."""
+    from mcp import tracking
+    from mcp.models import create_model
+    from mcp.pruning import PruneSpec, Pruning
+
+    model = create_model("resnet20", 4, (3, 16, 16)).eval()
+    Pruning(model, (3, 16, 16), PruneSpec(granularity="structured", sparsity=0.5, drop_blocks=1), []).step()
+    x = torch.randn(3, 3, 16, 16)
+    with separate_store(tmp_path / "pyfunc.db", monkeypatch), mlflow.start_run():
+        info = tracking.log_model(model, x[:2], {"dataset": "synthetic"})
+        served = mlflow.pyfunc.load_model(info.model_uri)
+        assert served.metadata.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 3, 16, 16)
+        np.testing.assert_allclose(served.predict(x.numpy()), model(x).detach().numpy(), atol=1e-5)

@@ -84,6 +84,7 @@ def test_the_pipeline_runs_every_step_nested_and_promotes_the_best_model_within_
     (["--quantize-method", "deep_compression"], "quantize_method='deep_compression' prunes again"),
     (["--budget-ratio", "0"], "budget_ratio=0.0 is outside (0, 1)"),
     (["--budget-batch", "8"], "budget_batch=8 must be 1 or more, and more than 1 only with a latency budget"),
+    (["--finalists", "0"], "finalists=0"),
 ])
 def test_bad_input_is_one_line_before_any_run(cli, experiment, tmp_path, args, message):
     result = cli("pipeline", "--model", "tiny_mlp", "--dataset", "synthetic", "--input-shape", "3x8x8",
@@ -100,6 +101,7 @@ def test_a_throughput_budget_reaches_the_search_and_the_benchmark_at_its_batch()
     assert (steps["search"].budget_ms, steps["search"].budget_batch) == (5.0, 32)
     assert steps["benchmark"].throughput_batch == 32  # the figure the pipeline checks the budget on
     assert PipelineConfig(model="tiny_mlp", **TINY).stage_configs("models:/x/1")["benchmark"].throughput_batch == 64
+    assert PipelineConfig(model="tiny_mlp", finalists=3, **TINY).stage_configs("models:/x/1")["search"].finalists == 3
 
 
 @pytest.mark.slow  # an `mlflow run` or a large model: `.ci/run` runs it

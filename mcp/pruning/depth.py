@@ -6,10 +6,12 @@ dominates (ResNet-20 at 1x32x32, one thread: 16/32/64 channels 0.38 ms, 2/4/8 ch
 in 0.036 ms. Fewer operators is the remaining lever, and a residual block with an identity
 shortcut can go: the network still runs and its shortcut carries the signal.
 
-A *removable block* is a child of an ``nn.Sequential`` that maps its input to an output of
-the same shape and holds a convolution or linear layer (a ResNet's or MobileNet's residual
-block with an identity shortcut; in a plain stack, a shape-preserving layer), the outermost
-such module only. Blocks are chosen greedily: each step removes the block whose removal
+A *removable block* is a child of an ``nn.Sequential`` or an ``nn.ModuleList`` (the
+``for block in self.blocks: x = block(x)`` of a user's own class) that maps its input to an
+output of the same shape and holds a convolution or linear layer (a ResNet's or MobileNet's
+residual block with an identity shortcut; in a plain stack, a shape-preserving layer), the
+outermost such module only. A candidate whose removal breaks the forward pass (a
+ModuleList used otherwise than as a stack) is left out. Blocks are chosen greedily: each step removes the block whose removal
 raises the loss on calibration batches the least, with the earlier choices already removed.
 
 The removed blocks are part of the model's recipe (``depth_pruning``: the block names and
@@ -27,13 +29,14 @@ from torch import nn
 from mcp.errors import ConfigError
 
 RECIPE_KEY = "depth_pruning"
+STACKS = (nn.Sequential, nn.ModuleList)  # containers whose children may be blocks
 
 
 def removable_blocks(model: nn.Module, input_shape: Sequence[int]) -> list[str]:
     """Names of the removable blocks of ``model`` in execution order (one forward pass on zeros)."""
     modules = dict(model.named_modules())
     inside_sequential = {f"{name}.{key}" if name else key
-                         for name, m in modules.items() if isinstance(m, nn.Sequential) for key in m._modules}
+                         for name, m in modules.items() if isinstance(m, STACKS) for key in m._modules}
     shapes: dict[str, tuple[tuple, tuple]] = {}
     order: list[str] = []
 
@@ -47,10 +50,11 @@ def removable_blocks(model: nn.Module, input_shape: Sequence[int]) -> list[str]:
     hooks = [modules[n].register_forward_hook(hook(n)) for n in inside_sequential if n in modules]
     was_training = model.training
     model.eval()
+    param = next(model.parameters(), None)
+    x = torch.zeros(1, *input_shape, device=param.device if param is not None else "cpu")
     try:
         with torch.no_grad():
-            param = next(model.parameters(), None)
-            model(torch.zeros(1, *input_shape, device=param.device if param is not None else "cpu"))
+            out_shape = tuple(model(x).shape)
     finally:
         for h in hooks:
             h.remove()
@@ -61,8 +65,26 @@ def removable_blocks(model: nn.Module, input_shape: Sequence[int]) -> list[str]:
             continue
         if any(name.startswith(f"{outer}.") for outer in found):
             continue  # a block inside a removable block: the outer one is the unit
+        if isinstance(_parent(model, name)[0], nn.ModuleList) and not _runs_without(model, name, x, out_shape):
+            continue
         found = [f for f in found if not f.startswith(f"{name}.")] + [name]
     return [n for n in order if n in found]
+
+
+def _runs_without(model: nn.Module, name: str, x: torch.Tensor, out_shape: tuple) -> bool:
+    """Whether the model still runs, to an output of the same shape, with ``name`` replaced
+    by the identity (a ModuleList's children need not be a stack)."""
+    old = _set(model, name, nn.Identity())
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return tuple(model(x).shape) == out_shape
+    except Exception:  # noqa: BLE001 - any failure of the user's forward means: not removable
+        return False
+    finally:
+        _set(model, name, old)
+        model.train(was_training)
 
 
 def _has_layer(module: nn.Module) -> bool:
@@ -101,7 +123,7 @@ def block_order(model: nn.Module, input_shape: Sequence[int], batches, count: in
     if count > len(candidates):
         raise ConfigError(f"drop_blocks={count} is more than the {len(candidates)} removable blocks this model has"
                           + (f" ({', '.join(candidates)})" if candidates else
-                             " (a removable block is a shape-preserving child of an nn.Sequential holding a "
+                             " (a removable block is a shape-preserving child of an nn.Sequential or nn.ModuleList holding a "
                              "convolution, such as a residual block with an identity shortcut)"))
     if count <= 0:
         return []
@@ -152,9 +174,9 @@ def remove_blocks(model: nn.Module, names: Sequence[str]) -> nn.Module:
     modules = dict(model.named_modules())
     for name in names:
         parent = _parent(model, name)[0] if name in modules else None
-        if not isinstance(parent, nn.Sequential) or isinstance(modules[name], nn.Identity):
+        if not isinstance(parent, STACKS) or isinstance(modules[name], nn.Identity):
             raise ConfigError(f"block {name!r} cannot be removed: it is not a block left in an nn.Sequential "
-                              f"of this model")
+                              f"or nn.ModuleList of this model")
     for name in names:
         _set(model, name, nn.Identity())
     recipe = dict(getattr(model, "mcp_recipe", {}) or {})

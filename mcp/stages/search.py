@@ -422,7 +422,7 @@ def _winners(ctx: _Context, trials: list[dict[str, Any]]) -> list[dict[str, Any]
     if not done:
         return []
     if ctx.cfg.mode == "max-accuracy":
-        chosen = sorted(done, key=lambda t: (-t["val_accuracy"], t["size_bytes"]))[:ctx.cfg.finalists]
+        chosen = sorted(done, key=lambda t: (-t["val_accuracy"], _tie_break(ctx, t)))[:ctx.cfg.finalists]
     else:
         points = [(-t["val_accuracy"], t["size_bytes"]) + ((t["latency_ms_p50_cpu"],) if ctx.cfg.latency else ())
                   for t in done]
@@ -430,7 +430,7 @@ def _winners(ctx: _Context, trials: list[dict[str, Any]]) -> list[dict[str, Any]
     registered = _registered_winners(ctx)
     winners = [registered.get(t["number"]) or _rebuild(ctx, t) for t in chosen]
     if len(winners) > 1:  # finalists: ranked again on the validation split after the full fine-tuning
-        winners.sort(key=lambda w: (-w["val_accuracy"], w["size_bytes_compressed"]))
+        winners.sort(key=lambda w: (-w["val_accuracy"], _tie_break(ctx, w)))
     for w in winners:  # a winner registered by an earlier call gets today's figures too
         w.update(_figures(ctx, w["onnx_test_accuracy"], w["size_bytes_compressed"]))
     first = next((w for w in winners if w["within_budget"]), None)  # the most accurate that still fits
@@ -442,8 +442,19 @@ def _winners(ctx: _Context, trials: list[dict[str, Any]]) -> list[dict[str, Any]
     return winners
 
 
+def _tie_break(ctx: _Context, row: dict[str, Any]) -> tuple[float, float]:
+    """Among trials or finalists equally accurate on the validation split: under a latency
+    budget the faster (what the user asked for), else the smaller."""
+    size = row.get("size_bytes", row.get("size_bytes_compressed")) or 0.0
+    if ctx.cfg.budget_ms:
+        latency = row.get(latency_key(ctx.cfg.budget_batch))
+        return (latency if latency is not None else float("inf"), size)
+    return (size, 0.0)
+
+
 WINNER_KEYS = ("test_accuracy", "val_accuracy", "size_bytes_compressed", "size_bytes_onnx", "onnx_test_accuracy",
                "compression_ratio", "sparsity")
+LATENCY_KEYS = (latency_key(1), BATCH_LATENCY_KEY)  # a winner's deployed latency, where measured
 
 
 def _figures(ctx: _Context, accuracy: float, size: float) -> dict[str, float]:
@@ -472,7 +483,8 @@ def _registered_winners(ctx: _Context) -> dict[int, dict[str, Any]]:
                 "trial": int(tags["trial"]), "run_id": tags["source_run"], "registered_name": name,
                 "version": str(version),
                 "alias": None, "deploy_format": tags.get("deploy_format", ""), "reused": True,
-                "within_budget": tags.get("within_budget", "true") == "true", **{k: metrics[k] for k in WINNER_KEYS}}
+                "within_budget": tags.get("within_budget", "true") == "true", **{k: metrics[k] for k in WINNER_KEYS},
+                **{k: metrics[k] for k in LATENCY_KEYS if k in metrics}}
     return found
 
 
@@ -535,7 +547,7 @@ def _rebuild(ctx: _Context, t: dict[str, Any]) -> dict[str, Any]:
                                       reg_name, None, version_tags)
     return {"trial": t["number"], "run_id": run.info.run_id, "registered_name": reg_name, "version": version,
             "alias": None, "deploy_format": deploy_format, "within_budget": within, "reused": False,
-            **{k: metrics[k] for k in WINNER_KEYS}}
+            **{k: metrics[k] for k in WINNER_KEYS}, **{k: metrics[k] for k in LATENCY_KEYS if k in metrics}}
 
 
 def _log_deployable(ctx: _Context, tuned, number: int, metrics: dict[str, float]) -> str:
