@@ -8,7 +8,8 @@ In a scratch tracking store (deleted afterwards): `mcp train` ResNet-20 on digit
 median reported:
 
 - the command line: `python -m mcp quantize --method ptq_int8` and `python -m mcp export`
-  of the pruned model, each a new process (wall time);
+  of the pruned model, and the same quantize of the dense baseline (whose recipe needs no
+  Torch-Pruning), each a new process (wall time);
 - the imports alone: a new process importing what those stages import (torch, mlflow,
   torch_pruning, onnx, onnxruntime, scikit-learn's digits, matplotlib);
 - the same stages in one warm process (`mcp.stages.*.run_*`, imports and the store
@@ -58,9 +59,13 @@ def main() -> None:
         pruned = "models:/resnet20-digits/2"
         quantize = mcp + ["quantize", "--model", "resnet20", "--model-uri", pruned, "--method", "ptq_int8", *DATA]
         export = mcp + ["export", "--model", "resnet20", "--model-uri", pruned, *DATA]
+        dense = mcp + ["quantize", "--model", "resnet20", "--model-uri", "models:/resnet20-digits/1", "--method",
+                       "ptq_int8", *DATA]
         rows: dict[str, list[float]] = {}
         for _ in range(args.repeat):
             rows.setdefault("command line: mcp quantize --method ptq_int8", []).append(_wall(quantize, env))
+            rows.setdefault("command line: the same, of the dense baseline (no Torch-Pruning)", []).append(
+                _wall(dense, env))
             rows.setdefault("command line: mcp export", []).append(_wall(export, env))
             rows.setdefault("a new process importing what they import", []).append(
                 _wall([sys.executable, "-c", IMPORTS], env))

@@ -404,21 +404,26 @@ def test_a_worker_killed_mid_trial_leaves_nothing_running_and_the_trial_is_retri
     args = [sys.executable, "-m", "mcp", "search", "--model", "tiny_mlp", "--dataset", "synthetic",
             "--input-shape", "3x8x8", "--num-classes", "4", "--budget-ratio", "0.3", "--heartbeat", "1",
             "--storage", storage, "--register", "false", "--export", "false", "--benchmark", "false",
-            "--pruner", "none",  # trials long enough (15 epochs) to be caught running
-            "--space", _space(tmp_path, SMALL_SPACE.replace("epochs: [1, 2]", "epochs: [15, 15]"))]
+            "--pruner", "none",  # trials long enough (30 epochs) to be caught running
+            "--space", _space(tmp_path, SMALL_SPACE.replace("epochs: [1, 2]", "epochs: [30, 30]"))]
     log = open(tmp_path / "worker.log", "w")
     args += ["--trials", "3"]
     worker = subprocess.Popen(args, env=env, cwd=tmp_path, stdout=log, stderr=log)
-    killed = None
-    deadline = time.time() + 180
+    killed, seen, polls = None, set(), None
+    deadline = time.time() + 240
     try:
         while killed is None and time.time() < deadline and worker.poll() is None:
             time.sleep(0.05)
+            if polls is None:  # one storage for every poll: opening one per poll took most of a window
+                if not (tmp_path / "optuna.db").exists():
+                    continue
+                polls = optuna.storages.RDBStorage(storage)
             try:
-                study = optuna.load_study(study_name="tiny_mlp-synthetic-max-accuracy", storage=storage)
+                study = optuna.load_study(study_name="tiny_mlp-synthetic-max-accuracy", storage=polls)
             except KeyError:
                 continue  # not created yet
             running = study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+            seen.update(t.number for t in running)
             if running and running[0].number >= 1 and "mlflow_run_id" in running[0].user_attrs:
                 os.kill(worker.pid, signal.SIGKILL)
                 killed = running[0].number
@@ -427,7 +432,7 @@ def test_a_worker_killed_mid_trial_leaves_nothing_running_and_the_trial_is_retri
             worker.kill()
         worker.wait()
     log.close()
-    assert killed is not None, (tmp_path / "worker.log").read_text()[-3000:]
+    assert killed is not None, f"seen running: {sorted(seen)}\n" + (tmp_path / "worker.log").read_text()[-3000:]
     time.sleep(3.5)  # three heartbeats of silence: the trial is stale
 
     again = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True)  # the same command

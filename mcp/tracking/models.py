@@ -31,10 +31,13 @@ ONNX_ARTIFACT_PATH = "onnx_model"
 
 
 def _requirements() -> list[str]:
-    import mlflow
-    import torchvision
+    from importlib.metadata import version
 
-    return [f"torch=={torch.__version__.split('+')[0]}", f"torchvision=={torchvision.__version__.split('+')[0]}",
+    import mlflow
+
+    # torchvision's version from its metadata: importing it (0.9 s) only for this would be
+    # most of a small stage's start-up when nothing else needs it
+    return [f"torch=={torch.__version__.split('+')[0]}", f"torchvision=={version('torchvision').split('+')[0]}",
             f"mlflow=={mlflow.__version__}"]
 
 
