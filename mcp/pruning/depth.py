@@ -11,8 +11,9 @@ A *removable block* is a child of an ``nn.Sequential`` or an ``nn.ModuleList`` (
 output of the same shape and holds a convolution or linear layer (a ResNet's or MobileNet's
 residual block with an identity shortcut; in a plain stack, a shape-preserving layer), the
 outermost such module only. A candidate whose removal breaks the forward pass (a
-ModuleList used otherwise than as a stack) is left out. Blocks are chosen greedily: each step removes the block whose removal
-raises the loss on calibration batches the least, with the earlier choices already removed.
+ModuleList used otherwise than as a stack) is left out. Blocks are chosen greedily: each
+step removes the block whose removal raises the loss on calibration batches the least,
+with the earlier choices already removed.
 
 The removed blocks are part of the model's recipe (``depth_pruning``: the block names and
 how much structured-pruning history preceded them), so a saved model rebuilds its shapes.
@@ -123,8 +124,9 @@ def block_order(model: nn.Module, input_shape: Sequence[int], batches, count: in
     if count > len(candidates):
         raise ConfigError(f"drop_blocks={count} is more than the {len(candidates)} removable blocks this model has"
                           + (f" ({', '.join(candidates)})" if candidates else
-                             " (a removable block is a shape-preserving child of an nn.Sequential or nn.ModuleList holding a "
-                             "convolution, such as a residual block with an identity shortcut)"))
+                             " (a removable block is a shape-preserving child of an nn.Sequential or "
+                             "nn.ModuleList holding a convolution, such as a residual block with an identity "
+                             "shortcut)"))
     if count <= 0:
         return []
     if not batches:
