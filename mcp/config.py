@@ -106,6 +106,12 @@ class StageConfig:
         return dataclasses.replace(self, **changes)
 
 
+def check_drop_blocks(value: Any) -> None:
+    """Depth pruning's block count (the prune stage's option and PruneSpec's field)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"drop_blocks={value!r} must be a whole number of blocks, 0 or more")
+
+
 def _positive(name: str, value: float) -> None:
     if value <= 0:
         raise ConfigError(f"{name}={value!r} must be positive")
@@ -411,8 +417,7 @@ class PruneConfig(RecoveryOptions):
         _positive("prune_steps", self.prune_steps)
         _optimizer_settings(self)
         _positive("calib_batches", self.calib_batches)
-        if isinstance(self.drop_blocks, bool) or not isinstance(self.drop_blocks, int) or self.drop_blocks < 0:
-            raise ConfigError(f"drop_blocks={self.drop_blocks!r} must be a whole number of blocks, 0 or more")
+        check_drop_blocks(self.drop_blocks)
         if self.schedule != "one_shot" and not 0 < self.prune_epochs <= self.epochs:
             raise ConfigError(f"prune_epochs={self.prune_epochs!r} must be in [1, epochs={self.epochs}]")
         if self.norm not in (1, 2):

@@ -9,6 +9,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from mcp.config import check_drop_blocks
 from mcp.errors import ConfigError
 from mcp.pruning.depth import block_order, remove_blocks, removed_blocks, within
 from mcp.pruning.importance import Batches, create_criterion
@@ -58,8 +59,7 @@ class Pruning:
             raise ConfigError(f"schedule={spec.schedule!r} is not allowed; choose one of: {', '.join(SCHEDULES)}")
         self.model, self.input_shape, self.spec = model, tuple(input_shape), spec
         self.batches, self.device = batches, device
-        if not isinstance(spec.drop_blocks, int) or spec.drop_blocks < 0:
-            raise ConfigError(f"drop_blocks={spec.drop_blocks!r} must be a whole number of blocks, 0 or more")
+        check_drop_blocks(spec.drop_blocks)
         if spec.blocks or spec.drop_blocks:
             remove_blocks(model, list(spec.blocks) or block_order(model, self.input_shape, batches,
                                                                   spec.drop_blocks))

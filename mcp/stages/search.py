@@ -16,7 +16,7 @@ import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
@@ -457,6 +457,11 @@ WINNER_KEYS = ("test_accuracy", "val_accuracy", "size_bytes_compressed", "size_b
 LATENCY_KEYS = (latency_key(1), BATCH_LATENCY_KEY)  # a winner's deployed latency, where measured
 
 
+def _kept(metrics: Mapping[str, float]) -> dict[str, float]:
+    """What a winner carries of its run's metrics."""
+    return {**{k: metrics[k] for k in WINNER_KEYS}, **{k: metrics[k] for k in LATENCY_KEYS if k in metrics}}
+
+
 def _figures(ctx: _Context, accuracy: float, size: float) -> dict[str, float]:
     """A winner against its parent (the starting model) and its lineage's baseline: the
     drops are of its ONNX Runtime accuracy, as `mcp quantize` measures them."""
@@ -483,8 +488,7 @@ def _registered_winners(ctx: _Context) -> dict[int, dict[str, Any]]:
                 "trial": int(tags["trial"]), "run_id": tags["source_run"], "registered_name": name,
                 "version": str(version),
                 "alias": None, "deploy_format": tags.get("deploy_format", ""), "reused": True,
-                "within_budget": tags.get("within_budget", "true") == "true", **{k: metrics[k] for k in WINNER_KEYS},
-                **{k: metrics[k] for k in LATENCY_KEYS if k in metrics}}
+                "within_budget": tags.get("within_budget", "true") == "true", **_kept(metrics)}
     return found
 
 
@@ -547,7 +551,7 @@ def _rebuild(ctx: _Context, t: dict[str, Any]) -> dict[str, Any]:
                                       reg_name, None, version_tags)
     return {"trial": t["number"], "run_id": run.info.run_id, "registered_name": reg_name, "version": version,
             "alias": None, "deploy_format": deploy_format, "within_budget": within, "reused": False,
-            **{k: metrics[k] for k in WINNER_KEYS}, **{k: metrics[k] for k in LATENCY_KEYS if k in metrics}}
+            **_kept(metrics)}
 
 
 def _log_deployable(ctx: _Context, tuned, number: int, metrics: dict[str, float]) -> str:
