@@ -14,7 +14,7 @@ For each seed, in a tracking store of its own (sqlite:///mlruns/deploy_vs_peer.d
    sparsity (channels removed, fine-tuned by distillation from the baseline), then `mcp
    quantize --method ptq_int8 --precision speed` of each (INT8 only in the layers ONNX
    Runtime runs faster in INT8 at their shapes on this CPU); and, for each speedup S in
-   --search-speedup, `mcp search --budget-ms` (search_spaces/resnet_latency.yaml: channel
+   --search-speedup, `mcp search --budget-ms` (--space resnet_latency: channel
    ratios per stage and whole residual blocks removed, --search-trials trials,
    distillation, its --finalists best trials fine-tuned for --finetune-epochs and the one
    the validation split ranks first kept) for the most accurate model within the
@@ -53,7 +53,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-LATENCY_SPACE = Path(__file__).resolve().parents[1] / "search_spaces" / "resnet_latency.yaml"
+from mcp.search.space import SPACES_DIR  # noqa: E402 - after the path setup
+
+LATENCY_SPACE = SPACES_DIR / "resnet_latency.yaml"  # the shipped space `--space resnet_latency`
 
 
 def _fastest_within(rows, accuracy: float, points: float):
@@ -251,7 +253,7 @@ def main() -> None:
     parser.add_argument("--search-trials", type=int, default=12)
     parser.add_argument("--trial-epochs", type=int, default=0,
                         help="fine-tuning epochs per search trial (0: the space's, 4); other values run the search "
-                             "on a copy of search_spaces/resnet_latency.yaml with only that changed")
+                             "on a copy of the shipped space resnet_latency with only that changed")
     parser.add_argument("--finalists", type=int, default=3,
                         help="the search rebuilds this many of its best trials and chooses among them")
     parser.add_argument("--rounds", type=int, default=5)

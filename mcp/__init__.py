@@ -5,7 +5,7 @@ The public Python API is the core the CLI stages call (see :mod:`mcp.api`)::
     import mcp
     pruned = mcp.prune(model, (train, val, test), sparsity=0.5, granularity="structured")
     quantized = mcp.quantize(pruned.model, (train, val, test), method="qat", bits=4, epochs=5)
-    study = mcp.search(model, (train, val, test), space="search_spaces/default.yaml", budget_bytes=20_000)
+    study = mcp.search(model, (train, val, test), space="default", budget_bytes=20_000)
     deployed = mcp.export(quantized.model, (train, val, test), "model.onnx")
 
 ``mcp.search`` and ``mcp.export`` are also the packages that hold those cores; calling
@@ -23,7 +23,7 @@ from mcp.errors import ConfigError, McpError
 
 __version__ = "0.1.0"
 
-_API = ("prune", "quantize", "distill", "measure", "as_data", "Data")
+_API = ("prune", "quantize", "distill", "measure", "load", "as_data", "Data")
 _CALLABLE_PACKAGES = ("search", "export")
 
 __all__ = ["ConfigError", "McpError", "__version__", *_API, *_CALLABLE_PACKAGES]

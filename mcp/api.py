@@ -33,23 +33,40 @@ class Data:
     input_shape: tuple[int, ...]
     num_classes: int | None = None
 
+    def classes_of(self, model: nn.Module) -> int:
+        """The class count: the data's, else the model's output width."""
+        if self.num_classes:
+            return int(self.num_classes)
+        import torch
+
+        param = next(model.parameters(), None)
+        with torch.no_grad():
+            was = model.training
+            model.eval()
+            out = model(torch.zeros(2, *self.input_shape, device=param.device if param is not None else "cpu"))
+            model.train(was)
+        return int(out.shape[-1])
+
 
 def as_data(data: Any, *, batch_size: int = 32, seed: int = 0, input_shape: str = "", data_dir: str = "data",
-            device: str = "cpu", augment: str = "auto") -> Data:
-    """``(train, val, test)`` DataLoaders, a :class:`Data`, or a dataset name."""
+            device: str = "cpu", augment: str = "auto", split_file: str = "") -> Data:
+    """``(train, val, test)`` DataLoaders, a :class:`Data`, a :class:`mcp.data.DataSplits`
+    (from :func:`mcp.data.load_dataset`), or a dataset name (loaded with ``data_dir``,
+    ``input_shape``, ``augment`` and ``split_file``, see :mod:`mcp.data.split`)."""
     if isinstance(data, Data):
         return data
-    if isinstance(data, str):
-        from mcp.data import load_dataset, make_loaders
+    from mcp.data import DataSplits, load_dataset, make_loaders
 
-        splits = load_dataset(data, data_dir, False, input_shape or None, 0, 0.1, augment)
-        loaders = make_loaders(splits, batch_size, 0, seed, pin_memory=device == "cuda")
-        return Data(tuple(loaders), tuple(splits.input_shape), splits.num_classes)
+    if isinstance(data, str):
+        data = load_dataset(data, data_dir, False, input_shape or None, 0, 0.1, augment, split_file)
+    if isinstance(data, DataSplits):
+        loaders = make_loaders(data, batch_size, 0, seed, pin_memory=device == "cuda")
+        return Data(tuple(loaders), tuple(data.input_shape), data.num_classes)
     if isinstance(data, Sequence) and len(data) == 3:
         x, _ = next(iter(data[0]))
         return Data(tuple(data), tuple(x.shape[1:]))
-    raise ConfigError(f"data={type(data).__name__} is not allowed; give (train, val, test) DataLoaders or a "
-                      f"dataset name")
+    raise ConfigError(f"data={type(data).__name__} is not allowed; give (train, val, test) DataLoaders, "
+                      f"load_dataset's splits or a dataset name")
 
 
 def _params(values: Mapping[str, Any]) -> dict[str, Any]:
@@ -59,10 +76,11 @@ def _params(values: Mapping[str, Any]) -> dict[str, Any]:
             and isinstance(v, (str, int, float, bool, tuple, list, dict, type(None)))}
 
 
-def _tracked(stage: str, params: Mapping[str, Any], model: nn.Module, track: bool, call):
+def _tracked(stage: str, params: Mapping[str, Any], model: nn.Module, track: bool, call, data: "Data"):
     """Run ``call(callbacks)``; with ``track``, as an MLflow run (nested in the active run,
     when there is one) that logs the settings, per-epoch curves, the measurements and the
-    resulting weights, and ends FAILED or KILLED when the call fails or is interrupted."""
+    resulting model (see :func:`load`), and ends FAILED or KILLED when the call fails or
+    is interrupted."""
     if not track:
         return call([])
     from mcp import tracking
@@ -73,9 +91,24 @@ def _tracked(stage: str, params: Mapping[str, Any], model: nn.Module, track: boo
                             run_name=f"{stage}-{arch}") as run:
         outcome = call([tracking.EpochLogger()])
         tracking.log_metrics(outcome.metrics)
-        tracking.models.log_weights(getattr(outcome, "model", None) or outcome.student)
+        result = getattr(outcome, "model", None) or outcome.student
+        outcome.model_uri = tracking.models.log_weights(result, data.input_shape, data.classes_of(result))
         outcome.run_id = run.info.run_id
     return outcome
+
+
+def load(source: str, model: nn.Module | None = None, *, device: str = "cpu") -> nn.Module:
+    """The model an ``mcp`` call or stage made, rebuilt in this process (in eval mode), with
+    the outputs it had: ``source`` is the ``model_uri`` or ``run_id`` of a tracked API call
+    (``mcp.prune(...).model_uri``), a registered version (``models:/<name>/<version>`` or
+    ``models:/<name>@<alias>``) or a ``runs:/`` URI. Nothing is unpickled: the architecture
+    comes from the recipe logged beside the weights. A model of your own class needs
+    ``model``, an instance built as you built the original (``mcp.load(uri, model=MyNet())``):
+    ``mcp`` applies the channels and blocks pruning removed to a copy of it, then loads the
+    weights."""
+    from mcp import tracking
+
+    return tracking.models.load_api(source, model, device)
 
 
 def _device(device: str) -> str:
@@ -136,7 +169,7 @@ def prune(model: nn.Module, data: Any, *, sparsity: float = 0.5, criterion: str 
         model, d.loaders, d.input_shape, spec, _finetune(epochs, lr, optimizer, momentum, weight_decay, scheduler, seed),
         prune_epochs=span, calib_batches=calib_batches, bn_l1=bn_l1, device=dev,
         batch_loss=_teacher_loss(teacher, dev, temperature, alpha), callbacks=callbacks,
-        on_step=_step_logger(track), progress=progress))
+        on_step=_step_logger(track), progress=progress), d)
 
 
 def quantize(model: nn.Module, data: Any, *, method: str = "ptq_int8", bits: int = 0,
@@ -171,7 +204,7 @@ def quantize(model: nn.Module, data: Any, *, method: str = "ptq_int8", bits: int
         model, d.loaders, d.input_shape, spec, out, _finetune(epochs, lr, optimizer, momentum, weight_decay, scheduler,
                                                               seed),
         calib_batches=calib_batches, opset=opset, device=dev, batch_loss=_teacher_loss(teacher, dev, temperature, alpha),
-        callbacks=callbacks, progress=progress))
+        callbacks=callbacks, progress=progress), d)
 
 
 def distill(teacher: nn.Module, student: nn.Module, data: Any, *, temperature: float = 4.0, alpha: float = 0.9,
@@ -192,7 +225,7 @@ def distill(teacher: nn.Module, student: nn.Module, data: Any, *, temperature: f
         teacher, student, d.loaders, d.input_shape, DistillSpec(temperature, alpha, hint_layers, hint_weight,
                                                                 label_smoothing),
         _finetune(epochs, lr, optimizer, momentum, weight_decay, scheduler, seed), device=dev, callbacks=callbacks,
-        progress=progress))
+        progress=progress), d)
 
 
 def export(model: nn.Module, data: Any, path: str | Path, *, opset: int = 17, optimize: bool = True,
@@ -230,28 +263,54 @@ def measure(model: nn.Module, data: Any, *, device: str = "auto", seed: int = 0)
     return {"test_accuracy": test["accuracy"], "test_loss": test["loss"], **model_metrics(model, d.input_shape, dev)}
 
 
-def search(model: nn.Module, data: Any, *, space: str | Path, budget_bytes: float | None = None,
+@dataclass
+class SearchOutcome:
+    """What :func:`search` found: the study, its trials (rows of
+    :func:`mcp.search.objective.trial_table`) and the winner rebuilt and fine-tuned (None
+    when no trial was feasible; in pareto mode the most accurate of the front, the front
+    itself in ``front``)."""
+
+    study: Any  # optuna.Study
+    trials: list[dict[str, Any]]
+    winner: Any = None  # mcp.search.objective.Rebuilt: .model, .config, .metrics, .number
+    front: list[dict[str, Any]] | None = None  # pareto: the feasible non-dominated trials
+
+    @property
+    def model(self) -> nn.Module | None:
+        return self.winner.model if self.winner is not None else None
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return self.winner.metrics if self.winner is not None else {}
+
+
+def search(model: nn.Module, data: Any, *, space: str | Path = "", budget_bytes: float | None = None,
            budget_on: str = "compressed", trials: int = 20, pareto: bool = False, latency: bool = False,
            fill_budget: bool = True, distill: bool = False, calib_batches: int = 8, sampler: str = "tpe",
-           storage: str | None = None, study_name: str | None = None, seed: int = 0, device: str = "auto"):
-    """An Optuna study over per-layer prune ratios and bit-widths of ``model`` from a space
-    file (``search_spaces/*.yaml``) under ``budget_bytes`` (``mcp search``, untracked).
-    Returns the ``optuna.Study``; ``mcp.search.objective.trial_table(study, budget_on)``
-    lists its trials. In memory unless ``storage`` names an Optuna storage URL."""
+           final_epochs: int = 0, storage: str | None = None, study_name: str | None = None, seed: int = 0,
+           device: str = "auto", progress: bool | None = False) -> SearchOutcome:
+    """An Optuna study over per-layer prune ratios and bit-widths of ``model`` from a search
+    space under ``budget_bytes`` (``mcp search``, untracked). ``space``: a shipped space's name
+    (``"default"``, ``"structured"``, ``"lenet"``, ``"resnet"``, ``"resnet_latency"``) or a
+    path to a YAML file; empty: the model family's space, like the CLI. In memory unless
+    ``storage`` names an Optuna storage URL. Returns a :class:`SearchOutcome`: the study, its
+    trials, and the best feasible trial rebuilt from ``model`` and fine-tuned for
+    ``final_epochs`` (0: its trial's epochs), ``.model`` and ``.metrics``. ``progress``:
+    one line per trial (None: a bar on a terminal, lines elsewhere; False: quiet)."""
     import optuna
 
     from mcp.data.calibration import calibration_batches
+    from mcp.evaluation.benchmark import non_dominated
     from mcp.evaluation.metrics import size_bytes_fp32
     from mcp.pruning.pruner import layers_in_order
-    from mcp.search.objective import SearchProblem, enqueue_uniform, make_objective
-    from mcp.search.space import build_space, read_space_file
+    from mcp.search.objective import SearchProblem, best_trials, enqueue_uniform, make_objective, rebuild, trial_table
+    from mcp.search.progress import TrialProgress
+    from mcp.search.space import build_space, read_space_file, resolve_space
     from mcp.search.study import study_directions
 
     dev = _device(device)
     d = as_data(data, seed=seed, device=dev)
-    path = Path(space)
-    if not path.is_file():
-        raise ConfigError(f"search space {str(path)!r} does not exist")
+    path = resolve_space(space, str(getattr(model, "mcp_recipe", {}).get("name", "")))
     layers = [n for n, _ in layers_in_order(model, d.input_shape)]
     built = build_space(read_space_file(path), layers, path.name)
     problem = SearchProblem(built, model.to(dev), d.input_shape, d.loaders, dev,
@@ -269,5 +328,19 @@ def search(model: nn.Module, data: Any, *, space: str | Path, budget_bytes: floa
             from mcp.search.objective import SearchWarning
 
             warnings.warn(start.warning, SearchWarning, stacklevel=2)
-    study.optimize(make_objective(problem), n_trials=trials, catch=(RuntimeError, ValueError))
-    return study
+    shown = TrialProgress(study.study_name, len(study.trials) + trials, len(study.trials), budget_bytes, budget_on,
+                          show=progress)
+    study.optimize(make_objective(problem), n_trials=trials, catch=(RuntimeError, ValueError),
+                   callbacks=[lambda s, t: shown.trial(t, len(s.trials))])
+    shown.close()
+    rows = trial_table(study, budget_on)
+    if pareto:
+        done = [t for t in rows if t["state"] == "complete" and t["feasible"]]
+        points = [(-t["val_accuracy"], t["size_bytes"]) + ((t["latency_ms_p50_cpu"],) if latency else ())
+                  for t in done]
+        front = sorted((done[i] for i in non_dominated(points)), key=lambda t: -t["val_accuracy"])
+        chosen = front[:1]
+    else:
+        front, chosen = None, best_trials(rows)
+    winner = rebuild(problem, chosen[0], final_epochs) if chosen else None
+    return SearchOutcome(study, rows, winner, front)

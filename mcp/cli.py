@@ -25,6 +25,7 @@ from mcp.config import (
     QuantizeConfig,
     SearchConfig,
     SensitivityConfig,
+    SplitConfig,
     StageConfig,
     TrainConfig,
     read_config_file,
@@ -32,6 +33,14 @@ from mcp.config import (
 from mcp.errors import McpError
 
 _CLICK_TYPES = {"int": click.INT, "float": click.FLOAT, "str": click.STRING}
+
+
+class _Choice(click.Choice):
+    """A choice whose empty value means "not given": the starting model's, else the default
+    (MLproject passes every parameter, the unset ones as '')."""
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        return "" if value == "" else super().convert(value, param, ctx)
 
 
 def config_options(cls: type[StageConfig]) -> Callable:
@@ -48,7 +57,7 @@ def config_options(cls: type[StageConfig]) -> Callable:
                 fn = click.option(flag, f.name, type=click.BOOL, default=f.default, is_flag=False,
                                   flag_value=True, show_default=True, help=help_text)(fn)
             else:
-                ptype = click.Choice(choices) if choices else _CLICK_TYPES[kind]
+                ptype = _Choice([c for c in choices if c]) if choices else _CLICK_TYPES[kind]
                 bare = f.metadata.get("flag_value")  # the value of the option given alone
                 extra = {"is_flag": False, "flag_value": bare} if bare is not None else {}
                 fn = click.option(flag, f.name, type=ptype, default=f.default, show_default=True,
@@ -148,21 +157,42 @@ def _one_line_warnings() -> None:
     warnings.showwarning = show
 
 
-def deployed_line(m: dict[str, float]) -> str:
-    """'deployed: CPU p50 0.070 ms in ONNX Runtime (5.58x the baseline's 0.389 ms, 1.42x the parent's ...)'."""
-    parts = [f"{m[f'speedup_p50_cpu_vs_{who}']:.2f}x the {who}'s {m[f'{who}_latency_ms_p50_cpu']:.3f} ms"
-             for who in ("baseline", "parent") if f"{who}_latency_ms_p50_cpu" in m]
+def deployed_line(m: dict[str, float], ref: Any = None) -> str:
+    """'deployed: CPU p50 0.070 ms in ONNX Runtime (5.58x the baseline's 0.389 ms, 1.42x the parent's ...)';
+    the same figure once when the parent is the baseline (``ref``, a :class:`mcp.stages.common.Baseline`),
+    as :func:`mcp.stages.common.figures_line` says it."""
+    def part(who: str) -> str:
+        return f"{m[f'speedup_p50_cpu_vs_{who}']:.2f}x the {who}'s {m[f'{who}_latency_ms_p50_cpu']:.3f} ms"
+
+    parts = [part(who) for who in ("baseline", "parent") if f"{who}_latency_ms_p50_cpu" in m]
+    if len(parts) == 2 and ref is not None and ref.is_parent:  # one model, timed once
+        parts = [part("parent")] if ref.fallback else [part("baseline") + " (the parent)"]
     return (f"deployed: CPU p50 {m['latency_ms_p50_cpu']:.3f} ms in ONNX Runtime (batch 1, one thread"
             + "".join(f"; {p}" for p in parts) + ")")
+
+
+def removed_line(m: dict[str, float]) -> str:
+    """What pruning removed, named: 'channels removed 50.0%, parameters removed 65.1%;'
+    (structured: ``channels_pruned_fraction``, ``pruned_fraction``) or 'weights removed
+    90.0%;' (unstructured: ``pruned_fraction``, the weights of the layers in scope)."""
+    if "channels_pruned_fraction" in m:
+        return (f"channels removed {100 * m['channels_pruned_fraction']:.1f}%, "
+                f"parameters removed {100 * m['pruned_fraction']:.1f}%;")
+    return f"weights removed {100 * m['pruned_fraction']:.1f}%;"
 
 
 def _run_stage(ctx: click.Context, kwargs: dict[str, Any], config_cls: type[StageConfig], run: Any):
     """Build the config from options (and --config), run the stage; user errors exit 2."""
     try:
-        cfg = config_cls.from_dict(explicit_values(ctx, kwargs), source=kwargs.get("config_file") or "options")
+        source = kwargs.get("config_file") or "options"
+        values = explicit_values(ctx, kwargs)
+        config_cls.from_dict(values, source=source)  # bad input fails here, before the store is opened
         from mcp.tracking.runs import check_tracking_server
 
         check_tracking_server()  # before the data is loaded: an unreachable server fails in seconds
+        from mcp.stages.common import with_recorded_data
+
+        cfg = config_cls.from_dict(with_recorded_data(config_cls, values), source=source)
         return cfg, run(cfg)
     except McpError as exc:
         _fail(str(exc))
@@ -208,6 +238,7 @@ def import_(ctx: click.Context, **kwargs: Any) -> None:
     m = result.metrics
     click.echo(f"run {result.run_id}: test_accuracy={m['test_accuracy']:.4f} params={int(m['params_total'])} "
                f"macs={int(m['macs'])} deployed_p50_cpu={m['latency_ms_p50_cpu']:.3f} ms")
+    click.echo(f"tested on {result.test_set}")
     if result.registered_name:
         click.echo(f"registered: models:/{result.registered_name}/{result.registered_version} "
                    f"(alias: models:/{result.registered_name}@baseline)")
@@ -229,10 +260,10 @@ def prune(ctx: click.Context, **kwargs: Any) -> None:
     m = result.metrics
     click.echo(f"run {result.run_id}: test_accuracy={m['test_accuracy']:.4f} "
                f"(baseline {m['baseline_test_accuracy']:.4f}, parent {m['parent_test_accuracy']:.4f}) "
-               f"pruned={m['pruned_fraction']:.4f} params_nonzero={int(m['params_nonzero'])} "
+               f"{removed_line(m)} params_nonzero={int(m['params_nonzero'])} "
                f"({figures_line(m, result.baseline)}) macs={int(m['macs'])} "
                f"time={m['training_time_s']:.1f} s")
-    click.echo(deployed_line(m))
+    click.echo(deployed_line(m, result.baseline))
     if result.registered_name:
         click.echo(f"registered: models:/{result.registered_name}/{result.registered_version}")
 
@@ -273,7 +304,7 @@ def quantize(ctx: click.Context, **kwargs: Any) -> None:
     for stage, size in result.stages.items():
         click.echo(f"  after {stage}: {size} B ({result.stages['fp32'] / size:.1f}x)")
     click.echo(f"deployed as {result.tags['mcp.deploy_format']}: {result.tags['mcp.deploy_note']}")
-    click.echo(deployed_line(m))
+    click.echo(deployed_line(m, result.baseline))
     if result.registered_name:
         click.echo(f"registered: models:/{result.registered_name}/{result.registered_version}")
 
@@ -340,10 +371,10 @@ def benchmark(ctx: click.Context, **kwargs: Any) -> None:
 @config_options(SearchConfig)
 @click.pass_context
 def search(ctx: click.Context, **kwargs: Any) -> None:
-    """Optuna search over per-layer prune ratios and bit-widths (space: search_spaces/*.yaml) for the
-    best validation accuracy under a size budget, or the accuracy/size Pareto front. Every trial is
-    a nested MLflow run; running the same command again resumes the study. Winners are rebuilt,
-    tested and registered (the best with alias 'challenger')."""
+    """Optuna search over per-layer prune ratios and bit-widths (--space: a shipped space's name or a
+    YAML file) for the best validation accuracy under a size budget, or the accuracy/size Pareto
+    front. Every trial is a nested MLflow run; running the same command again resumes the study.
+    Winners are rebuilt, tested and registered (the best with alias 'challenger')."""
     from mcp.stages.common import figures_line
     from mcp.stages.search import run_search
     from mcp.tracking import schema
@@ -411,6 +442,29 @@ def models() -> None:
     for name in model_names():
         entry = model_info(name)
         click.echo(f"{name:14s} {'(test) ' if entry.tiny else ''}{entry.description}")
+
+
+@main.command()
+@config_options(SplitConfig)
+@click.pass_context
+def split(ctx: click.Context, **kwargs: Any) -> None:
+    """Write the train/val/test split mcp makes of a dataset (or the one a registered model was made with,
+    --model-uri) as a JSON file of sample indices (an image folder's: file paths): train your model outside mcp
+    on exactly its train part, then give the file back to `mcp import --split-file`. No run is made."""
+
+    def write(cfg: SplitConfig):
+        from mcp.data import load_dataset, write_split
+
+        splits = load_dataset(cfg.dataset, cfg.data_dir, cfg.download, cfg.input_shape or None, cfg.num_classes,
+                              cfg.val_fraction, cfg.augment, cfg.split_file)
+        return splits, write_split(splits, cfg.out)
+
+    cfg, (splits, path) = _run_stage(ctx, kwargs, SplitConfig, write)
+    sizes = ", ".join(f"{part} {len(splits.parts[part]):,}" for part in ("train", "val", "test"))
+    click.echo(f"wrote {path}: {sizes} of {splits.pool_size:,} samples of {splits.name} ({splits.how}); "
+               f"test set {splits.test_fingerprint}")
+    click.echo(f"  entries are {'file paths relative to the data folder' if splits.sample_ids else 'indices'} "
+               f"into {splits.order}")
 
 
 @main.command()

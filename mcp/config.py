@@ -93,7 +93,8 @@ class StageConfig:
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
             if choices and value not in choices:
-                raise ConfigError(f"{f.name}={value!r} is not allowed; choose one of: {', '.join(choices)}")
+                raise ConfigError(f"{f.name}={value!r} is not allowed; choose one of: "
+                                  f"{', '.join(c for c in choices if c)}")
         self.validate()
 
     def validate(self) -> None:  # overridden by stages
@@ -139,29 +140,47 @@ def _in_unit_interval(name: str, value: float, low_open: bool = False) -> None:
         raise ConfigError(f"{name}={value!r} is outside {interval}")
 
 
+# The data settings a model records and a stage started from it reuses when they are not
+# given (empty, or 0), and what they fall back to without a starting model.
+DATA_FALLBACKS = {"dataset": "digits", "data_dir": "data", "augment": "auto", "val_fraction": 0.1}
+DATA_RECORDED = ("dataset", "data_dir", "input_shape", "augment", "val_fraction", "num_classes", "split_file")
+
+
 @dataclass(frozen=True)
 class DataOptions(StageConfig):
     """Options every stage that touches data shares."""
 
-    dataset: str = option("digits", "Dataset name (see `mcp datasets`).")
-    data_dir: str = option("data", "Folder holding downloaded datasets or an image folder.")
+    dataset: str = option("", "Dataset name (see `mcp datasets`). Empty: the dataset the starting model was "
+                              "made on (its recorded data settings), else digits.")
+    data_dir: str = option("", "Folder holding downloaded datasets, IDX files or an image folder. Empty: the "
+                               "starting model's, else ./data.")
     download: bool = option(False, "Download torchvision datasets into --data-dir (needs a network).")
     input_shape: str = option("", "CxHxW, e.g. 3x32x32: synthetic data shape / imagefolder or digits resize. "
-                                  "Empty: the dataset's own.")
+                                  "Empty: the starting model's, else the dataset's own.")
     num_classes: int = option(0, "Classes for synthetic data (0: 10). Ignored for real datasets.")
-    augment: str = option("auto", "Train-time augmentation: random crop (shift) and/or horizontal flip. auto: the "
-                                  "dataset's own (none for digits, MNIST-like, IDX and grayscale image folders; "
-                                  "crop_flip for CIFAR and RGB image folders; flip for Fashion-MNIST).",
-                          AUGMENTATIONS)
-    val_fraction: float = option(0.1, "Share of the training split held out for validation.")
+    augment: str = option("", "Train-time augmentation: random crop (shift) and/or horizontal flip. auto: the "
+                              "dataset's own (none for digits, MNIST-like, IDX and grayscale image folders; "
+                              "crop_flip for CIFAR and RGB image folders; flip for Fashion-MNIST). Empty: the "
+                              "starting model's, else auto.", ("",) + AUGMENTATIONS)
+    val_fraction: float = option(0.0, "Share of the training part held out for validation when the data has no "
+                                      "val part. 0: the starting model's, else 0.1.")
+    split_file: str = option("", "Your own train/val/test split: a JSON or YAML file listing sample indices (or, "
+                                 "for an image folder, file paths) per part; `mcp split` writes mcp's own. Empty: "
+                                 "the starting model's, else the data's own parts and mcp's seeded hold-out.")
     batch_size: int = option(32, "Mini-batch size.")
     workers: int = option(0, "DataLoader worker processes.")
     seed: int = option(0, "Random seed for weights, shuffling and augmentation.")
     device: str = option("auto", "Where to run: auto picks cuda when available.", DEVICES)
+    experiment: str = option("", "MLflow experiment of the run, created when missing. Empty: MLFLOW_EXPERIMENT_NAME "
+                                 "(or MLFLOW_EXPERIMENT_ID) when set, else the registered model's name, "
+                                 "<model>-<dataset>. Under `mlflow run`, its --experiment-name chooses.")
 
     def validate(self) -> None:
         from mcp.data import dataset_names
 
+        for name, unset in DATA_FALLBACKS.items():  # not given, and no starting model recorded it
+            if getattr(self, name) in ("", 0):
+                object.__setattr__(self, name, unset)
         if self.dataset not in dataset_names():
             raise ConfigError(f"unknown dataset {self.dataset!r}; choose one of: {', '.join(dataset_names())}")
         _positive("batch_size", self.batch_size)
@@ -242,6 +261,22 @@ class StartModel(ModelSource):
 
         if self.model not in model_names():
             raise ConfigError(f"unknown model {self.model!r}; choose one of: {', '.join(model_names())}")
+
+
+@dataclass(frozen=True)
+class SplitConfig(ModelSource):
+    """`mcp split`: write the train/val/test split a dataset gets (or a registered model was made with)."""
+
+    model_uri: str = option("", "Write the split this model was made with (its recorded data settings). Empty: the "
+                                "split the data options give.")
+    out: str = option("split.json", "Where to write the split file (JSON).")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.model_uri:
+            check_model_ref("model_uri", self.model_uri)
+        if not self.out.strip():
+            raise ConfigError("out='' must name the file to write")
 
 
 @dataclass(frozen=True)
@@ -650,8 +685,9 @@ BUDGET_MEASURES = ("compressed", "onnx")
 class SearchConfig(StartModel):
     """`mcp search`: Optuna over per-layer prune ratios and bit-widths under a size budget."""
 
-    space: str = option("", "Search space YAML. Empty: the file in search_spaces/ whose `models` lists the "
-                            "model, else search_spaces/default.yaml.")
+    space: str = option("", "Search space: a shipped space's name (default, structured, lenet, resnet, "
+                            "resnet_latency) or a path to a YAML file. Empty: the shipped space whose `models` "
+                            "lists the model, else default.")
     mode: str = option("max-accuracy", "Best validation accuracy under the budget, or the accuracy/size "
                                        "Pareto front.", SEARCH_MODES)
     budget_mb: float = option(0.0, "Size budget in MB (10^6 bytes), measured as --budget-on says. 0: use "
@@ -750,7 +786,8 @@ class PipelineConfig(ModelSource):
                                    "a model within the budget meets both. 0: none.")
     budget_batch: int = option(1, "Search step: images per call that --budget-ms times (see `mcp search "
                                   "--budget-batch`).")
-    space: str = option("", "Search step: search space YAML (empty: the model family's file).")
+    space: str = option("", "Search step: search space, a shipped space's name (default, structured, lenet, "
+                            "resnet, resnet_latency) or a path to a YAML file (empty: the model family's space).")
     trials: int = option(20, "Search step: trials the study runs in all (shared by its workers).")
     storage: str = option("", "Search step: Optuna storage (SQLAlchemy URL). Empty: optuna.db beside the SQLite "
                               "tracking database.")

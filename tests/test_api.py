@@ -114,11 +114,20 @@ def test_search_a_few_trials_under_a_budget(trained, data, tmp_path):
     space.write_text("prune:\n  granularity: [unstructured]\n  criterion: [magnitude]\n  ratio: [0.3, 0.8]\n"
                      "quantize:\n  bits: [4, 8]\nfinetune:\n  epochs: [1, 1]\n  lr: [0.005, 0.005]\n")
     budget = 0.2 * 4 * sum(p.numel() for p in trained.parameters())
-    study = mcp.search(trained, data, space=space, budget_bytes=budget, trials=3, device="cpu")
-    rows = trial_table(study, "compressed")
-    assert len(rows) == 3
+    found = mcp.search(trained, data, space=space, budget_bytes=budget, trials=3, device="cpu")
+    rows = trial_table(found.study, "compressed")
+    assert len(rows) == 3 and found.trials == rows
     done = [r for r in rows if r["state"] == "complete"]
     assert done and all(r["size_bytes"] <= budget for r in done)
+    # the winner: the most accurate feasible trial, rebuilt from the model and fine-tuned, within the budget
+    best = max(done, key=lambda r: (r["val_accuracy"], -r["size_bytes"]))
+    assert found.winner.number == best["number"] and found.winner.config.bits == {
+        k.removeprefix("bits."): v for k, v in best["params"].items() if k.startswith("bits.")}
+    assert found.metrics["size_bytes_compressed"] <= budget * 1.01 and found.metrics["test_accuracy"] > 0.5
+    assert found.model(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+    assert mcp.measure(found.model, data, device="cpu")["test_accuracy"] == pytest.approx(
+        found.metrics["test_accuracy"])
+    assert sum(p.numel() for p in trained.parameters()) == sum(p.numel() for p in UserNet().parameters())
 
 
 def test_the_prune_stage_and_mcp_prune_are_one_implementation(tmp_path, own_store):
@@ -253,3 +262,65 @@ def test_a_layer_feeding_a_custom_parameter_is_left_unpruned_with_one_line(data)
     assert out.model.c1.out_channels == 8 and out.model.s.gamma.shape[1] == 8  # left alone
     assert out.model.c2.out_channels < 8  # the rest is pruned
     assert out.model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+
+
+API_MODULE = """
+import torch
+from torch import nn
+
+
+class ApiNet(nn.Module):
+    def __init__(self, width=8, classes=10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.body = nn.Sequential(nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.ReLU()),
+                                  nn.Conv2d(width, width, 3, padding=1, groups=width))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, classes))
+
+    def forward(self, x):
+        return self.head(torch.relu(self.body(self.stem(x))))
+"""
+
+
+def test_a_model_mcp_prune_made_of_a_user_class_reloads_through_the_api_in_a_fresh_process(data, experiment,
+                                                                                           tmp_path, monkeypatch):
+    import os
+    import subprocess
+
+    import numpy as np
+
+    (tmp_path / "apinet_mod.py").write_text(API_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import apinet_mod
+
+    torch.manual_seed(0)
+    model = apinet_mod.ApiNet(width=12)
+    out = mcp.prune(model, data, sparsity=0.5, granularity="structured", epochs=1, drop_blocks=1, device="cpu")
+    assert out.model.stem[0].out_channels < 12 and out.dropped  # channels and a block removed
+    assert out.model_uri == f"runs:/{out.run_id}/weights"
+    with pytest.raises(mcp.ConfigError, match=r"apinet_mod:ApiNet, whose constructor arguments .* model=ApiNet"):
+        mcp.load(out.model_uri)  # its width is the user's to say
+    x = torch.randn(4, 1, 8, 8)
+    np.save(tmp_path / "x.npy", x.numpy())
+    code = ("import numpy as np, torch, mcp, apinet_mod; "
+            f"m = mcp.load({out.run_id!r}, model=apinet_mod.ApiNet(width=12)); "
+            f"np.save({str(tmp_path / 'y.npy')!r}, m(torch.from_numpy(np.load({str(tmp_path / 'x.npy')!r}))).detach().numpy())")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=os.getcwd())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), out.model.eval()(x).detach().numpy(), rtol=1e-5,
+                               atol=1e-6)
+    with pytest.raises(mcp.McpError, match="weights do not fit the model you passed"):
+        mcp.load(out.model_uri, model=apinet_mod.ApiNet(width=16))
+
+
+def test_a_model_with_a_recipe_reloads_through_mcp_load_alone(experiment):
+    from mcp.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("tiny_cnn", 10, (1, 8, 8))
+    data = make_loaders(load_dataset("digits"), 64, 0, 0)
+    out = mcp.prune(model, data, sparsity=0.5, granularity="structured", epochs=1, device="cpu")
+    x = torch.randn(3, 1, 8, 8)
+    for source in (out.model_uri, out.run_id, f"runs:/{out.run_id}", f"runs:/{out.run_id}/model"):
+        assert torch.allclose(mcp.load(source)(x), out.model.eval()(x), atol=1e-6)

@@ -17,7 +17,8 @@ from mcp.errors import ConfigError
     ({"dataset": "cifar11"}, "unknown dataset 'cifar11'; choose one of: cifar10"),
     ({"optimizer": "adam"}, "optimizer='adam' is not allowed; choose one of: sgd, adamw"),
     ({"label_smoothing": 1.0}, "label_smoothing=1.0 is outside [0, 1)"),
-    ({"val_fraction": 0.0}, "val_fraction=0.0 is outside (0, 1)"),
+    ({"val_fraction": 1.0}, "val_fraction=1.0 is outside (0, 1)"),
+    ({"val_fraction": -0.1}, "val_fraction=-0.1 is outside (0, 1)"),
     ({"input_shape": "3x32"}, "input_shape='3x32' is not of the form CxHxW"),
     ({"epochs": "ten"}, "epochs='ten' is not an integer"),
     ({"nesterov": "maybe"}, "nesterov='maybe' is not a boolean"),
@@ -27,6 +28,13 @@ def test_bad_values_name_the_value_and_what_is_allowed(changes, message):
         TrainConfig.from_dict(changes)
     assert message in str(info.value)
     assert isinstance(info.value, ValueError)
+
+
+def test_unset_data_options_fall_back_to_the_defaults_without_a_starting_model():
+    cfg = TrainConfig.from_dict({"dataset": "", "data_dir": "", "augment": "", "val_fraction": 0})
+    assert (cfg.dataset, cfg.data_dir, cfg.augment, cfg.val_fraction) == ("digits", "data", "auto", 0.1)
+    given = TrainConfig.from_dict({"dataset": "synthetic", "augment": "flip", "val_fraction": 0.3})
+    assert (given.dataset, given.augment, given.val_fraction) == ("synthetic", "flip", 0.3)
 
 
 def test_unknown_key_is_an_error_naming_it():

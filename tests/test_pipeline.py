@@ -144,9 +144,8 @@ def test_a_study_the_pipeline_cannot_resume_is_refused_before_its_run(cli, exper
 
 @pytest.mark.slow  # the ONNX budget itself has a fast test in test_search.py
 def test_a_pipeline_budget_on_the_onnx_file_judges_every_model_by_its_onnx_size(experiment, tmp_path):
-    structured = str(ROOT / "search_spaces" / "structured.yaml")
     cfg = PipelineConfig(model="tiny_mlp", storage=f"sqlite:///{tmp_path / 'optuna.db'}", budget_on="onnx",
-                         budget_ratio=0.2, space=structured, **TINY, **SHORT)
+                         budget_ratio=0.2, space="structured", **TINY, **SHORT)
     result = run_pipeline(cfg, show_progress=False)
     by_step = {r["step"]: r for r in result.rows}
     # unstructured zeros and 4-bit values are stored densely in INT8 by ONNX: the quantized model cannot fit

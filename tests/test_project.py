@@ -49,8 +49,9 @@ def test_mlproject_parameters_are_cli_options_with_same_defaults(name):
         assert spec["type"] in ("string", "float", "path", "uri")
         flag = "--" + param.replace("_", "-")
         assert re.search(rf"{flag} \{{{param}\}}", entry["command"]), f"{name}: {param} not passed as {flag}"
-    # and the other way round: every CLI option (but --config) is reachable from MLproject
-    missing = set(options) - set(entry.get("parameters", {})) - {"config_file"}
+    # and the other way round: every CLI option (but --config, and --experiment: under `mlflow run` the run
+    # and its experiment exist before mcp starts, chosen by mlflow run --experiment-name) is reachable from MLproject
+    missing = set(options) - set(entry.get("parameters", {})) - {"config_file", "experiment"}
     assert not missing, f"{name}: CLI options missing from MLproject: {sorted(missing)}"
 
 
@@ -89,3 +90,41 @@ def test_run_outputs_are_ignored():
     ignored = (ROOT / ".gitignore").read_text().split()
     for entry in ("mlruns/", "mlflow.db", "*.onnx", ".venv/", "/data/", "/checkpoints/"):
         assert entry in ignored
+
+
+def _github_slug(heading: str) -> str:
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_the_readme_reads_in_minutes_and_its_links_resolve():
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 300, "README.md is the front page: the details belong in docs/"
+    prose = re.sub(r"^```.*?^```", "", readme, flags=re.M | re.S)  # code blocks hold no links
+    headings = {_github_slug(h) for h in re.findall(r"^#+ (.+)$", prose, re.M)}
+    links = re.findall(r"\]\(([^)\s]+)\)", prose)
+    assert links
+    for target in links:
+        if re.match(r"[a-z][a-z0-9+.-]*:", target):  # https:, mailto:
+            continue
+        path, _, anchor = target.partition("#")
+        if path:
+            assert (ROOT / path).exists(), f"README.md links to {target}: no such file"
+        else:
+            assert anchor in headings, f"README.md links to #{anchor}: no such heading"
+
+
+def test_nothing_refers_to_a_design_file_that_users_do_not_have():
+    files = [ROOT / "README.md", ROOT / "mkdocs.yml", *(ROOT / "docs").rglob("*"), *(ROOT / "mcp").rglob("*.py")]
+    texts = {f: f.read_text() for f in files if f.is_file() and f.suffix in (".md", ".py", ".yml", ".yaml")}
+    assert ROOT / "README.md" in texts and any(f.parent.name == "docs" for f in texts)
+    offenders = sorted(str(f.relative_to(ROOT)) for f, text in texts.items() if "DESIGN.md" in text)
+    assert not offenders, f"DESIGN.md is not in the repository, yet these refer to it: {offenders}"
+
+
+def test_ci_installs_the_built_wheel_and_runs_it_from_an_empty_directory():
+    ci = (ROOT / ".ci" / "run").read_text()
+    smoke = ROOT / ".ci" / "wheel_smoke.sh"
+    assert smoke.is_file() and smoke.stat().st_mode & 0o111, "the wheel smoke script must be executable"
+    assert ci.index(".ci/wheel_smoke.sh") > ci.index("python -m pytest -m slow")  # after the tests
+    text = smoke.read_text()
+    assert "set -euo pipefail" in text and "pip wheel" in text and "mcp pipeline" in text

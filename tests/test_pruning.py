@@ -323,3 +323,47 @@ def test_a_pruned_float_models_sizes_count_the_same_tensors(name):
             assert m["size_bytes_compressed"] < m["size_bytes_fp32"] == m["baseline_size_bytes_fp32"]
     buffers = sum(b.numel() for b in base.buffers() if b.is_floating_point())
     assert m["size_bytes_fp32"] > 4 * (m["params_total"] + buffers)  # every tensor, and its header
+
+
+def _groupnorm_net(groups: int = 4) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.GroupNorm(groups, 16), nn.ReLU(),
+                         nn.Conv2d(16, 24, 3, padding=1), nn.BatchNorm2d(24), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 4))
+
+
+def _group_warnings(model: nn.Module, scope: str, sparsity: float) -> tuple[list[str], Pruning]:
+    import warnings
+
+    from mcp.pruning.pruner import PruningWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        done = prune(model, PruneSpec(granularity="structured", scope=scope, sparsity=sparsity), SHAPE)
+    return [str(w.message) for w in caught if issubclass(w.category, PruningWarning)], done
+
+
+def test_groupnorm_rounding_beyond_the_ratio_is_said_once_per_layer():
+    # layer-wise 30%: the GroupNorm layer goes in steps of 4 (one per group) and loses 8 of 16, not 5
+    said, done = _group_warnings(_groupnorm_net(), "layerwise", 0.3)
+    assert done.layer_sparsity()["0"] == 0.5 and done.layer_sparsity()["3"] == pytest.approx(8 / 24)
+    assert said == [("structured pruning removed 8 of layer 0's 16 output channels (50.0%), asked 30.0% (5): it "
+                     "feeds a GroupNorm of 4 groups, which keeps a multiple of 4 channels")]
+    assert done.cut.channel_sparsity() == pytest.approx((8 + 8) / 40)
+    # a GroupNorm of 16 groups over 16 channels leaves nothing to remove: said too
+    said, done = _group_warnings(_groupnorm_net(16), "layerwise", 0.5)
+    assert done.layer_sparsity()["0"] == 0.0 and len(said) == 1 and "removed 0 of layer 0's 16" in said[0]
+    # where the groups do not change the count (50%: 2 of each group's 4), nothing to say
+    assert _group_warnings(_groupnorm_net(), "layerwise", 0.5)[0] == []
+    # global scope: the channels removed overall miss the 70% asked, in one line naming the layer
+    said, done = _group_warnings(_groupnorm_net(), "global", 0.7)
+    assert len(said) == 1 and said[0].startswith("structured pruning removed 16 of 40 output channels (40.0%), "
+                                                 "asked 70.0% (28)")
+    assert "layer 0, 4 groups: 0 of 16 removed" in said[0]
+    # the same net with BatchNorm reaches the ratio: no line
+    net = _groupnorm_net()
+    net[1] = nn.BatchNorm2d(16)
+    assert _group_warnings(net, "global", 0.7)[0] == []
+    # the same layer again in this process (a search's next trial): said once is enough
+    said, done = _group_warnings(_groupnorm_net(), "layerwise", 0.3)
+    assert done.layer_sparsity()["0"] == 0.5 and said == []

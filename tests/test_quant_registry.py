@@ -1,5 +1,5 @@
 """Quantization methods come from one registry: the CLI's choices, validation, the engine,
-the deployable ONNX model and the README's table. A new method is one new module."""
+the deployable ONNX model and the table on the docs' quantization page. A new method is one new module."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import textwrap
 from conftest import PYTHON, ROOT
 
 
-def test_cli_choices_config_and_readme_come_from_the_registry():
+def test_cli_choices_config_and_docs_come_from_the_registry():
     import click
 
     from mcp.cli import main
@@ -23,7 +23,7 @@ def test_cli_choices_config_and_readme_come_from_the_registry():
     assert isinstance(option.type, click.Choice) and tuple(option.type.choices) == quant_method_names()
     pipeline = next(p for p in main.commands["pipeline"].params if p.name == "quantize_method")
     assert tuple(pipeline.type.choices) == quant_method_names()
-    assert markdown_table() in (ROOT / "README.md").read_text()
+    assert markdown_table() in (ROOT / "docs" / "commands" / "quantization.md").read_text()
 
 
 def test_a_new_method_is_one_module(tmp_path):

@@ -83,6 +83,9 @@ def check_one_study(tracking_uri: str, storage: str, trials: int, workers: int) 
     assert not [r.info.run_name for r in runs if r.info.status != "FINISHED"]
     studies = [r for r in runs if r.info.run_name == f"search-{STUDY}"]
     assert len(studies) == workers
+    # every worker's runs in one experiment, the registered model's, which the first to start created
+    shared = client.get_experiment_by_name("tiny_mlp-synthetic")
+    assert shared is not None and {r.info.experiment_id for r in runs} == {shared.experiment_id}
     ran = {r.data.tags["mlflow.parentRunId"] for r in runs if r.info.run_name.startswith("trial-")}
     assert ran == {r.info.run_id for r in studies}, "a worker ran no trial"
     for t in trials_:

@@ -15,7 +15,7 @@ from mcp.evaluation.benchmark import non_dominated, pareto_front
 from mcp.models import create_model
 from mcp.pruning.pruner import layers_in_order
 from mcp.search import uniform
-from mcp.search.space import build_space, read_space_file, space_file_for
+from mcp.search.space import SPACES_DIR, build_space, read_space_file, resolve_space, space_file_for
 from mcp.search.trial import compressed_size
 from mcp.stages.search import STATE_TAG, run_search
 from mcp.stages.train import run_train
@@ -49,6 +49,45 @@ def test_family_spaces_and_their_groups():
     lenet = build_space(read_space_file(space_file_for("lenet5")), ["features.0", "features.3", "classifier.1",
                                                                     "classifier.3", "fc3"], "lenet.yaml")
     assert lenet.ratio_of["fc3"] == (0.0, 0.995) and lenet.bits_of["fc3"] == (2, 3, 4, 5, 6, 8)
+
+
+SHIPPED = ["default", "lenet", "resnet", "resnet_latency", "structured"]
+
+
+def test_a_shipped_space_is_named_by_its_name_and_a_file_by_its_path(tmp_path):
+    for name in SHIPPED:
+        assert resolve_space(name) == SPACES_DIR / f"{name}.yaml"
+    assert resolve_space("", "lenet5").name == "lenet.yaml" and resolve_space("", "mynet").name == "default.yaml"
+    own = _space(tmp_path, "prune: {ratio: [0.0, 0.5]}\n")
+    assert resolve_space(own) == resolve_space(tmp_path / "space.yaml") == tmp_path / "space.yaml"
+    with pytest.raises(ConfigError) as err:
+        resolve_space("nosuch")
+    assert str(err.value) == ("search space 'nosuch' does not exist: name a YAML file or a shipped space: "
+                              + ", ".join(SHIPPED))
+    with pytest.raises(ConfigError, match=r"'search_spaces/structured.yaml' does not exist: .*did you mean "
+                                          r"'structured'\?\)$"):
+        resolve_space("search_spaces/structured.yaml")  # the files' old place, relative to a checkout
+
+
+def test_the_shipped_spaces_are_package_data():
+    """The wheel carries every space: pyproject's package-data covers each file, the folder is a
+    package (so packages.find takes it) and importlib.resources finds them."""
+    import fnmatch
+    import importlib.resources
+    import tomllib
+
+    from conftest import ROOT
+
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    patterns = setuptools["package-data"]["mcp.search.spaces"]
+    files = sorted(p.name for p in SPACES_DIR.iterdir() if p.suffix != ".py" and p.is_file())
+    assert [f[:-5] for f in files] == SHIPPED
+    assert all(any(fnmatch.fnmatch(f, pat) for pat in patterns) for f in files)
+    assert any(fnmatch.fnmatch("mcp.search.spaces", pat) for pat in setuptools["packages"]["find"]["include"])
+    assert (SPACES_DIR / "__init__.py").is_file()
+    shipped = importlib.resources.files("mcp.search.spaces")
+    assert sorted(r.name for r in shipped.iterdir() if r.name.endswith(".yaml")) == files
+    assert not (ROOT / "search_spaces").exists()  # one copy of each space, the shipped one
 
 
 @pytest.mark.parametrize("data, message", [
@@ -135,6 +174,30 @@ def test_a_tiny_study_tracks_every_trial_registers_its_winner_and_resumes(experi
     again = run_search(cfg.replace(trials=8, export=False, benchmark=False), show_progress=False)  # resumes to 8
     assert len(again.trials) == 8 and [t["number"] for t in again.trials] == list(range(8))
     assert MlflowClient().get_run(again.run_id).data.params["study_trials_before"] == "5"
+
+
+def test_a_search_reports_every_trial_as_a_line_in_a_log_and_as_a_bar_on_a_terminal(experiment, tmp_path, capsys,
+                                                                                       monkeypatch):
+    import sys
+
+    run_train(TrainConfig(model="tiny_mlp", epochs=2, **TINY), show_progress=False)
+    result = run_search(_cfg(tmp_path, space=_space(tmp_path, SMALL_SPACE), trials=3), show_progress=None)
+    err = capsys.readouterr().err
+    name = result.study_name
+    assert f"study {name!r}: 3 trials: the first " in err and "sampled by tpe" in err  # what the study starts from
+    lines = [line for line in err.splitlines() if line.startswith(f"search {name}: ")]
+    assert [line.split(": ")[1].split(",")[0] for line in lines] == ["1/3 trials", "2/3 trials", "3/3 trials"]
+    for line, t in zip(lines, result.trials):
+        assert f"trial {t['number']} {t['state']}" in line and f"of the {result.budget_bytes:,.0f} B budget" in line
+        assert "best " in line or "no feasible trial yet" in line
+    best = max((t for t in result.trials if t["state"] == "complete"), key=lambda t: t["val_accuracy"])
+    assert f"best {best['val_accuracy']:.4f} (trial {best['number']})" in lines[-1]
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)  # a terminal: one bar, no lines
+    run_search(_cfg(tmp_path, space=_space(tmp_path, SMALL_SPACE), trials=5), show_progress=None)
+    err = capsys.readouterr().err
+    assert f"search {name}" in err and "5/5" in err and "best " in err
+    assert not any(line.startswith(f"search {name}: ") and "trials, trial" in line for line in err.splitlines())
 
 
 def test_an_over_budget_trial_is_rejected_before_any_training(experiment, tmp_path, monkeypatch):
@@ -242,7 +305,8 @@ def test_non_dominated_points():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--space", "missing.yaml"], "search space 'missing.yaml' does not exist"),
+    (["--space", "missing.yaml"], "search space 'missing.yaml' does not exist: name a YAML file or a shipped space: "
+                                  "default, lenet, resnet, resnet_latency, structured"),
     (["--budget-ratio", "0"], "mode max-accuracy needs a budget"),
     (["--storage", "nosuchdb://x"], "cannot open study"),
     (["--storage", "postgresql://mcp@127.0.0.1:1/optuna"], "cannot open study"),  # nothing listens: in seconds

@@ -1,24 +1,25 @@
 """Datasets by name, each a function returning fixed, seeded train/val/test splits.
 
 Splits never depend on the training seed: the test set of a dataset is the same for
-every run, so runs compare side by side. Nothing here downloads unless asked to.
+every run, so runs compare side by side. How a split is made, how a user gives their own
+(``split_file``) and the test set's fingerprint: :mod:`mcp.data.split`. Nothing here
+downloads unless asked to.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset, TensorDataset
 
 from mcp.config import AUGMENTATIONS
+from mcp.data.split import (SPLIT_OF_MCP, SPLIT_SEED, TEST_FRACTION, fingerprint,  # noqa: F401
+                            read_split_file, resolve_parts)
 from mcp.errors import ConfigError, McpError
-
-SPLIT_SEED = 0  # fixed: the split is part of the dataset, not of the experiment
-TEST_FRACTION = 0.2  # for datasets that ship without a test split
 
 
 @dataclass
@@ -31,6 +32,13 @@ class DataSplits:
     num_classes: int
     class_names: list[str]
     augment: str = "none"  # the train-time augmentation applied (resolved from "auto")
+    parts: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # pool indices of train/val/test
+    pool_size: int = 0  # samples in the dataset's pool (see mcp.data.split)
+    sample_ids: list[str] | None = field(default=None, repr=False)  # an image folder's relative paths
+    order: str = ""  # what the pool indices index
+    how: str = ""  # how the split was made
+    test_fingerprint: str = ""  # of the test part's images and labels (mcp.data.split.fingerprint)
+    settings: dict[str, Any] = field(default_factory=dict)  # what load_dataset was given, to load it again
 
     def summary(self) -> dict[str, object]:
         return {
@@ -41,7 +49,15 @@ class DataSplits:
             "train_size": len(self.train),
             "val_size": len(self.val),
             "test_size": len(self.test),
+            "split": self.how,
+            "test_fingerprint": self.test_fingerprint,
         }
+
+    def record(self) -> dict[str, Any]:
+        """The data settings a model made on these splits records (in its recipe and its
+        registered version), so that a stage started from it loads the same data."""
+        return {**self.settings, "augment": self.augment, "input_shape": "x".join(map(str, self.input_shape)),
+                "test_fingerprint": self.test_fingerprint, "test_size": len(self.test), "split": self.how}
 
 
 Loader = Callable[..., DataSplits]
@@ -79,6 +95,10 @@ def parse_shape(text: str) -> tuple[int, int, int]:
     return shape  # type: ignore[return-value]
 
 
+# datasets whose files live in --data-dir (digits and synthetic need none)
+NEEDS_DATA_DIR = ("idx", "imagefolder", "cifar10", "cifar100", "mnist", "fashion_mnist")
+
+
 def load_dataset(
     name: str,
     data_dir: str | Path = "data",
@@ -87,18 +107,25 @@ def load_dataset(
     num_classes: int = 0,
     val_fraction: float = 0.1,
     augment: str = "auto",
+    split_file: str | Path = "",
 ) -> DataSplits:
     """``augment``: train-time augmentation, one of :data:`AUGMENTATIONS`; ``auto`` is the
-    dataset's own default (none for digits, MNIST-like and grayscale data)."""
+    dataset's own default (none for digits, MNIST-like and grayscale data). ``split_file``:
+    the user's own train/val/test split (see :mod:`mcp.data.split`)."""
     if name not in _DATASETS:
         raise ConfigError(f"unknown dataset {name!r}; choose one of: {', '.join(dataset_names())}")
     if augment not in AUGMENTATIONS:
         raise ConfigError(f"augment={augment!r} is not allowed; choose one of: {', '.join(AUGMENTATIONS)}")
     shape = parse_shape(input_shape) if isinstance(input_shape, str) and input_shape else input_shape or None
-    return _DATASETS[name](
+    split = Path(split_file).resolve() if split_file else None
+    splits = _DATASETS[name](
         data_dir=Path(data_dir), download=download, input_shape=shape,
-        num_classes=num_classes, val_fraction=val_fraction, augment=augment,
+        num_classes=num_classes, val_fraction=val_fraction, augment=augment, split_file=split,
     )
+    splits.settings = {"dataset": name, "data_dir": str(Path(data_dir).resolve()) if name in NEEDS_DATA_DIR else "",
+                       "val_fraction": val_fraction, "num_classes": num_classes if name == "synthetic" else 0,
+                       "split_file": str(split) if split else ""}
+    return splits
 
 
 def make_loaders(splits: DataSplits, batch_size: int, workers: int = 0, seed: int = 0,
@@ -115,29 +142,11 @@ def make_loaders(splits: DataSplits, batch_size: int, workers: int = 0, seed: in
 # ----------------------------------------------------------------------------- helpers
 
 
-def _split_indices(n: int, fraction: float, labels: np.ndarray | None = None,
-                   seed: int = SPLIT_SEED) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded (stratified when labels are given) split into (keep, held_out) indices."""
-    rng = np.random.default_rng(seed)
-    if labels is None:
-        perm = rng.permutation(n)
-        k = max(1, int(round(n * fraction)))
-        return np.sort(perm[k:]), np.sort(perm[:k])
-    keep, held = [], []
-    for c in np.unique(labels):
-        idx = rng.permutation(np.flatnonzero(labels == c))
-        k = int(round(len(idx) * fraction))
-        if len(idx) > 1:
-            k = min(max(k, 1), len(idx) - 1)
-        held.append(idx[:k])
-        keep.append(idx[k:])
-    return np.sort(np.concatenate(keep)), np.sort(np.concatenate(held))
-
-
 class _Transformed(Dataset):
-    """Apply a per-sample tensor transform to a tensor dataset (train-time augmentation)."""
+    """Apply a per-sample transform to a dataset's samples (train-time augmentation, or
+    the eval transform of an image pool)."""
 
-    def __init__(self, base: Dataset, transform: Callable[[torch.Tensor], torch.Tensor]):
+    def __init__(self, base: Dataset, transform: Callable[[Any], torch.Tensor]):
         self.base, self.transform = base, transform
 
     def __len__(self) -> int:
@@ -148,37 +157,58 @@ class _Transformed(Dataset):
         return self.transform(x), y
 
 
+def _parts(labels: np.ndarray, given: dict[str, np.ndarray], own: str, val_fraction: float,
+           split_file: Path | None, names: Sequence[str] | None = None) -> tuple[dict[str, np.ndarray], str]:
+    """(train/val/test pool indices, how they were made): the split file's parts, else the
+    data's own (``given``, described by ``own``), the rest held out by mcp."""
+    if split_file is not None:
+        given, own = read_split_file(split_file, len(labels), names), f"split file {split_file.name}"
+    parts = resolve_parts(labels, given, val_fraction)
+    if not given:
+        return parts, SPLIT_OF_MCP
+    held = [p for p in ("val", "test") if p not in given]
+    return parts, own + (f"; {' and '.join(held)} held out by mcp" if held else "")
+
+
+def _finish(splits: DataSplits, parts: dict[str, np.ndarray], how: str, order: str, pool_size: int,
+            test_items: Callable[[], Iterator[bytes]], labels: np.ndarray,
+            names: Sequence[str] | None = None) -> DataSplits:
+    splits.parts, splits.how, splits.order, splits.pool_size = parts, how, order, pool_size
+    splits.sample_ids = list(names) if names is not None else None
+    splits.test_fingerprint = fingerprint(test_items, [splits.class_names[int(c)] for c in labels[parts["test"]]])
+    return splits
+
+
 def _tensor_splits(name: str, x: torch.Tensor, y: torch.Tensor, val_fraction: float, class_names: list[str],
-                   augment: str = "none", test: tuple[torch.Tensor, torch.Tensor] | None = None) -> DataSplits:
-    """Stratified (test and) validation split of in-memory data, normalised with the
-    training split's statistics. ``test``: a given test split (then only validation is
-    held out of ``x``)."""
+                   augment: str = "none", raw: np.ndarray | None = None, given: dict[str, np.ndarray] | None = None,
+                   own: str = "", split_file: Path | None = None, order: str = "") -> DataSplits:
+    """Split in-memory data (see :mod:`mcp.data.split`), normalised with the training
+    part's statistics. ``raw``: the samples as stored (before resizing and scaling), for
+    the test set's fingerprint; ``given``: the data's own parts."""
     labels = y.numpy()
-    if test is None:
-        rest, test_idx = _split_indices(len(y), TEST_FRACTION, labels)
-        x_test, y_test = x[test_idx], y[test_idx]
-    else:
-        rest, (x_test, y_test) = np.arange(len(y)), test
-    train_rel, val_rel = _split_indices(len(rest), val_fraction, labels[rest])
-    train_idx, val_idx = rest[train_rel], rest[val_rel]
+    parts, how = _parts(labels, given or {}, own, val_fraction, split_file)
+    train_idx, val_idx, test_idx = parts["train"], parts["val"], parts["test"]
     mean = x[train_idx].mean(dim=(0, 2, 3), keepdim=True)
     std = x[train_idx].std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
-    x, x_test = (x - mean) / std, (x_test - mean) / std
+    x = (x - mean) / std
     train: Dataset = TensorDataset(x[train_idx], y[train_idx])
     if augment != "none":
         from torchvision import transforms as T
 
         train = _Transformed(train, T.Compose(_train_augment(augment, tuple(x.shape[2:]))))
-    return DataSplits(
+    stored = raw if raw is not None else x.numpy()
+    splits = DataSplits(
         name=name,
         train=train,
         val=TensorDataset(x[val_idx], y[val_idx]),
-        test=TensorDataset(x_test, y_test),
+        test=TensorDataset(x[test_idx], y[test_idx]),
         input_shape=tuple(x.shape[1:]),  # type: ignore[arg-type]
         num_classes=len(class_names),
         class_names=class_names,
         augment=augment,
     )
+    return _finish(splits, parts, how, order or f"the {len(labels):,} samples in the order {name} reads them",
+                   len(labels), lambda: (np.ascontiguousarray(stored[i]).tobytes() for i in test_idx), labels)
 
 
 def _resized(x: torch.Tensor, input_shape: tuple[int, int, int] | None, dataset: str) -> torch.Tensor:
@@ -202,7 +232,7 @@ def _augment_of(requested: str, default: str) -> str:
 
 @register_dataset("digits")
 def _digits(val_fraction: float, input_shape: tuple[int, int, int] | None = None, augment: str = "auto",
-            **_: object) -> DataSplits:
+            split_file: Path | None = None, **_: object) -> DataSplits:
     """scikit-learn's bundled 8x8 handwritten digits (1,797 real images, 10 classes);
     --input-shape 1xHxW (or 3xHxW) resizes them bilinearly, for models that need more pixels."""
     from sklearn.datasets import load_digits
@@ -210,12 +240,14 @@ def _digits(val_fraction: float, input_shape: tuple[int, int, int] | None = None
     bunch = load_digits()
     x = _resized(torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0, input_shape, "digits")
     y = torch.tensor(bunch.target, dtype=torch.long)
-    return _tensor_splits("digits", x, y, val_fraction, [str(c) for c in range(10)], _augment_of(augment, "none"))
+    return _tensor_splits("digits", x, y, val_fraction, [str(c) for c in range(10)], _augment_of(augment, "none"),
+                          raw=bunch.images, split_file=split_file,
+                          order="the 1,797 images in scikit-learn's load_digits() order")
 
 
 @register_dataset("synthetic")
 def _synthetic(input_shape: tuple[int, int, int] | None, num_classes: int, val_fraction: float,
-               augment: str = "auto", **_: object) -> DataSplits:
+               augment: str = "auto", split_file: Path | None = None, **_: object) -> DataSplits:
     """Random class prototypes plus noise: learnable, any shape, instant. For tests and speed checks."""
     shape = input_shape or (3, 32, 32)
     classes = num_classes or 10
@@ -225,7 +257,8 @@ def _synthetic(input_shape: tuple[int, int, int] | None, num_classes: int, val_f
     y = torch.arange(n) % classes
     x = prototypes[y] + 1.5 * torch.randn((n, *shape), generator=gen)
     return _tensor_splits("synthetic", x, y, val_fraction, [f"class_{c}" for c in range(classes)],
-                          _augment_of(augment, "none"))
+                          _augment_of(augment, "none"), split_file=split_file,
+                          order=f"the {n:,} generated samples (class = index mod {classes})")
 
 
 # ----------------------------------------------------------------------------- IDX files
@@ -302,7 +335,7 @@ def _read_idx_pair(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np
 
 @register_dataset("idx")
 def _idx(data_dir: Path, input_shape: tuple[int, int, int] | None, val_fraction: float, augment: str = "auto",
-         **_: object) -> DataSplits:
+         split_file: Path | None = None, **_: object) -> DataSplits:
     """IDX files in --data-dir (MNIST, Fashion-MNIST, KMNIST, EMNIST; .gz or not): the train/test
     pair when both are there, else one pair split like the others; --input-shape resizes."""
     pairs = _idx_pairs(data_dir)
@@ -312,30 +345,30 @@ def _idx(data_dir: Path, input_shape: tuple[int, int, int] | None, val_fraction:
     if len(pairs) == 1:
         (prefix,) = pairs
         x, y = _read_idx_pair(*pairs[prefix])
-        test = None
+        given: dict[str, np.ndarray] = {}
+        order = f"the {len(y):,} images of {pairs[prefix][0].name}"
     elif len(pairs) == 2 and len(roles.get("train", ())) == 1 and len(roles.get("test", ())) == 1:
         x, y = _read_idx_pair(*pairs[roles["train"][0]])
         x_test, y_test = _read_idx_pair(*pairs[roles["test"][0]])
         if x_test.shape[1:] != x.shape[1:]:
             raise McpError(f"IDX test images are {'x'.join(map(str, x_test.shape[1:]))}, training images "
                            f"{'x'.join(map(str, x.shape[1:]))}; they must match")
-        test = (x_test, y_test)
+        order = (f"the {len(y):,} images of {pairs[roles['train'][0]][0].name}, then the {len(y_test):,} of "
+                 f"{pairs[roles['test'][0]][0].name} (indices from {len(y):,})")
+        given = {"train": np.arange(len(y)), "test": np.arange(len(y), len(y) + len(y_test))}
+        x, y = np.concatenate([x, x_test]), np.concatenate([y, y_test])
     else:
         raise McpError(f"data_dir {str(data_dir)!r} holds {len(pairs)} IDX pairs ({', '.join(sorted(pairs))}); "
                        f"expected one, or one whose name says train and one that says test (or t10k)")
-    classes = np.unique(y if test is None else np.concatenate([y, test[1]]))
+    classes = np.unique(y)
     index = np.full(256, -1, dtype=np.int64)
     index[classes] = np.arange(len(classes))  # EMNIST letters are labelled 1-26: classes are the labels present
-
-    def tensors(images: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        xt = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
-        return _resized(xt, input_shape, "idx"), torch.from_numpy(index[labels])
-
     if len(classes) < 2:
         raise McpError(f"IDX labels in {str(data_dir)!r} hold {len(classes)} class; at least 2 are needed")
-    xt, yt = tensors(x, y)
-    return _tensor_splits("idx", xt, yt, val_fraction, [str(int(c)) for c in classes], _augment_of(augment, "none"),
-                          test=None if test is None else tensors(*test))
+    xt = _resized(torch.from_numpy(x.astype(np.float32) / 255.0).unsqueeze(1), input_shape, "idx")
+    return _tensor_splits("idx", xt, torch.from_numpy(index[y]), val_fraction, [str(int(c)) for c in classes],
+                          _augment_of(augment, "none"), raw=x, given=given,
+                          own="the IDX train and test files" if given else "", split_file=split_file, order=order)
 
 
 _TORCHVISION = {
@@ -358,7 +391,7 @@ def _train_augment(kind: str, size: tuple[int, int]) -> list:
 
 
 def _torchvision_dataset(name: str, data_dir: Path, download: bool, val_fraction: float,
-                         augment: str) -> DataSplits:
+                         augment: str, split_file: Path | None = None) -> DataSplits:
     import torchvision
     from torchvision import transforms as T
 
@@ -369,9 +402,8 @@ def _torchvision_dataset(name: str, data_dir: Path, download: bool, val_fraction
     train_tf = T.Compose(_train_augment(augment, shape[1:]) + normalize)
     eval_tf = T.Compose(normalize)
     try:
-        train_aug = cls(str(data_dir), train=True, download=download, transform=train_tf)
-        train_eval = cls(str(data_dir), train=True, download=False, transform=eval_tf)
-        test = cls(str(data_dir), train=False, download=False, transform=eval_tf)
+        train = cls(str(data_dir), train=True, download=download)
+        test = cls(str(data_dir), train=False, download=False)
     except (RuntimeError, OSError) as exc:
         if download:
             raise McpError(f"could not download dataset {name!r} into {str(data_dir)!r}: "
@@ -379,23 +411,32 @@ def _torchvision_dataset(name: str, data_dir: Path, download: bool, val_fraction
         raise McpError(
             f"dataset {name!r} not found in data_dir {str(data_dir)!r} (expected torchvision's layout, "
             f"{str(data_dir / folder)!r}); pass --download to fetch it where a network exists") from None
-    labels = np.asarray(train_aug.targets)
-    train_idx, val_idx = _split_indices(len(labels), val_fraction, labels)
-    return DataSplits(
+    n_train = len(train)
+    labels = np.concatenate([np.asarray(train.targets), np.asarray(test.targets)])
+    given = {"train": np.arange(n_train), "test": np.arange(n_train, len(labels))}
+    parts, how = _parts(labels, given, f"{cls_name}'s train and test sets", val_fraction, split_file)
+    pool = ConcatDataset([train, test])
+    raw = (np.asarray(train.data), np.asarray(test.data))
+    splits = DataSplits(
         name=name,
-        train=Subset(train_aug, train_idx.tolist()),
-        val=Subset(train_eval, val_idx.tolist()),
-        test=test,
+        train=_Transformed(Subset(pool, parts["train"].tolist()), train_tf),
+        val=_Transformed(Subset(pool, parts["val"].tolist()), eval_tf),
+        test=_Transformed(Subset(pool, parts["test"].tolist()), eval_tf),
         input_shape=shape,
-        num_classes=len(train_aug.classes),
-        class_names=[str(c) for c in train_aug.classes],
+        num_classes=len(train.classes),
+        class_names=[str(c) for c in train.classes],
         augment=augment,
     )
+    return _finish(splits, parts, how, f"{cls_name}'s {n_train:,} training images, then its {len(test):,} test "
+                                       f"images (indices from {n_train:,})", len(labels),
+                   lambda: (np.ascontiguousarray(raw[0][i] if i < n_train else raw[1][i - n_train]).tobytes()
+                            for i in parts["test"]), labels)
 
 
 def _make_torchvision_loader(name: str) -> Loader:
-    def load(data_dir: Path, download: bool, val_fraction: float, augment: str = "auto", **_: object) -> DataSplits:
-        return _torchvision_dataset(name, data_dir, download, val_fraction, augment)
+    def load(data_dir: Path, download: bool, val_fraction: float, augment: str = "auto",
+             split_file: Path | None = None, **_: object) -> DataSplits:
+        return _torchvision_dataset(name, data_dir, download, val_fraction, augment, split_file)
 
     load.__doc__ = f"torchvision's {_TORCHVISION[name][0]} from --data-dir (--download to fetch)."
     return load
@@ -412,7 +453,7 @@ _IMAGEFOLDER_LAYOUT = ("expected class subfolders (data_dir/<class>/<image>) or 
 
 @register_dataset("imagefolder")
 def _imagefolder(data_dir: Path, input_shape: tuple[int, int, int] | None, val_fraction: float,
-                 augment: str = "auto", **_: object) -> DataSplits:
+                 augment: str = "auto", split_file: Path | None = None, **_: object) -> DataSplits:
     """Any folder of class subfolders, optionally split into train/, val/, test/; augmented
     with random crops and flips when RGB, not at all when grayscale (--augment to choose)."""
     from torchvision import transforms as T
@@ -434,9 +475,9 @@ def _imagefolder(data_dir: Path, input_shape: tuple[int, int, int] | None, val_f
     train_tf = T.Compose(base + _train_augment(augment, size) + normalize)
     eval_tf = T.Compose(base + normalize)
 
-    def folder(path: Path, tf) -> ImageFolder:
+    def folder(path: Path) -> ImageFolder:
         try:
-            found = ImageFolder(str(path), transform=tf, loader=_load_image)
+            found = ImageFolder(str(path), loader=_load_image)
         except (FileNotFoundError, RuntimeError) as exc:
             detail = " ".join(str(exc).split()) or exc.__class__.__name__
             raise McpError(f"no images found under {str(path)!r} ({detail}); {_IMAGEFOLDER_LAYOUT}; image types: "
@@ -448,40 +489,38 @@ def _imagefolder(data_dir: Path, input_shape: tuple[int, int, int] | None, val_f
         return found
 
     has_splits = (data_dir / "train").is_dir()
-    root = data_dir / "train" if has_splits else data_dir
-    train_aug, train_eval = folder(root, train_tf), folder(root, eval_tf)
-    labels = np.asarray(train_aug.targets)
-    pool = np.arange(len(labels))
-    if has_splits and (data_dir / "test").is_dir():
-        test: Dataset = folder(data_dir / "test", eval_tf)
-        _check_classes(train_aug, test, "test")
-    else:
-        pool, test_idx = _split_indices(len(labels), TEST_FRACTION, labels)
-        test = Subset(train_eval, test_idx.tolist())
-    if has_splits and (data_dir / "val").is_dir():
-        val: Dataset = folder(data_dir / "val", eval_tf)
-        _check_classes(train_aug, val, "val")
-        train_idx = pool
-    else:
-        keep, held = _split_indices(len(pool), val_fraction, labels[pool])
-        train_idx, val = pool[keep], Subset(train_eval, pool[held].tolist())
-    if len(train_idx) == 0 or len(val) == 0 or len(test) == 0:
+    names = [p for p in ("train", "val", "test") if has_splits and (data_dir / p).is_dir()] or [""]
+    folders = [folder(data_dir / p) for p in names]
+    for part, found in zip(names[1:], folders[1:]):
+        _check_classes(folders[0], found, part)
+    labels = np.concatenate([np.asarray(f.targets, dtype=np.int64) for f in folders])
+    ids = [Path(p).relative_to(data_dir).as_posix() for f in folders for p, _ in f.samples]
+    starts = np.cumsum([0] + [len(f) for f in folders])
+    given = {p: np.arange(starts[i], starts[i + 1]) for i, p in enumerate(names) if p}
+    own = f"the folders {', '.join(p + '/' for p in names)}" if has_splits else ""
+    parts, how = _parts(labels, given, own, val_fraction, split_file, ids)
+    if min(len(parts[p]) for p in parts) == 0:
         raise McpError(f"image folder {str(data_dir)!r} has too few images ({len(labels)}) to make "
                        f"train/val/test splits; add images or provide train/, val/ and test/ folders")
+    pool = ConcatDataset(folders)
+    evaluated = _Transformed(pool, eval_tf)
     if channels == 1:  # mean and sd of (a seeded sample of up to 2,000) training images, as for digits and IDX
-        sample = np.random.default_rng(SPLIT_SEED).permutation(train_idx)[:2000]
-        pixels = torch.stack([train_eval[int(i)][0] for i in sample])
+        sample = np.random.default_rng(SPLIT_SEED).permutation(parts["train"])[:2000]
+        pixels = torch.stack([evaluated[int(i)][0] for i in sample])
         norm.mean, norm.std = [pixels.mean().item()], [max(pixels.std().item(), 1e-6)]
-    return DataSplits(
+    splits = DataSplits(
         name="imagefolder",
-        train=Subset(train_aug, train_idx.tolist()),
-        val=val,
-        test=test,
+        train=_Transformed(Subset(pool, parts["train"].tolist()), train_tf),
+        val=Subset(evaluated, parts["val"].tolist()),
+        test=Subset(evaluated, parts["test"].tolist()),
         input_shape=shape,
-        num_classes=len(train_aug.classes),
-        class_names=list(train_aug.classes),
+        num_classes=len(folders[0].classes),
+        class_names=list(folders[0].classes),
         augment=augment,
     )
+    sizes = [Path(p).stat().st_size for f in folders for p, _ in f.samples]
+    return _finish(splits, parts, how, "the image files (paths relative to the data folder)", len(labels),
+                   lambda: (f"{Path(ids[i]).name}:{sizes[i]}".encode() for i in parts["test"]), labels, ids)
 
 
 def _load_image(path: str):

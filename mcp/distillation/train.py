@@ -24,6 +24,7 @@ class DistillOutcome:
     history: dict[str, list[float]]
     teacher_test_accuracy: float
     run_id: str | None = None  # the MLflow run of a tracked mcp.* call
+    model_uri: str | None = None  # the model it logged: mcp.load(model_uri) rebuilds it
 
 
 def distill_model(teacher: nn.Module, student: nn.Module, loaders: Sequence[Any], input_shape: Sequence[int],

@@ -1,4 +1,5 @@
-"""Model metrics under the glossary names of DESIGN.md."""
+"""Model metrics under the glossary names every stage logs them by (``params_total``,
+``params_nonzero``, ``sparsity``, ``macs``, ``size_bytes_fp32``, the latencies, ...)."""
 
 from __future__ import annotations
 

@@ -64,16 +64,25 @@ def create_model(name: str, num_classes: int, input_shape: Sequence[int], **kw: 
     return model
 
 
-def model_from_recipe(recipe: dict[str, Any]) -> nn.Module:
+def model_from_recipe(recipe: dict[str, Any], model: nn.Module | None = None) -> nn.Module:
     """Rebuild a model's architecture from the recipe stored beside its weights: a zoo
     model by name, or an imported one by its factory's import path (``factory``) and
-    keyword arguments. A recipe names code already importable here; it never carries any."""
+    keyword arguments. A recipe names code already importable here; it never carries any.
+    ``model``: a freshly built instance of the original architecture (a user's class whose
+    constructor arguments the recipe does not know) to apply the recipe's structural edits
+    to, instead of building one."""
     try:
-        if recipe.get("factory"):
+        if model is not None:
+            recipe["num_classes"], recipe["input_shape"]  # noqa: B018 - every recipe has them
+        elif recipe.get("factory") and recipe.get("kwargs_known", True):
             from mcp.models.foreign import build_from_factory
 
             model = build_from_factory(str(recipe["factory"]), recipe.get("kwargs", {}))
             recipe["num_classes"], recipe["input_shape"]  # noqa: B018 - every recipe has them
+        elif recipe.get("factory"):
+            raise ConfigError(f"the model was made from your class {recipe['factory']}, whose constructor arguments "
+                              f"mcp does not know: pass one built as you built the original (mcp.load(..., "
+                              f"model={recipe['factory'].rpartition(':')[2]}(...)))")
         else:
             model = create_model(recipe["name"], recipe["num_classes"], recipe["input_shape"],
                                  **recipe.get("kwargs", {}))

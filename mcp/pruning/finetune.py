@@ -29,6 +29,7 @@ class PruneOutcome:
     history: dict[str, list[float]]  # per-epoch training curves, with the pruned fraction
     structured: bool
     run_id: str | None = None  # the MLflow run of a tracked mcp.* call
+    model_uri: str | None = None  # the model it logged: mcp.load(model_uri) rebuilds it
     dropped: list[str] = field(default_factory=list)  # blocks removed (depth pruning), this call's and earlier
 
 
@@ -102,6 +103,8 @@ def prune_and_finetune(base: nn.Module, loaders: Sequence[Any], input_shape: Seq
                "accuracy_drop": base_test["accuracy"] - test["accuracy"],
                "target_sparsity": spec.sparsity, "pruned_fraction": pruned_fraction(),
                "train_time_s": trainer.train_time_s, "training_time_s": training_time}
+    if pruning.structured:  # pruned_fraction is then the parameters removed; this, the channels
+        metrics["channels_pruned_fraction"] = pruning.cut.channel_sparsity()
     metrics.update(model_metrics(model, shape, device))
     metrics["compression_ratio"] = base_counts["params_total"] / max(metrics["params_nonzero"], 1.0)
     metrics["size_bytes_nonzero_fp32"] = 4.0 * metrics["params_nonzero"]

@@ -211,6 +211,14 @@ class StructuredPruner:
         self.layers = dict(layers)
         self.initial_out = {n: _out_channels(m) for n, m in layers.items()}
         self.history: list = []
+        # the layers whose output channels it may remove (the output layer keeps the classes)
+        self.counted = [n for n, m in layers.items() if m in in_scope and m is not modules[all_names[-1]]]
+        self.asked = {n: float((ratios or {}).get(n, sparsity)) for n in self.counted}
+        self.sparsity, self.global_scope, self.round_to = float(sparsity), scope == "global", round_to
+        self.norm_groups = _groupnorm_groups(self.pruner, {n: layers[n] for n in self.counted})
+        self.roots = ({g[0].dep.target.module: len(g[0].idxs) for g in self.pruner.DG.get_all_groups(
+            ignored_layers=self.pruner.ignored_layers, root_module_types=self.pruner.root_module_types)}
+            if self.norm_groups and self.global_scope else {})
 
     def step(self, scores: Scores) -> dict[str, list[int]]:
         """Prune the next event; returns the output channels each layer lost (by name)."""
@@ -225,10 +233,62 @@ class StructuredPruner:
                     removed[names[dep.layer]] = sorted(int(i) for i in idxs)
             group.prune()
         self.history = [list(h) if isinstance(h, tuple) else h for h in self.pruner.pruning_history()]
+        if self.norm_groups and self.pruner.current_step == self.pruner.iterative_steps:
+            self._say_group_rounding()
         return removed
 
     def layer_sparsity(self) -> dict[str, float]:
         return {n: 1.0 - _out_channels(m) / self.initial_out[n] for n, m in self.layers.items()}
+
+    def channel_sparsity(self) -> float:
+        """The share of output channels removed from the layers it may prune (those in
+        scope, the output layer aside)."""
+        total = sum(self.initial_out[n] for n in self.counted)
+        kept = sum(_out_channels(self.layers[n]) for n in self.counted)
+        return 1.0 - kept / total if total else 0.0
+
+    def _plain(self, channels: int, ratio: float) -> int:
+        """Channels Torch-Pruning removes of ``channels`` at ``ratio`` one channel at a time."""
+        removed = channels - int(channels * (1 - ratio))
+        if self.round_to > 1:
+            kept = channels - removed
+            removed = channels - (kept - kept % self.round_to)
+        return removed
+
+    def _say_group_rounding(self) -> None:
+        """A layer feeding a GroupNorm of G groups keeps a multiple of G channels: Torch-
+        Pruning removes them G at a time (one per group), which can land beyond the ratio
+        asked. Said after the last step: per layer with layer-wise ratios; for global
+        scope, in one line when the channels removed overall (coupled layers counted once)
+        are not those asked. Each layer once per process (a search prunes the same layers
+        in every trial)."""
+        import warnings
+
+        def got(name: str) -> str:
+            c0, c = self.initial_out[name], _out_channels(self.layers[name])
+            return f"layer {name}, {self.norm_groups[name]} groups: {c0 - c} of {c0} removed"
+
+        if not self.global_scope:
+            for name, groups in self.norm_groups.items():
+                c0, c = self.initial_out[name], _out_channels(self.layers[name])
+                asked = self._plain(c0, self.asked[name])
+                if c0 - c != asked and (name, groups) not in _SAID_ROUNDING:
+                    _SAID_ROUNDING.add((name, groups))
+                    warnings.warn(f"structured pruning removed {c0 - c} of layer {name}'s {c0} output channels "
+                                  f"({(c0 - c) / c0:.1%}), asked {self.asked[name]:.1%} ({asked}): it feeds a "
+                                  f"GroupNorm of {groups} groups, which keeps a multiple of {groups} channels",
+                                  PruningWarning, stacklevel=4)
+            return
+        total = sum(self.roots.values())
+        removed = total - sum(self.pruner.DG.get_out_channels(m) for m in self.roots)
+        asked = self._plain(total, self.sparsity)
+        key = tuple(sorted(self.norm_groups.items()))
+        if removed != asked and key not in _SAID_ROUNDING:
+            _SAID_ROUNDING.add(key)
+            warnings.warn(f"structured pruning removed {removed} of {total} output channels ({removed / total:.1%}), "
+                          f"asked {self.sparsity:.1%} ({asked}): a layer feeding a GroupNorm keeps a multiple of its "
+                          f"groups, and the global ranking counts its channels per group "
+                          f"({'; '.join(got(n) for n in self.norm_groups)})", PruningWarning, stacklevel=4)
 
 
 class PruningWarning(UserWarning):
@@ -267,6 +327,26 @@ def _coupled_to_foreign_parameters(model: nn.Module, example: torch.Tensor, laye
                           f"a parameter outside standard layers whose channel dimension cannot be known",
                           PruningWarning, stacklevel=3)
     return left, [(u.parameters, u.pruning_dim) for u in graph.unwrapped_parameters]
+
+
+_SAID_ROUNDING: set = set()  # the layers (and sets of them, global scope) whose rounding was said
+
+
+def _groupnorm_groups(pruner, layers: Mapping[str, nn.Module]) -> dict[str, int]:
+    """The layers whose output channels reach a GroupNorm of more than one group: name ->
+    its groups (the largest, when several)."""
+    import torch_pruning as tp
+
+    if not any(isinstance(m, nn.GroupNorm) for m in pruner.model.modules()):
+        return {}
+    found = {}
+    for name, layer in layers.items():
+        fn = tp.prune_conv_out_channels if isinstance(layer, nn.Conv2d) else tp.prune_linear_out_channels
+        groups = [dep.target.module.num_groups for dep, _ in pruner.DG.get_pruning_group(layer, fn, idxs=[0])
+                  if isinstance(dep.target.module, nn.GroupNorm) and dep.target.module.num_groups > 1]
+        if groups:
+            found[name] = max(groups)
+    return found
 
 
 def _out_channels(m: nn.Module) -> int:

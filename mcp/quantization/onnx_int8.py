@@ -14,15 +14,62 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import re
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
 from mcp.export.onnx import INPUT
 
 CALIBRATION = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
+NORMS = ("LayerNormalization", "InstanceNormalization", "BatchNormalization")  # ONNX Runtime's QDQNormalization
+_AXIS_LINE = re.compile(r"Axis -?\d+ is out-of-range for weight '(.*)' with rank 1$")
+_SEEN: set[str] = set()  # the quantizer's lines already let through in this process
+
+
+class _QuantizerLines(logging.Filter):
+    """ONNX Runtime's quantizer logs on the root logger, the same line once per node.
+
+    "Axis 1 is out-of-range for weight 'x' with rank 1" comes from each normalization
+    node (LayerNormalization; InstanceNormalization, which the export makes of a
+    GroupNorm): with per-channel weights it looks for channel axis 1 of the node's scale,
+    a 1-D vector that has none, and quantizes that scale per tensor instead, as it would
+    without per-channel weights. Nothing is wrong and nothing to do: for the scales of
+    normalization nodes (``norm_scales``) the line is left out. Any other line is let
+    through once per process."""
+
+    def __init__(self, norm_scales: set[str]):
+        super().__init__()
+        self.norm_scales = norm_scales
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        axis = _AXIS_LINE.match(message)
+        if axis and axis.group(1) in self.norm_scales:
+            return False
+        if message in _SEEN:
+            return False
+        _SEEN.add(message)
+        return True
+
+
+@contextlib.contextmanager
+def _quantizer_lines(model_path: str | Path) -> Iterator[None]:
+    """While ONNX Runtime quantizes the model at ``model_path``: see :class:`_QuantizerLines`."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    lines = _QuantizerLines({n.input[1] for n in graph.node if n.op_type in NORMS and len(n.input) > 1})
+    root = logging.getLogger()
+    root.addFilter(lines)
+    try:
+        yield
+    finally:
+        root.removeFilter(lines)
 
 
 class _Reader:
@@ -52,12 +99,14 @@ def static_int8(fp32_path: str | Path, out_path: str | Path, batches: Sequence, 
         prepped = Path(tmp) / "prepped.onnx"
         quant_pre_process(str(fp32_path), str(prepped), skip_symbolic_shape=True)
         _check_names(prepped, excluded)
-        quantize_static(str(prepped), str(out_path), reader_cls(batches), quant_format=QuantFormat.QDQ,
-                        per_channel=per_channel, reduce_range=reduce_range, activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8,
-                        calibrate_method=getattr(CalibrationMethod, CALIBRATION[observer]), nodes_to_exclude=excluded,
-                        extra_options={"WeightSymmetric": True, "ActivationSymmetric": False,
-                                       "OpTypesToExcludeOutputQuantization": ["Gemm"]})
+        with _quantizer_lines(prepped):
+            quantize_static(str(prepped), str(out_path), reader_cls(batches), quant_format=QuantFormat.QDQ,
+                            per_channel=per_channel, reduce_range=reduce_range, activation_type=QuantType.QUInt8,
+                            weight_type=QuantType.QInt8,
+                            calibrate_method=getattr(CalibrationMethod, CALIBRATION[observer]),
+                            nodes_to_exclude=excluded,
+                            extra_options={"WeightSymmetric": True, "ActivationSymmetric": False,
+                                           "OpTypesToExcludeOutputQuantization": ["Gemm"]})
     return Path(out_path)
 
 
@@ -125,8 +174,9 @@ def dynamic_int8(fp32_path: str | Path, out_path: str | Path, per_channel: bool 
     with tempfile.TemporaryDirectory() as tmp:
         rewritten = Path(tmp) / "matmul.onnx"
         onnx.save(model, str(rewritten))
-        quantize_dynamic(str(rewritten), str(out_path), op_types_to_quantize=["MatMul"], per_channel=per_channel,
-                         reduce_range=reduce_range, weight_type=QuantType.QInt8)
+        with _quantizer_lines(rewritten):
+            quantize_dynamic(str(rewritten), str(out_path), op_types_to_quantize=["MatMul"],
+                             per_channel=per_channel, reduce_range=reduce_range, weight_type=QuantType.QInt8)
     return Path(out_path)
 
 

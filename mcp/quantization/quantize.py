@@ -39,6 +39,7 @@ class QuantizeOutcome:
     history: dict[str, list[float]] | None = None  # fine-tuning curves, when the method trains
     stages: dict[str, int] = field(default_factory=dict)  # size after each stage (Deep Compression)
     run_id: str | None = None  # the MLflow run of a tracked mcp.* call
+    model_uri: str | None = None  # the model it logged: mcp.load(model_uri) rebuilds it
 
 
 def by_speed(model: nn.Module, shape: tuple[int, ...], spec: QuantSpec, opset: int = 17

@@ -199,6 +199,69 @@ def make_objective(problem: SearchProblem, open_log: Callable[[Any], ContextMana
     return objective
 
 
+@dataclass
+class Rebuilt:
+    """A trial's configuration rebuilt from the starting model and fine-tuned: the winner
+    of a study, before anything is logged or registered."""
+
+    number: int
+    config: Any  # mcp.search.space.TrialConfig, the ratios the trial used
+    tuned: Any  # mcp.search.trial.Finetuned: the model (weights on their grids) and its payload
+    metrics: dict[str, float]
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.tuned.model
+
+
+def rebuild(problem: SearchProblem, row: dict[str, Any], epochs: int = 0) -> Rebuilt:
+    """Prune the starting model as trial ``row`` (of :func:`trial_table`) did, with the
+    ratios it used, fine-tune it for ``epochs`` (0: the trial's own) with QAT at its bits,
+    and measure it on the validation and test splits."""
+    import dataclasses
+
+    import optuna
+
+    from mcp.evaluation.metrics import model_metrics
+    from mcp.search.space import sample
+    from mcp.search.trial import finetune_quantized, present, prune_candidate
+    from mcp.training import evaluate
+
+    p = problem
+    tc = sample(optuna.trial.FixedTrial(row["params"]), p.space)
+    if row.get("ratios"):  # the ratios the trial used (its samples moved to fill the budget)
+        tc = dataclasses.replace(tc, ratios=dict(row["ratios"]))
+    model = prune_candidate(p.base, p.input_shape, tc, p.calib, p.device)
+    tc = present(tc, model)
+    tuned = finetune_quantized(model, p.input_shape, tc, p.loaders, p.device, p.seed, epochs=epochs or tc.epochs,
+                               speed_calib=p.calib if p.budget_ms else None)
+    test = evaluate(tuned.model, p.loaders[2], p.device)
+    val = evaluate(tuned.model, p.loaders[1], p.device)
+    metrics = {"test_accuracy": test["accuracy"], "test_loss": test["loss"], "val_accuracy": val["accuracy"],
+               "size_bytes_compressed": float(len(tuned.payload)), **model_metrics(tuned.model, p.input_shape,
+                                                                                   p.device)}
+    tuned.model.eval()
+    return Rebuilt(row["number"], tc, tuned, metrics)
+
+
+def best_trials(rows: list[dict[str, Any]], count: int = 1, budget_ms: float = 0.0,
+                budget_batch: int = 1) -> list[dict[str, Any]]:
+    """The ``count`` best feasible complete trials by validation accuracy; ties go to the
+    faster under a latency budget (what the user asked for), else to the smaller."""
+    done = [t for t in rows if t["state"] == "complete" and t["feasible"]]
+    return sorted(done, key=lambda t: (-t["val_accuracy"], tie_break(t, budget_ms, budget_batch)))[:count]
+
+
+def tie_break(row: dict[str, Any], budget_ms: float = 0.0, budget_batch: int = 1) -> tuple[float, float]:
+    """Among trials or finalists equally accurate on the validation split: under a latency
+    budget the faster, else the smaller."""
+    size = row.get("size_bytes", row.get("size_bytes_compressed")) or 0.0
+    if budget_ms:
+        latency = row.get(latency_key(budget_batch))
+        return (latency if latency is not None else float("inf"), size)
+    return (size, 0.0)
+
+
 class SearchWarning(UserWarning):
     """Something the search could not do as asked, said once (a uniform start it could not seed)."""
 
@@ -243,6 +306,14 @@ def _start_params(space, ratios: dict[str, float], bits: dict[str, int], drop: i
 def _span(space, unit: str) -> str:
     lo, hi = space.ratio_of[unit]
     return f"[{lo:g}, {hi:g}]"
+
+
+def start_note(start: UniformStart, trials: int, sampler: str) -> str:
+    """'20 trials: the first 2 are uniform starting points (...), 18 sampled by tpe'."""
+    queued = len(start.queued)
+    return (f"{trials} trial{'s' if trials != 1 else ''}: the first {queued} {'are' if queued > 1 else 'is'} uniform "
+            f"starting point{'s' if queued > 1 else ''} ({start.describe()}), {max(0, trials - queued)} sampled by "
+            f"{sampler}" + (" (raise --trials for a search beyond the uniform starts)" if queued >= trials / 2 else ""))
 
 
 def enqueue_uniform(study, problem: SearchProblem, max_accuracy: bool, limit: int | None = None) -> UniformStart:

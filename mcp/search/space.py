@@ -1,6 +1,8 @@
 """Search spaces: YAML data -> validated space -> one trial's sampled configuration.
 
-A space file (``search_spaces/*.yaml``)::
+A space is a YAML file: one shipped with the package (:mod:`mcp.search.spaces`, named by
+its name: ``default``, ``structured``, ``lenet``, ``resnet``, ``resnet_latency``) or any
+file of your own::
 
     models: [lenet300_100, lenet5]     # which models it is for (the default file has none)
     prune:
@@ -31,7 +33,7 @@ from typing import Any, Mapping, Sequence
 
 from mcp.errors import ConfigError
 
-SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
+SPACES_DIR = Path(__file__).resolve().parent / "spaces"  # the shipped spaces (package data)
 TOP_KEYS = {"models", "prune", "quantize", "finetune", "layers", "groups", "description"}
 SECTION_KEYS = {"prune": {"ratio", "granularity", "criterion", "round_to", "drop_blocks"}, "quantize": {"bits"}, "finetune": {"epochs", "lr"}}
 LAYER_KEYS = {"ratio", "bits"}
@@ -116,6 +118,27 @@ def space_file_for(model: str) -> Path:
         if path.name != "default.yaml" and model in (read_space_file(path).get("models") or []):
             return path
     return SPACES_DIR / "default.yaml"
+
+
+def space_names() -> list[str]:
+    """The names of the shipped spaces (``default``, ``structured``, ...)."""
+    return sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))
+
+
+def resolve_space(space: str | Path, model: str = "") -> Path:
+    """The YAML file of ``space``: a shipped space's name (``default``, ``structured``, ...),
+    else a path to a YAML file; empty: the family file of ``model`` (:func:`space_file_for`)."""
+    text = str(space).strip()
+    if not text:
+        return space_file_for(model)
+    if text in space_names():
+        return SPACES_DIR / f"{text}.yaml"
+    path = Path(text).expanduser()
+    if not path.is_file():
+        hint = f" (did you mean {path.stem!r}?)" if path.stem in space_names() else ""
+        raise ConfigError(f"search space {text!r} does not exist: name a YAML file or a shipped space: "
+                          f"{', '.join(space_names())}{hint}")
+    return path
 
 
 def build_space(data: Mapping[str, Any], layers: Sequence[str], source: str = "space") -> Space:

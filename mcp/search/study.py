@@ -35,12 +35,10 @@ def within_budget(size: float, budget: float | None) -> bool:
 
 def load_space(cfg: SearchConfig, model, input_shape):
     from mcp.pruning.pruner import layers_in_order
-    from mcp.search.space import build_space, read_space_file, space_file_for
+    from mcp.search.space import build_space, read_space_file, resolve_space
 
     arch = str(getattr(model, "mcp_recipe", {}).get("name", cfg.model))  # an imported model: default.yaml
-    path = Path(cfg.space) if cfg.space else space_file_for(arch)
-    if not path.is_file():
-        raise ConfigError(f"search space {str(path)!r} does not exist")
+    path = resolve_space(cfg.space, arch)  # a shipped space's name, a YAML file, or the family's file
     layers = [n for n, _ in layers_in_order(model, input_shape)]
     return build_space(read_space_file(path), layers, path.name), path
 
@@ -261,7 +259,7 @@ def check_search(cfg: SearchConfig, splits, loaders, base) -> Checked:
         reachable = smallest_size(probe, splits.input_shape, space, calib, "cpu", cfg.seed, cfg.budget_on)
         if reachable > budget:
             hint = ("; the ONNX file stores pruned zeros densely and bits below 8 in INT8, so use a structured "
-                    "space such as search_spaces/structured.yaml or --budget-on compressed"
+                    "space such as --space structured, or --budget-on compressed"
                     if cfg.budget_on == "onnx" else "")
             raise ConfigError(f"budget {budget:,.0f} B is below the smallest size space {space_path.name!r} can "
                               f"reach ({reachable:,.0f} B measured as {cfg.budget_on}, every layer at its highest "

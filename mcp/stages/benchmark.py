@@ -85,7 +85,7 @@ def _prepare(cfg: BenchmarkConfig, splits, tmp: Path) -> list[dict[str, Any]]:
     from mcp.evaluation.metrics import count_macs, count_params, size_bytes_fp32
     from mcp.export import check_onnx
     from mcp.export.deploy import build_onnx
-    from mcp.stages.common import deployable_of, resolve_model_ref
+    from mcp.stages.common import deployable_of, other_test_set, resolve_model_ref
 
     prepared, seen = [], set()
     for i, ref in enumerate(_references(cfg)):
@@ -103,6 +103,7 @@ def _prepare(cfg: BenchmarkConfig, splits, tmp: Path) -> list[dict[str, Any]]:
         compressed = tracking.runs.run_metrics(run_id).get("size_bytes_compressed") if run_id else None
         prepared.append({"uri": uri, "label": _label(uri, info), "model": model, "path": path, "deploy_format": fmt,
                          "aliases": info[1] if info else [], "size_bytes_onnx": float(path.stat().st_size),
+                         "other_test_set": other_test_set(model.mcp_recipe, splits),
                          "size_kib_onnx": path.stat().st_size / 1024, "size_bytes_fp32": float(size_bytes_fp32(model)),
                          "macs": float(count_macs(model, splits.input_shape)), **count_params(model),
                          **({"size_bytes_compressed": compressed, "size_kib_compressed": compressed / 1024}
@@ -157,6 +158,18 @@ def _measure(cfg: BenchmarkConfig, row: dict[str, Any], splits, test_loader, gpu
     row.update(torch_latency_ms_p50_gpu=single["p50"], torch_throughput_ips_gpu=batched["throughput"])
 
 
+def test_set_note(rows: list[dict[str, Any]], splits) -> str:
+    """Which test images the table's accuracies are on, and which models were made with
+    other ones (their training may have seen these images)."""
+    where = (f"test set: {splits.test_fingerprint} ({len(splits.test):,} images of {splits.name}, {splits.how}) for "
+             f"every row")
+    others = [r["label"] for r in rows if r.get("other_test_set")]
+    if not others:
+        return where + "; every model was made with it"
+    return (where + f"; made with another test set: {', '.join(others)} (their figures at registration are on "
+            f"other images, and their training may have seen some of these)")
+
+
 def _compare(rows: list[dict[str, Any]], base: dict[str, Any]) -> None:
     for row in rows:
         row["accuracy_delta"] = row["test_accuracy"] - base["test_accuracy"]
@@ -187,8 +200,10 @@ def run_benchmark(cfg: BenchmarkConfig, show_progress: bool | None = None) -> Be
                        "gpu": torch.cuda.get_device_name(0) if gpu else "not available",
                        "models_resolved": ",".join(r["uri"] for r in rows)}
         tags = {schema.MODEL: cfg.model, schema.DATASET: cfg.dataset}
-        with tracking.stage_run("benchmark", {**cfg.to_dict(), **environment}, tags,
-                                run_name=f"benchmark-{cfg.dataset}") as run:
+        data = {f"data_{k}": v for k, v in splits.summary().items()}
+        with tracking.stage_run("benchmark", {**cfg.to_dict(), **data, **environment}, tags,
+                                run_name=f"benchmark-{cfg.dataset}",
+                                registered_model=schema.registered_name_of(base["uri"]) or "") as run:
             for row in tqdm(rows, desc="benchmark", unit="model", disable=None if show_progress is None
                             else not show_progress):
                 _measure(cfg, row, splits, test_loader, gpu)
@@ -207,7 +222,8 @@ def run_benchmark(cfg: BenchmarkConfig, show_progress: bool | None = None) -> Be
                 csv.writer(fh).writerows([header, *values])
             tracking.log_artifact(path)
             note = (f"baseline: {base['label']} ({base['uri']}); CPU: {environment['processor']}, "
-                    f"{cfg.threads} thread(s), onnxruntime {onnxruntime.__version__}; GPU: {environment['gpu']}")
+                    f"{cfg.threads} thread(s), onnxruntime {onnxruntime.__version__}; GPU: {environment['gpu']}\n"
+                    + test_set_note(rows, splits))
             tracking.runs.log_text(f"{table}\n\n{note}\n", "benchmark.md")
             log_plot(plot_tradeoffs, "tradeoffs.png", rows, title=f"{cfg.dataset}: deployed ONNX models "
                                                                   f"(Pareto front in red)")

@@ -23,22 +23,98 @@ def setup_data(cfg: DataOptions):
 
     device = resolve_device(cfg.device)
     splits = load_dataset(cfg.dataset, cfg.data_dir, cfg.download, cfg.input_shape or None,
-                          cfg.num_classes, cfg.val_fraction, cfg.augment)
+                          cfg.num_classes, cfg.val_fraction, cfg.augment, cfg.split_file)
     loaders = make_loaders(splits, cfg.batch_size, cfg.workers, cfg.seed, pin_memory=device == "cuda")
     return device, splits, loaders
+
+
+def data_recipe(splits) -> dict[str, Any]:
+    """What a model made on ``splits`` records of its data (recipe keys): the dataset and
+    its classes, and the settings that load the same splits again (``data``: dataset,
+    folder, input shape, augmentation, split, the test set's fingerprint)."""
+    return {"dataset": splits.name, "class_names": splits.class_names, "data": splits.record()}
 
 
 def log_and_register(model: nn.Module, example: torch.Tensor, extra_recipe: Mapping[str, Any],
                      registered: str | None, alias: str | None, tags: Mapping[str, Any]) -> tuple[str, str | None]:
     """Log the model into the active run; register it when ``registered`` is a name.
-    Returns (model URI of the logged model, registered version or None)."""
+    Returns (model URI of the logged model, registered version or None). The recipe's
+    recorded data (``extra_recipe["data"]``, see :func:`data_recipe`) also tags the run
+    and the version: the test set's fingerprint, and the data settings as JSON."""
+    import json
+
     from mcp import tracking
 
+    data = extra_recipe.get("data")
+    if data:
+        tracking.runs.set_tag(schema.TEST_FINGERPRINT, data["test_fingerprint"])
+        tags = {**tags, "test_fingerprint": data["test_fingerprint"], "data": json.dumps(data, sort_keys=True)}
+        if data.get("split_file"):  # the user's split, kept with the model it made
+            tracking.log_artifact(data["split_file"], "data")
     info = tracking.log_model(model, example, extra_recipe)
     if not registered:
         return info.model_uri, None
     version = tracking.register_model(info.model_uri, registered, alias, tags)
     return info.model_uri, str(version.version)
+
+
+def model_ref_of(cls: type, values: Mapping[str, Any]) -> str:
+    """The model whose recorded data a stage of config ``cls`` reuses, from its given
+    ``values``: the model it starts from (``model_uri``), a distillation's student or
+    teacher given as a model reference, a benchmark's first model or registered model.
+    '' when there is none (a zoo model's name is ``<model>-<dataset>``: the dataset is
+    part of the name)."""
+    from mcp.config import (BenchmarkConfig, DistillConfig, ImportConfig, PipelineConfig, SplitConfig, StartModel,
+                            TrainConfig)
+    from mcp.models import model_names
+
+    def ref(value: Any) -> str:
+        text = str(value or "").strip()
+        return "" if not text or text in model_names() else text
+
+    if issubclass(cls, (TrainConfig, ImportConfig)):
+        return ""  # they are where data settings are given
+    if issubclass(cls, (StartModel, PipelineConfig, SplitConfig)):
+        return ref(values.get("model_uri"))
+    if issubclass(cls, DistillConfig):
+        return ref(values.get("student")) or ref(values.get("teacher"))
+    if issubclass(cls, BenchmarkConfig):
+        first = next((r for r in (ref(v) for v in str(values.get("models") or "").split(",")) if r), "")
+        registered = str(values.get("registered_model") or "").strip()
+        return first or ref(values.get("baseline")) or (f"{registered}@{schema.BASELINE}" if registered else "")
+    return ""
+
+
+def with_recorded_data(cls: type, values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` (the options given) completed with the data settings the starting model
+    recorded (see :func:`model_ref_of`): a registered model remembers its dataset, folder,
+    input shape, augmentation, validation share and split file, and a stage started from
+    it uses them unless told otherwise. Precedence: defaults < recorded < config file <
+    command line. A recorded folder or split file that is no longer there is one line
+    naming it and the option that overrides it."""
+    from mcp import tracking
+    from mcp.config import DATA_RECORDED
+
+    out = dict(values)
+    ref = model_ref_of(cls, values)
+    if not ref:
+        return out
+    uri = reference_uri(ref, str(values.get("dataset") or ""))
+    recipe = tracking.models.read_recipe(uri) or {}
+    recorded = dict(recipe.get("data") or ({"dataset": recipe["dataset"]} if recipe.get("dataset") else {}))
+    if not recorded:
+        return out
+    if out.get("dataset") not in (None, "", recorded.get("dataset")):
+        return out  # another dataset: none of the recorded settings apply
+    for key in DATA_RECORDED:
+        if out.get(key) in (None, "", 0) and recorded.get(key) not in (None, ""):
+            out[key] = recorded[key]
+            for name, option in (("data_dir", "--data-dir"), ("split_file", "--split-file")):
+                if key == name and out[key] and not Path(str(out[key])).exists():
+                    raise McpError(f"{uri} was made on {recorded.get('dataset')} data with {name} "
+                                   f"{str(out[key])!r}, which does not exist here; pass {option} with where "
+                                   f"it is now")
+    return out
 
 
 class DeploymentWarning(UserWarning):
@@ -66,7 +142,9 @@ def deployment_figures(model: nn.Module, shape: Sequence[int], deployed: Path | 
     """What the model costs at deployment: the CPU p50 (batch 1, one thread, ONNX Runtime)
     of its deployed ONNX file (``deployed``; None: its float32 export), of the float32
     baseline's export and of the starting model's deployed file (``parent``: the model
-    and its URI), timed side by side in one process. Says in one line (a
+    and its URI), timed side by side in one process. A baseline that is the parent (the same
+    model: the parent is the lineage's baseline, or stands in for it) is timed once, as the
+    parent, and both figures are that one time. Says in one line (a
     :class:`DeploymentWarning`) when the model deploys slower than its starting model;
     with ``refuse`` (a prefix and a hint) raises that line as an :class:`McpError`
     instead, for a model whose only purpose was speed."""
@@ -77,9 +155,10 @@ def deployment_figures(model: nn.Module, shape: Sequence[int], deployed: Path | 
     from mcp.export.onnx import export_onnx
 
     seconds = timing_seconds()
+    same = baseline is not None and parent is not None and baseline is parent[0]  # one model, timed once
     with tempfile.TemporaryDirectory() as tmp:
         paths = [deployed or export_onnx(model, shape, Path(tmp) / "model.onnx")]
-        if baseline is not None:
+        if baseline is not None and not same:
             paths.append(export_onnx(baseline, shape, Path(tmp) / "baseline.onnx"))
         if parent is not None:
             found = deployable_of(parent[1], Path(tmp)) if parent[1] else None
@@ -87,7 +166,8 @@ def deployment_figures(model: nn.Module, shape: Sequence[int], deployed: Path | 
         times = compare([str(p) for p in paths], tuple(shape), 1, seconds)
     figures = {"latency_ms_p50_cpu": times[0]}
     if baseline is not None:
-        figures.update(baseline_latency_ms_p50_cpu=times[1], speedup_p50_cpu_vs_baseline=times[1] / times[0])
+        base = times[-1] if same else times[1]
+        figures.update(baseline_latency_ms_p50_cpu=base, speedup_p50_cpu_vs_baseline=base / times[0])
     if parent is not None:
         figures.update(parent_latency_ms_p50_cpu=times[-1], speedup_p50_cpu_vs_parent=times[-1] / times[0])
         if times[0] > (1 + SLOWER_MARGIN) * times[-1]:
@@ -127,7 +207,36 @@ def resolve_model_ref(ref: str, dataset: str, splits,
     if tuple(recipe["input_shape"]) != tuple(splits.input_shape) or recipe["num_classes"] != splits.num_classes:
         raise McpError(f"model {uri!r} expects input {recipe['input_shape']} and {recipe['num_classes']} classes; "
                        f"dataset {dataset!r} gives {list(splits.input_shape)} and {splits.num_classes}")
+    warn_other_test_set(uri, recipe, splits)
     return loaded, uri, recipe["name"]
+
+
+class TestSetWarning(UserWarning):
+    """A model compared with figures measured on another test set than the one it was made with."""
+
+
+def other_test_set(recipe: Mapping[str, Any], splits) -> str:
+    """'' when the model ``recipe`` describes was made with ``splits``' test set (or does
+    not say), else a clause saying which test set it was made with."""
+    made = (recipe.get("data") or {}).get("test_fingerprint")
+    if not made or made == splits.test_fingerprint:
+        return ""
+    size = (recipe.get("data") or {}).get("test_size")
+    return (f"it was made with test set {made}" + (f" ({size:,} images)" if isinstance(size, int) else "")
+            + f", this run tests on {splits.test_fingerprint} ({len(splits.test):,} images)")
+
+
+def warn_other_test_set(uri: str, recipe: Mapping[str, Any], splits) -> None:
+    """One warning line when a model is measured on another test set than its own: its
+    training may have seen these test images, and figures against it compare different
+    images."""
+    import warnings
+
+    clause = other_test_set(recipe, splits)
+    if clause:
+        warnings.warn(f"{uri}: {clause}; its figures here are on other images than its own, and its training may "
+                      f"have seen some of them (give the model's own data settings, or none, to use its test set)",
+                      TestSetWarning, stacklevel=2)
 
 
 def study_storage(storage: str) -> str:

@@ -84,6 +84,7 @@ def _distill(cfg: DistillConfig, teacher: nn.Module, teacher_uri: str, student: 
     from mcp.evaluation.plots import plot_training_curves
     from mcp.stages.common import (
         DEPLOY_KEYS,
+        data_recipe,
         deployment_figures,
         finetune_of,
         lineage_baseline,
@@ -129,6 +130,6 @@ def _distill(cfg: DistillConfig, teacher: nn.Module, teacher_uri: str, student: 
                                                          "params_nonzero", "size_bytes_fp32") + DEPLOY_KEYS if k in metrics},
                     **ref.version_tags(metrics)}
     _, version = log_and_register(student, next(iter(test_loader))[0][:4],
-                                  {"dataset": cfg.dataset, "class_names": splits.class_names,
+                                  {**data_recipe(splits),
                                    "distilled_from": teacher_uri}, reg_name, None, version_tags)
     return DistillResult(run_id, metrics, student, teacher_uri, reg_name, version, ref)

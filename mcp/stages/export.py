@@ -56,7 +56,8 @@ def run_export(cfg: ExportConfig, show_progress: bool | None = None) -> ExportRe
         ref = lineage_baseline(model, uri, test_loader, device, metrics["test_accuracy"], cfg.trust_pickled_model)
         metrics.update(export_figures(metrics, ref))
 
-        params = {**cfg.to_dict(), "source_model": uri, "deploy_format": fmt}
+        params = {**cfg.to_dict(), **{f"data_{k}": v for k, v in splits.summary().items()}, "source_model": uri,
+                  "deploy_format": fmt}
         tags = {schema.MODEL: arch, schema.DATASET: cfg.dataset, schema.PARENT_MODEL: uri, schema.DEPLOY_FORMAT: fmt,
                 **ref.run_tags()}
         with tracking.stage_run("export", params, tags, run_name=f"export-{arch}-{cfg.dataset}") as run:

@@ -16,6 +16,7 @@ from torch import nn
 
 from mcp import tracking
 from mcp.config import ImportConfig
+from mcp.data.split import SPLIT_OF_MCP
 from mcp.errors import McpError
 from mcp.evaluation.metrics import model_metrics, peak_memory_mb
 from mcp.evaluation.plots import plot_training_curves
@@ -29,7 +30,7 @@ from mcp.models.foreign import (
     read_weights,
     replace_head,
 )
-from mcp.stages.common import deployment_figures, finetune_of, log_and_register, setup_data
+from mcp.stages.common import data_recipe, deployment_figures, finetune_of, log_and_register, setup_data
 from mcp.tracking import schema
 from mcp.tracking.tables import log_plot
 from mcp.training import evaluate
@@ -43,6 +44,7 @@ class ImportResult:
     model: nn.Module
     registered_name: str | None
     registered_version: str | None
+    test_set: str = ""  # which images it was measured on, and how they were split off
 
 
 def build_model(cfg: ImportConfig, splits) -> tuple[nn.Module, dict[str, Any]]:
@@ -127,6 +129,8 @@ def run_import(cfg: ImportConfig, show_progress: bool | None = None) -> ImportRe
                         **{k: f"{metrics[k]:.6g}" for k in ("test_accuracy", "params_total", "macs",
                                                              "size_bytes_fp32", "latency_ms_p50_cpu")}}
         _, version = log_and_register(model, next(iter(test_loader))[0][:4],
-                                      {"dataset": cfg.dataset, "class_names": splits.class_names},
-                                      reg_name, schema.BASELINE if reg_name else None, version_tags)
-    return ImportResult(run.info.run_id, metrics, model, reg_name, version)
+                                      data_recipe(splits), reg_name, schema.BASELINE if reg_name else None, version_tags)
+    test_set = (f"{len(splits.test):,} images of {splits.name} ({splits.how}), test set {splits.test_fingerprint}"
+                + ("" if cfg.split_file or splits.how != SPLIT_OF_MCP else
+                   "; if your training saw any of them, give your split with --split-file (`mcp split` writes mcp's)"))
+    return ImportResult(run.info.run_id, metrics, model, reg_name, version, test_set)

@@ -67,7 +67,7 @@ def run_pipeline(cfg: PipelineConfig, show_progress: bool | None = None) -> Pipe
         bar = tqdm(STEPS, desc="pipeline", unit="step", disable=None if show_progress is None else not show_progress)
         steps = iter(bar)
         rows = _compress(cfg, base_uri, checked, steps, bar, show_progress, arch)
-        champion = _promote(cfg, rows, next(steps), bar)
+        champion = _promote(cfg, rows, next(steps), bar, show_progress)
         bar.close()
         budget = checked.budget or 0.0
         markdown = _summary(cfg, rows, budget, champion)
@@ -106,6 +106,7 @@ def _compress(cfg: PipelineConfig, base_uri: str, checked, steps, bar, show_prog
     def step() -> str:
         name = next(steps)
         bar.set_postfix_str(name)
+        announce(name, show_progress)
         return name
 
     step()
@@ -172,13 +173,24 @@ def _compress(cfg: PipelineConfig, base_uri: str, checked, steps, bar, show_prog
     return rows
 
 
-def _promote(cfg: PipelineConfig, rows: list[dict[str, Any]], name: str, bar) -> dict | None:
+def announce(name: str, show_progress: bool | None) -> None:
+    """'pipeline: step 2/7, prune' on stderr where no progress bar shows (a log file)."""
+    import sys
+
+    from mcp.search.progress import lines_mode
+
+    if lines_mode(show_progress):
+        print(f"pipeline: step {STEPS.index(name) + 1}/{len(STEPS)}, {name}", file=sys.stderr, flush=True)
+
+
+def _promote(cfg: PipelineConfig, rows: list[dict[str, Any]], name: str, bar, show_progress: bool | None) -> dict | None:
     """The most accurate compressed model within the budget (ties: the smaller) gets
     ``champion``; None when no compressed model fits the budget."""
     from mcp import tracking
     from mcp.stages.promote import run_promote
 
     bar.set_postfix_str(name)
+    announce(name, show_progress)
     fitting = [r for r in rows if r["within_budget"]]
     if not fitting:
         return None

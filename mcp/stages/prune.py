@@ -17,6 +17,7 @@ from mcp.pruning.finetune import prune_and_finetune
 from mcp.stages.common import (
     DEPLOY_KEYS,
     Baseline,
+    data_recipe,
     deployment_figures,
     find_base_model,
     finetune_of,
@@ -167,8 +168,7 @@ def _prune_one(cfg: PruneConfig, ratios: dict[str, float], base: nn.Module, base
             **{k: f"{metrics[k]:.6g}" for k in ("test_accuracy", "params_nonzero", "macs", "latency_ms_p50_cpu",
                                                  "size_bytes_compressed") + DEPLOY_KEYS if k in metrics},
             **ref.version_tags(metrics)}
-    _, version = log_and_register(model, next(iter(test_loader))[0][:4], {"dataset": cfg.dataset,
-                                  "class_names": splits.class_names}, reg_name, None, tags)
+    _, version = log_and_register(model, next(iter(test_loader))[0][:4], data_recipe(splits), reg_name, None, tags)
     return PruneResult(run_id, metrics, model, layer_sparsity, reg_name, version, baseline=ref)
 
 

@@ -20,6 +20,7 @@ from mcp.quantization.quantize import quantize_model
 from mcp.stages.common import (
     DEPLOY_KEYS,
     Baseline,
+    data_recipe,
     deployment_figures,
     find_base_model,
     finetune_of,
@@ -175,7 +176,7 @@ def _quantize(cfg: QuantizeConfig, layer_bits: dict[str, int], base: nn.Module, 
                                                          "size_bytes_onnx") + DEPLOY_KEYS},
                     **ref.version_tags(metrics)}
     _, version = log_and_register(model, next(iter(test_loader))[0][:4],
-                                  {"dataset": cfg.dataset, "class_names": splits.class_names,
+                                  {**data_recipe(splits),
                                    "quantization": {**outcome.quantization, "calib_batches": cfg.calib_batches,
                                                     "calib_batch_size": cfg.batch_size}},
                                   reg_name, None, version_tags)

@@ -22,8 +22,8 @@ import torch
 
 from mcp.config import SearchConfig
 from mcp.errors import McpError
-from mcp.search.objective import (BATCH_LATENCY_KEY, SearchProblem, enqueue_uniform, latency_key, make_objective,
-                                  trial_table)
+from mcp.search.objective import (BATCH_LATENCY_KEY, SearchProblem, best_trials, enqueue_uniform, latency_key,
+                                  make_objective, rebuild, start_note, tie_break, trial_table)
 from mcp.search.claims import Claims, Heartbeat
 from mcp.search.study import (
     SIZE_KEY,
@@ -79,7 +79,10 @@ def run_search(cfg: SearchConfig, show_progress: bool | None = None) -> SearchRe
     tags = {schema.MODEL: arch, schema.DATASET: cfg.dataset, schema.PARENT_MODEL: base_uri,
             schema.STUDY_NAME: cfg.name(), schema.SEARCH_MODE: cfg.mode}
     try:
-        with tracking.stage_run("search", params, tags, run_name=f"search-{cfg.name()}") as run:
+        made_with = study.user_attrs.get(TRACKING_RUN_ATTR)  # a worker joining a study joins its experiment
+        joined = tracking.runs.experiment_of(made_with) if made_with else None
+        with tracking.stage_run("search", params, tags, run_name=f"search-{cfg.name()}",
+                                study_experiment_id=joined) as run:
             remember_tracking_store(study, run.info.run_id)
             claims.note = run.info.run_id  # what a worker that takes over this one's work ends KILLED
             tracking.runs.set_tag(schema.SPACE, space_path.read_text())
@@ -218,6 +221,7 @@ def _start_uniform(ctx: _Context) -> str:
     start = enqueue_uniform(ctx.study, ctx.problem, ctx.cfg.mode == "max-accuracy", limit=ctx.cfg.trials)
     if start.queued:
         tracking.runs.set_tag(schema.UNIFORM_START, start.describe())
+        click.echo(f"study {ctx.cfg.name()!r}: {start_note(start, ctx.cfg.trials, ctx.cfg.sampler)}", err=True)
     if start.warning:
         click.echo(f"warning: {start.warning}", err=True)
         tracking.runs.set_tag(schema.UNIFORM_WARNING, start.warning)
@@ -260,14 +264,18 @@ def _optimize(ctx: _Context, claims, show_progress: bool | None) -> None:
 
     import click
     import optuna
-    from tqdm.auto import tqdm
 
     from mcp import tracking
+    from mcp.search.progress import TrialProgress
 
     cfg, study = ctx.cfg, ctx.study
     done_states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    bar = tqdm(total=cfg.trials, initial=min(cfg.trials, len(study.get_trials(deepcopy=False, states=done_states))),
-               desc=f"search {cfg.name()}", unit="trial", disable=None if show_progress is None else not show_progress)
+
+    def done() -> int:
+        return len(study.get_trials(deepcopy=False, states=done_states))
+
+    progress = TrialProgress(cfg.name(), cfg.trials, done(), ctx.budget, cfg.budget_on, cfg.budget_ms,
+                             latency_key(cfg.budget_batch), show_progress)
 
     class RunLog:
         def metrics(self, values: dict[str, float], step: int | None = None) -> None:
@@ -293,8 +301,9 @@ def _optimize(ctx: _Context, claims, show_progress: bool | None) -> None:
         ticket = None if out_of_time or attempts >= cfg.trials else _take_ticket(claims, cfg.trials)
         if ticket is not None:
             attempts += 1  # a worker tries at most --trials trials per call, whatever fails
-            if _run_trial(ctx, claims, ticket, objective):
-                bar.update(1)
+            finished = _run_trial(ctx, claims, ticket, objective)
+            if finished is not None:
+                progress.trial(study._storage.get_trial(finished._trial_id), done())
             continue
         if not _unfinished(study, claims):
             break
@@ -302,7 +311,7 @@ def _optimize(ctx: _Context, claims, show_progress: bool | None) -> None:
             click.echo(f"study {cfg.name()!r}: waiting for other workers' running trials", err=True)
             waited = True
         time.sleep(poll)
-    bar.close()
+    progress.close()
 
 
 def _ticket_earlier_trials(study, claims) -> int:
@@ -339,9 +348,9 @@ def _take_ticket(claims, total: int) -> str | None:
     return None
 
 
-def _run_trial(ctx: _Context, claims, ticket: str, objective) -> bool:
+def _run_trial(ctx: _Context, claims, ticket: str, objective):
     """Ask Optuna for the next trial (a queued one first), run it under ``ticket`` and tell
-    Optuna how it ended; True when it finished (complete, pruned or infeasible)."""
+    Optuna how it ended; the trial when it finished (complete, pruned or infeasible), else None."""
     import warnings
 
     import click
@@ -360,7 +369,7 @@ def _run_trial(ctx: _Context, claims, ticket: str, objective) -> bool:
             # two workers popped the same queued trial at once (SQLite reads without locking): the other runs it
         else:
             claims.release(ticket)
-            return False
+            return None
         claims.set_value(ticket, str(trial.number))
     except BaseException:  # a signal (or a lost database) before the trial started: its ticket is free again
         claims.release(ticket)
@@ -372,13 +381,13 @@ def _run_trial(ctx: _Context, claims, ticket: str, objective) -> bool:
         values = objective(trial)
     except optuna.TrialPruned:
         study.tell(trial, state=optuna.trial.TrialState.PRUNED, skip_if_finished=True)
-        return True
+        return trial
     except (RuntimeError, ValueError, McpError) as exc:
         study.tell(trial, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
         claims.release(ticket)  # another trial takes its place
         click.echo(f"warning: trial {trial.number} of study {cfg.name()!r} failed: "
                    f"{(str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]}", err=True)
-        return False
+        return None
     except BaseException:  # Ctrl-C, SIGTERM: the trial ends FAIL (its run KILLED) and its ticket is free again
         try:
             study.tell(trial, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
@@ -388,7 +397,7 @@ def _run_trial(ctx: _Context, claims, ticket: str, objective) -> bool:
     finally:
         beat.stop()
     study.tell(trial, values, skip_if_finished=True)
-    return True
+    return trial
 
 
 def _final(ctx: _Context, claims, trials: list[dict[str, Any]], show_progress: bool | None) -> list[dict[str, Any]]:
@@ -422,7 +431,7 @@ def _winners(ctx: _Context, trials: list[dict[str, Any]]) -> list[dict[str, Any]
     if not done:
         return []
     if ctx.cfg.mode == "max-accuracy":
-        chosen = sorted(done, key=lambda t: (-t["val_accuracy"], _tie_break(ctx, t)))[:ctx.cfg.finalists]
+        chosen = best_trials(done, ctx.cfg.finalists, ctx.cfg.budget_ms, ctx.cfg.budget_batch)
     else:
         points = [(-t["val_accuracy"], t["size_bytes"]) + ((t["latency_ms_p50_cpu"],) if ctx.cfg.latency else ())
                   for t in done]
@@ -443,13 +452,7 @@ def _winners(ctx: _Context, trials: list[dict[str, Any]]) -> list[dict[str, Any]
 
 
 def _tie_break(ctx: _Context, row: dict[str, Any]) -> tuple[float, float]:
-    """Among trials or finalists equally accurate on the validation split: under a latency
-    budget the faster (what the user asked for), else the smaller."""
-    size = row.get("size_bytes", row.get("size_bytes_compressed")) or 0.0
-    if ctx.cfg.budget_ms:
-        latency = row.get(latency_key(ctx.cfg.budget_batch))
-        return (latency if latency is not None else float("inf"), size)
-    return (size, 0.0)
+    return tie_break(row, ctx.cfg.budget_ms, ctx.cfg.budget_batch)
 
 
 WINNER_KEYS = ("test_accuracy", "val_accuracy", "size_bytes_compressed", "size_bytes_onnx", "onnx_test_accuracy",
@@ -496,32 +499,16 @@ def _rebuild(ctx: _Context, t: dict[str, Any]) -> dict[str, Any]:
     """Prune, fine-tune (``--final-epochs``), test and register one trial's configuration;
     ``within_budget`` says whether the result still fits (longer fine-tuning can move a
     few weights onto or off zero)."""
-    import optuna
-
     from mcp import tracking
-    from mcp.evaluation.metrics import model_metrics
-    from mcp.search import sample
     from mcp.pruning.depth import removed_blocks
-    from mcp.search.trial import finetune_quantized, present, prune_candidate
-    from mcp.stages.common import DEPLOY_KEYS, log_and_register
-    from mcp.training import evaluate
+    from mcp.stages.common import DEPLOY_KEYS, data_recipe, log_and_register
 
-    cfg, shape = ctx.cfg, ctx.splits.input_shape
-    tc = sample(optuna.trial.FixedTrial(t["params"]), ctx.space)
-    if t.get("ratios"):  # the ratios the trial used (its samples moved to fill the budget)
-        tc = dataclasses.replace(tc, ratios=dict(t["ratios"]))
+    cfg = ctx.cfg
     with tracking.stage_run("search", {"trial": t["number"], **t["params"]},
                             {schema.STUDY_NAME: cfg.name(), schema.TRIAL_NUMBER: str(t["number"]),
                              schema.PARENT_MODEL: ctx.base_uri}, run_name=f"winner-trial-{t['number']}") as run:
-        model = prune_candidate(ctx.base, shape, tc, ctx.calib, ctx.device)
-        tc = present(tc, model)
-        tuned = finetune_quantized(model, shape, tc, ctx.loaders, ctx.device, cfg.seed,
-                                   epochs=cfg.final_epochs or tc.epochs, speed_calib=ctx.calib if cfg.budget_ms else None)
-        model = tuned.model
-        test = evaluate(model, ctx.loaders[2], ctx.device)
-        val = evaluate(model, ctx.loaders[1], ctx.device)
-        metrics = {"test_accuracy": test["accuracy"], "test_loss": test["loss"], "val_accuracy": val["accuracy"],
-                   "size_bytes_compressed": float(len(tuned.payload)), **model_metrics(model, shape, ctx.device)}
+        rebuilt = rebuild(ctx.problem, t, cfg.final_epochs)
+        tc, tuned, model, metrics = rebuilt.config, rebuilt.tuned, rebuilt.model, rebuilt.metrics
         deploy_format = _log_deployable(ctx, tuned, t["number"], metrics)
         metrics.update(_figures(ctx, metrics["onnx_test_accuracy"], metrics["size_bytes_compressed"]))
         within = within_budget(metrics[SIZE_KEY[cfg.budget_on]], ctx.budget) and (
@@ -545,7 +532,7 @@ def _rebuild(ctx: _Context, t: dict[str, Any]) -> dict[str, Any]:
         quantization = {"method": "qat", "bits": tc.bits, "act_bits": 0, "symmetric": True, "per_channel": True,
                         "observer": "minmax", "coding": "fixed", "reduce_range": False}
         _, version = log_and_register(model, next(iter(ctx.loaders[2]))[0][:4],
-                                      {"dataset": cfg.dataset, "class_names": ctx.splits.class_names,
+                                      {**data_recipe(ctx.splits),
                                        "quantization": quantization, "search": {"study": cfg.name(),
                                                                                 "trial": t["number"]}},
                                       reg_name, None, version_tags)

@@ -46,7 +46,7 @@ def run_train(cfg: TrainConfig, show_progress: bool | None = None) -> TrainResul
     from mcp.evaluation.metrics import model_metrics, peak_memory_mb
     from mcp.evaluation.plots import plot_training_curves
     from mcp.models import create_model
-    from mcp.stages.common import deployment_figures, log_and_register, setup_data
+    from mcp.stages.common import data_recipe, deployment_figures, log_and_register, setup_data
     from mcp.tracking.tables import log_plot
     from mcp.training import EarlyStopping, ProgressBar, Trainer, build_optimizer, build_scheduler, evaluate
     from mcp.training.checkpoint import CheckpointEveryEpoch, load_checkpoint, restore_trainer
@@ -108,8 +108,7 @@ def run_train(cfg: TrainConfig, show_progress: bool | None = None) -> TrainResul
                         **{k: f"{metrics[k]:.6g}" for k in
                            ("test_accuracy", "params_total", "macs", "size_bytes_fp32", "latency_ms_p50_cpu")}}
         _, reg_version = log_and_register(model, next(iter(test_loader))[0][:4],
-                                          {"dataset": cfg.dataset, "class_names": splits.class_names},
-                                          reg_name, "baseline", version_tags)
+                                          data_recipe(splits), reg_name, "baseline", version_tags)
     return TrainResult(run_id, f"runs:/{run_id}/{tracking.models.ARTIFACT_PATH}", reg_name, reg_version,
                        metrics, ckpt, model)
 

@@ -1,19 +1,22 @@
 """Logging, registering and loading models.
 
-A model is logged with MLflow's PyTorch flavor (so ``mlflow.pytorch.load_model`` and
-pyfunc serving work) and, beside it, the recipe that rebuilds its architecture plus
-its ``state_dict``. :func:`load_model` prefers recipe + state_dict, which survives
+A model is logged with MLflow's PyTorch flavor (MLflow 3's pt2 format: torch.export's
+graph of the model in eval mode, no pickle; ``mlflow.pytorch.load_model`` gives a
+``torch.fx.GraphModule`` to call, whose ``.eval()``/``.train()`` raise, and pyfunc
+serving works) and, beside it, the recipe that rebuilds its architecture plus its
+``state_dict``. :func:`load_model` prefers recipe + state_dict, which survives
 code changes that break pickles and checks that weights and architecture match.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -51,8 +54,10 @@ def log_model(model: nn.Module, example: torch.Tensor, extra_recipe: Mapping[str
     if not recipe:
         raise ValueError("model has no mcp_recipe; build it with mcp.models.create_model")
     recipe.update(extra_recipe or {})
-    model = model.to("cpu").eval()
+    model = model.to("cpu").eval()  # MLflow's pt2 copy is traced now: in eval mode, for good
     x = example.to("cpu")
+    if x.shape[0] < 2:  # torch.export fixes a batch dimension of 1: MLflow's loaders would take only batch 1
+        x = torch.cat([x, x])
     with torch.no_grad():
         y = model(x)
     signature = infer_signature(x.numpy(), y.numpy())
@@ -62,26 +67,101 @@ def log_model(model: nn.Module, example: torch.Tensor, extra_recipe: Mapping[str
         torch.save(model.state_dict(), state_path)
         return mlflow.pytorch.log_model(
             model, name=ARTIFACT_PATH, signature=signature, input_example=x.numpy(),
-            extra_files=[str(recipe_path), str(state_path)], pip_requirements=_requirements(),
+            extra_files=[str(recipe_path), str(state_path)], pip_requirements=_requirements(), **_pt2_format(),
         )
 
 
+def _pt2_format() -> dict[str, str]:
+    """MLflow's pt2 format (torch.export's graph, no pickle) whatever MLflow's default is:
+    pickle on a Databricks tracking URI and in the first MLflow versions that offered the
+    choice. MLflow versions older than ``serialization_format`` write their default."""
+    import inspect
+
+    import mlflow
+
+    wanted = "serialization_format" in inspect.signature(mlflow.pytorch.log_model).parameters
+    return {"serialization_format": "pt2"} if wanted else {}
+
+
 @mlflow_write
-def log_weights(model: nn.Module) -> None:
-    """Log what a Python API call produced into the active run: the model with its recipe
-    when it has one (so it reloads, registers and compresses further), else its
-    ``state_dict`` as ``weights/model.safetensors`` (no pickle; load it into your class)."""
+def log_weights(model: nn.Module, input_shape: Sequence[int] | None = None, num_classes: int | None = None) -> str:
+    """Log what a Python API call produced into the active run, so that :func:`load_api`
+    (``mcp.load``) rebuilds it in a fresh process. A model with a recipe mcp can rebuild
+    (a zoo, imported or reloaded model) is logged as a model (``model/``: it reloads,
+    registers and compresses further). A model of the user's own class gets a recipe that
+    names the class and records the structural edits (channels and blocks removed), logged
+    with its ``state_dict`` as ``weights/mcp_recipe.json`` and ``weights/model.safetensors``
+    (no pickle): its constructor's arguments are the user's to give again. Returns the
+    logged model's URI."""
     import mlflow
     from safetensors.torch import save_file
 
-    recipe = getattr(model, "mcp_recipe", None) or {}
-    if recipe.get("input_shape") and (recipe.get("name") or recipe.get("factory")):  # a recipe that rebuilds it
-        log_model(model, torch.zeros(2, *recipe["input_shape"]))
-        return
+    recipe = dict(getattr(model, "mcp_recipe", None) or {})
+    shape = list(recipe.get("input_shape") or input_shape or [])
+    if shape and (recipe.get("name") or recipe.get("factory")):  # a recipe that rebuilds it
+        return log_model(model, torch.zeros(2, *shape)).model_uri
+    cls = type(model)
+    recipe.update(name=cls.__name__, factory=f"{cls.__module__}:{cls.__qualname__}", kwargs={}, kwargs_known=False,
+                  input_shape=shape, num_classes=num_classes)
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "model.safetensors"
+        path = Path(tmp) / WEIGHTS_FILE
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path))
-        mlflow.log_artifact(str(path), artifact_path="weights")
+        (Path(tmp) / RECIPE_FILE).write_text(json.dumps(recipe, indent=2))
+        mlflow.log_artifacts(tmp, artifact_path=WEIGHTS_PATH)
+    return f"runs:/{mlflow.active_run().info.run_id}/{WEIGHTS_PATH}"
+
+
+WEIGHTS_PATH, WEIGHTS_FILE = "weights", "model.safetensors"
+
+
+def load_api(source: str, model: nn.Module | None = None, device: str = "cpu") -> nn.Module:
+    """The model a stage or a Python API call logged, rebuilt without running code from the
+    store: ``source`` is a ``models:/`` URI, a ``runs:/<run_id>/<path>`` URI, or a run
+    (its id, or ``runs:/<run_id>``) whose logged model (``model/``) or weights
+    (``weights/``) are taken. ``model``: a freshly built instance of the original
+    architecture, needed for the user's own class (whose constructor arguments mcp does
+    not know); the recipe's structural edits are applied to it before the weights load."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from mcp.models import model_from_recipe
+
+    uri = source.strip()
+    if not uri.startswith(("models:/", "runs:/")) and all(c in "0123456789abcdef" for c in uri) and len(uri) == 32:
+        uri = f"runs:/{uri}"
+    if uri.startswith("runs:/") and "/" not in uri[len("runs:/"):].strip("/"):  # a run: what it logged
+        run_id = uri[len("runs:/"):].strip("/")
+        try:
+            logged = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id)}
+        except MlflowException as exc:
+            raise McpError(f"cannot load {source!r}: {(str(exc).splitlines() or [''])[0][:200]}") from None
+        if read_recipe(f"runs:/{run_id}/{ARTIFACT_PATH}") is not None:  # MLflow 3 keeps it as the run's logged model
+            uri = f"runs:/{run_id}/{ARTIFACT_PATH}"
+        elif WEIGHTS_PATH in logged:
+            uri = f"runs:/{run_id}/{WEIGHTS_PATH}"
+        else:
+            raise McpError(f"run {run_id} logged no model (no {ARTIFACT_PATH}/ or {WEIGHTS_PATH}/ artifacts)")
+    if uri.rstrip("/").endswith(f"/{WEIGHTS_PATH}"):
+        local = _download(uri)
+        recipe = json.loads((local / RECIPE_FILE).read_text())
+        from safetensors.torch import load_file
+
+        state = load_file(str(local / WEIGHTS_FILE))
+    elif model is None:
+        return load_model(uri, device)
+    else:
+        local = _download(uri) / "extra_files"
+        if not (local / RECIPE_FILE).is_file():
+            raise McpError(f"model {source!r} was not logged by mcp (it has no {RECIPE_FILE})")
+        recipe = json.loads((local / RECIPE_FILE).read_text())
+        state = read_state_dict(local / STATE_FILE, f"model {source!r}")
+    built = model_from_recipe(recipe, copy.deepcopy(model) if model is not None else None)
+    try:
+        built.load_state_dict(state)
+    except RuntimeError as exc:
+        given = f"the model you passed ({type(model).__name__})" if model is not None else recipe.get("factory")
+        raise McpError(f"{source!r}: its weights do not fit {given}: {str(exc).splitlines()[0][:200]}") from None
+    return built.to(device).eval()
 
 
 @mlflow_write
@@ -90,10 +170,34 @@ def register_model(model_uri: str, name: str, alias: str | None, tags: Mapping[s
     import mlflow
     from mlflow import MlflowClient
 
+    _quiet_reregistration()
     version = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in tags.items()})
     if alias:
         MlflowClient().set_registered_model_alias(name, alias, version.version)
     return version
+
+
+_REREGISTRATION = "already exists. Creating a new version of this model"
+
+
+def _quiet_reregistration() -> None:
+    """MLflow prints "Registered model 'x' already exists. Creating a new version of this
+    model..." at every registration of a name after its first (a search makes dozens);
+    mcp says which version it registered, and MLflow's "Created version 'n'" stays: that
+    line is left out (MLflow prints it with its ``eprint``, not a logger, so no log
+    filter reaches it)."""
+    from mlflow.tracking._model_registry import fluent
+
+    say = getattr(fluent, "eprint", None)
+    if say is None or getattr(say, "mcp_quiet", False):
+        return
+
+    def eprint(*args, **kwargs):
+        if not (args and _REREGISTRATION in str(args[0])):
+            say(*args, **kwargs)
+
+    eprint.mcp_quiet = True
+    fluent.eprint = eprint
 
 
 def alias_version(name: str, alias: str) -> str | None:
@@ -182,6 +286,21 @@ def load_model(uri: str, device: str = "cpu", trust_pickled: bool = False) -> nn
         raise McpError(f"model {uri!r} has no mcp recipe (the architecture mcp rebuilds it from); "
                        f"build it with mcp.models.create_model")
     return model.to(device).eval()
+
+
+def read_recipe(uri: str) -> dict[str, Any] | None:
+    """The recipe mcp logged beside the model ``uri`` names (its architecture, structural
+    edits and recorded data settings), read without loading any weights; None when the
+    model has none (it was not logged by mcp) or cannot be found."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        path = mlflow.artifacts.download_artifacts(artifact_uri=f"{uri.rstrip('/')}/extra_files/{RECIPE_FILE}")
+        recipe = json.loads(Path(path).read_text())
+    except (MlflowException, OSError, ValueError):
+        return None
+    return recipe if isinstance(recipe, dict) else None
 
 
 def foreign_state_dict(uri: str, trust_pickled: bool = False) -> dict[str, torch.Tensor]:
@@ -394,22 +513,32 @@ def deployable_onnx(uri: str, dst: str | Path) -> tuple[Path | None, str]:
 
 
 class _OnceFilter(logging.Filter):
-    """Let a log message that would repeat on every call through once per process."""
+    """Let a log message that would repeat on every call through once per process; none
+    at all where ``idle()`` says it has nothing to tell on this machine."""
 
-    def __init__(self, fragment: str):
+    def __init__(self, fragment: str, idle=None):
         super().__init__()
-        self.fragment, self.seen = fragment, False
+        self.fragment, self.seen, self.idle = fragment, False, idle
 
     def filter(self, record: logging.LogRecord) -> bool:
         if self.fragment not in record.getMessage():
             return True
-        if self.seen:
+        if self.seen or (self.idle is not None and self.idle()):
             return False
         self.seen = True
         return True
 
 
-_PROVIDER_WARNING = _OnceFilter("are unavailable in this onnxruntime build")
+def _no_gpu() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+# MLflow loads the logged model here to check its input example, and warns that the CUDA the
+# model declares is missing from this onnxruntime build: on a machine with no GPU that says
+# nothing (CPU is all there is; a server with onnxruntime-gpu uses CUDA); with a GPU, once.
+_PROVIDER_WARNING = _OnceFilter("are unavailable in this onnxruntime build", idle=_no_gpu)
 
 
 @mlflow_write
@@ -422,7 +551,7 @@ def log_onnx_model(path: str | Path, example: np.ndarray, outputs: np.ndarray):
     from mlflow.models import infer_signature
 
     # The model declares CUDA then CPU for whoever serves it; MLflow warns on every log where
-    # CUDA is missing (every CPU machine): once per process says it.
+    # CUDA is missing: see _PROVIDER_WARNING.
     onnx_logger = logging.getLogger("mlflow.onnx")
     if _PROVIDER_WARNING not in onnx_logger.filters:
         onnx_logger.addFilter(_PROVIDER_WARNING)

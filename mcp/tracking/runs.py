@@ -106,28 +106,113 @@ def _create_sqlite_store(uri: str) -> None:
         _mlflow().MlflowClient(uri).search_experiments(max_results=1)
 
 
+class ExperimentWarning(UserWarning):
+    """An experiment option that cannot be followed (under ``mlflow run``, or a study's)."""
+
+
+def experiment_name(tags: Mapping[str, str], registered_model: str = "") -> str:
+    """The experiment a top-level run lands in when nothing names one: the registered model
+    the run works on, ``<model>-<dataset>`` (``lenet300_100-digits``; an imported model's
+    ``<name>-<dataset>``; the parent's registered name when it starts from a registered
+    version), or, for a Python API call (no dataset), the model's architecture name."""
+    model, dataset = tags.get(schema.MODEL, ""), tags.get(schema.DATASET, "")
+    return (registered_model or schema.registered_name_of(tags.get(schema.PARENT_MODEL, ""))
+            or (schema.registered_name(model, dataset) if model and dataset else model) or "mcp")
+
+
+@mlflow_write
+def ensure_experiment(name: str) -> str:
+    """The id of the experiment ``name``, created when missing. Workers that create it at
+    once all get the same one: the store refuses all but one creation, and the others read
+    it back."""
+    from mlflow.exceptions import MlflowException
+
+    from mcp.errors import McpError
+
+    client = _mlflow().MlflowClient()
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            return client.create_experiment(name)
+        except MlflowException:  # RESOURCE_ALREADY_EXISTS: another worker created it first
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+    if experiment.lifecycle_stage == "deleted":
+        raise McpError(f"MLflow experiment {name!r} is deleted; restore it (mlflow experiments restore "
+                       f"--experiment-id {experiment.experiment_id}), or choose another with --experiment")
+    return experiment.experiment_id
+
+
+def experiment_of(run_id: str) -> str:
+    """The id of the experiment ``run_id`` is in."""
+    return _mlflow().MlflowClient().get_run(run_id).info.experiment_id
+
+
+def _top_level_experiment(option: str, tags: Mapping[str, str], registered_model: str,
+                          study_experiment_id: str | None) -> str | None:
+    """The experiment id a new top-level run starts in; None leaves it to MLflow (the
+    experiment ``mlflow run`` chose, or ``MLFLOW_EXPERIMENT_NAME`` / ``MLFLOW_EXPERIMENT_ID``,
+    which ``mlflow.set_experiment`` also sets)."""
+    import os
+    import warnings
+
+    mlflow = _mlflow()
+    if os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run`: the run exists, in the experiment it chose
+        if option:
+            chosen = mlflow.get_experiment(experiment_of(os.environ["MLFLOW_RUN_ID"])).name
+            if chosen != option:
+                warnings.warn(f"--experiment {option} is not used under `mlflow run`: its run is in experiment "
+                              f"{chosen!r} (choose it with mlflow run --experiment-name)", ExperimentWarning,
+                              stacklevel=3)
+        return None
+    if study_experiment_id:  # a study's runs stay together, whichever worker starts them
+        joined = mlflow.get_experiment(study_experiment_id).name
+        if option and joined != option:
+            warnings.warn(f"--experiment {option} is not used: the study's runs are in experiment {joined!r}, "
+                          f"and this worker's join them", ExperimentWarning, stacklevel=3)
+        return study_experiment_id
+    if option:
+        return ensure_experiment(option)
+    env_name, env_id = os.environ.get("MLFLOW_EXPERIMENT_NAME"), os.environ.get("MLFLOW_EXPERIMENT_ID")
+    if env_name and not env_id:
+        return ensure_experiment(env_name)  # as MLflow would, but safe against workers creating it at once
+    if env_name or env_id:
+        return None  # MLflow's own checks: an id the store does not hold, a name the id does not match
+    return ensure_experiment(experiment_name(tags, registered_model))
+
+
 @contextlib.contextmanager
 def stage_run(stage: str, params: Mapping[str, Any], tags: Mapping[str, str] | None = None,
-              run_name: str | None = None) -> Iterator[Any]:
+              run_name: str | None = None, registered_model: str = "",
+              study_experiment_id: str | None = None) -> Iterator[Any]:
     """One MLflow run for one stage call.
 
     Under ``mlflow run`` the run already exists (``MLFLOW_RUN_ID``) and is joined;
     otherwise a new top-level run starts in the store ``MLFLOW_TRACKING_URI`` names
-    (MLflow's default: SQLite ``mlflow.db`` in the working directory). Any exception,
-    Ctrl-C included, ends the run FAILED before it propagates. Started while another
-    run is active, it is a nested run of that one.
+    (MLflow's default: SQLite ``mlflow.db`` in the working directory), in the experiment
+    ``params["experiment"]`` names, else ``MLFLOW_EXPERIMENT_NAME`` / ``MLFLOW_EXPERIMENT_ID``,
+    else the one named after ``registered_model`` or the tags (:func:`experiment_name`),
+    created when missing; ``study_experiment_id`` (the experiment a search study's runs are
+    in) overrides them all. Any exception, Ctrl-C included, ends the run FAILED before it
+    propagates. Started while another run is active, it is a nested run of that one, in
+    its experiment.
     """
     mlflow = _mlflow()
     nested = mlflow.active_run() is not None  # a stage inside a stage (baseline, compared variants)
-    if not nested:
+    if nested:
+        experiment_id = mlflow.active_run().info.experiment_id  # MLflow would take the environment's
+    else:
         check_tracking_server()
+        experiment_id = _top_level_experiment(str(params.get("experiment") or ""), tags or {}, registered_model,
+                                              study_experiment_id)
     tags = {schema.STAGE: stage, **(tags or {})}
     if params.get("trust_pickled_model") is True:  # the user let a pickled model run its code
         tags[schema.TRUST_PICKLED_MODEL] = "true"
     run = None
     try:
         with uninterrupted():  # a signal held during the start acts here, with the run started
-            run = mlflow.start_run(run_name=run_name, nested=nested, tags=tags)
+            run = mlflow.start_run(run_name=run_name, nested=nested, tags=tags, experiment_id=experiment_id)
         log_params(params)
         yield run
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (the CLI turns it into KeyboardInterrupt)

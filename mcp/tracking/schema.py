@@ -36,6 +36,7 @@ BASELINE_MODEL = "mcp.baseline_model"  # the baseline the run's *_vs_baseline fi
 BASELINE_FALLBACK = "mcp.baseline_fallback"  # why the parent stands in: its lineage has no registered baseline
 UNIFORM_START = "mcp.uniform_start"  # the uniform trial(s) a new study was seeded with
 UNIFORM_WARNING = "mcp.uniform_warning"  # why no (strictly) uniform trial could be seeded
+TEST_FINGERPRINT = "mcp.test_fingerprint"  # of the test set a registered model was measured on (mcp.data.split)
 
 # What a stage made is compared with the model it started from (its parent: ``compression_ratio``,
 # ``accuracy_drop``) and with the baseline its lineage starts from (``*_vs_baseline``): the version
