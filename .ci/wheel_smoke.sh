@@ -41,8 +41,8 @@ step "the wheel carries the shipped search spaces"
 "$PYTHON" - "$WHEEL" <<'EOF'
 import sys, zipfile
 names = set(zipfile.ZipFile(sys.argv[1]).namelist())
-missing = [f"mcp/search/spaces/{n}.yaml" for n in ("default", "structured", "lenet", "resnet", "resnet_latency")
-           if f"mcp/search/spaces/{n}.yaml" not in names]
+missing = [f"mcp/tuner/spaces/{n}.yaml" for n in ("default", "structured", "lenet", "resnet", "resnet_latency")
+           if f"mcp/tuner/spaces/{n}.yaml" not in names]
 assert not missing, f"the wheel lacks {missing}"
 EOF
 
@@ -63,7 +63,7 @@ python - "$ROOT" <<'EOF'
 import sys
 from pathlib import Path
 import mcp
-from mcp.search.space import SPACES_DIR, space_names
+from mcp.tuner.space import SPACES_DIR, space_names
 root, where = Path(sys.argv[1]).resolve(), Path(mcp.__file__).resolve()
 assert root not in where.parents, f"mcp is imported from the checkout: {where}"
 assert "site-packages" in where.parts, where
@@ -74,21 +74,26 @@ EOF
 step "mcp pipeline (the main job, short)"
 mcp pipeline --epochs 3 --prune-epochs 2 --quantize-epochs 1 --trials 2 --final-epochs 1 --seconds 0.2
 
-step "mcp.search(..., space=\"default\") by the Python API on digits"
+step "the README's \"Your own model\": its files and its commands exactly as printed (the search cut to 3 trials), on generated IDX files"
+python "$ROOT/.ci/readme_own_model.py" "$ROOT/README.md" --trials 3 --api api_example.py
+bash own_model.sh
+
+step "the README's Python API example, as printed (digits)"
+python api_example.py
+
+step "mcp.search(..., space=...) names: a shipped space's name works, an unknown one is one clear error"
 python - <<'EOF'
 import mcp
 from mcp.data import load_dataset, make_loaders
 from mcp.models import create_model
-from mcp.search.objective import trial_table
 
 splits = load_dataset("digits")
 data = make_loaders(splits, 64)
 model = create_model("lenet300_100", splits.num_classes, splits.input_shape)
 budget = 0.3 * 4 * sum(p.numel() for p in model.parameters())
-study = mcp.search(model, data, space="default", budget_bytes=budget, trials=1, device="cpu")
-rows = trial_table(study, "compressed")
-assert len(rows) == 1, rows
-print("api search:", rows[0]["state"], f"{rows[0]['size_bytes']:.0f} B of a {budget:.0f} B budget")
+found = mcp.search(model, data, space="default", budget_bytes=budget, trials=1, device="cpu")
+assert len(found.trials) == 1 and found.winner is not None, found.trials
+print("api search: winner", found.winner.number, f"{found.metrics['size_bytes_compressed']:.0f} B of {budget:.0f} B")
 try:
     mcp.search(model, data, space="nosuch", budget_bytes=budget, trials=1, device="cpu")
 except mcp.ConfigError as exc:
@@ -97,60 +102,8 @@ else:
     raise AssertionError("an unknown space name was accepted")
 EOF
 
-step "train a model class of the user's own (mynet.py) in plain PyTorch"
-cat > mynet.py <<'EOF'
-import torch.nn as nn
-
-
-class MyNet(nn.Module):
-    def __init__(self, num_classes: int = 10):
-        super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                                      nn.Conv2d(8, 16, 3, padding=1), nn.ReLU())
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(16 * 4 * 4, 32), nn.ReLU(),
-                                        nn.Linear(32, num_classes))
-
-    def forward(self, x):
-        return self.classifier(self.features(x))
-EOF
-python - <<'EOF'
-import torch
-from mcp.data import load_dataset, make_loaders
-from mynet import MyNet
-
-torch.manual_seed(0)
-train, _, test = make_loaders(load_dataset("digits"), 32)
-model = MyNet()
-opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-for _ in range(3):
-    for x, y in train:
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-model.eval()
-with torch.no_grad():
-    correct = sum((model(x).argmax(1) == y).sum().item() for x, y in test)
-print(f"mynet test accuracy {correct / len(test.dataset):.3f}")
-torch.save(model.state_dict(), "mynet.pt")
-EOF
-
-step "mcp import --module mynet:MyNet"
-mcp import --module mynet:MyNet --weights mynet.pt --name mynet
-
-step "mcp prune (structured) the imported model"
-mcp prune --model-uri models:/mynet-digits@baseline --granularity structured --sparsity 0.5 --epochs 1
-
-step "mcp quantize (ptq_int8) the imported model"
-mcp quantize --model-uri models:/mynet-digits@baseline --method ptq_int8
-
-step "mcp search the imported model (--space structured, a shipped space by its name)"
-mcp search --model-uri models:/mynet-digits@baseline --space structured --budget-ratio 0.3 --trials 2
-
-step "mcp benchmark every version of mynet-digits"
-mcp benchmark --registered-model mynet-digits --seconds 0.2 --iters 20 --warmup 2
-
 step "an unknown --space is one error line, exit 2"
-out="$(mcp search --model-uri models:/mynet-digits@baseline --space nosuch 2>&1)" && rc=0 || rc=$?
+out="$(mcp search --model-uri models:/mynet-idx@baseline --space nosuch 2>&1)" && rc=0 || rc=$?
 echo "$out"
 errors="$(printf '%s\n' "$out" | grep '^error:' || true)"  # (MLflow may log INFO lines too)
 if ! { [ "$rc" = 2 ] && [ "$(printf '%s\n' "$errors" | wc -l)" = 1 ] && [[ "$errors" == *"'nosuch'"*structured* ]]; }; then

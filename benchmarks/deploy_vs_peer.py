@@ -53,7 +53,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mcp.search.space import SPACES_DIR  # noqa: E402 - after the path setup
+from mcp.tuner.space import SPACES_DIR  # noqa: E402 - after the path setup
 
 LATENCY_SPACE = SPACES_DIR / "resnet_latency.yaml"  # the shipped space `--space resnet_latency`
 
@@ -77,7 +77,7 @@ def one_seed(seed: int, args, tmp: Path) -> dict:
     from mcp.config import PruneConfig, QuantizeConfig, TrainConfig
     from mcp.data import load_dataset, make_loaders
     from mcp.errors import McpError
-    from mcp.export.onnx import export_onnx
+    from mcp.deploy.onnx import export_onnx
     from mcp.stages.prune import run_prune
     from mcp.stages.quantize import run_quantize
     from mcp.stages.train import run_train

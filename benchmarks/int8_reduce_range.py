@@ -31,7 +31,7 @@ def main() -> None:
     import torch
 
     from mcp.data import load_dataset, make_loaders
-    from mcp.export import export_onnx, ort_predict, ort_session
+    from mcp.deploy import export_onnx, ort_predict, ort_session
     from mcp.models import create_model
     from mcp.quantization import QuantSpec, Quantizer
     from mcp.quantization.onnx_int8 import static_int8

@@ -47,9 +47,9 @@ def _uniform(base, splits, loaders, space, budget, epochs, lr, seed, device):
     to it as the search's trials are: sized with the search's margin under the budget, and
     dropped when fine-tuning leaves it over."""
     from mcp.data.calibration import calibration_batches
-    from mcp.search.space import uniform
-    from mcp.search.study import FILL_SLACK
-    from mcp.search.trial import finetune_quantized, prune_candidate, ratio_at_budget
+    from mcp.tuner.space import uniform
+    from mcp.tuner.study import FILL_SLACK
+    from mcp.tuner.trial import finetune_quantized, prune_candidate, ratio_at_budget
     from mcp.training import evaluate
 
     shape = splits.input_shape
@@ -79,7 +79,7 @@ def run(args) -> dict:
     import mlflow
 
     from mcp.config import PruneConfig, QuantizeConfig, SearchConfig, TrainConfig
-    from mcp.search.study import load_space
+    from mcp.tuner.study import load_space
     from mcp.stages.common import setup_data
     from mcp.stages.prune import run_prune
     from mcp.stages.quantize import run_quantize

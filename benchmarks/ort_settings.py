@@ -26,7 +26,7 @@ def main() -> None:
     import onnxruntime as ort
     import torch
 
-    from mcp.export.onnx import export_onnx
+    from mcp.deploy.onnx import export_onnx
     from mcp.models import create_model
     from mcp.pruning import PruneSpec, Pruning
 

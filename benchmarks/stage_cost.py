@@ -87,7 +87,7 @@ def _warm(pruned: str, repeat: int, tmp: Path) -> dict[str, list[float]]:
     from mcp import tracking
     from mcp.config import ExportConfig, QuantizeConfig
     from mcp.data import load_dataset, make_loaders
-    from mcp.export.onnx import export_onnx
+    from mcp.deploy.onnx import export_onnx
     from mcp.stages.export import run_export
     from mcp.stages.quantize import run_quantize
 

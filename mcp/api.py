@@ -233,11 +233,11 @@ def export(model: nn.Module, data: Any, path: str | Path, *, opset: int = 17, op
     """Export ``model`` to the ONNX file ``path``, run ONNX's checker and the PyTorch-vs-ONNX
     Runtime parity check (failing loudly), and measure it (``mcp export``). A model from
     :func:`quantize` is deployed as its ``onnx_path`` already: give ``deployed=`` to
-    :func:`mcp.export.deploy.export_deployable` for those. Returns
-    :class:`mcp.export.deploy.Deployment` (its ``path`` is ``path``)."""
+    :func:`mcp.deploy.deployable.export_deployable` for those. Returns
+    :class:`mcp.deploy.deployable.Deployment` (its ``path`` is ``path``)."""
     import shutil
 
-    from mcp.export.deploy import export_deployable
+    from mcp.deploy.deployable import export_deployable
 
     d = as_data(data, seed=seed)
     target = Path(path)
@@ -266,13 +266,13 @@ def measure(model: nn.Module, data: Any, *, device: str = "auto", seed: int = 0)
 @dataclass
 class SearchOutcome:
     """What :func:`search` found: the study, its trials (rows of
-    :func:`mcp.search.objective.trial_table`) and the winner rebuilt and fine-tuned (None
+    :func:`mcp.tuner.objective.trial_table`) and the winner rebuilt and fine-tuned (None
     when no trial was feasible; in pareto mode the most accurate of the front, the front
     itself in ``front``)."""
 
     study: Any  # optuna.Study
     trials: list[dict[str, Any]]
-    winner: Any = None  # mcp.search.objective.Rebuilt: .model, .config, .metrics, .number
+    winner: Any = None  # mcp.tuner.objective.Rebuilt: .model, .config, .metrics, .number
     front: list[dict[str, Any]] | None = None  # pareto: the feasible non-dominated trials
 
     @property
@@ -303,10 +303,10 @@ def search(model: nn.Module, data: Any, *, space: str | Path = "", budget_bytes:
     from mcp.evaluation.benchmark import non_dominated
     from mcp.evaluation.metrics import size_bytes_fp32
     from mcp.pruning.pruner import layers_in_order
-    from mcp.search.objective import SearchProblem, best_trials, enqueue_uniform, make_objective, rebuild, trial_table
-    from mcp.search.progress import TrialProgress
-    from mcp.search.space import build_space, read_space_file, resolve_space
-    from mcp.search.study import study_directions
+    from mcp.tuner.objective import SearchProblem, best_trials, enqueue_uniform, make_objective, rebuild, trial_table
+    from mcp.tuner.progress import TrialProgress
+    from mcp.tuner.space import build_space, read_space_file, resolve_space
+    from mcp.tuner.study import study_directions
 
     dev = _device(device)
     d = as_data(data, seed=seed, device=dev)
@@ -325,7 +325,7 @@ def search(model: nn.Module, data: Any, *, space: str | Path = "", budget_bytes:
         if start.warning:
             import warnings
 
-            from mcp.search.objective import SearchWarning
+            from mcp.tuner.objective import SearchWarning
 
             warnings.warn(start.warning, SearchWarning, stacklevel=2)
     shown = TrialProgress(study.study_name, len(study.trials) + trials, len(study.trials), budget_bytes, budget_on,

@@ -181,12 +181,17 @@ def removed_line(m: dict[str, float]) -> str:
     return f"weights removed {100 * m['pruned_fraction']:.1f}%;"
 
 
-def _run_stage(ctx: click.Context, kwargs: dict[str, Any], config_cls: type[StageConfig], run: Any):
-    """Build the config from options (and --config), run the stage; user errors exit 2."""
+def _run_stage(ctx: click.Context, kwargs: dict[str, Any], config_cls: type[StageConfig], run: Any,
+               store: bool = True):
+    """Build the config from options (and --config), run the stage; user errors exit 2.
+    ``store=False``: the command makes no run (the tracking store is opened only to read a
+    ``--model-uri``'s recorded data)."""
     try:
         source = kwargs.get("config_file") or "options"
         values = explicit_values(ctx, kwargs)
-        config_cls.from_dict(values, source=source)  # bad input fails here, before the store is opened
+        given = config_cls.from_dict(values, source=source)  # bad input fails here, before the store is opened
+        if not store and not getattr(given, "model_uri", ""):  # nothing to read from the store, nothing to log
+            return given, run(given)
         from mcp.tracking.runs import check_tracking_server
 
         check_tracking_server()  # before the data is loaded: an unreachable server fails in seconds
@@ -459,7 +464,7 @@ def split(ctx: click.Context, **kwargs: Any) -> None:
                               cfg.val_fraction, cfg.augment, cfg.split_file)
         return splits, write_split(splits, cfg.out)
 
-    cfg, (splits, path) = _run_stage(ctx, kwargs, SplitConfig, write)
+    cfg, (splits, path) = _run_stage(ctx, kwargs, SplitConfig, write, store=False)
     sizes = ", ".join(f"{part} {len(splits.parts[part]):,}" for part in ("train", "val", "test"))
     click.echo(f"wrote {path}: {sizes} of {splits.pool_size:,} samples of {splits.name} ({splits.how}); "
                f"test set {splits.test_fingerprint}")

@@ -108,7 +108,7 @@ def test_quantize_qat_and_export_with_parity(trained, data, tmp_path):
 
 
 def test_search_a_few_trials_under_a_budget(trained, data, tmp_path):
-    from mcp.search.objective import trial_table
+    from mcp.tuner.objective import trial_table
 
     space = tmp_path / "space.yaml"
     space.write_text("prune:\n  granularity: [unstructured]\n  criterion: [magnitude]\n  ratio: [0.3, 0.8]\n"

@@ -11,7 +11,7 @@ import pytest
 from conftest import ROOT
 
 PACKAGE = ROOT / "mcp"
-CORE = ("data", "models", "training", "pruning", "quantization", "distillation", "search", "export", "evaluation")
+CORE = ("data", "models", "training", "pruning", "quantization", "distillation", "tuner", "deploy", "evaluation")
 
 
 def _module(path: Path) -> str:

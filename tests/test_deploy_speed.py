@@ -14,7 +14,7 @@ from conftest import runs_of
 from mcp import tracking
 from mcp.config import ExportConfig, PruneConfig, QuantizeConfig, SearchConfig, TrainConfig
 from mcp.errors import ConfigError, McpError
-from mcp.export import kernel_speed
+from mcp.deploy import kernel_speed
 from mcp.models import create_model
 from mcp.stages.export import run_export
 from mcp.stages.prune import run_prune
@@ -33,7 +33,7 @@ def _experiment() -> str:
 
 
 def _onnx(tmp_path, name="tiny_cnn"):
-    from mcp.export.onnx import export_onnx
+    from mcp.deploy.onnx import export_onnx
 
     return export_onnx(create_model(name, 4, (3, 8, 8)), (3, 8, 8), tmp_path / "m.onnx")
 
@@ -157,8 +157,8 @@ STRUCTURED = "prune: {ratio: [0.0, 0.8], granularity: [structured]}\nquantize: {
 def test_a_latency_budget_rejects_slow_trials_before_fine_tuning(own_store, tmp_path, monkeypatch):
     """Latency stands in for a deterministic function of the channels kept, so the test does
     not depend on this machine's timing; the real measurement is the next test's."""
-    import mcp.search.objective as objective
-    import mcp.search.trial as trial_module
+    import mcp.tuner.objective as objective
+    import mcp.tuner.trial as trial_module
 
     run_train(TrainConfig(model="tiny_cnn", epochs=2, **TINY), show_progress=False)
     def fake(model, shape, calib, seconds=0.5, batch=1):  # a batch of n costs n images
@@ -200,7 +200,7 @@ def test_a_throughput_budget_needs_a_batch_and_a_time(batch, budget_ms):
 
 
 def test_a_batch_call_is_timed_for_a_throughput_budget(tmp_path):
-    from mcp.search.trial import deployed_latency
+    from mcp.tuner.trial import deployed_latency
 
     import torch
 
@@ -264,7 +264,7 @@ def test_float_layers_stay_float_in_a_residual_graph_whose_order_preprocessing_c
     the layers left float are named on the export, whose order is the model's."""
     import torch
 
-    from mcp.export.onnx import export_onnx
+    from mcp.deploy.onnx import export_onnx
     from mcp.pruning.pruner import layers_in_order
     from mcp.quantization.onnx_int8 import static_int8
 

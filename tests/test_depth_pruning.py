@@ -54,7 +54,7 @@ def test_greedy_order_takes_the_block_whose_removal_costs_least_and_leaves_the_m
 def test_depth_and_channel_pruning_rebuild_from_the_recipe_in_the_order_they_happened(tmp_path):
     import onnx
 
-    from mcp.export.onnx import export_onnx
+    from mcp.deploy.onnx import export_onnx
 
     torch.manual_seed(0)
     model = create_model("resnet20", 10, SHAPE)
@@ -119,8 +119,8 @@ def test_a_search_samples_blocks_to_remove_and_registers_a_winner_without_them(o
 
     from mcp import tracking
     from mcp.config import SearchConfig, TrainConfig
-    from mcp.search.objective import _start_params
-    from mcp.search.space import build_space, sample
+    from mcp.tuner.objective import _start_params
+    from mcp.tuner.space import build_space, sample
     from mcp.stages.search import run_search
     from mcp.stages.train import run_train
 
@@ -155,10 +155,10 @@ def test_a_latency_budget_starts_from_uniform_pruning_at_the_fewest_and_the_most
     """Latency stands in for the parameter count, so the starts do not depend on this machine."""
     import optuna
 
-    import mcp.search.trial as trial_module
-    from mcp.search.objective import SearchProblem, enqueue_uniform
-    from mcp.search.space import build_space, sample
-    from mcp.search.trial import prune_candidate
+    import mcp.tuner.trial as trial_module
+    from mcp.tuner.objective import SearchProblem, enqueue_uniform
+    from mcp.tuner.space import build_space, sample
+    from mcp.tuner.trial import prune_candidate
 
     def fake(model, shape, calib, seconds=0.5, batch=1):
         return float(sum(p.numel() for p in model.parameters())) / 1000

@@ -29,7 +29,7 @@ def test_training_into_a_log_file_prints_one_line_per_epoch(tmp_path, mlflow_sto
 def test_the_missing_cuda_provider_is_said_once_per_process_and_not_without_a_gpu(tmp_path, experiment):
     import mlflow
 
-    from mcp.export import export_onnx
+    from mcp.deploy import export_onnx
     from mcp.models import create_model
     from mcp.tracking.models import log_onnx_model
 
@@ -75,7 +75,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import mcp
-from mcp.export import export_onnx
+from mcp.deploy import export_onnx
 from mcp.models import create_model
 from mcp.tracking.models import log_model, log_onnx_model, register_model
 

@@ -128,3 +128,14 @@ def test_ci_installs_the_built_wheel_and_runs_it_from_an_empty_directory():
     assert ci.index(".ci/wheel_smoke.sh") > ci.index("python -m pytest -m slow")  # after the tests
     text = smoke.read_text()
     assert "set -euo pipefail" in text and "pip wheel" in text and "mcp pipeline" in text
+
+
+def test_the_docs_show_the_readme_s_own_model_walkthrough_as_the_readme_does():
+    """docs/your-own-model.md repeats the README's walkthrough (CI runs the README's): the same blocks."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Your own model"):readme.index("\n## ", readme.index("## Your own model") + 1)]
+    blocks = re.findall(r"^```\w*\n.*?^```$", section, re.M | re.S)
+    assert len(blocks) == 3  # mynet.py, train_mynet.py, the commands
+    docs = (ROOT / "docs" / "your-own-model.md").read_text()
+    for block in blocks:
+        assert block in docs, block.splitlines()[1]

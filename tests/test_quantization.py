@@ -223,7 +223,7 @@ def test_kmeans_on_a_layer_with_few_values_keeps_them():
 # ----------------------------------------------------------------------------- ONNX Runtime
 
 def test_ptq_int8_onnx_agrees_with_the_fake_quant_model(trained_cnn, digits, tmp_path):
-    from mcp.export import export_onnx, ort_predict, ort_session
+    from mcp.deploy import export_onnx, ort_predict, ort_session
     from mcp.quantization.onnx_int8 import static_int8
 
     splits, train, test = digits
@@ -248,7 +248,7 @@ def test_ptq_int8_onnx_agrees_with_the_fake_quant_model(trained_cnn, digits, tmp
 
 @pytest.mark.parametrize("observer", ["percentile", "entropy"])
 def test_ptq_int8_observers_calibrate_in_both_worlds(trained_cnn, digits, tmp_path, observer):
-    from mcp.export import export_onnx, ort_evaluate, ort_session
+    from mcp.deploy import export_onnx, ort_evaluate, ort_session
     from mcp.quantization.onnx_int8 import static_int8
 
     splits, train, test = digits
@@ -271,7 +271,7 @@ def test_ptq_int8_observers_calibrate_in_both_worlds(trained_cnn, digits, tmp_pa
 
 
 def test_dynamic_int8_quantizes_the_fully_connected_layers(digits, tmp_path):
-    from mcp.export import export_onnx, ort_predict, ort_session
+    from mcp.deploy import export_onnx, ort_predict, ort_session
     from mcp.quantization.onnx_int8 import dynamic_int8
 
     splits, train, test = digits
@@ -293,7 +293,7 @@ def test_dynamic_int8_quantizes_the_fully_connected_layers(digits, tmp_path):
 def test_low_bit_weights_deploy_exactly_as_int8_dequantize_linear(tmp_path):
     import onnx
 
-    from mcp.export import export_onnx, ort_predict, ort_session
+    from mcp.deploy import export_onnx, ort_predict, ort_session
     from mcp.quantization.onnx_int8 import weight_int8_dq
 
     torch.manual_seed(0)

@@ -125,7 +125,7 @@ def test_the_study_lives_beside_the_tracking_store_and_refuses_another_one(tmp_p
     from conftest import separate_store
     from mcp.config import SearchConfig, TrainConfig
     from mcp.errors import ConfigError, McpError
-    from mcp.search.study import default_storage
+    from mcp.tuner.study import default_storage
     from mcp.stages.search import run_search
     from mcp.stages.train import run_train
 
@@ -236,8 +236,8 @@ def test_a_trial_that_stopped_beating_is_failed_queued_once_more_and_its_runs_en
     import mlflow
     import optuna
 
-    from mcp.search.claims import Claims
-    from mcp.search.study import _storage
+    from mcp.tuner.claims import Claims
+    from mcp.tuner.study import _storage
     from mcp.stages.search import _sweep, _take_ticket
 
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
@@ -274,8 +274,8 @@ def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_failed_and_its_
     for the trial and its first beat is found by its claim on the trial going silent."""
     import optuna
 
-    from mcp.search.claims import Claims
-    from mcp.search.study import _storage
+    from mcp.tuner.claims import Claims
+    from mcp.tuner.study import _storage
     from mcp.stages.search import _sweep, _take_ticket
 
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"

@@ -14,9 +14,9 @@ from mcp.errors import ConfigError, McpError
 from mcp.evaluation.benchmark import non_dominated, pareto_front
 from mcp.models import create_model
 from mcp.pruning.pruner import layers_in_order
-from mcp.search import uniform
-from mcp.search.space import SPACES_DIR, build_space, read_space_file, resolve_space, space_file_for
-from mcp.search.trial import compressed_size
+from mcp.tuner import uniform
+from mcp.tuner.space import SPACES_DIR, build_space, read_space_file, resolve_space, space_file_for
+from mcp.tuner.trial import compressed_size
 from mcp.stages.search import STATE_TAG, run_search
 from mcp.stages.train import run_train
 
@@ -79,13 +79,13 @@ def test_the_shipped_spaces_are_package_data():
     from conftest import ROOT
 
     setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    patterns = setuptools["package-data"]["mcp.search.spaces"]
+    patterns = setuptools["package-data"]["mcp.tuner.spaces"]
     files = sorted(p.name for p in SPACES_DIR.iterdir() if p.suffix != ".py" and p.is_file())
     assert [f[:-5] for f in files] == SHIPPED
     assert all(any(fnmatch.fnmatch(f, pat) for pat in patterns) for f in files)
-    assert any(fnmatch.fnmatch("mcp.search.spaces", pat) for pat in setuptools["packages"]["find"]["include"])
+    assert any(fnmatch.fnmatch("mcp.tuner.spaces", pat) for pat in setuptools["packages"]["find"]["include"])
     assert (SPACES_DIR / "__init__.py").is_file()
-    shipped = importlib.resources.files("mcp.search.spaces")
+    shipped = importlib.resources.files("mcp.tuner.spaces")
     assert sorted(r.name for r in shipped.iterdir() if r.name.endswith(".yaml")) == files
     assert not (ROOT / "search_spaces").exists()  # one copy of each space, the shipped one
 
@@ -201,7 +201,7 @@ def test_a_search_reports_every_trial_as_a_line_in_a_log_and_as_a_bar_on_a_termi
 
 
 def test_an_over_budget_trial_is_rejected_before_any_training(experiment, tmp_path, monkeypatch):
-    import mcp.search.trial as trial_module
+    import mcp.tuner.trial as trial_module
 
     run_train(TrainConfig(model="tiny_mlp", epochs=2, **TINY), show_progress=False)
     tuned_sizes = []
@@ -356,7 +356,7 @@ def test_resuming_under_other_settings_or_from_another_model_is_refused_before_a
 
 
 def test_a_resumed_study_reuses_its_registered_winner_and_its_onnx_version(experiment, tmp_path, monkeypatch):
-    import mcp.search.trial as trial_module
+    import mcp.tuner.trial as trial_module
 
     run_train(TrainConfig(model="tiny_mlp", epochs=2, **TINY), show_progress=False)
     cfg = _cfg(tmp_path, space=_space(tmp_path, SMALL_SPACE), trials=2, export=True)
@@ -423,8 +423,8 @@ def test_a_space_that_caps_a_layer_starts_from_uniform_where_allowed_and_says_wh
 
 
 def test_a_space_every_layer_fits_starts_from_strictly_uniform_without_a_warning(experiment, tmp_path):
-    from mcp.search.objective import SearchProblem, enqueue_uniform
-    from mcp.search.study import load_space
+    from mcp.tuner.objective import SearchProblem, enqueue_uniform
+    from mcp.tuner.study import load_space
 
     class Study:  # what enqueue_uniform asks of an Optuna study
         def __init__(self):

@@ -189,8 +189,8 @@ def test_an_imported_model_remembers_its_data_and_split_through_the_lineage(seen
         params = client.get_run(v.run_id).data.params
         assert params["dataset"] == "idx" and params["data_test_fingerprint"] == mine.test_fingerprint
         assert params["split_file"] == str(root / "mine.json") and params["data_test_size"] == "50"
-        if v.tags["mcp.stage"] != "export":  # the ONNX version's tags are its own (format=onnx, source)
-            assert v.tags["test_fingerprint"] == mine.test_fingerprint
+        assert v.tags["test_fingerprint"] == mine.test_fingerprint  # the ONNX version too
+        if v.tags["mcp.stage"] != "export":  # the ONNX file has no recipe: its data is its source model's
             assert json.loads(v.tags["data"])["data_dir"] == str(data)
 
 

@@ -23,7 +23,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from mcp.export.onnx import INPUT
+from mcp.deploy.onnx import INPUT
 
 CALIBRATION = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
 NORMS = ("LayerNormalization", "InstanceNormalization", "BatchNormalization")  # ONNX Runtime's QDQNormalization
@@ -115,7 +115,7 @@ def _node_names(path: Path, layers: Sequence[int]) -> list[str]:
     (torch's export keeps execution order, which is the order of the model's layers)."""
     import onnx
 
-    from mcp.export.kernel_speed import weighted_nodes
+    from mcp.deploy.kernel_speed import weighted_nodes
 
     if not layers:
         return []
@@ -189,7 +189,7 @@ def weight_int8_dq(fp32_path: str | Path, out_path: str | Path, layer_ints: Sequ
     import onnx
     from onnx import helper, numpy_helper
 
-    from mcp.export.kernel_speed import weighted_nodes
+    from mcp.deploy.kernel_speed import weighted_nodes
 
     model = onnx.load(str(fp32_path))
     inits = {i.name: i for i in model.graph.initializer}

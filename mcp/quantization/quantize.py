@@ -45,14 +45,14 @@ class QuantizeOutcome:
 def by_speed(model: nn.Module, shape: tuple[int, ...], spec: QuantSpec, opset: int = 17
              ) -> tuple[QuantSpec, str, dict[str, float]]:
     """``spec`` with the layers that ONNX Runtime runs no faster in INT8 than in float32 at
-    their shapes on this CPU (see :mod:`mcp.export.kernel_speed`) added to its ignored
+    their shapes on this CPU (see :mod:`mcp.deploy.kernel_speed`) added to its ignored
     layers; the note and figures that say so."""
     import dataclasses
     import tempfile
 
     from mcp.errors import ConfigError, McpError
-    from mcp.export.kernel_speed import MARGIN, cpu_model, int8_layers
-    from mcp.export.onnx import export_onnx
+    from mcp.deploy.kernel_speed import MARGIN, cpu_model, int8_layers
+    from mcp.deploy.onnx import export_onnx
     from mcp.pruning.pruner import layers_in_order
 
     order = [n for n, _ in layers_in_order(model, shape)]
@@ -94,8 +94,8 @@ def quantize_model(model: nn.Module, loaders: Sequence[Any], input_shape: Sequen
     with ``batch_loss`` in place of cross-entropy when given (distillation). ``reference``
     is the model the accuracy drop and compression ratio compare with (default: ``model``;
     the unpruned model when ``model`` was pruned first)."""
-    from mcp.export.deploy import deploy_note
-    from mcp.export.onnx import export_onnx, ort_evaluate, ort_predict, ort_session
+    from mcp.deploy.deployable import deploy_note
+    from mcp.deploy.onnx import export_onnx, ort_evaluate, ort_predict, ort_session
 
     train_loader, val_loader, test_loader = loaders
     shape = tuple(input_shape)

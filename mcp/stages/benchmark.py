@@ -83,8 +83,8 @@ def _prepare(cfg: BenchmarkConfig, splits, tmp: Path) -> list[dict[str, Any]]:
     """Load every model and build its ONNX file: all bad input fails here, before the run."""
     from mcp import tracking
     from mcp.evaluation.metrics import count_macs, count_params, size_bytes_fp32
-    from mcp.export import check_onnx
-    from mcp.export.deploy import build_onnx
+    from mcp.deploy import check_onnx
+    from mcp.deploy.deployable import build_onnx
     from mcp.stages.common import deployable_of, other_test_set, resolve_model_ref
 
     prepared, seen = [], set()
@@ -127,7 +127,7 @@ def _baseline_index(cfg: BenchmarkConfig, rows: list[dict[str, Any]]) -> int:
 def _measure(cfg: BenchmarkConfig, row: dict[str, Any], splits, test_loader, gpu: bool) -> None:
     from mcp.evaluation.benchmark import measure_onnx
     from mcp.evaluation.metrics import measure_latency
-    from mcp.export import ort_evaluate, ort_session
+    from mcp.deploy import ort_evaluate, ort_session
 
     shape = splits.input_shape
     accuracy = ort_evaluate(ort_session(row["path"], threads=cfg.threads), test_loader)

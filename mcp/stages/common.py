@@ -152,7 +152,7 @@ def deployment_figures(model: nn.Module, shape: Sequence[int], deployed: Path | 
     import warnings
 
     from mcp.evaluation.ort_bench import compare
-    from mcp.export.onnx import export_onnx
+    from mcp.deploy.onnx import export_onnx
 
     seconds = timing_seconds()
     same = baseline is not None and parent is not None and baseline is parent[0]  # one model, timed once
@@ -241,11 +241,11 @@ def warn_other_test_set(uri: str, recipe: Mapping[str, Any], splits) -> None:
 
 def study_storage(storage: str) -> str:
     """``--storage``, or when empty the study's place beside the tracking store
-    (:func:`mcp.search.study.default_storage`)."""
+    (:func:`mcp.tuner.study.default_storage`)."""
     if storage:
         return storage
     from mcp import tracking
-    from mcp.search.study import default_storage
+    from mcp.tuner.study import default_storage
 
     return default_storage(tracking.runs.tracking_uri())
 

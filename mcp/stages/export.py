@@ -31,8 +31,8 @@ class ExportResult:
 def run_export(cfg: ExportConfig, show_progress: bool | None = None) -> ExportResult:
     """Export, check and parity-test first; only a model that passes gets a run."""
     from mcp import tracking
-    from mcp.export import ort_predict
-    from mcp.export.deploy import export_deployable
+    from mcp.deploy import ort_predict
+    from mcp.deploy.deployable import export_deployable
     from mcp.stages.common import (
         deployable_of,
         lineage_baseline,
@@ -59,7 +59,7 @@ def run_export(cfg: ExportConfig, show_progress: bool | None = None) -> ExportRe
         params = {**cfg.to_dict(), **{f"data_{k}": v for k, v in splits.summary().items()}, "source_model": uri,
                   "deploy_format": fmt}
         tags = {schema.MODEL: arch, schema.DATASET: cfg.dataset, schema.PARENT_MODEL: uri, schema.DEPLOY_FORMAT: fmt,
-                **ref.run_tags()}
+                schema.TEST_FINGERPRINT: splits.test_fingerprint, **ref.run_tags()}
         with tracking.stage_run("export", params, tags, run_name=f"export-{arch}-{cfg.dataset}") as run:
             tracking.log_metrics(metrics)
             example = x[:4].numpy().astype(np.float32)
@@ -67,7 +67,7 @@ def run_export(cfg: ExportConfig, show_progress: bool | None = None) -> ExportRe
             version = None
             if cfg.register:
                 version_tags = {"format": "onnx", schema.STAGE: "export", "source_model": uri, "source_run":
-                                run.info.run_id, "deploy_format": fmt,
+                                run.info.run_id, "deploy_format": fmt, "test_fingerprint": splits.test_fingerprint,
                                 **{k: f"{metrics[k]:.6g}" for k in ("onnx_test_accuracy", "size_bytes_onnx",
                                                                      "onnx_max_abs_diff", "onnx_agreement",
                                                                      "params_nonzero", "macs")},

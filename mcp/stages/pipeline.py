@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from mcp.config import ExportConfig, ModelSource, PipelineConfig
-from mcp.search.study import within_budget
+from mcp.tuner.study import within_budget
 from mcp.tracking import schema
 
 STEPS = ("baseline", "prune", "quantize", "search", "export", "benchmark", "promote")
@@ -43,7 +43,7 @@ def run_pipeline(cfg: PipelineConfig, show_progress: bool | None = None) -> Pipe
     from tqdm.auto import tqdm
 
     from mcp import tracking
-    from mcp.search.study import check_search, check_storage, open_study
+    from mcp.tuner.study import check_search, check_storage, open_study
     from mcp.stages.common import find_base_model, lineage, setup_data, study_storage
 
     _, splits, loaders = setup_data(cfg)
@@ -95,7 +95,7 @@ def _compress(cfg: PipelineConfig, base_uri: str, checked, steps, bar, show_prog
               arch: str) -> list[dict[str, Any]]:
     """Steps 1-6: the models, exported and benchmarked; one row per model."""
     from mcp import tracking
-    from mcp.search.objective import latency_key
+    from mcp.tuner.objective import latency_key
     from mcp.stages.benchmark import run_benchmark
     from mcp.stages.export import run_export
     from mcp.stages.prune import run_prune
@@ -177,7 +177,7 @@ def announce(name: str, show_progress: bool | None) -> None:
     """'pipeline: step 2/7, prune' on stderr where no progress bar shows (a log file)."""
     import sys
 
-    from mcp.search.progress import lines_mode
+    from mcp.tuner.progress import lines_mode
 
     if lines_mode(show_progress):
         print(f"pipeline: step {STEPS.index(name) + 1}/{len(STEPS)}, {name}", file=sys.stderr, flush=True)

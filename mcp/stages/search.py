@@ -22,10 +22,10 @@ import torch
 
 from mcp.config import SearchConfig
 from mcp.errors import McpError
-from mcp.search.objective import (BATCH_LATENCY_KEY, SearchProblem, best_trials, enqueue_uniform, latency_key,
+from mcp.tuner.objective import (BATCH_LATENCY_KEY, SearchProblem, best_trials, enqueue_uniform, latency_key,
                                   make_objective, rebuild, start_note, tie_break, trial_table)
-from mcp.search.claims import Claims, Heartbeat
-from mcp.search.study import (
+from mcp.tuner.claims import Claims, Heartbeat
+from mcp.tuner.study import (
     SIZE_KEY,
     STALE_HEARTBEATS,
     check_search,
@@ -162,7 +162,7 @@ def _sweep(study, name: str, claims, storage: str, heartbeat: float) -> None:
     import click
     import optuna
 
-    from mcp.search.study import fail_stale_trials
+    from mcp.tuner.study import fail_stale_trials
 
     def warn(trial, what: str) -> None:
         ended = end_dead_runs(trial.user_attrs.get("mlflow_run_id", ""))
@@ -266,7 +266,7 @@ def _optimize(ctx: _Context, claims, show_progress: bool | None) -> None:
     import optuna
 
     from mcp import tracking
-    from mcp.search.progress import TrialProgress
+    from mcp.tuner.progress import TrialProgress
 
     cfg, study = ctx.cfg, ctx.study
     done_states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
@@ -356,7 +356,7 @@ def _run_trial(ctx: _Context, claims, ticket: str, objective):
     import click
     import optuna
 
-    from mcp.search.study import _storage
+    from mcp.tuner.study import _storage
 
     study, cfg = ctx.study, ctx.cfg
     # Optuna says heartbeats are meant for study.optimize: this loop beats the trial itself
@@ -548,8 +548,8 @@ def _log_deployable(ctx: _Context, tuned, number: int, metrics: dict[str, float]
     benchmark` use it; add its size, ONNX Runtime test accuracy and deployed latency (next
     to the baseline's and the starting model's) to ``metrics``."""
     from mcp import tracking
-    from mcp.export import ort_evaluate, ort_session
-    from mcp.export.deploy import DEPLOY_NOTES
+    from mcp.deploy import ort_evaluate, ort_session
+    from mcp.deploy.deployable import DEPLOY_NOTES
     from mcp.stages.common import deployment_figures
 
     shape = tuple(ctx.splits.input_shape)
@@ -560,7 +560,7 @@ def _log_deployable(ctx: _Context, tuned, number: int, metrics: dict[str, float]
         metrics.update(deployment_figures(tuned.model, shape, path, ctx.baseline.model, (ctx.base, ctx.base_uri),
                                           f"search trial {number}'s model"))
         if ctx.cfg.budget_ms and ctx.cfg.budget_batch > 1:  # a throughput budget's own figure
-            from mcp.search.trial import onnx_latency
+            from mcp.tuner.trial import onnx_latency
 
             metrics[BATCH_LATENCY_KEY] = onnx_latency(path, shape, seconds=1.0, batch=ctx.cfg.budget_batch)
         tracking.log_artifact(path, "onnx")

@@ -37,7 +37,7 @@ def float_file(inputs: DeployInputs) -> tuple[Path, str]:
 
 def grid_int8(inputs: DeployInputs) -> tuple[Path, str]:
     """Weights on uniform grids: INT8 initializers behind DequantizeLinear where they fit."""
-    from mcp.export.deploy import int8_weights_or_fp32
+    from mcp.deploy.deployable import int8_weights_or_fp32
 
     return int8_weights_or_fp32(inputs.fp32_path, inputs.quantizer, inputs.entries, inputs.out)
 

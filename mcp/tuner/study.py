@@ -35,7 +35,7 @@ def within_budget(size: float, budget: float | None) -> bool:
 
 def load_space(cfg: SearchConfig, model, input_shape):
     from mcp.pruning.pruner import layers_in_order
-    from mcp.search.space import build_space, read_space_file, resolve_space
+    from mcp.tuner.space import build_space, read_space_file, resolve_space
 
     arch = str(getattr(model, "mcp_recipe", {}).get("name", cfg.model))  # an imported model: default.yaml
     path = resolve_space(cfg.space, arch)  # a shipped space's name, a YAML file, or the family's file
@@ -76,7 +76,7 @@ def _storage(url: str, heartbeat: float):
     import optuna
 
     from mcp.locking import sqlite_lock
-    from mcp.search.claims import engine_kwargs
+    from mcp.tuner.claims import engine_kwargs
 
     key = (url, max(1, round(heartbeat)))
     if key in _STORAGES:
@@ -233,8 +233,8 @@ def check_search(cfg: SearchConfig, splits, loaders, base) -> Checked:
     from mcp.evaluation.metrics import size_bytes_fp32
     from mcp.models import create_model
     from mcp.pruning import PruneSpec, Pruning
-    from mcp.search import uniform
-    from mcp.search.trial import smallest_size
+    from mcp.tuner import uniform
+    from mcp.tuner.trial import smallest_size
 
     probe = copy.deepcopy(base) if base is not None else create_model(cfg.model, splits.num_classes,
                                                                       splits.input_shape)
@@ -265,7 +265,7 @@ def check_search(cfg: SearchConfig, splits, loaders, base) -> Checked:
                               f"reach ({reachable:,.0f} B measured as {cfg.budget_on}, every layer at its highest "
                               f"ratio and fewest bits){hint}; raise --budget-mb/--budget-ratio or widen the space")
     if cfg.budget_ms:
-        from mcp.search.trial import smallest_latency
+        from mcp.tuner.trial import smallest_latency
 
         fastest = smallest_latency(probe, splits.input_shape, space, calib, "cpu", cfg.budget_batch)
         if fastest > cfg.budget_ms:

@@ -8,7 +8,7 @@ import sys
 import time
 from typing import Any
 
-from mcp.search.study import SIZE_KEY
+from mcp.tuner.study import SIZE_KEY
 
 
 def lines_mode(show: bool | None) -> bool:

@@ -11,6 +11,6 @@ may sample, installed with the package. Name one by its name (``--space structur
   whole residual blocks removed.
 
 With no ``--space``, ``mcp search`` takes the file whose ``models`` lists the model, else
-``default``. The keys are documented in :mod:`mcp.search.space`; unknown keys, unknown
+``default``. The keys are documented in :mod:`mcp.tuner.space`; unknown keys, unknown
 layers, empty ranges and bits outside 2-8 are errors.
 """

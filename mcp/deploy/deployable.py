@@ -37,7 +37,7 @@ def build_onnx(model: nn.Module, input_shape: Sequence[int], tmp: Path, opset: i
     """(ONNX file, deploy format, node counts): ``deployed`` (a quantized model's own
     deployable file and format, as its quantize step built it) when given, else a fresh
     float32 export, optimised where that removes nodes."""
-    from mcp.export.onnx import export_onnx, node_count, optimize_onnx
+    from mcp.deploy.onnx import export_onnx, node_count, optimize_onnx
 
     tmp.mkdir(parents=True, exist_ok=True)
     if deployed is not None:
@@ -86,7 +86,7 @@ def grid_onnx(model: nn.Module, input_shape: Sequence[int], quantizer: Any, entr
               out_dir: str | Path, opset: int = 17) -> tuple[Path, str]:
     """(file, format) of a model whose weights sit on b-bit uniform grids (fixed point,
     QAT, a search trial): exported, then INT8 weights behind DequantizeLinear."""
-    from mcp.export.onnx import export_onnx
+    from mcp.deploy.onnx import export_onnx
 
     out_dir = Path(out_dir)
     fp32 = export_onnx(model, input_shape, out_dir / "fp32.onnx", opset)
@@ -97,9 +97,9 @@ def speed_onnx(model: nn.Module, input_shape: Sequence[int], calib: Sequence, ou
                opset: int = 17) -> tuple[Path, str]:
     """(file, format) of ``model`` deployed for speed: the float32 export, with INT8 (QDQ,
     calibrated on ``calib``) in the layers that ONNX Runtime runs faster in INT8 at their
-    shapes on this CPU (:mod:`mcp.export.kernel_speed`); ``onnx_fp32`` when none does."""
-    from mcp.export.kernel_speed import layer_speeds
-    from mcp.export.onnx import export_onnx
+    shapes on this CPU (:mod:`mcp.deploy.kernel_speed`); ``onnx_fp32`` when none does."""
+    from mcp.deploy.kernel_speed import layer_speeds
+    from mcp.deploy.onnx import export_onnx
     from mcp.quantization.onnx_int8 import static_int8
 
     out_dir = Path(out_dir)
@@ -154,7 +154,7 @@ def export_deployable(model: nn.Module, input_shape: Sequence[int], train_loader
     checker, compare ONNX Runtime with PyTorch on the first ``parity_samples`` test images
     (failing loudly beyond ``atol`` / ``min_agreement``), and measure both on the test split."""
     from mcp.evaluation.metrics import count_macs, count_params, size_bytes_fp32
-    from mcp.export.onnx import check_onnx, ort_evaluate, ort_session, parity
+    from mcp.deploy.onnx import check_onnx, ort_evaluate, ort_session, parity
     from mcp.training import evaluate
 
     x = parity_batch(test_loader, parity_samples)

@@ -1,6 +1,6 @@
 """Search spaces: YAML data -> validated space -> one trial's sampled configuration.
 
-A space is a YAML file: one shipped with the package (:mod:`mcp.search.spaces`, named by
+A space is a YAML file: one shipped with the package (:mod:`mcp.tuner.spaces`, named by
 its name: ``default``, ``structured``, ``lenet``, ``resnet``, ``resnet_latency``) or any
 file of your own::
 

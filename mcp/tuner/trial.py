@@ -14,8 +14,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from mcp.export.deploy import grid_onnx, speed_onnx
-from mcp.search.space import TrialConfig
+from mcp.deploy.deployable import grid_onnx, speed_onnx
+from mcp.tuner.space import TrialConfig
 
 CODING = "fixed"  # sizes before and after fine-tuning agree: packed b-bit values, sparse indices
 
@@ -37,7 +37,7 @@ class Finetuned:
 def deployed_latency(model: nn.Module, input_shape: Sequence[int], calib: Sequence, seconds: float = 0.5,
                      batch: int = 1) -> float:
     """CPU p50 (ms, one thread) of one call at ``batch`` images of ``model`` as a latency
-    budget deploys it (:func:`mcp.export.deploy.speed_onnx`), timed in a process of its
+    budget deploys it (:func:`mcp.deploy.deployable.speed_onnx`), timed in a process of its
     own. Latency depends on the shapes, not on the weights' values: it is measured before
     any fine-tuning."""
     with tempfile.TemporaryDirectory() as tmp:

@@ -18,7 +18,7 @@ from typing import Any, Callable, ContextManager, Iterator, Protocol
 
 import torch
 
-from mcp.search.study import FILL_SLACK, SIZE_KEY, budget_excess
+from mcp.tuner.study import FILL_SLACK, SIZE_KEY, budget_excess
 
 STATES = ("complete", "pruned", "infeasible", "failed")
 LATENCY_KEY = "latency_ms_p50_cpu"  # a latency budget at batch 1 (and pareto's latency objective)
@@ -99,8 +99,8 @@ def make_objective(problem: SearchProblem, open_log: Callable[[Any], ContextMana
     import optuna
 
     from mcp.evaluation.metrics import count_params
-    from mcp.search.space import sample
-    from mcp.search.trial import (deployed_latency, fill_budget, finetune_quantized, measure_sizes, present,
+    from mcp.tuner.space import sample
+    from mcp.tuner.trial import (deployed_latency, fill_budget, finetune_quantized, measure_sizes, present,
                                   prune_candidate)
     from mcp.training import evaluate
 
@@ -205,8 +205,8 @@ class Rebuilt:
     of a study, before anything is logged or registered."""
 
     number: int
-    config: Any  # mcp.search.space.TrialConfig, the ratios the trial used
-    tuned: Any  # mcp.search.trial.Finetuned: the model (weights on their grids) and its payload
+    config: Any  # mcp.tuner.space.TrialConfig, the ratios the trial used
+    tuned: Any  # mcp.tuner.trial.Finetuned: the model (weights on their grids) and its payload
     metrics: dict[str, float]
 
     @property
@@ -223,8 +223,8 @@ def rebuild(problem: SearchProblem, row: dict[str, Any], epochs: int = 0) -> Reb
     import optuna
 
     from mcp.evaluation.metrics import model_metrics
-    from mcp.search.space import sample
-    from mcp.search.trial import finetune_quantized, present, prune_candidate
+    from mcp.tuner.space import sample
+    from mcp.tuner.trial import finetune_quantized, present, prune_candidate
     from mcp.training import evaluate
 
     p = problem
@@ -329,13 +329,13 @@ def enqueue_uniform(study, problem: SearchProblem, max_accuracy: bool, limit: in
     where allowed": every layer at one ratio and one bit-width, each clipped to what that
     layer allows, at the least pruning that fits. Nothing is seeded without a budget or for
     a Pareto front (there is no single recipe to beat)."""
-    from mcp.search.space import (
+    from mcp.tuner.space import (
         allowed_bits,
         clipped_ratio,
         uniform,
         uniform_where_allowed,
     )
-    from mcp.search.trial import ratio_at_budget
+    from mcp.tuner.trial import ratio_at_budget
 
     space, p = problem.space, problem
     start = UniformStart()
@@ -418,8 +418,8 @@ def _uniform_within_latency(study, p: SearchProblem, limit: int | None = None) -
     what the search must beat. A space that removes blocks gets one such start at its
     fewest and one at its most blocks removed (at most ``limit`` starts): how to spend the
     budget between depth and width is the search's first question."""
-    from mcp.search.space import allowed_bits, clipped_ratio, uniform_where_allowed
-    from mcp.search.trial import deployed_latency, ratio_at_budget
+    from mcp.tuner.space import allowed_bits, clipped_ratio, uniform_where_allowed
+    from mcp.tuner.trial import deployed_latency, ratio_at_budget
 
     space, start = p.space, UniformStart()
     if space.granularity[0] != "structured":  # only removed channels change the latency
