@@ -15,6 +15,8 @@ loaded with its seeded splits.
 
 from __future__ import annotations
 
+import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +24,25 @@ from typing import Any, Mapping, Sequence
 
 from torch import nn
 
+from mcp import tracking
+from mcp.config import SearchConfig
+from mcp.data import DataSplits, load_dataset, make_loaders
+from mcp.deploy.deployable import export_deployable
+from mcp.distillation import Distiller, DistillSpec
+from mcp.distillation.train import distill_model
 from mcp.errors import ConfigError
+from mcp.evaluation.metrics import model_metrics
+from mcp.pruning import PruneSpec
+from mcp.pruning.finetune import prune_and_finetune
+from mcp.quantization import QuantSpec
+from mcp.quantization.methods import quant_method
+from mcp.quantization.quantize import quantize_model
+from mcp.tracking import schema
+from mcp.training import FineTune, evaluate, resolve_device
+from mcp.tuner.objective import SearchProblem, SearchWarning, rebuild
+from mcp.tuner.space import resolve_space
+from mcp.tuner.study import check_search, forget_storage, open_study
+from mcp.tuner.worker import Plan, Quiet, working
 
 
 @dataclass
@@ -55,7 +75,6 @@ def as_data(data: Any, *, batch_size: int = 32, seed: int = 0, input_shape: str 
     ``input_shape``, ``augment`` and ``split_file``, see :mod:`mcp.data.split`)."""
     if isinstance(data, Data):
         return data
-    from mcp.data import DataSplits, load_dataset, make_loaders
 
     if isinstance(data, str):
         data = load_dataset(data, data_dir, False, input_shape or None, 0, 0.1, augment, split_file)
@@ -83,8 +102,6 @@ def _tracked(stage: str, params: Mapping[str, Any], model: nn.Module, track: boo
     is interrupted."""
     if not track:
         return call([])
-    from mcp import tracking
-    from mcp.tracking import schema
 
     arch = str((getattr(model, "mcp_recipe", None) or {}).get("name") or type(model).__name__)
     with tracking.stage_run(stage, dict(params), {schema.MODEL: arch, schema.API: "true"},
@@ -106,21 +123,15 @@ def load(source: str, model: nn.Module | None = None, *, device: str = "cpu") ->
     ``model``, an instance built as you built the original (``mcp.load(uri, model=MyNet())``):
     ``mcp`` applies the channels and blocks pruning removed to a copy of it, then loads the
     weights."""
-    from mcp import tracking
-
     return tracking.models.load_api(source, model, device)
 
 
 def _device(device: str) -> str:
-    from mcp.training import resolve_device
-
     return resolve_device(device)
 
 
 def _finetune(epochs: int, lr: float, optimizer: str, momentum: float, weight_decay: float, scheduler: str,
               seed: int):
-    from mcp.training import FineTune
-
     return FineTune(epochs=epochs, optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay,
                     scheduler=scheduler, seed=seed)
 
@@ -129,7 +140,6 @@ def _step_logger(track: bool):
     """Each pruning step's measurements, logged with ``step=k`` on the call's run."""
     if not track:
         return None
-    from mcp import tracking
 
     return lambda k, values: tracking.log_metrics(values, step=k)
 
@@ -137,7 +147,6 @@ def _step_logger(track: bool):
 def _teacher_loss(teacher: nn.Module | None, device: str, temperature: float, alpha: float):
     if teacher is None:
         return None
-    from mcp.distillation import Distiller, DistillSpec
 
     return Distiller(teacher, DistillSpec(temperature, alpha)).to(device)
 
@@ -155,8 +164,6 @@ def prune(model: nn.Module, data: Any, *, sparsity: float = 0.5, criterion: str 
     Returns :class:`mcp.pruning.finetune.PruneOutcome` (``.model``, ``.metrics``, ``.run_id``).
     With ``track``, the call is an MLflow run (see :func:`_tracked`)."""
     params = _params(locals())
-    from mcp.pruning import PruneSpec
-    from mcp.pruning.finetune import prune_and_finetune
 
     dev = _device(device)
     d = as_data(data, seed=seed, device=dev)
@@ -187,9 +194,6 @@ def quantize(model: nn.Module, data: Any, *, method: str = "ptq_int8", bits: int
     ``deep_compression`` prunes in the prune stage first: call :func:`prune`, then
     ``quantize(..., method="huffman")``. With ``track``, the call is an MLflow run."""
     params = _params(locals())
-    from mcp.quantization import QuantSpec
-    from mcp.quantization.methods import quant_method
-    from mcp.quantization.quantize import quantize_model
 
     if quant_method(method).prunes_first:
         raise ConfigError(f"method={method!r} prunes first; call mcp.prune, then mcp.quantize(method='huffman')")
@@ -216,8 +220,6 @@ def distill(teacher: nn.Module, student: nn.Module, data: Any, *, temperature: f
     Returns :class:`mcp.distillation.train.DistillOutcome`. With ``track``, the call is an
     MLflow run."""
     params = _params(locals())
-    from mcp.distillation import DistillSpec
-    from mcp.distillation.train import distill_model
 
     dev = _device(device)
     d = as_data(data, seed=seed, device=dev)
@@ -237,8 +239,6 @@ def export(model: nn.Module, data: Any, path: str | Path, *, opset: int = 17, op
     :class:`mcp.deploy.deployable.Deployment` (its ``path`` is ``path``)."""
     import shutil
 
-    from mcp.deploy.deployable import export_deployable
-
     d = as_data(data, seed=seed)
     target = Path(path)
     with tempfile.TemporaryDirectory() as tmp:
@@ -254,9 +254,6 @@ def export(model: nn.Module, data: Any, path: str | Path, *, opset: int = 17, op
 def measure(model: nn.Module, data: Any, *, device: str = "auto", seed: int = 0) -> dict[str, float]:
     """The glossary metrics of a model: test accuracy and loss, params, sparsity, MACs,
     float32 size, CPU (and GPU) latency and throughput."""
-    from mcp.evaluation.metrics import model_metrics
-    from mcp.training import evaluate
-
     dev = _device(device)
     d = as_data(data, seed=seed, device=dev)
     test = evaluate(model.to(dev), d.loaders[2], dev)
@@ -287,60 +284,64 @@ class SearchOutcome:
 def search(model: nn.Module, data: Any, *, space: str | Path = "", budget_bytes: float | None = None,
            budget_on: str = "compressed", trials: int = 20, pareto: bool = False, latency: bool = False,
            fill_budget: bool = True, distill: bool = False, calib_batches: int = 8, sampler: str = "tpe",
-           final_epochs: int = 0, storage: str | None = None, study_name: str | None = None, seed: int = 0,
-           device: str = "auto", progress: bool | None = False) -> SearchOutcome:
+           final_epochs: int = 0, storage: str | None = None, study_name: str | None = None, heartbeat: float = 30.0,
+           seed: int = 0, device: str = "auto", progress: bool | None = False) -> SearchOutcome:
     """An Optuna study over per-layer prune ratios and bit-widths of ``model`` from a search
-    space under ``budget_bytes`` (``mcp search``, untracked). ``space``: a shipped space's name
-    (``"default"``, ``"structured"``, ``"lenet"``, ``"resnet"``, ``"resnet_latency"``) or a
-    path to a YAML file; empty: the model family's space, like the CLI. In memory unless
-    ``storage`` names an Optuna storage URL. Returns a :class:`SearchOutcome`: the study, its
-    trials, and the best feasible trial rebuilt from ``model`` and fine-tuned for
-    ``final_epochs`` (0: its trial's epochs), ``.model`` and ``.metrics``. ``progress``:
-    one line per trial (None: a bar on a terminal, lines elsewhere; False: quiet)."""
+    space under ``budget_bytes`` (untracked), run by the same worker as ``mcp search``:
+    ``trials`` is the study's total, shared by every call (in any process, on any machine)
+    that names the same ``storage`` (an SQLAlchemy URL) and ``study_name``; without
+    ``storage`` the study lives in a temporary file for this call. ``space``: a shipped
+    space's name (``"default"``, ``"structured"``, ``"lenet"``, ``"resnet"``,
+    ``"resnet_latency"``) or a path to a YAML file; empty: the model family's space.
+    Returns a :class:`SearchOutcome`: the study, its trials, and the best feasible trial
+    rebuilt from ``model`` and fine-tuned for ``final_epochs`` (0: its trial's epochs),
+    ``.model`` and ``.metrics``. ``progress``: one line per trial (None: a bar on a
+    terminal, lines elsewhere; False: quiet)."""
+    import warnings
+    from types import SimpleNamespace
+
     import optuna
 
-    from mcp.data.calibration import calibration_batches
-    from mcp.evaluation.benchmark import non_dominated
-    from mcp.evaluation.metrics import size_bytes_fp32
-    from mcp.pruning.pruner import layers_in_order
-    from mcp.tuner.objective import SearchProblem, best_trials, enqueue_uniform, make_objective, rebuild, trial_table
-    from mcp.tuner.progress import TrialProgress
-    from mcp.tuner.space import build_space, read_space_file, resolve_space
-    from mcp.tuner.study import study_directions
-
+    if not pareto and not budget_bytes:
+        raise ConfigError(f"budget_bytes={budget_bytes!r}: a max-accuracy search needs a size budget in bytes "
+                          f"(or pareto=True for the accuracy/size front)")
     dev = _device(device)
     d = as_data(data, seed=seed, device=dev)
-    path = resolve_space(space, str(getattr(model, "mcp_recipe", {}).get("name", "")))
-    layers = [n for n, _ in layers_in_order(model, d.input_shape)]
-    built = build_space(read_space_file(path), layers, path.name)
-    problem = SearchProblem(built, model.to(dev), d.input_shape, d.loaders, dev,
-                            calibration_batches(d.loaders[0], calib_batches), budget_bytes, budget_on, fill_budget,
-                            pareto, latency, distill, seed, float(size_bytes_fp32(model)))
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    samplers = {"tpe": optuna.samplers.TPESampler(seed=seed), "nsga2": optuna.samplers.NSGAIISampler(seed=seed)}
-    study = optuna.create_study(storage=storage, study_name=study_name, sampler=samplers[sampler],
-                                directions=study_directions(pareto, latency), load_if_exists=bool(storage))
-    if not study.trials:
-        start = enqueue_uniform(study, problem, not pareto, limit=trials)
-        if start.warning:
-            import warnings
+    arch = str((getattr(model, "mcp_recipe", None) or {}).get("name") or type(model).__name__)
+    path = resolve_space(space, arch)
+    scratch = None if storage else tempfile.mkdtemp(prefix="mcp-search-")
+    url = storage or f"sqlite:///{scratch}/study.db"
+    cfg = SearchConfig(space=str(path), mode="pareto" if pareto else "max-accuracy", budget_on=budget_on,
+                       budget_mb=(budget_bytes or 0) / 1e6, budget_ratio=0.0, latency=latency, trials=trials,
+                       sampler=sampler, storage=url, heartbeat=heartbeat, fill_budget=fill_budget, distill=distill,
+                       final_epochs=final_epochs, calib_batches=calib_batches, seed=seed,
+                       study_name=study_name or f"{arch}-{'pareto' if pareto else 'max-accuracy'}")
+    try:
+        checked = check_search(cfg, SimpleNamespace(input_shape=d.input_shape, num_classes=d.classes_of(model)),
+                               d.loaders, model)
+        study = open_study(cfg, checked)
+        problem = SearchProblem.of(cfg, checked, model.to(dev), d.input_shape, d.loaders, dev)
 
-            from mcp.tuner.objective import SearchWarning
+        def say(line: str) -> None:
+            if line.startswith("warning: "):
+                warnings.warn(line.removeprefix("warning: "), SearchWarning, stacklevel=4)
+            elif progress is not False:
+                print(line, file=sys.stderr, flush=True)
 
-            warnings.warn(start.warning, SearchWarning, stacklevel=2)
-    shown = TrialProgress(study.study_name, len(study.trials) + trials, len(study.trials), budget_bytes, budget_on,
-                          show=progress)
-    study.optimize(make_objective(problem), n_trials=trials, catch=(RuntimeError, ValueError),
-                   callbacks=[lambda s, t: shown.trial(t, len(s.trials))])
-    shown.close()
-    rows = trial_table(study, budget_on)
-    if pareto:
-        done = [t for t in rows if t["state"] == "complete" and t["feasible"]]
-        points = [(-t["val_accuracy"], t["size_bytes"]) + ((t["latency_ms_p50_cpu"],) if latency else ())
-                  for t in done]
-        front = sorted((done[i] for i in non_dominated(points)), key=lambda t: -t["val_accuracy"])
-        chosen = front[:1]
-    else:
-        front, chosen = None, best_trials(rows)
-    winner = rebuild(problem, chosen[0], final_epochs) if chosen else None
+        quiet = Quiet(say)
+        with working(problem, Plan.of(cfg), study, quiet, progress) as worker:
+            rows, winners, _ = worker.run()
+            front = worker.chosen(rows) if pareto else None
+        best = winners[0]["trial"] if winners else None
+        winner = quiet.models.get(best) if best is not None else None
+        if best is not None and winner is None:  # another worker rebuilt it: this call rebuilds it too
+            winner = rebuild(problem, next(t for t in rows if t["number"] == best), final_epochs)
+        if scratch is not None:  # the study outlives its temporary file, in memory
+            memory = optuna.storages.InMemoryStorage()
+            optuna.copy_study(from_study_name=cfg.name(), from_storage=url, to_storage=memory)
+            study = optuna.load_study(study_name=cfg.name(), storage=memory)
+    finally:
+        if scratch is not None:
+            forget_storage(url)
+            shutil.rmtree(scratch, ignore_errors=True)
     return SearchOutcome(study, rows, winner, front)

@@ -1,7 +1,11 @@
 """The `mcp` command line: one small command per MLproject entry point, no logic.
 
 Options are generated from the stage's config dataclass, so the CLI, config files and
-logged params can never disagree. Precedence: defaults < --config FILE < command line.
+logged params can never disagree. Precedence: defaults < the starting model's recorded data
+settings < --config FILE < command line.
+
+Each command imports its stage inside the command: the stages load torch and MLflow, which
+`mcp --help`, a mistyped option and the other commands must not wait for.
 """
 
 from __future__ import annotations

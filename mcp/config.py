@@ -5,6 +5,11 @@ CLI options (``mcp.cli`` builds click options from them), for config files
 (``--config FILE``, same keys) and for the params logged on every MLflow run.
 Validation raises :class:`mcp.errors.ConfigError` (a ``ValueError``) that names the
 bad value and what is allowed.
+
+The CLI builds its options from this module before anything else loads, so it imports only
+light modules at its top (the names of augmentations, quantization methods, observers);
+the checks that need the model, dataset or distillation registries import them when they
+run, because those load torch.
 """
 
 from __future__ import annotations
@@ -15,13 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from mcp.data.augment import AUGMENTATIONS
 from mcp.errors import ConfigError
 from mcp.quantization.methods import quant_method, quant_method_names
+from mcp.quantization.names import KMEANS_INITS, OBSERVERS
 
 DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULERS = ("cosine", "step", "constant")
-AUGMENTATIONS = ("auto", "none", "flip", "crop", "crop_flip")  # train-time; mcp.data applies them
 
 
 def option(default: Any, help: str, choices: tuple[str, ...] | None = None, flag_value: str | None = None) -> Any:
@@ -502,8 +508,6 @@ class SensitivityConfig(StartModel):
 
 QUANT_METHODS = quant_method_names()  # one module each in mcp/quantization/methods/
 FINE_TUNED_METHODS = tuple(m for m in QUANT_METHODS if quant_method(m).fine_tunes)
-OBSERVERS = ("minmax", "percentile", "entropy")
-KMEANS_INITS = ("forgy", "density", "linear")
 
 
 @dataclass(frozen=True)

@@ -324,3 +324,49 @@ def test_a_model_with_a_recipe_reloads_through_mcp_load_alone(experiment):
     x = torch.randn(3, 1, 8, 8)
     for source in (out.model_uri, out.run_id, f"runs:/{out.run_id}", f"runs:/{out.run_id}/model"):
         assert torch.allclose(mcp.load(source)(x), out.model.eval()(x), atol=1e-6)
+
+
+API_WORKER = """
+import json, sys, time
+from pathlib import Path
+import torch
+import mcp
+from mcp.data import load_dataset, make_loaders
+from mcp.models import create_model
+
+folder, me = Path(sys.argv[1]), sys.argv[2]
+splits = load_dataset("synthetic", input_shape="1x8x8", num_classes=4)
+data = make_loaders(splits, 32)
+torch.manual_seed(0)
+model = create_model("tiny_mlp", 4, (1, 8, 8))
+(folder / f"ready-{me}").touch()
+while len(list(folder.glob("ready-*"))) < 2:  # start together: both workers must find tickets left
+    time.sleep(0.05)
+found = mcp.search(model, data, space="default", budget_bytes=0.3 * 4 * sum(p.numel() for p in model.parameters()),
+                   trials=6, storage=f"sqlite:///{folder / 'study.db'}", study_name="shared", device="cpu")
+(folder / f"{me}.json").write_text(json.dumps({"winner": found.winner.number, "trials": len(found.trials)}))
+"""
+
+
+def test_two_api_workers_share_one_study_s_total(tmp_path):
+    """mcp.search and `mcp search` run one worker loop: two processes naming the same study run
+    its total between them (tickets), and agree on one winner."""
+    import json
+    import os
+    import sqlite3
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    (tmp_path / "worker.py").write_text(API_WORKER)
+    procs = [subprocess.Popen([sys.executable, str(tmp_path / "worker.py"), str(tmp_path), name], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for name in ("a", "b")]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-2000:]
+    a, b = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("a", "b"))
+    assert a["trials"] == b["trials"] == 6 and a["winner"] == b["winner"]  # the total, not 6 each
+    with sqlite3.connect(tmp_path / "study.db") as db:
+        states = [s for (s,) in db.execute("SELECT state FROM trials")]
+        owners = {o for (o,) in db.execute("SELECT owner FROM mcp_claims WHERE key LIKE 'run-%'")}
+    assert len(states) == 6 and set(states) <= {"COMPLETE", "PRUNED"}
+    assert len({o.rsplit(":", 1)[0] for o in owners}) == 2  # both workers ran trials

@@ -163,7 +163,10 @@ def test_a_latency_budget_starts_from_uniform_pruning_at_the_fewest_and_the_most
     def fake(model, shape, calib, seconds=0.5, batch=1):
         return float(sum(p.numel() for p in model.parameters())) / 1000
 
+    import mcp.tuner.objective as objective
+
     monkeypatch.setattr(trial_module, "deployed_latency", fake)
+    monkeypatch.setattr(objective, "deployed_latency", fake)  # what the uniform start's bisection uses
     base = create_model("resnet20", 10, SHAPE).eval()
     layers = [n for n, m in base.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     space = build_space({"prune": {"ratio": [0.0, 0.9], "granularity": ["structured"], "drop_blocks": [0, 4]},
@@ -187,18 +190,16 @@ def test_a_latency_budget_starts_from_uniform_pruning_at_the_fewest_and_the_most
 
 
 def test_finalists_tied_on_validation_go_to_the_faster_under_a_latency_budget():
-    from types import SimpleNamespace
-
-    from mcp.stages.search import _tie_break
+    from mcp.tuner.objective import tie_break
 
     rows = [{"val_accuracy": 0.9, "size_bytes_compressed": 100.0, "latency_ms_p50_cpu": 0.05},
             {"val_accuracy": 0.9, "size_bytes_compressed": 200.0, "latency_ms_p50_cpu": 0.04},
             {"val_accuracy": 0.95, "size_bytes_compressed": 300.0, "latency_ms_p50_cpu": 0.06},
             {"val_accuracy": 0.9, "size_bytes": 50.0, "latency_ms_p50_cpu": None}]  # a trial never timed
 
-    def order(**cfg):
-        ctx = SimpleNamespace(cfg=SimpleNamespace(**cfg))
-        return [r["latency_ms_p50_cpu"] for r in sorted(rows, key=lambda r: (-r["val_accuracy"], _tie_break(ctx, r)))]
+    def order(budget_ms, budget_batch):
+        return [r["latency_ms_p50_cpu"] for r in sorted(
+            rows, key=lambda r: (-r["val_accuracy"], tie_break(r, budget_ms, budget_batch)))]
 
     assert order(budget_ms=0.07, budget_batch=1) == [0.06, 0.04, 0.05, None]
     assert order(budget_ms=0.0, budget_batch=1) == [0.06, None, 0.05, 0.04]  # no latency budget: the smaller

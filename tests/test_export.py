@@ -96,7 +96,7 @@ def test_every_kind_exports_checks_matches_and_reloads_through_pyfunc(models, ki
 
 
 def test_a_broken_export_is_caught_by_the_parity_check(models, monkeypatch):
-    import mcp.deploy.onnx as export
+    import mcp.deploy.deployable as export  # where the deployable file is exported
 
     real = export.export_onnx
 

@@ -31,10 +31,10 @@ def test_a_new_method_is_one_module(tmp_path):
     runs it end to end and tags the run with it; nothing else changes."""
     module = ROOT / "mcp" / "quantization" / "methods" / "zz_test_grid8.py"
     module.write_text(textwrap.dedent('''
-        from mcp.quantization.methods import QuantMethod, grid_int8, register_quant_method
+        from mcp.quantization.methods import QuantMethod, register_quant_method
 
         register_quant_method(QuantMethod(name="zz_test_grid8", summary="test", deployed_as="test",
-                                          deploy=grid_int8))
+                                          deploy="grid_int8"))
     '''))
     try:
         env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}"}

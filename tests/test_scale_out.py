@@ -236,14 +236,15 @@ def test_a_trial_that_stopped_beating_is_failed_queued_once_more_and_its_runs_en
     import mlflow
     import optuna
 
+    from mcp.stages.search import Runs
     from mcp.tuner.claims import Claims
     from mcp.tuner.study import _storage
-    from mcp.stages.search import _sweep, _take_ticket
+    from mcp.tuner.worker import Plan, sweep, take_ticket
 
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     study = optuna.create_study(study_name="s", storage=_storage(storage, 1.0))
     dead = Claims(storage, "s", heartbeat=1.0, grace=3.0)
-    ticket = _take_ticket(dead, 1)
+    ticket = take_ticket(dead, 1)
     trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
     assert dead.claim(f"run-{trial.number}") and dead.set_value(ticket, str(trial.number))
     study_run = mlflow.start_run(run_name="search-s", tags={"mcp.stage": "search"})
@@ -256,7 +257,7 @@ def test_a_trial_that_stopped_beating_is_failed_queued_once_more_and_its_runs_en
     time.sleep(4.2)  # three heartbeats of silence (SQLite's clock has whole seconds)
 
     alive = Claims(storage, "s", heartbeat=1.0, grace=3.0)
-    _sweep(study, "s", alive, storage, 1.0)
+    sweep(study, Plan("s", storage, 1, heartbeat=1.0), alive, Runs(None))
     states = [t.state for t in study.trials]
     assert states == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.WAITING]  # queued once more
     assert study.trials[1].params == study.trials[0].params
@@ -264,7 +265,7 @@ def test_a_trial_that_stopped_beating_is_failed_queued_once_more_and_its_runs_en
     client = mlflow.MlflowClient()
     assert client.get_run(trial_run.info.run_id).info.status == "KILLED"
     assert client.get_run(study_run.info.run_id).info.status == "KILLED"
-    assert _take_ticket(alive, 1) == "ticket-0"  # the retry gets the ticket: the study still reaches its total
+    assert take_ticket(alive, 1) == "ticket-0"  # the retry gets the ticket: the study still reaches its total
     alive.close()
 
 
@@ -274,25 +275,26 @@ def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_failed_and_its_
     for the trial and its first beat is found by its claim on the trial going silent."""
     import optuna
 
+    from mcp.stages.search import Runs
     from mcp.tuner.claims import Claims
     from mcp.tuner.study import _storage
-    from mcp.stages.search import _sweep, _take_ticket
+    from mcp.tuner.worker import Plan, sweep, take_ticket
 
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     study = optuna.create_study(study_name="s", storage=_storage(storage, 1.0))  # opened before the clock starts
     dead = Claims(storage, "s", heartbeat=60, grace=1.0)
     alive = Claims(storage, "s", heartbeat=60, grace=1.0)
-    ticket = _take_ticket(dead, 2)
+    ticket = take_ticket(dead, 2)
     trial = study.ask()
     assert dead.claim(f"run-{trial.number}") and dead.set_value(ticket, str(trial.number))
     dead.close()  # the worker is gone: nothing beats its claims any more
-    _sweep(study, "s", alive, storage, 1.0)
+    sweep(study, Plan("s", storage, 1, heartbeat=1.0), alive, Runs(None))
     assert study.trials[0].state == optuna.trial.TrialState.RUNNING  # not silent long enough yet
     time.sleep(2.1)  # twice the grace
-    _sweep(study, "s", alive, storage, 1.0)
+    sweep(study, Plan("s", storage, 1, heartbeat=1.0), alive, Runs(None))
     assert study.trials[0].state == optuna.trial.TrialState.FAIL
-    assert _take_ticket(alive, 2) == "ticket-0"  # its ticket is free again: the study still reaches its total
-    assert _take_ticket(alive, 2) == "ticket-1" and _take_ticket(alive, 2) is None
+    assert take_ticket(alive, 2) == "ticket-0"  # its ticket is free again: the study still reaches its total
+    assert take_ticket(alive, 2) == "ticket-1" and take_ticket(alive, 2) is None
     alive.close()
 
 

@@ -140,7 +140,7 @@ def test_failure_inside_the_run_ends_it_failed_and_registers_nothing(experiment,
     def broken(*args, **kwargs):
         raise RuntimeError("latency probe exploded")
 
-    monkeypatch.setattr("mcp.evaluation.metrics.model_metrics", broken)
+    monkeypatch.setattr("mcp.stages.train.model_metrics", broken)
     cfg = TrainConfig(model="tiny_mlp", dataset="synthetic", input_shape="1x4x4", epochs=1,
                       checkpoint_dir=str(tmp_path))
     with pytest.raises(RuntimeError, match="exploded"):

@@ -16,9 +16,8 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset, TensorDataset
 
-from mcp.config import AUGMENTATIONS
-from mcp.data.split import (SPLIT_OF_MCP, SPLIT_SEED, TEST_FRACTION, fingerprint,  # noqa: F401
-                            read_split_file, resolve_parts)
+from mcp.data.augment import AUGMENTATIONS, train_augment
+from mcp.data.split import SPLIT_OF_MCP, SPLIT_SEED, TEST_FRACTION, fingerprint, read_split_file, resolve_parts  # noqa: F401
 from mcp.errors import ConfigError, McpError
 
 
@@ -195,7 +194,7 @@ def _tensor_splits(name: str, x: torch.Tensor, y: torch.Tensor, val_fraction: fl
     if augment != "none":
         from torchvision import transforms as T
 
-        train = _Transformed(train, T.Compose(_train_augment(augment, tuple(x.shape[2:]))))
+        train = _Transformed(train, T.Compose(train_augment(augment, tuple(x.shape[2:]))))
     stored = raw if raw is not None else x.numpy()
     splits = DataSplits(
         name=name,
@@ -382,14 +381,6 @@ _TORCHVISION = {
 }
 
 
-def _train_augment(kind: str, size: tuple[int, int]) -> list:
-    from torchvision import transforms as T
-
-    crop = [T.RandomCrop(size, padding=max(1, size[0] // 8))]  # shifts of up to 1/8 of the side
-    return {"crop_flip": crop + [T.RandomHorizontalFlip()], "crop": crop, "flip": [T.RandomHorizontalFlip()],
-            "none": []}[kind]
-
-
 def _torchvision_dataset(name: str, data_dir: Path, download: bool, val_fraction: float,
                          augment: str, split_file: Path | None = None) -> DataSplits:
     import torchvision
@@ -399,7 +390,7 @@ def _torchvision_dataset(name: str, data_dir: Path, download: bool, val_fraction
     augment = _augment_of(augment, default_augment)
     cls = getattr(torchvision.datasets, cls_name)
     normalize = [T.ToTensor(), T.Normalize(mean, std)]
-    train_tf = T.Compose(_train_augment(augment, shape[1:]) + normalize)
+    train_tf = T.Compose(train_augment(augment, shape[1:]) + normalize)
     eval_tf = T.Compose(normalize)
     try:
         train = cls(str(data_dir), train=True, download=download)
@@ -472,7 +463,7 @@ def _imagefolder(data_dir: Path, input_shape: tuple[int, int, int] | None, val_f
     norm = T.Normalize(mean, std)
     normalize = [T.ToTensor(), norm]
     augment = _augment_of(augment, "crop_flip" if channels == 3 else "none")
-    train_tf = T.Compose(base + _train_augment(augment, size) + normalize)
+    train_tf = T.Compose(base + train_augment(augment, size) + normalize)
     eval_tf = T.Compose(base + normalize)
 
     def folder(path: Path) -> ImageFolder:

@@ -12,6 +12,16 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from mcp.data.calibration import calibration_batches
+from mcp.deploy import kernel_speed  # its timing is what tests fake: called through the module
+from mcp.deploy.onnx import check_onnx, export_onnx, node_count, optimize_onnx, ort_evaluate, ort_session, parity
+from mcp.errors import McpError
+from mcp.evaluation.metrics import count_macs, count_params, size_bytes_fp32
+from mcp.quantization.engine import simulated
+from mcp.quantization.onnx_int8 import dynamic_int8 as dynamic
+from mcp.quantization.onnx_int8 import static_int8, weight_int8_dq
+from mcp.training import evaluate
+
 DEPLOY_NOTES = {
     "onnx_qdq_int8": "INT8 weights and activations (QDQ), run by ONNX Runtime's integer kernels",
     "onnx_dynamic_int8": "INT8 weights of the fully connected layers, activations quantized at run time",
@@ -19,6 +29,52 @@ DEPLOY_NOTES = {
     "onnx_fp32": "float32 weights holding the quantized values",
 }
 FLOAT_FORMATS = ("onnx_fp32", "onnx_int8_weights")  # float compute: logits must match closely
+
+
+@dataclass(frozen=True)
+class DeployInputs:
+    """What a quantization method's deployer gets: the float32 export of the quantized
+    model and everything it may need to turn it into the file users deploy."""
+
+    fp32_path: Path
+    out: Path
+    quantizer: Any  # mcp.quantization.Quantizer, after finish()
+    entries: Any  # its encodable weights
+    calib: Sequence[Any]  # calibration batches
+    spec: Any  # its QuantSpec
+
+
+def float_file(inputs: DeployInputs) -> tuple[Path, str]:
+    """The float32 export as it is (``onnx_fp32``)."""
+    inputs.out.write_bytes(inputs.fp32_path.read_bytes())
+    return inputs.out, "onnx_fp32"
+
+
+def grid_int8(inputs: DeployInputs) -> tuple[Path, str]:
+    """Weights on uniform grids: INT8 initializers behind DequantizeLinear where they fit."""
+    return int8_weights_or_fp32(inputs.fp32_path, inputs.quantizer, inputs.entries, inputs.out)
+
+
+def qdq_int8(inputs: DeployInputs) -> tuple[Path, str]:
+    """ONNX Runtime's static quantization (QDQ), calibrated on the method's batches."""
+    spec = inputs.spec
+    return (static_int8(inputs.fp32_path, inputs.out, inputs.calib, spec.observer, reduce_range=spec.reduce_range,
+                        float_layers=inputs.quantizer.float_layers()), "onnx_qdq_int8")
+
+
+def dynamic_int8(inputs: DeployInputs) -> tuple[Path, str]:
+    """ONNX Runtime's dynamic quantization of the fully connected layers."""
+    return dynamic(inputs.fp32_path, inputs.out, reduce_range=inputs.spec.reduce_range), "onnx_dynamic_int8"
+
+
+DEPLOYERS = {"float": float_file, "grid_int8": grid_int8, "qdq_int8": qdq_int8, "dynamic_int8": dynamic_int8}
+
+
+def deploy_quantized(method: Any, inputs: DeployInputs) -> tuple[Path, str]:
+    """The deployable file of a model quantized by ``method`` (a QuantMethod): its
+    deployer by name, or its own callable."""
+    deployer = DEPLOYERS[method.deploy] if isinstance(method.deploy, str) else method.deploy
+    return deployer(inputs)
 
 
 def parity_batch(test_loader, n: int) -> torch.Tensor:
@@ -37,8 +93,6 @@ def build_onnx(model: nn.Module, input_shape: Sequence[int], tmp: Path, opset: i
     """(ONNX file, deploy format, node counts): ``deployed`` (a quantized model's own
     deployable file and format, as its quantize step built it) when given, else a fresh
     float32 export, optimised where that removes nodes."""
-    from mcp.deploy.onnx import export_onnx, node_count, optimize_onnx
-
     tmp.mkdir(parents=True, exist_ok=True)
     if deployed is not None:
         path, fmt = deployed
@@ -62,9 +116,6 @@ def reference_model(model: nn.Module, fmt: str, input_shape: Sequence[int], trai
         return model
     from torch.utils.data import DataLoader
 
-    from mcp.data.calibration import calibration_batches
-    from mcp.quantization.engine import simulated
-
     loader = DataLoader(train_loader.dataset, batch_size=int(quantization.get("calib_batch_size", 32)))
     batches = calibration_batches(loader, int(quantization.get("calib_batches", 16)))
     return simulated(model, input_shape, quantization, batches)
@@ -73,8 +124,6 @@ def reference_model(model: nn.Module, fmt: str, input_shape: Sequence[int], trai
 def int8_weights_or_fp32(fp32_path: Path, quantizer: Any, entries: Mapping[str, Any], out: Path) -> tuple[Path, str]:
     """The deployable form of weights on b-bit uniform grids: INT8 initializers behind
     DequantizeLinear where they fit INT8 (``onnx_int8_weights``), else the float file."""
-    from mcp.quantization.onnx_int8 import weight_int8_dq
-
     ints = quantizer.signed_integers(entries)
     if any(i is not None for i in ints):
         return weight_int8_dq(fp32_path, out, ints), "onnx_int8_weights"
@@ -86,8 +135,6 @@ def grid_onnx(model: nn.Module, input_shape: Sequence[int], quantizer: Any, entr
               out_dir: str | Path, opset: int = 17) -> tuple[Path, str]:
     """(file, format) of a model whose weights sit on b-bit uniform grids (fixed point,
     QAT, a search trial): exported, then INT8 weights behind DequantizeLinear."""
-    from mcp.deploy.onnx import export_onnx
-
     out_dir = Path(out_dir)
     fp32 = export_onnx(model, input_shape, out_dir / "fp32.onnx", opset)
     return int8_weights_or_fp32(fp32, quantizer, entries, out_dir / "model.onnx")
@@ -98,14 +145,10 @@ def speed_onnx(model: nn.Module, input_shape: Sequence[int], calib: Sequence, ou
     """(file, format) of ``model`` deployed for speed: the float32 export, with INT8 (QDQ,
     calibrated on ``calib``) in the layers that ONNX Runtime runs faster in INT8 at their
     shapes on this CPU (:mod:`mcp.deploy.kernel_speed`); ``onnx_fp32`` when none does."""
-    from mcp.deploy.kernel_speed import layer_speeds
-    from mcp.deploy.onnx import export_onnx
-    from mcp.quantization.onnx_int8 import static_int8
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     fp32 = export_onnx(model, input_shape, out_dir / "fp32.onnx", opset)
-    speeds = layer_speeds(fp32)
+    speeds = kernel_speed.layer_speeds(fp32)
     if not any(s.int8_faster for s in speeds):
         (out_dir / "model.onnx").write_bytes(fp32.read_bytes())
         return out_dir / "model.onnx", "onnx_fp32"
@@ -125,8 +168,6 @@ def deploy_note(deploy_format: str, bits: Mapping[str, int], extra: str = "") ->
 
 def check_parity(fmt: str, result: Mapping[str, float], atol: float, min_agreement: float, what: str) -> None:
     """Fail loudly when ONNX Runtime disagrees with PyTorch beyond the allowed limits."""
-    from mcp.errors import McpError
-
     float_compute = fmt in FLOAT_FORMATS
     if (float_compute and result["max_abs_diff"] > atol) or result["agreement"] < min_agreement:
         limits = f"atol {atol:g}, " if float_compute else ""
@@ -153,10 +194,6 @@ def export_deployable(model: nn.Module, input_shape: Sequence[int], train_loader
     """Build ``model``'s deployable ONNX file (see :func:`build_onnx`), run ONNX's full
     checker, compare ONNX Runtime with PyTorch on the first ``parity_samples`` test images
     (failing loudly beyond ``atol`` / ``min_agreement``), and measure both on the test split."""
-    from mcp.evaluation.metrics import count_macs, count_params, size_bytes_fp32
-    from mcp.deploy.onnx import check_onnx, ort_evaluate, ort_session, parity
-    from mcp.training import evaluate
-
     x = parity_batch(test_loader, parity_samples)
     path, fmt, counts = build_onnx(model, input_shape, tmp, opset, optimize, deployed)
     check_onnx(path)

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from mcp.errors import McpError
+
 INPUT, OUTPUT = "input", "logits"
 DEFAULT_OPSET = 17
 
@@ -67,8 +69,6 @@ def ort_evaluate(session, batches: Iterable) -> dict[str, float]:
 def check_onnx(path: str | Path) -> None:
     """ONNX's checker (full check, shapes included); a failure is a one-line McpError."""
     import onnx
-
-    from mcp.errors import McpError
 
     try:
         onnx.checker.check_model(str(path), full_check=True)

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from mcp.quantization.codec import dense_size
+
 
 def count_params(model: nn.Module) -> dict[str, float]:
     """params_total, params_nonzero, sparsity (over all parameters)."""
@@ -30,8 +32,6 @@ def size_bytes_fp32(model: nn.Module) -> int:
     the state (weights, biases and BatchNorm running statistics; 4 bytes each, zeros
     included) in the payload container that ``size_bytes_compressed`` measures, so the
     two count the same tensors and a float model never encodes larger than this."""
-    from mcp.quantization.codec import dense_size
-
     return dense_size(model)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from mcp.evaluation.benchmark import pareto_front
 
 LOSS_PARTS = ("ce_loss", "kd_loss", "hint_loss")  # a distillation loss's terms, when training logged them
 
@@ -161,8 +162,6 @@ def plot_layer_quant(rows: Sequence[Mapping[str, object]], path: str | Path, tit
 def plot_tradeoffs(rows: Sequence[Mapping[str, object]], path: str | Path, title: str = "") -> Path:
     """Accuracy vs ONNX size and accuracy vs CPU latency (p50, batch 1), one point per
     model, each panel's Pareto front (smaller and more accurate) drawn as a line."""
-    from mcp.evaluation.benchmark import pareto_front
-
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, x_key, x_label in ((axes[0], "size_kib_onnx", "ONNX file (KiB)"),
@@ -181,3 +180,38 @@ def plot_tradeoffs(rows: Sequence[Mapping[str, object]], path: str | Path, title
     if title:
         fig.suptitle(title)
     return _save(fig, path)
+
+
+def plot_study(study, folder: str | Path, pareto: bool, size_key: str, latency: bool = False) -> list[Path]:
+    """Optuna's own plots of a study (matplotlib), as PNG files in ``folder``: the
+    parameters' importances and the optimisation history (or the Pareto front), each where
+    the study has enough finished trials for it."""
+    import warnings
+
+    import optuna.visualization.matplotlib as vis
+    from optuna.exceptions import ExperimentalWarning
+
+    plt = _pyplot()
+    warnings.filterwarnings("ignore", category=ExperimentalWarning)
+    warnings.filterwarnings("ignore", message="PedAnovaImportanceEvaluator")
+    warnings.filterwarnings("ignore", message="Target and region quantiles select the same set")
+    plots = {"param_importances.png": lambda: vis.plot_param_importances(
+        study, target=(lambda t: -t.values[0]) if pareto else None, target_name="val_accuracy")}
+    if pareto:
+        plots["pareto_front.png"] = lambda: vis.plot_pareto_front(
+            study, target_names=["val_accuracy", size_key] + (["latency_ms_p50_cpu"] if latency else []))
+    else:
+        plots["optimization_history.png"] = lambda: vis.plot_optimization_history(study)
+    made = []
+    for name, draw in plots.items():
+        try:
+            draw()
+            path = Path(folder) / name
+            plt.gcf().set_size_inches(8, 5)
+            plt.savefig(path, dpi=110, bbox_inches="tight")
+            made.append(path)
+        except (ValueError, RuntimeError, ZeroDivisionError):  # too few finished trials for this plot
+            pass
+        finally:
+            plt.close("all")
+    return made

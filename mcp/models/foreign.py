@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from mcp.errors import ConfigError, McpError
+from mcp.pruning.pruner import layers_in_order
 
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 _WRAPPERS = ("state_dict", "model_state_dict", "model", "module", "net", "weights")  # common checkpoint layouts
@@ -155,8 +156,6 @@ def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], what: str)
 
 def find_head(model: nn.Module, input_shape: tuple[int, ...]) -> str:
     """The final classifier: the last nn.Linear to run in a forward pass."""
-    from mcp.pruning.pruner import layers_in_order
-
     linear = [n for n, m in layers_in_order(model, input_shape) if isinstance(m, nn.Linear)]
     if not linear:
         raise McpError("no nn.Linear runs in this model's forward pass, so its classifier cannot be found; "

@@ -9,6 +9,9 @@ from typing import Any, Callable, Sequence
 from torch import nn
 
 from mcp.errors import ConfigError
+from mcp.models.foreign import apply_head, build_from_factory
+from mcp.pruning.depth import rebuild
+from mcp.pruning.pruner import replay_pruning
 
 Factory = Callable[..., nn.Module]
 
@@ -75,8 +78,6 @@ def model_from_recipe(recipe: dict[str, Any], model: nn.Module | None = None) ->
         if model is not None:
             recipe["num_classes"], recipe["input_shape"]  # noqa: B018 - every recipe has them
         elif recipe.get("factory") and recipe.get("kwargs_known", True):
-            from mcp.models.foreign import build_from_factory
-
             model = build_from_factory(str(recipe["factory"]), recipe.get("kwargs", {}))
             recipe["num_classes"], recipe["input_shape"]  # noqa: B018 - every recipe has them
         elif recipe.get("factory"):
@@ -89,15 +90,12 @@ def model_from_recipe(recipe: dict[str, Any], model: nn.Module | None = None) ->
     except KeyError as exc:
         raise ConfigError(f"model recipe lacks the key {exc.args[0]!r}: {recipe!r}") from None
     if recipe.get("head"):  # an imported model's classifier replaced for the user's classes
-        from mcp.models.foreign import apply_head
 
         apply_head(model, recipe["head"])
     if recipe.get("depth_pruning"):  # blocks removed, before or after channels were: replay both in order
-        from mcp.pruning.depth import rebuild
 
         rebuild(model, recipe["input_shape"], list(recipe.get("pruning_history") or []), recipe["depth_pruning"])
     elif recipe.get("pruning_history"):  # structured pruning: replay it to get the smaller shapes
-        from mcp.pruning.pruner import replay_pruning
 
         replay_pruning(model, recipe["input_shape"], recipe["pruning_history"])
     model.mcp_recipe = dict(recipe)

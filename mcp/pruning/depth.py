@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from mcp.errors import ConfigError
+from mcp.pruning.pruner import replay_pruning
 
 RECIPE_KEY = "depth_pruning"
 STACKS = (nn.Sequential, nn.ModuleList)  # containers whose children may be blocks
@@ -201,8 +202,6 @@ def within(layer: str, blocks: Sequence[str]) -> bool:
 def rebuild(model: nn.Module, input_shape: Sequence[int], history: list, events: list) -> nn.Module:
     """Replay a recipe's structured-pruning ``history`` with its depth-pruning ``events``
     in the order they happened (each event says how much history preceded it)."""
-    from mcp.pruning.pruner import replay_pruning
-
     if not isinstance(events, list) or not all(
             isinstance(e, dict) and isinstance(e.get("after_history"), int) and isinstance(e.get("blocks"), list)
             and all(isinstance(b, str) for b in e["blocks"]) for e in events):

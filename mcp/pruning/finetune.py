@@ -16,6 +16,7 @@ from mcp.data.calibration import calibration_batches
 from mcp.evaluation.metrics import count_macs, count_params, model_metrics, peak_memory_mb, size_bytes_fp32
 from mcp.pruning.engine import BNL1Penalty, PruneSpec, Pruning, PruningCallback
 from mcp.pruning.schedules import event_steps
+from mcp.quantization.codec import encode_model
 from mcp.training import Callback, FineTune, ProgressBar, Trainer, evaluate
 
 
@@ -94,8 +95,6 @@ def prune_and_finetune(base: nn.Module, loaders: Sequence[Any], input_shape: Seq
                       batch_loss=batch_loss)
     trainer.fit()
     training_time = time.perf_counter() - t0
-
-    from mcp.quantization.codec import encode_model
 
     test = evaluate(model.to(device), test_loader, device)
     metrics = {"test_accuracy": test["accuracy"], "test_loss": test["loss"],

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from mcp.errors import ConfigError
+from mcp.pruning.pruner import layers_in_order
 from mcp.quantization.codec import Codebook, Uniform, encode, inference_state
 from mcp.quantization.kmeans import KMEANS_INITS, WeightSharing
 from mcp.quantization.methods import QuantMethod, quant_method
@@ -89,8 +90,6 @@ def biases_pay(layers: Mapping[str, nn.Module], bits: Mapping[str, int]) -> bool
 
 class Quantizer:
     def __init__(self, model: nn.Module, input_shape: Sequence[int], spec: QuantSpec):
-        from mcp.pruning.pruner import layers_in_order
-
         spec.validate()
         self.model, self.spec = model, spec
         ordered = layers_in_order(model, input_shape)
@@ -186,8 +185,6 @@ def simulated(model: nn.Module, input_shape: Sequence[int], quantization: Mappin
     ``batches`` (the same batches the quantize stage used give the same ranges, because
     re-quantizing baked weights leaves them unchanged)."""
     import copy
-
-    from mcp.pruning.pruner import layers_in_order
 
     bits = {str(k): int(v) for k, v in quantization["bits"].items()}
     order = [n for n, _ in layers_in_order(model, input_shape)]

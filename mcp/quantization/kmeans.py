@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mcp.config import KMEANS_INITS  # noqa: F401 - the allowed names live with the config
+from mcp.quantization.names import KMEANS_INITS
 
 
 def initial_centroids(values: np.ndarray, k: int, init: str, seed: int) -> np.ndarray:

@@ -23,6 +23,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from mcp.deploy.kernel_speed import weighted_nodes
 from mcp.deploy.onnx import INPUT
 
 CALIBRATION = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
@@ -89,8 +90,13 @@ def static_int8(fp32_path: str | Path, out_path: str | Path, batches: Sequence, 
     sum pairs of products into saturating 16-bit integers (the non-VNNI path), and
     full-range weights overflow them (measured on this project's machine: 4% of
     predictions flipped on a small CNN)."""
-    from onnxruntime.quantization import CalibrationMethod, CalibrationDataReader, QuantFormat, QuantType
-    from onnxruntime.quantization import quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     reader_cls = type("Reader", (_Reader, CalibrationDataReader), {})
@@ -114,8 +120,6 @@ def _node_names(path: Path, layers: Sequence[int]) -> list[str]:
     """The names of the ``layers``-th Conv/Gemm nodes of the exported model at ``path``
     (torch's export keeps execution order, which is the order of the model's layers)."""
     import onnx
-
-    from mcp.deploy.kernel_speed import weighted_nodes
 
     if not layers:
         return []
@@ -188,8 +192,6 @@ def weight_int8_dq(fp32_path: str | Path, out_path: str | Path, layer_ints: Sequ
     export folds BatchNorm, which multiplies each output channel by a constant)."""
     import onnx
     from onnx import helper, numpy_helper
-
-    from mcp.deploy.kernel_speed import weighted_nodes
 
     model = onnx.load(str(fp32_path))
     inits = {i.name: i for i in model.graph.initializer}

@@ -17,10 +17,14 @@ import torch
 from torch import nn
 
 from mcp.data.calibration import calibration_batches
+from mcp.deploy.deployable import DeployInputs, deploy_note, deploy_quantized
+from mcp.deploy.kernel_speed import MARGIN, cpu_model, int8_layers
+from mcp.deploy.onnx import export_onnx, ort_evaluate, ort_predict, ort_session
+from mcp.errors import ConfigError, McpError
 from mcp.evaluation.metrics import model_metrics, peak_memory_mb, size_bytes_fp32
+from mcp.pruning.pruner import layers_in_order
 from mcp.quantization.codec import encode_model
 from mcp.quantization.engine import Quantizer, QuantSpec, layer_table
-from mcp.quantization.methods import DeployInputs
 from mcp.training import Callback, FineTune, ProgressBar, Trainer, evaluate
 
 
@@ -49,11 +53,6 @@ def by_speed(model: nn.Module, shape: tuple[int, ...], spec: QuantSpec, opset: i
     layers; the note and figures that say so."""
     import dataclasses
     import tempfile
-
-    from mcp.errors import ConfigError, McpError
-    from mcp.deploy.kernel_speed import MARGIN, cpu_model, int8_layers
-    from mcp.deploy.onnx import export_onnx
-    from mcp.pruning.pruner import layers_in_order
 
     order = [n for n, _ in layers_in_order(model, shape)]
     with tempfile.TemporaryDirectory() as tmp:
@@ -94,9 +93,6 @@ def quantize_model(model: nn.Module, loaders: Sequence[Any], input_shape: Sequen
     with ``batch_loss`` in place of cross-entropy when given (distillation). ``reference``
     is the model the accuracy drop and compression ratio compare with (default: ``model``;
     the unpruned model when ``model`` was pruned first)."""
-    from mcp.deploy.deployable import deploy_note
-    from mcp.deploy.onnx import export_onnx, ort_evaluate, ort_predict, ort_session
-
     train_loader, val_loader, test_loader = loaders
     shape = tuple(input_shape)
     kind = spec.kind
@@ -143,8 +139,8 @@ def quantize_model(model: nn.Module, loaders: Sequence[Any], input_shape: Sequen
     metrics["training_time_s"] = time.perf_counter() - t0
 
     fp32_path = export_onnx(model, shape, out_dir / "fp32.onnx", opset)
-    deploy_path, deploy_format = kind.deploy(DeployInputs(fp32_path, out_dir / "model.onnx", quantizer, entries,
-                                                          calib, spec))
+    deploy_path, deploy_format = deploy_quantized(kind, DeployInputs(fp32_path, out_dir / "model.onnx", quantizer,
+                                                                     entries, calib, spec))
     session = ort_session(deploy_path)
     onnx_test = ort_evaluate(session, test_loader)
     onnx_pred = np.concatenate([ort_predict(session, x).argmax(1) for x, _ in test_loader])

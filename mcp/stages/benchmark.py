@@ -15,9 +15,17 @@ from typing import Any
 
 import torch
 
+from mcp import tracking
 from mcp.config import BenchmarkConfig
+from mcp.deploy import check_onnx, ort_evaluate, ort_session
+from mcp.deploy.deployable import build_onnx
 from mcp.errors import McpError
+from mcp.evaluation.benchmark import csv_rows, markdown_table, measure_onnx
+from mcp.evaluation.metrics import count_macs, count_params, measure_latency, size_bytes_fp32
+from mcp.evaluation.plots import plot_tradeoffs
+from mcp.stages.common import deployable_of, other_test_set, reference_uri, resolve_model_ref, setup_data
 from mcp.tracking import schema
+from mcp.tracking.tables import log_plot
 
 
 @dataclass
@@ -67,8 +75,6 @@ def _bits_range(bits_json: str) -> str:
 
 
 def _references(cfg: BenchmarkConfig) -> list[str]:
-    from mcp import tracking
-
     if cfg.model_refs():
         return cfg.model_refs()
     name = cfg.registered_model or tracking.registered_name(cfg.model, cfg.dataset)
@@ -81,12 +87,6 @@ def _references(cfg: BenchmarkConfig) -> list[str]:
 
 def _prepare(cfg: BenchmarkConfig, splits, tmp: Path) -> list[dict[str, Any]]:
     """Load every model and build its ONNX file: all bad input fails here, before the run."""
-    from mcp import tracking
-    from mcp.evaluation.metrics import count_macs, count_params, size_bytes_fp32
-    from mcp.deploy import check_onnx
-    from mcp.deploy.deployable import build_onnx
-    from mcp.stages.common import deployable_of, other_test_set, resolve_model_ref
-
     prepared, seen = [], set()
     for i, ref in enumerate(_references(cfg)):
         model, uri, arch = resolve_model_ref(ref, cfg.dataset, splits, cfg.trust_pickled_model)
@@ -113,9 +113,6 @@ def _prepare(cfg: BenchmarkConfig, splits, tmp: Path) -> list[dict[str, Any]]:
 
 def _baseline_index(cfg: BenchmarkConfig, rows: list[dict[str, Any]]) -> int:
     if cfg.baseline:
-        from mcp import tracking
-        from mcp.stages.common import reference_uri
-
         uri = tracking.models.pin_version(reference_uri(cfg.baseline, cfg.dataset))
         for i, row in enumerate(rows):
             if row["uri"] == uri:
@@ -125,10 +122,6 @@ def _baseline_index(cfg: BenchmarkConfig, rows: list[dict[str, Any]]) -> int:
 
 
 def _measure(cfg: BenchmarkConfig, row: dict[str, Any], splits, test_loader, gpu: bool) -> None:
-    from mcp.evaluation.benchmark import measure_onnx
-    from mcp.evaluation.metrics import measure_latency
-    from mcp.deploy import ort_evaluate, ort_session
-
     shape = splits.input_shape
     accuracy = ort_evaluate(ort_session(row["path"], threads=cfg.threads), test_loader)
     row.update(test_accuracy=accuracy["accuracy"], test_loss=accuracy["loss"])
@@ -183,12 +176,6 @@ def _compare(rows: list[dict[str, Any]], base: dict[str, Any]) -> None:
 def run_benchmark(cfg: BenchmarkConfig, show_progress: bool | None = None) -> BenchmarkResult:
     import onnxruntime
     from tqdm.auto import tqdm
-
-    from mcp import tracking
-    from mcp.evaluation.benchmark import csv_rows, markdown_table
-    from mcp.evaluation.plots import plot_tradeoffs
-    from mcp.stages.common import setup_data
-    from mcp.tracking.tables import log_plot
 
     device, splits, (_, _, test_loader) = setup_data(cfg)
     gpu = device == "cuda"

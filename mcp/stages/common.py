@@ -10,17 +10,36 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from mcp.config import DataOptions, RecoveryOptions
+from mcp import tracking
+from mcp.config import (
+    DATA_RECORDED,
+    PARENT,
+    URI_SCHEMES,
+    BenchmarkConfig,
+    DataOptions,
+    DistillConfig,
+    ImportConfig,
+    PipelineConfig,
+    RecoveryOptions,
+    SplitConfig,
+    StartModel,
+    TrainConfig,
+)
+from mcp.data import load_dataset, make_loaders
+from mcp.deploy.onnx import export_onnx
+from mcp.distillation import Distiller, DistillSpec
 from mcp.errors import McpError
+from mcp.evaluation.metrics import count_params, size_bytes_fp32
+from mcp.evaluation import ort_bench  # its timing is what tests fake: called through the module
+from mcp.models import create_model, model_names
 from mcp.tracking import schema
+from mcp.training import evaluate, resolve_device
 from mcp.training.setup import FineTune
+from mcp.tuner.study import default_storage
 
 
 def setup_data(cfg: DataOptions):
     """(device, splits, (train, val, test) loaders): fails on bad input before any run starts."""
-    from mcp.data import load_dataset, make_loaders
-    from mcp.training import resolve_device
-
     device = resolve_device(cfg.device)
     splits = load_dataset(cfg.dataset, cfg.data_dir, cfg.download, cfg.input_shape or None,
                           cfg.num_classes, cfg.val_fraction, cfg.augment, cfg.split_file)
@@ -43,8 +62,6 @@ def log_and_register(model: nn.Module, example: torch.Tensor, extra_recipe: Mapp
     and the version: the test set's fingerprint, and the data settings as JSON."""
     import json
 
-    from mcp import tracking
-
     data = extra_recipe.get("data")
     if data:
         tracking.runs.set_tag(schema.TEST_FINGERPRINT, data["test_fingerprint"])
@@ -64,10 +81,6 @@ def model_ref_of(cls: type, values: Mapping[str, Any]) -> str:
     teacher given as a model reference, a benchmark's first model or registered model.
     '' when there is none (a zoo model's name is ``<model>-<dataset>``: the dataset is
     part of the name)."""
-    from mcp.config import (BenchmarkConfig, DistillConfig, ImportConfig, PipelineConfig, SplitConfig, StartModel,
-                            TrainConfig)
-    from mcp.models import model_names
-
     def ref(value: Any) -> str:
         text = str(value or "").strip()
         return "" if not text or text in model_names() else text
@@ -92,9 +105,6 @@ def with_recorded_data(cls: type, values: Mapping[str, Any]) -> dict[str, Any]:
     it uses them unless told otherwise. Precedence: defaults < recorded < config file <
     command line. A recorded folder or split file that is no longer there is one line
     naming it and the option that overrides it."""
-    from mcp import tracking
-    from mcp.config import DATA_RECORDED
-
     out = dict(values)
     ref = model_ref_of(cls, values)
     if not ref:
@@ -151,9 +161,6 @@ def deployment_figures(model: nn.Module, shape: Sequence[int], deployed: Path | 
     import tempfile
     import warnings
 
-    from mcp.evaluation.ort_bench import compare
-    from mcp.deploy.onnx import export_onnx
-
     seconds = timing_seconds()
     same = baseline is not None and parent is not None and baseline is parent[0]  # one model, timed once
     with tempfile.TemporaryDirectory() as tmp:
@@ -163,7 +170,7 @@ def deployment_figures(model: nn.Module, shape: Sequence[int], deployed: Path | 
         if parent is not None:
             found = deployable_of(parent[1], Path(tmp)) if parent[1] else None
             paths.append(found[0] if found else export_onnx(parent[0], shape, Path(tmp) / "parent.onnx"))
-        times = compare([str(p) for p in paths], tuple(shape), 1, seconds)
+        times = ort_bench.compare([str(p) for p in paths], tuple(shape), 1, seconds)
     figures = {"latency_ms_p50_cpu": times[0]}
     if baseline is not None:
         base = times[-1] if same else times[1]
@@ -182,9 +189,6 @@ def deployment_figures(model: nn.Module, shape: Sequence[int], deployed: Path | 
 def reference_uri(ref: str, dataset: str) -> str:
     """The URI a model reference means: a model name is ``models:/<model>-<dataset>@baseline``,
     ``<name>@<alias>`` is ``models:/<name>@<alias>``, a URI is itself."""
-    from mcp.config import URI_SCHEMES
-    from mcp.models import model_names
-
     if ref in model_names():
         return schema.alias_uri(schema.registered_name(ref, dataset), schema.BASELINE)
     return ref if ref.startswith(URI_SCHEMES) else schema.MODELS_SCHEME + ref
@@ -195,9 +199,6 @@ def resolve_model_ref(ref: str, dataset: str, splits,
     """Load the model ``ref`` names (see :func:`mcp.config.check_model_ref`) and check it
     fits the dataset. Returns (model, URI, architecture name); the model is None when
     ``ref`` is a model name whose ``<model>-<dataset>@baseline`` is still to be trained."""
-    from mcp import tracking
-    from mcp.models import model_names
-
     uri = reference_uri(ref, dataset)
     if ref in model_names() and not tracking.alias_exists(tracking.registered_name(ref, dataset), "baseline"):
         return None, uri, ref
@@ -244,8 +245,6 @@ def study_storage(storage: str) -> str:
     (:func:`mcp.tuner.study.default_storage`)."""
     if storage:
         return storage
-    from mcp import tracking
-    from mcp.tuner.study import default_storage
 
     return default_storage(tracking.runs.tracking_uri())
 
@@ -261,8 +260,6 @@ def find_base_model(model: str, model_uri: str, dataset: str, splits,
 def probe_model(base: nn.Module | None, model: str, splits) -> nn.Module:
     """A copy of the starting model (or, when its baseline is still to be trained, a fresh
     one of the same architecture) to check a stage's settings on before any run starts."""
-    from mcp.models import create_model
-
     return copy.deepcopy(base) if base is not None else create_model(model, splits.num_classes, splits.input_shape)
 
 
@@ -271,8 +268,6 @@ def recovery_teacher(cfg: RecoveryOptions, base: nn.Module | None, base_uri: str
     """The teacher of distillation-as-recovery: (model or None, its URI); ("", None) when
     ``distill_from`` is empty. 'parent' is the model the stage starts from (``base``),
     None while that baseline is still to be trained."""
-    from mcp.config import PARENT
-
     if not cfg.distill_from:
         return None, ""
     if cfg.distill_from == PARENT:
@@ -288,7 +283,6 @@ def recovery_loss(cfg: RecoveryOptions, teacher: nn.Module | None, device: str):
     """The Trainer's ``batch_loss`` for distillation-as-recovery (None: plain CE)."""
     if teacher is None:
         return None
-    from mcp.distillation import Distiller, DistillSpec
 
     return Distiller(teacher, DistillSpec(cfg.distill_temperature, cfg.distill_alpha)).to(device)
 
@@ -296,8 +290,6 @@ def recovery_loss(cfg: RecoveryOptions, teacher: nn.Module | None, device: str):
 def deployable_of(uri: str, tmp: Path) -> tuple[Path, str] | None:
     """The deployable ONNX file (and its format) the stage that made ``uri`` built and
     logged, for a quantized model; None for a float model (the export builds its file)."""
-    from mcp import tracking
-
     (tmp / "deployed").mkdir(parents=True, exist_ok=True)
     path, fmt = tracking.models.deployable_onnx(uri, tmp / "deployed")
     return (path, fmt) if path is not None else None
@@ -369,10 +361,6 @@ def lineage_baseline(parent: nn.Module, parent_uri: str, test_loader, device: st
     parent itself (``parent_accuracy`` saves testing it again) when it is the baseline or
     when the lineage has none (a ``runs:/`` URI of a foreign run, say): then ``fallback``
     says why, and the run and the version carry it as a tag."""
-    from mcp import tracking
-    from mcp.evaluation.metrics import count_params, size_bytes_fp32
-    from mcp.training import evaluate
-
     def measured(model: nn.Module, uri: str, accuracy: float | None, fallback: str = "") -> Baseline:
         if accuracy is None:
             accuracy = evaluate(model.to(device), test_loader, device)["accuracy"]
@@ -404,8 +392,6 @@ def lineage_baseline(parent: nn.Module, parent_uri: str, test_loader, device: st
 
 def tag_baseline(ref: Baseline) -> None:
     """Tag the active run with the baseline its figures compare with (and any fallback)."""
-    from mcp import tracking
-
     for key, value in ref.run_tags().items():
         tracking.runs.set_tag(key, value)
 

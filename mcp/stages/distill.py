@@ -9,9 +9,28 @@ from typing import Any
 import torch
 from torch import nn
 
+from mcp import tracking
 from mcp.config import DistillConfig
+from mcp.distillation import Distiller, DistillSpec
+from mcp.distillation.train import distill_model
 from mcp.errors import McpError
+from mcp.evaluation.plots import plot_training_curves
+from mcp.models import create_model, model_names
+from mcp.stages.common import (
+    DEPLOY_KEYS,
+    data_recipe,
+    deployment_figures,
+    finetune_of,
+    lineage_baseline,
+    log_and_register,
+    resolve_model_ref,
+    setup_data,
+    tag_baseline,
+)
+from mcp.stages.train import run_baseline
 from mcp.tracking import schema
+from mcp.tracking.tables import log_plot
+from mcp.training import evaluate
 
 
 @dataclass
@@ -26,16 +45,11 @@ class DistillResult:
 
 
 def spec_of(cfg: DistillConfig):
-    from mcp.distillation import DistillSpec
-
     return DistillSpec(cfg.temperature, cfg.alpha, cfg.hint_layers, cfg.hint_weight, cfg.label_smoothing)
 
 
 def resolve_student(cfg: DistillConfig, splits) -> tuple[nn.Module, str, str]:
     """(student, the URI it starts from or "" for a fresh one, architecture name)."""
-    from mcp.models import create_model, model_names
-    from mcp.stages.common import resolve_model_ref
-
     if cfg.student in model_names():
         torch.manual_seed(cfg.seed)
         return create_model(cfg.student, splits.num_classes, splits.input_shape), "", cfg.student
@@ -49,12 +63,6 @@ def resolve_student(cfg: DistillConfig, splits) -> tuple[nn.Module, str, str]:
 
 def run_distill(cfg: DistillConfig, show_progress: bool | None = None) -> DistillResult:
     """Everything that can fail on bad input (models, hint layers) fails before the run starts."""
-    from mcp import tracking
-    from mcp.distillation import Distiller
-    from mcp.models import create_model
-    from mcp.stages.common import resolve_model_ref, setup_data
-    from mcp.stages.train import run_baseline
-
     device, splits, loaders = setup_data(cfg)
     teacher, teacher_uri, teacher_arch = resolve_model_ref(cfg.teacher, cfg.dataset, splits,
                                                                     cfg.trust_pickled_model)
@@ -79,21 +87,6 @@ def run_distill(cfg: DistillConfig, show_progress: bool | None = None) -> Distil
 
 def _distill(cfg: DistillConfig, teacher: nn.Module, teacher_uri: str, student: nn.Module, student_uri: str,
              student_arch: str, splits, loaders, device: str, show_progress: bool | None) -> DistillResult:
-    from mcp import tracking
-    from mcp.distillation.train import distill_model
-    from mcp.evaluation.plots import plot_training_curves
-    from mcp.stages.common import (
-        DEPLOY_KEYS,
-        data_recipe,
-        deployment_figures,
-        finetune_of,
-        lineage_baseline,
-        log_and_register,
-        tag_baseline,
-    )
-    from mcp.tracking.tables import log_plot
-    from mcp.training import evaluate
-
     test_loader = loaders[2]
     student = student.to(device)
     initial = evaluate(student, test_loader, device)["accuracy"] if student_uri else None

@@ -11,8 +11,12 @@ from typing import Any
 
 import numpy as np
 
+from mcp import tracking
 from mcp.config import ExportConfig
+from mcp.deploy import ort_predict
+from mcp.deploy.deployable import export_deployable
 from mcp.errors import McpError
+from mcp.stages.common import deployable_of, lineage_baseline, resolve_model_ref, setup_data
 from mcp.tracking import schema
 
 
@@ -30,16 +34,6 @@ class ExportResult:
 
 def run_export(cfg: ExportConfig, show_progress: bool | None = None) -> ExportResult:
     """Export, check and parity-test first; only a model that passes gets a run."""
-    from mcp import tracking
-    from mcp.deploy import ort_predict
-    from mcp.deploy.deployable import export_deployable
-    from mcp.stages.common import (
-        deployable_of,
-        lineage_baseline,
-        resolve_model_ref,
-        setup_data,
-    )
-
     device, splits, (train_loader, _, test_loader) = setup_data(cfg)
     model, uri, arch = resolve_model_ref(cfg.model_uri or cfg.model, cfg.dataset, splits,
                                          cfg.trust_pickled_model)

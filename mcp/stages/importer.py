@@ -129,7 +129,8 @@ def run_import(cfg: ImportConfig, show_progress: bool | None = None) -> ImportRe
                         **{k: f"{metrics[k]:.6g}" for k in ("test_accuracy", "params_total", "macs",
                                                              "size_bytes_fp32", "latency_ms_p50_cpu")}}
         _, version = log_and_register(model, next(iter(test_loader))[0][:4],
-                                      data_recipe(splits), reg_name, schema.BASELINE if reg_name else None, version_tags)
+                                      data_recipe(splits), reg_name, schema.BASELINE if reg_name else None,
+                                      version_tags)
     test_set = (f"{len(splits.test):,} images of {splits.name} ({splits.how}), test set {splits.test_fingerprint}"
                 + ("" if cfg.split_file or splits.how != SPLIT_OF_MCP else
                    "; if your training saw any of them, give your split with --split-file (`mcp split` writes mcp's)"))

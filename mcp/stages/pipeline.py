@@ -23,9 +23,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mcp import tracking
 from mcp.config import ExportConfig, ModelSource, PipelineConfig
-from mcp.tuner.study import within_budget
+from mcp.stages.benchmark import run_benchmark
+from mcp.stages.common import find_base_model, lineage, setup_data, study_storage
+from mcp.stages.export import run_export
+from mcp.stages.promote import run_promote
+from mcp.stages.prune import run_prune
+from mcp.stages.quantize import run_quantize
+from mcp.stages.search import run_search
+from mcp.stages.train import run_train
 from mcp.tracking import schema
+from mcp.tuner.objective import latency_key
+from mcp.tuner.progress import lines_mode
+from mcp.tuner.study import check_search, check_storage, open_study, within_budget
 
 STEPS = ("baseline", "prune", "quantize", "search", "export", "benchmark", "promote")
 
@@ -41,10 +52,6 @@ class PipelineResult:
 
 def run_pipeline(cfg: PipelineConfig, show_progress: bool | None = None) -> PipelineResult:
     from tqdm.auto import tqdm
-
-    from mcp import tracking
-    from mcp.tuner.study import check_search, check_storage, open_study
-    from mcp.stages.common import find_base_model, lineage, setup_data, study_storage
 
     _, splits, loaders = setup_data(cfg)
     cfg = cfg.replace(storage=study_storage(cfg.storage))
@@ -94,15 +101,6 @@ def study_name(cfg: PipelineConfig, base_uri: str, checked, arch: str = "") -> s
 def _compress(cfg: PipelineConfig, base_uri: str, checked, steps, bar, show_progress: bool | None,
               arch: str) -> list[dict[str, Any]]:
     """Steps 1-6: the models, exported and benchmarked; one row per model."""
-    from mcp import tracking
-    from mcp.tuner.objective import latency_key
-    from mcp.stages.benchmark import run_benchmark
-    from mcp.stages.export import run_export
-    from mcp.stages.prune import run_prune
-    from mcp.stages.quantize import run_quantize
-    from mcp.stages.search import run_search
-    from mcp.stages.train import run_train
-
     def step() -> str:
         name = next(steps)
         bar.set_postfix_str(name)
@@ -177,18 +175,14 @@ def announce(name: str, show_progress: bool | None) -> None:
     """'pipeline: step 2/7, prune' on stderr where no progress bar shows (a log file)."""
     import sys
 
-    from mcp.tuner.progress import lines_mode
-
     if lines_mode(show_progress):
         print(f"pipeline: step {STEPS.index(name) + 1}/{len(STEPS)}, {name}", file=sys.stderr, flush=True)
 
 
-def _promote(cfg: PipelineConfig, rows: list[dict[str, Any]], name: str, bar, show_progress: bool | None) -> dict | None:
+def _promote(cfg: PipelineConfig, rows: list[dict[str, Any]], name: str, bar,
+             show_progress: bool | None) -> dict | None:
     """The most accurate compressed model within the budget (ties: the smaller) gets
     ``champion``; None when no compressed model fits the budget."""
-    from mcp import tracking
-    from mcp.stages.promote import run_promote
-
     bar.set_postfix_str(name)
     announce(name, show_progress)
     fitting = [r for r in rows if r["within_budget"]]
@@ -228,8 +222,6 @@ def _cell(key: str, value: Any) -> str:
 
 def _summary(cfg: PipelineConfig, rows: list[dict[str, Any]], budget: float, champion: dict | None) -> str:
     """The pipeline's table (markdown, logged with a CSV beside it)."""
-    from mcp import tracking
-
     lines = ["| " + " | ".join(title for _, title in COLUMNS) + " | within budget |",
              "|" + "---|" * (len(COLUMNS) + 1)]
     for r in rows:

@@ -6,6 +6,7 @@ the newer version."""
 
 from __future__ import annotations
 
+from mcp import tracking
 from mcp.errors import McpError
 from mcp.tracking import schema
 
@@ -13,8 +14,6 @@ ALIAS = schema.CHAMPION_ALIAS
 
 
 def best_version(name: str) -> str:
-    from mcp import tracking
-
     versions = tracking.models.list_versions(name)
     if not versions:
         raise McpError(f"registered model {name!r} does not exist or has no versions")
@@ -32,8 +31,6 @@ def best_version(name: str) -> str:
 
 def run_promote(name: str, version: str | None, best: bool) -> tuple[str, str | None]:
     """Move ``champion`` to ``version`` (or the ``--best`` one); returns (new, previous)."""
-    from mcp import tracking
-
     if bool(version) == bool(best):
         raise McpError("give exactly one of --version N and --best")
     chosen = best_version(name) if best else str(version)

@@ -16,8 +16,17 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from mcp import tracking
 from mcp.config import SensitivityConfig
+from mcp.data.calibration import calibration_batches
+from mcp.evaluation.plots import plot_bars, plot_sensitivity
+from mcp.pruning import PruneSpec, Pruning, create_criterion, prune
+from mcp.pruning.pruner import select_layers
+from mcp.stages.common import find_base_model, lineage, probe_model, setup_data
+from mcp.stages.train import run_baseline
 from mcp.tracking import schema
+from mcp.tracking.tables import log_csv, log_plot
+from mcp.training import evaluate
 
 
 @dataclass
@@ -72,16 +81,6 @@ def gradient_norms(model: nn.Module, layers: dict[str, nn.Module], batches, devi
 
 def run_sensitivity(cfg: SensitivityConfig, show_progress: bool | None = None) -> SensitivityResult:
     from tqdm.auto import tqdm
-
-    from mcp import tracking
-    from mcp.data.calibration import calibration_batches
-    from mcp.evaluation.plots import plot_bars, plot_sensitivity
-    from mcp.pruning import PruneSpec, Pruning, create_criterion, prune
-    from mcp.pruning.pruner import select_layers
-    from mcp.stages.common import find_base_model, lineage, probe_model, setup_data
-    from mcp.stages.train import run_baseline
-    from mcp.tracking.tables import log_csv, log_plot
-    from mcp.training import evaluate
 
     device, splits, (train_loader, val_loader, _) = setup_data(cfg)
     ratios = cfg.sweep_ratios()

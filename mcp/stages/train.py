@@ -10,9 +10,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from mcp import tracking
 from mcp.config import DataOptions, TrainConfig
 from mcp.errors import McpError
+from mcp.evaluation.metrics import model_metrics, peak_memory_mb
+from mcp.evaluation.plots import plot_training_curves
+from mcp.models import create_model
+from mcp.stages.common import data_recipe, deployment_figures, log_and_register, setup_data
 from mcp.tracking import schema
+from mcp.tracking.tables import log_plot
+from mcp.training import EarlyStopping, ProgressBar, Trainer, build_optimizer, build_scheduler, evaluate
+from mcp.training.checkpoint import CheckpointEveryEpoch, load_checkpoint, restore_trainer
 
 
 @dataclass
@@ -28,8 +36,6 @@ class TrainResult:
 
 def checkpoint_config(path: str) -> dict[str, Any]:
     """The settings a checkpoint was trained with: the defaults for ``--resume``."""
-    from mcp.training.checkpoint import load_checkpoint
-
     return dict(load_checkpoint(path).get("config", {}))
 
 
@@ -42,15 +48,6 @@ def _describe(recipe: Any) -> str:
 
 def run_train(cfg: TrainConfig, show_progress: bool | None = None) -> TrainResult:
     """Everything that can fail on bad input fails before the MLflow run starts."""
-    from mcp import tracking
-    from mcp.evaluation.metrics import model_metrics, peak_memory_mb
-    from mcp.evaluation.plots import plot_training_curves
-    from mcp.models import create_model
-    from mcp.stages.common import data_recipe, deployment_figures, log_and_register, setup_data
-    from mcp.tracking.tables import log_plot
-    from mcp.training import EarlyStopping, ProgressBar, Trainer, build_optimizer, build_scheduler, evaluate
-    from mcp.training.checkpoint import CheckpointEveryEpoch, load_checkpoint, restore_trainer
-
     device, splits, (train_loader, val_loader, test_loader) = setup_data(cfg)
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model, splits.num_classes, splits.input_shape)
@@ -118,8 +115,6 @@ def run_baseline(cfg: DataOptions, show_progress: bool | None, model: str | None
     """Train and register ``<model>-<dataset>@baseline`` (default: ``cfg.model``) with
     train's defaults, as a run nested in the active one, and tag the active run with its
     URI: how a compression stage gets the baseline it starts from when none exists yet."""
-    from mcp import tracking
-
     train_cfg = TrainConfig(model=model or cfg.model, **{k: getattr(cfg, k) for k in DataOptions.defaults()})
     trained = run_train(train_cfg, show_progress=show_progress)
     uri = schema.version_uri(trained.registered_name, trained.registered_version)

@@ -23,6 +23,8 @@ import torch
 from torch import nn
 
 from mcp.errors import McpError
+from mcp.models import model_from_recipe
+from mcp.models.foreign import load_weights_only
 from mcp.tracking import schema
 from mcp.tracking.runs import mlflow_write
 from mcp.tracking.schema import registered_name  # noqa: F401  (mcp.tracking.registered_name)
@@ -123,8 +125,6 @@ def load_api(source: str, model: nn.Module | None = None, device: str = "cpu") -
     not know); the recipe's structural edits are applied to it before the weights load."""
     import mlflow
     from mlflow.exceptions import MlflowException
-
-    from mcp.models import model_from_recipe
 
     uri = source.strip()
     if not uri.startswith(("models:/", "runs:/")) and all(c in "0123456789abcdef" for c in uri) and len(uri) == 32:
@@ -256,8 +256,6 @@ def load_model(uri: str, device: str = "cpu", trust_pickled: bool = False) -> nn
     which warns once per process and is recorded on the run (tag ``mcp.trust_pickled_model``).
     """
 
-    from mcp.models import model_from_recipe
-
     local = _download(uri)
     extra = local / "extra_files"
     if (extra / RECIPE_FILE).is_file() and (extra / STATE_FILE).is_file():
@@ -380,8 +378,6 @@ def _warn_pickle_once(uri: str) -> None:
 def read_state_dict(path: Path, what: str) -> dict[str, torch.Tensor]:
     """A ``state_dict`` file read with ``weights_only=True``: tensors and plain containers
     only, so no code runs; anything else is one clear line."""
-    from mcp.models.foreign import load_weights_only
-
     state = load_weights_only(
         path, pickled=f"{what}: {path.name} holds pickled Python objects, not only tensors; refused because "
                       f"unpickling them could run code (save model.state_dict() instead)",

@@ -6,6 +6,8 @@ import contextlib
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+from mcp.errors import McpError
+from mcp.locking import sqlite_lock
 from mcp.tracking import schema
 from mcp.training.loop import Callback
 
@@ -80,7 +82,6 @@ def check_tracking_server(uri: str | None = None) -> None:
         return
     if not uri.startswith(("http://", "https://")):
         return
-    from mcp.errors import McpError
 
     try:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=REACH_TIMEOUT_S) as reply:
@@ -100,8 +101,6 @@ def _create_sqlite_store(uri: str) -> None:
     """Open (creating) a SQLite tracking store, one process at a time: processes that
     create the same new file at once would run MLflow's table migrations together, and
     all but one fail."""
-    from mcp.locking import sqlite_lock
-
     with sqlite_lock(uri):
         _mlflow().MlflowClient(uri).search_experiments(max_results=1)
 
@@ -126,8 +125,6 @@ def ensure_experiment(name: str) -> str:
     once all get the same one: the store refuses all but one creation, and the others read
     it back."""
     from mlflow.exceptions import MlflowException
-
-    from mcp.errors import McpError
 
     client = _mlflow().MlflowClient()
     experiment = client.get_experiment_by_name(name)

@@ -12,13 +12,32 @@ integrations do; the library default records nothing.
 from __future__ import annotations
 
 import contextlib
+import json
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Callable, ContextManager, Iterator, Protocol
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Iterator, Mapping, Protocol
 
 import torch
 
-from mcp.tuner.study import FILL_SLACK, SIZE_KEY, budget_excess
+from mcp.deploy import ort_evaluate, ort_session
+from mcp.distillation import Distiller, DistillSpec
+from mcp.evaluation.benchmark import measure_onnx
+from mcp.evaluation.metrics import count_params, model_metrics, size_bytes_fp32
+from mcp.pruning.depth import removed_blocks
+from mcp.training import evaluate
+from mcp.tuner.space import allowed_bits, clipped_ratio, sample, uniform, uniform_where_allowed
+from mcp.tuner.study import FILL_SLACK, SIZE_KEY, budget_excess, within_budget
+from mcp.tuner.trial import (
+    deployed_latency,
+    fill_budget,
+    finetune_quantized,
+    measure_sizes,
+    onnx_latency,
+    present,
+    prune_candidate,
+    ratio_at_budget,
+)
 
 STATES = ("complete", "pruned", "infeasible", "failed")
 LATENCY_KEY = "latency_ms_p50_cpu"  # a latency budget at batch 1 (and pareto's latency objective)
@@ -68,6 +87,19 @@ class SearchProblem:
     budget_ms: float = 0.0  # latency budget: CPU p50 (ms) of the model deployed for speed; 0: none
     budget_batch: int = 1  # the latency budget is that of one call at this many images
 
+    @classmethod
+    def of(cls, cfg: Any, checked: Any, base: torch.nn.Module, input_shape, loaders, device: str) -> "SearchProblem":
+        """The problem of a ``mcp search`` configuration (:class:`mcp.config.SearchConfig`),
+        checked (:func:`mcp.tuner.study.check_search`), from the starting model ``base``."""
+        return cls(checked.space, base, tuple(input_shape), loaders, device, checked.calib, checked.budget,
+                   cfg.budget_on, cfg.fill_budget, cfg.mode == "pareto", cfg.latency, cfg.distill, cfg.seed,
+                   float(size_bytes_fp32(base)), cfg.budget_ms, cfg.budget_batch)
+
+    def within(self, metrics: Mapping[str, float]) -> bool:
+        """Whether a model so measured meets the size budget and the latency budget."""
+        return within_budget(metrics[SIZE_KEY[self.budget_on]], self.budget) and (
+            not self.budget_ms or metrics[latency_key(self.budget_batch)] <= self.budget_ms)
+
 
 def latency_key(budget_batch: int) -> str:
     """The metric a latency budget at ``budget_batch`` images per call is checked on."""
@@ -85,8 +117,6 @@ def constrain(trial, key: str, excess: float) -> None:
 def trial_latency(tuned, shape) -> float:
     """CPU p50 (ms) at batch 1, one thread, of the trial's deployable ONNX model, timed in
     a process of its own for at least half a second."""
-    from mcp.evaluation.benchmark import measure_onnx
-
     with tempfile.TemporaryDirectory() as tmp:
         path, _ = tuned.onnx(shape, tmp)
         return float(measure_onnx(path, shape, "cpu", 1, batch=8, warmup=20, iters=100, seconds=0.5)["p50_ms"])
@@ -98,19 +128,12 @@ def make_objective(problem: SearchProblem, open_log: Callable[[Any], ContextMana
     ``open_log(trial)`` opens, its state kept in the trial's user attribute ``state``."""
     import optuna
 
-    from mcp.evaluation.metrics import count_params
-    from mcp.tuner.space import sample
-    from mcp.tuner.trial import (deployed_latency, fill_budget, finetune_quantized, measure_sizes, present,
-                                  prune_candidate)
-    from mcp.training import evaluate
-
     p = problem
     shape, on = p.input_shape, p.budget_on
 
     def distiller():  # distillation from the starting model, T=4, alpha=0.9
         if not p.distill:
             return None
-        from mcp.distillation import Distiller, DistillSpec
 
         return Distiller(p.base, DistillSpec()).to(p.device)
 
@@ -213,6 +236,33 @@ class Rebuilt:
     def model(self) -> torch.nn.Module:
         return self.tuned.model
 
+    def tags(self) -> dict[str, Any]:
+        """What it is, for its registered version: the trial, its per-layer ratios and bits,
+        and the blocks it removed."""
+        tc = self.config
+        return {"trial": self.number, "ratios": json.dumps({k: round(v, 4) for k, v in tc.ratios.items()}),
+                "bits": json.dumps(tc.bits), "method": "qat",
+                **({"dropped_blocks": ",".join(removed_blocks(self.model))} if tc.drop_blocks else {})}
+
+    @property
+    def quantization(self) -> dict[str, Any]:
+        """What its recipe says of its quantization: QAT on fixed per-layer grids."""
+        return {"method": "qat", "bits": self.config.bits, "act_bits": 0, "symmetric": True, "per_channel": True,
+                "observer": "minmax", "coding": "fixed", "reduce_range": False}
+
+    def deploy(self, problem: "SearchProblem", folder: str | Path) -> tuple[Path, str]:
+        """Write its deployable ONNX file into ``folder`` (INT8 weights behind
+        DequantizeLinear; under a latency budget, float32 with INT8 where it runs faster)
+        and add to :attr:`metrics` its size, its ONNX Runtime test accuracy and, under a
+        throughput budget, the latency of one call at that batch. Returns (file, format)."""
+        shape = tuple(problem.input_shape)
+        path, fmt = self.tuned.onnx(shape, folder)
+        self.metrics["size_bytes_onnx"] = float(path.stat().st_size)
+        self.metrics["onnx_test_accuracy"] = ort_evaluate(ort_session(path), problem.loaders[2])["accuracy"]
+        if problem.budget_ms and problem.budget_batch > 1:  # a throughput budget's own figure
+            self.metrics[BATCH_LATENCY_KEY] = onnx_latency(path, shape, seconds=1.0, batch=problem.budget_batch)
+        return path, fmt
+
 
 def rebuild(problem: SearchProblem, row: dict[str, Any], epochs: int = 0) -> Rebuilt:
     """Prune the starting model as trial ``row`` (of :func:`trial_table`) did, with the
@@ -221,11 +271,6 @@ def rebuild(problem: SearchProblem, row: dict[str, Any], epochs: int = 0) -> Reb
     import dataclasses
 
     import optuna
-
-    from mcp.evaluation.metrics import model_metrics
-    from mcp.tuner.space import sample
-    from mcp.tuner.trial import finetune_quantized, present, prune_candidate
-    from mcp.training import evaluate
 
     p = problem
     tc = sample(optuna.trial.FixedTrial(row["params"]), p.space)
@@ -242,6 +287,16 @@ def rebuild(problem: SearchProblem, row: dict[str, Any], epochs: int = 0) -> Reb
                                                                                    p.device)}
     tuned.model.eval()
     return Rebuilt(row["number"], tc, tuned, metrics)
+
+
+WINNER_KEYS = ("test_accuracy", "val_accuracy", "size_bytes_compressed", "size_bytes_onnx", "onnx_test_accuracy",
+               "compression_ratio", "sparsity")
+
+
+def winner_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
+    """What a winner's record carries of its measurements (its deployed latencies where measured)."""
+    return {**{k: metrics[k] for k in WINNER_KEYS},
+            **{k: metrics[k] for k in (LATENCY_KEY, BATCH_LATENCY_KEY) if k in metrics}}
 
 
 def best_trials(rows: list[dict[str, Any]], count: int = 1, budget_ms: float = 0.0,
@@ -329,14 +384,6 @@ def enqueue_uniform(study, problem: SearchProblem, max_accuracy: bool, limit: in
     where allowed": every layer at one ratio and one bit-width, each clipped to what that
     layer allows, at the least pruning that fits. Nothing is seeded without a budget or for
     a Pareto front (there is no single recipe to beat)."""
-    from mcp.tuner.space import (
-        allowed_bits,
-        clipped_ratio,
-        uniform,
-        uniform_where_allowed,
-    )
-    from mcp.tuner.trial import ratio_at_budget
-
     space, p = problem.space, problem
     start = UniformStart()
     if p.budget is None and p.budget_ms and max_accuracy:
@@ -418,9 +465,6 @@ def _uniform_within_latency(study, p: SearchProblem, limit: int | None = None) -
     what the search must beat. A space that removes blocks gets one such start at its
     fewest and one at its most blocks removed (at most ``limit`` starts): how to spend the
     budget between depth and width is the search's first question."""
-    from mcp.tuner.space import allowed_bits, clipped_ratio, uniform_where_allowed
-    from mcp.tuner.trial import deployed_latency, ratio_at_budget
-
     space, start = p.space, UniformStart()
     if space.granularity[0] != "structured":  # only removed channels change the latency
         return start
@@ -449,6 +493,24 @@ def _uniform_within_latency(study, p: SearchProblem, limit: int | None = None) -
         start.warning = (f"no uniform starting trial: one ratio in every layer meets the latency budget of "
                          f"{p.budget_ms:g} ms only beyond the space's ranges")
     return start
+
+
+TRIAL_COLUMNS = ("number", "state", "val_accuracy", "size_bytes_compressed", "size_bytes_onnx", "latency_ms_p50_cpu",
+                 "batch_latency_ms_p50_cpu", "feasible", "params", "ratios", "mlflow_run_id")
+
+
+def write_trials_csv(rows: list[dict[str, Any]], path: str | Path) -> Path:
+    """The study's trials (rows of :func:`trial_table`) as a CSV file."""
+    import csv
+    import json
+
+    with Path(path).open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(TRIAL_COLUMNS)
+        for t in rows:
+            writer.writerow([json.dumps(t[k] or {}) if k in ("params", "ratios") else
+                             ("" if t[k] is None else t[k]) for k in TRIAL_COLUMNS])
+    return Path(path)
 
 
 def trial_table(study, budget_on: str) -> list[dict[str, Any]]:

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from mcp.config import CRITERIA, GRANULARITIES, read_config_file
 from mcp.errors import ConfigError
 
 SPACES_DIR = Path(__file__).resolve().parent / "spaces"  # the shipped spaces (package data)
@@ -107,8 +108,6 @@ def _unknown(where: str, keys: Any, allowed: set[str]) -> None:
 
 
 def read_space_file(path: str | Path) -> dict[str, Any]:
-    from mcp.config import read_config_file
-
     return read_config_file(path)
 
 
@@ -143,8 +142,6 @@ def resolve_space(space: str | Path, model: str = "") -> Path:
 
 def build_space(data: Mapping[str, Any], layers: Sequence[str], source: str = "space") -> Space:
     """Validate ``data`` against the model's prunable ``layers`` (in execution order)."""
-    from mcp.config import CRITERIA, GRANULARITIES
-
     _unknown(source, data, TOP_KEYS)
     sections = {}
     for name, keys in SECTION_KEYS.items():

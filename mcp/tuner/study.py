@@ -10,7 +10,18 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mcp.config import SearchConfig
+from mcp.data.calibration import calibration_batches
 from mcp.errors import ConfigError, McpError
+from mcp.evaluation.metrics import size_bytes_fp32
+from mcp.locking import sqlite_lock
+from mcp.models import create_model
+from mcp.pruning import PruneSpec, Pruning
+from mcp.pruning.depth import removable_blocks
+from mcp.pruning.pruner import layers_in_order
+from mcp.tuner import uniform
+from mcp.tuner.claims import engine_kwargs
+from mcp.tuner.space import build_space, read_space_file, resolve_space
+from mcp.tuner.trial import smallest_latency, smallest_size
 
 SIZE_KEY = {"compressed": "size_bytes_compressed", "onnx": "size_bytes_onnx"}  # what --budget-on measures
 # Filling aims this far under the budget: fine-tuning moves a few weights onto or off zero,
@@ -34,9 +45,6 @@ def within_budget(size: float, budget: float | None) -> bool:
 
 
 def load_space(cfg: SearchConfig, model, input_shape):
-    from mcp.pruning.pruner import layers_in_order
-    from mcp.tuner.space import build_space, read_space_file, resolve_space
-
     arch = str(getattr(model, "mcp_recipe", {}).get("name", cfg.model))  # an imported model: default.yaml
     path = resolve_space(cfg.space, arch)  # a shipped space's name, a YAML file, or the family's file
     layers = [n for n, _ in layers_in_order(model, input_shape)]
@@ -75,9 +83,6 @@ def _storage(url: str, heartbeat: float):
 
     import optuna
 
-    from mcp.locking import sqlite_lock
-    from mcp.tuner.claims import engine_kwargs
-
     key = (url, max(1, round(heartbeat)))
     if key in _STORAGES:
         return _STORAGES[key]
@@ -103,6 +108,14 @@ def _storage(url: str, heartbeat: float):
             time.sleep(0.3 * (attempt + 1))
     _STORAGES[key] = storage
     return storage
+
+
+def forget_storage(url: str) -> None:
+    """Close the storage of ``url`` this process opened (its engine's connections)."""
+    for key in [k for k in _STORAGES if k[0] == url]:
+        engine = getattr(_STORAGES.pop(key), "engine", None)
+        if engine is not None:
+            engine.dispose()
 
 
 def default_storage(tracking_uri: str) -> str:
@@ -229,13 +242,6 @@ class Checked:
 def check_search(cfg: SearchConfig, splits, loaders, base) -> Checked:
     """Load and validate the space against the model (``base``, or a fresh one of its
     architecture), resolve the budget and refuse one the space cannot reach."""
-    from mcp.data.calibration import calibration_batches
-    from mcp.evaluation.metrics import size_bytes_fp32
-    from mcp.models import create_model
-    from mcp.pruning import PruneSpec, Pruning
-    from mcp.tuner import uniform
-    from mcp.tuner.trial import smallest_size
-
     probe = copy.deepcopy(base) if base is not None else create_model(cfg.model, splits.num_classes,
                                                                       splits.input_shape)
     space, space_path = load_space(cfg, probe, splits.input_shape)
@@ -245,8 +251,6 @@ def check_search(cfg: SearchConfig, splits, loaders, base) -> Checked:
             Pruning(probe, splits.input_shape, PruneSpec(criterion=criterion, scope="layerwise",
                                                          granularity=granularity, ratios=tc.ratios), [], "cpu")
     if space.drop_blocks[1]:
-        from mcp.pruning.depth import removable_blocks
-
         blocks = removable_blocks(probe, splits.input_shape)
         if len(blocks) < space.drop_blocks[1]:
             raise ConfigError(f"{space_path.name}: prune.drop_blocks={list(space.drop_blocks)} removes up to "
@@ -265,8 +269,6 @@ def check_search(cfg: SearchConfig, splits, loaders, base) -> Checked:
                               f"reach ({reachable:,.0f} B measured as {cfg.budget_on}, every layer at its highest "
                               f"ratio and fewest bits){hint}; raise --budget-mb/--budget-ratio or widen the space")
     if cfg.budget_ms:
-        from mcp.tuner.trial import smallest_latency
-
         fastest = smallest_latency(probe, splits.input_shape, space, calib, "cpu", cfg.budget_batch)
         if fastest > cfg.budget_ms:
             raise ConfigError(f"budget_ms={cfg.budget_ms:g} is below the smallest latency space {space_path.name!r} "

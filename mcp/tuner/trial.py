@@ -15,6 +15,11 @@ import torch
 from torch import nn
 
 from mcp.deploy.deployable import grid_onnx, speed_onnx
+from mcp.evaluation.benchmark import measure_onnx
+from mcp.pruning import PruneSpec, Pruning
+from mcp.pruning.depth import cached_block_order
+from mcp.quantization import Quantizer, QuantSpec, encode_model
+from mcp.training import Callback, Trainer, build_optimizer, build_scheduler
 from mcp.tuner.space import TrialConfig
 
 CODING = "fixed"  # sizes before and after fine-tuning agree: packed b-bit values, sparse indices
@@ -48,8 +53,6 @@ def deployed_latency(model: nn.Module, input_shape: Sequence[int], calib: Sequen
 def onnx_latency(path: str | Path, input_shape: Sequence[int], seconds: float = 0.5, batch: int = 1) -> float:
     """CPU p50 (ms, one thread) of one call at ``batch`` images of an ONNX file, timed in
     a process of its own: what a latency budget (``batch`` 1) or a throughput budget checks."""
-    from mcp.evaluation.benchmark import measure_onnx
-
     if batch == 1:
         return float(measure_onnx(path, input_shape, "cpu", 1, batch=8, warmup=20, iters=100,
                                   seconds=seconds)["p50_ms"])
@@ -57,28 +60,28 @@ def onnx_latency(path: str | Path, input_shape: Sequence[int], seconds: float = 
                               seconds=seconds)["batch_p50_ms"])
 
 
-def smallest_latency(base: nn.Module, input_shape: Sequence[int], space, calib, device: str, batch: int = 1) -> float:
-    """The lowest latency the space can reach: every unit at its highest ratio, at the
-    granularity that gives the least (a latency budget below it is unreachable)."""
-    bits = {n: max(space.bits_of[u]) for u, members in space.units.items() for n in members}
+def extremes(space, fewest_bits: bool = True):
+    """The configurations at the space's far end: every unit at its highest ratio and its
+    fewest (or most) bits, at each granularity (and channel rounding) the space allows."""
+    pick = min if fewest_bits else max
+    bits = {n: pick(space.bits_of[u]) for u, members in space.units.items() for n in members}
     ratios = {n: space.ratio_of[u][1] for u, members in space.units.items() for n in members}
-    found = []
     for granularity in space.granularity:
         for round_to in space.round_to if granularity == "structured" else (1,):
-            tc = TrialConfig(ratios, bits, granularity, space.criterion[0], space.epochs[0], space.lr[0], round_to,
-                             space.drop_blocks[1])
-            found.append(deployed_latency(prune_candidate(base, input_shape, tc, calib, device), input_shape, calib,
-                                          batch=batch))
-    return min(found)
+            yield TrialConfig(ratios, bits, granularity, space.criterion[0], space.epochs[0], space.lr[0], round_to,
+                              space.drop_blocks[1])
+
+
+def smallest_latency(base: nn.Module, input_shape: Sequence[int], space, calib, device: str, batch: int = 1) -> float:
+    """The lowest latency the space can reach (a latency budget below it is unreachable)."""
+    return min(deployed_latency(prune_candidate(base, input_shape, tc, calib, device), input_shape, calib, batch=batch)
+               for tc in extremes(space, fewest_bits=False))
 
 
 def prune_candidate(base: nn.Module, input_shape: Sequence[int], tc: TrialConfig, calib, device: str) -> nn.Module:
     """A copy of ``base`` pruned once: its ``tc.drop_blocks`` least important blocks removed
     (ranked once per starting model and calibration batches), then layer by layer to
     ``tc.ratios`` (the ratios of layers in removed blocks are moot)."""
-    from mcp.pruning import PruneSpec, Pruning
-    from mcp.pruning.depth import cached_block_order
-
     blocks = cached_block_order(base, input_shape, calib, tc.drop_blocks) if tc.drop_blocks else []
     model = copy.deepcopy(base).to(device)
     spec = PruneSpec(criterion=tc.criterion, scope="layerwise", granularity=tc.granularity, schedule="one_shot",
@@ -96,8 +99,6 @@ def present(tc: TrialConfig, model: nn.Module) -> TrialConfig:
 
 
 def _spec(method: str, tc: TrialConfig, seed: int):
-    from mcp.quantization import QuantSpec
-
     bits = {n: b for n, b in tc.bits.items()}
     return QuantSpec(method=method, bits=max(bits.values()), layer_bits=bits, seed=seed)
 
@@ -108,8 +109,6 @@ def measure_sizes(model: nn.Module, input_shape: Sequence[int], tc: TrialConfig,
     ``size_bytes_onnx`` (the deployable ONNX file: INT8 containers, pruned zeros stored
     densely, so only removed channels shrink it) of ``model`` quantized at ``tc.bits``,
     its weights as they are now (a copy is quantized, ``model`` is untouched)."""
-    from mcp.quantization import Quantizer, encode_model
-
     q = copy.deepcopy(model).cpu()
     quantizer = Quantizer(q, input_shape, _spec("fixed_point", present(tc, q), seed))
     entries = quantizer.finish()
@@ -134,9 +133,6 @@ def finetune_quantized(model: nn.Module, input_shape: Sequence[int], tc: TrialCo
                        epochs: int | None = None, speed_calib: Sequence | None = None) -> Finetuned:
     """QAT at ``tc.bits`` for ``epochs`` (default ``tc.epochs``), zeros kept; ``report(epoch,
     val_accuracy)`` after each epoch (it may raise to stop the trial)."""
-    from mcp.quantization import Quantizer, encode_model
-    from mcp.training import Callback, Trainer, build_optimizer, build_scheduler
-
     train_loader, val_loader, _ = loaders
     epochs = tc.epochs if epochs is None else epochs
     torch.manual_seed(seed)
@@ -218,15 +214,6 @@ def fill_budget(base: nn.Module, input_shape: Sequence[int], space, tc: TrialCon
 
 def smallest_size(base: nn.Module, input_shape: Sequence[int], space, calib, device: str, seed: int = 0,
                   on: str = "compressed") -> int:
-    """The smallest size the space can reach: every unit at its highest ratio and its
-    fewest bits, at the granularity that gives the least (a budget below it is unreachable)."""
-    bits = {n: min(space.bits_of[u]) for u, members in space.units.items() for n in members}
-    ratios = {n: space.ratio_of[u][1] for u, members in space.units.items() for n in members}
-    sizes = []
-    for granularity in space.granularity:
-        for round_to in space.round_to if granularity == "structured" else (1,):
-            tc = TrialConfig(ratios, bits, granularity, space.criterion[0], space.epochs[0], space.lr[0], round_to,
-                             space.drop_blocks[1])
-            sizes.append(compressed_size(prune_candidate(base, input_shape, tc, calib, device), input_shape, tc, seed,
-                                         on))
-    return min(sizes)
+    """The smallest size the space can reach (a budget below it is unreachable)."""
+    return min(compressed_size(prune_candidate(base, input_shape, tc, calib, device), input_shape, tc, seed, on)
+               for tc in extremes(space))

@@ -1,6 +1,7 @@
 """Quantization methods, chosen by name. Each method is one module of this package that
 registers a :class:`QuantMethod` when imported; every module here is imported below, so
-adding a method is adding its module. The CLI's choices, the configs' validation, the
+adding a method is adding its module. A method names its deployable file's deployer
+(:data:`mcp.deploy.deployable.DEPLOYERS`), which the deployment package owns. The CLI's choices, the configs' validation, the
 engine, the deployable ONNX model and the README's table all read this registry.
 
 Nothing here imports torch at import time: the CLI reads the names on start-up."""
@@ -11,35 +12,9 @@ import importlib
 import pkgutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 from mcp.errors import ConfigError
-
-
-@dataclass(frozen=True)
-class DeployInputs:
-    """What a method's ``deploy`` gets: the float32 export of the quantized model and
-    everything it may need to turn it into the file users deploy."""
-
-    fp32_path: Path
-    out: Path
-    quantizer: Any  # mcp.quantization.Quantizer, after finish()
-    entries: Any  # its encodable weights
-    calib: Sequence[Any]  # calibration batches
-    spec: Any  # its QuantSpec
-
-
-def float_file(inputs: DeployInputs) -> tuple[Path, str]:
-    """The float32 export as it is (``onnx_fp32``)."""
-    inputs.out.write_bytes(inputs.fp32_path.read_bytes())
-    return inputs.out, "onnx_fp32"
-
-
-def grid_int8(inputs: DeployInputs) -> tuple[Path, str]:
-    """Weights on uniform grids: INT8 initializers behind DequantizeLinear where they fit."""
-    from mcp.deploy.deployable import int8_weights_or_fp32
-
-    return int8_weights_or_fp32(inputs.fp32_path, inputs.quantizer, inputs.entries, inputs.out)
 
 
 @dataclass(frozen=True)
@@ -47,7 +22,9 @@ class QuantMethod:
     name: str
     summary: str  # what it does (README table, --help)
     deployed_as: str  # the deployable ONNX model (README table)
-    deploy: Callable[[DeployInputs], tuple[Path, str]] = float_file
+    # the deployable file: a deployer's name in mcp.deploy.deployable.DEPLOYERS, or a method's own callable
+    # (mcp.deploy.deployable.DeployInputs) -> (path, deploy format)
+    deploy: str | Callable[[Any], tuple[Path, str]] = "float"
     shares_weights: bool = False  # k-means codebooks (else uniform grids, simulated by QuantSim)
     int8_only: bool = False  # bits are 8; symmetric per-channel weights, 8-bit activations, reduce_range
     sim_mode: str = "fixed"  # QuantSim mode while quantizing: fixed, train (QAT), dynamic

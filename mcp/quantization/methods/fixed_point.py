@@ -1,6 +1,6 @@
 """Uniform fixed point at 2-8 bits, per layer, no training."""
 
-from mcp.quantization.methods import QuantMethod, grid_int8, register_quant_method
+from mcp.quantization.methods import QuantMethod, register_quant_method
 from mcp.quantization.methods._grid import grid_remarks
 
 register_quant_method(QuantMethod(
@@ -9,4 +9,4 @@ register_quant_method(QuantMethod(
             "symmetric or asymmetric, per channel or per tensor; optional `--act-bits` with calibrated "
             "activation ranges; no training",
     deployed_as="INT8 initializers + `DequantizeLinear` per channel, exact",
-    deploy=grid_int8, calibrates=True, remarks=grid_remarks))
+    deploy="grid_int8", calibrates=True, remarks=grid_remarks))

@@ -1,6 +1,6 @@
 """Quantization-aware training on the fixed_point grids."""
 
-from mcp.quantization.methods import QuantMethod, grid_int8, register_quant_method
+from mcp.quantization.methods import QuantMethod, register_quant_method
 from mcp.quantization.methods._grid import grid_remarks
 
 register_quant_method(QuantMethod(
@@ -8,4 +8,4 @@ register_quant_method(QuantMethod(
     summary="the same grids as `fixed_point`, trained for `--epochs` with fake quantization and a "
             "straight-through estimator (activation ranges tracked by a moving min/max)",
     deployed_as="as `fixed_point`",
-    deploy=grid_int8, sim_mode="train", fine_tunes=True, needs_epochs=True, remarks=grid_remarks))
+    deploy="grid_int8", sim_mode="train", fine_tunes=True, needs_epochs=True, remarks=grid_remarks))
