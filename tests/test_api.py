@@ -248,18 +248,51 @@ class ScaledNet(nn.Module):
         return self.fc(torch.relu(self.c2(torch.relu(self.s(self.c1(x))))).mean((2, 3)))
 
 
-def test_a_layer_feeding_a_custom_parameter_is_left_unpruned_with_one_line(data):
+def test_a_custom_parameter_is_pruned_along_the_dimension_that_follows_the_channels(data):
+    """A per-channel scale outside any standard layer: the dimension that follows the
+    channels is inferred, checked by pruning a copy, and replayed from the recipe."""
+    from mcp.models import model_from_recipe
+
+    torch.manual_seed(0)
+    out = mcp.prune(ScaledNet(), data, sparsity=0.5, granularity="structured", epochs=1, device="cpu", track=False)
+    assert out.model.c1.out_channels < 8 and out.model.s.gamma.shape[1] == out.model.c1.out_channels
+    assert out.model.mcp_recipe["pruning_unwrapped"] == {"s.gamma": 1}
+    recipe = {**out.model.mcp_recipe, "input_shape": [1, 8, 8], "num_classes": 10}  # as mcp.prune's run logs it
+    again = model_from_recipe(recipe, ScaledNet())
+    again.load_state_dict(out.model.state_dict())
+    x = torch.randn(2, 1, 8, 8)
+    assert torch.allclose(again.eval()(x), out.model.eval()(x), atol=1e-6)
+
+
+class ColumnScale(nn.Module):
+    """A scale whose channels are its first dimension, not its last: a guess that fails."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(c, 3))
+
+    def forward(self, x):
+        return x * self.gamma[:, 0].view(1, -1, 1, 1)
+
+
+class ColumnScaledNet(ScaledNet):
+    def __init__(self):
+        super().__init__()
+        self.s = ColumnScale(8)
+
+
+def test_a_layer_feeding_a_parameter_whose_dimension_cannot_be_verified_is_left_unpruned_with_one_line(data):
     from mcp.pruning.pruner import PruningWarning
 
     torch.manual_seed(0)
     with pytest.warns(PruningWarning) as caught:
-        out = mcp.prune(ScaledNet(), data, sparsity=0.5, granularity="structured", epochs=1, device="cpu",
+        out = mcp.prune(ColumnScaledNet(), data, sparsity=0.5, granularity="structured", epochs=1, device="cpu",
                         track=False)
     lines = [str(w.message) for w in caught if issubclass(w.category, PruningWarning)]
     assert lines and all(line == lines[0] for line in lines)
-    assert "leaves layer c1 unpruned" in lines[0] and "s.gamma" in lines[0] and "Scale" in lines[0]
-    assert "\n" not in lines[0]
-    assert out.model.c1.out_channels == 8 and out.model.s.gamma.shape[1] == 8  # left alone
+    assert "leaves layer c1 unpruned" in lines[0] and "s.gamma" in lines[0] and "ColumnScale" in lines[0]
+    assert "could not be verified" in lines[0] and "\n" not in lines[0]
+    assert out.model.c1.out_channels == 8 and out.model.s.gamma.shape == (8, 3)  # left alone
     assert out.model.c2.out_channels < 8  # the rest is pruned
     assert out.model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
 

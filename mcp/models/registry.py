@@ -90,13 +90,12 @@ def model_from_recipe(recipe: dict[str, Any], model: nn.Module | None = None) ->
     except KeyError as exc:
         raise ConfigError(f"model recipe lacks the key {exc.args[0]!r}: {recipe!r}") from None
     if recipe.get("head"):  # an imported model's classifier replaced for the user's classes
-
         apply_head(model, recipe["head"])
     if recipe.get("depth_pruning"):  # blocks removed, before or after channels were: replay both in order
-
-        rebuild(model, recipe["input_shape"], list(recipe.get("pruning_history") or []), recipe["depth_pruning"])
+        rebuild(model, recipe["input_shape"], list(recipe.get("pruning_history") or []), recipe["depth_pruning"],
+                recipe.get("pruning_unwrapped"), recipe.get("attention_heads"))
     elif recipe.get("pruning_history"):  # structured pruning: replay it to get the smaller shapes
-
-        replay_pruning(model, recipe["input_shape"], recipe["pruning_history"])
+        replay_pruning(model, recipe["input_shape"], recipe["pruning_history"], recipe.get("pruning_unwrapped"),
+                       recipe.get("attention_heads"))
     model.mcp_recipe = dict(recipe)
     return model

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from mcp.errors import ConfigError
-from mcp.pruning.pruner import replay_pruning
+from mcp.pruning.pruner import attention_modules, replay_pruning, set_heads
 
 RECIPE_KEY = "depth_pruning"
 STACKS = (nn.Sequential, nn.ModuleList)  # containers whose children may be blocks
@@ -199,9 +199,12 @@ def within(layer: str, blocks: Sequence[str]) -> bool:
     return any(layer == b or layer.startswith(f"{b}.") for b in blocks)
 
 
-def rebuild(model: nn.Module, input_shape: Sequence[int], history: list, events: list) -> nn.Module:
+def rebuild(model: nn.Module, input_shape: Sequence[int], history: list, events: list,
+            unwrapped: dict | None = None, heads: dict | None = None) -> nn.Module:
     """Replay a recipe's structured-pruning ``history`` with its depth-pruning ``events``
-    in the order they happened (each event says how much history preceded it)."""
+    in the order they happened (each event says how much history preceded it); the
+    parameters outside standard layers it pruned and the attention heads as
+    :func:`mcp.pruning.pruner.replay_pruning` takes them."""
     if not isinstance(events, list) or not all(
             isinstance(e, dict) and isinstance(e.get("after_history"), int) and isinstance(e.get("blocks"), list)
             and all(isinstance(b, str) for b in e["blocks"]) for e in events):
@@ -211,9 +214,11 @@ def rebuild(model: nn.Module, input_shape: Sequence[int], history: list, events:
     for event in sorted(events, key=lambda e: e["after_history"]):
         after = event["after_history"]
         if after > done:
-            replay_pruning(model, input_shape, history[done:after])
+            replay_pruning(model, input_shape, history[done:after], unwrapped)
             done = after
         remove_blocks(model, list(event["blocks"]))
     if history[done:]:
-        replay_pruning(model, input_shape, history[done:])
+        replay_pruning(model, input_shape, history[done:], unwrapped)
+    if heads:
+        set_heads({n: m for n, m in attention_modules(model).items() if n in heads}, heads)
     return model

@@ -115,7 +115,7 @@ class Pruning:
         if self.structured:
             state["pruned_out"] = self.cut.step(scores)
             self.criterion.after_prune(self.model, state, self.batches, self.device)
-            self.model.mcp_recipe = {**getattr(self.model, "mcp_recipe", {}),
+            self.model.mcp_recipe = {**getattr(self.model, "mcp_recipe", {}), **self.cut.recipe(),
                                      "pruning_history": self._base_history + self.cut.history}
         else:
             if self.spec.scope == "global":

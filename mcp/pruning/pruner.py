@@ -12,7 +12,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from mcp.errors import ConfigError
+from mcp.errors import ConfigError, McpError
 from mcp.pruning.importance import Scores
 
 PRUNABLE = (nn.Conv2d, nn.Linear)
@@ -191,7 +191,14 @@ class StructuredPruner:
         modules = dict(model.named_modules())
         device = next(model.parameters()).device
         example = torch.zeros(1, *input_shape, device=device)
-        left, unwrapped = _coupled_to_foreign_parameters(model, example, layers)
+        self.attention = attention_modules(model)
+        heads = {m.qkv: m.num_heads for m in self.attention.values()}
+        foreign = foreign_parameters(model, example)
+        left: set[str] = set()
+        if foreign and not _prunes_cleanly(model, example, [modules[all_names[-1]]], heads, foreign, self.attention):
+            left = _coupled_to(model, example, layers, foreign)  # their dimension could not be verified
+        unwrapped = [(p, dim) for _, p, dim in foreign] or None
+        self.unwrapped = {name: dim for name, _, dim in foreign} if not left else {}
         in_scope = {m for n, m in layers.items() if n not in left}
         if not in_scope:
             raise ConfigError(f"no layer can be pruned structurally: {', '.join(sorted(left))} feed parameters "
@@ -204,11 +211,12 @@ class StructuredPruner:
             global_pruning=scope == "global", pruning_ratio=sparsity,
             pruning_ratio_dict={layers[n]: r for n, r in (ratios or {}).items() if n not in left} or None,
             iterative_steps=steps, ignored_layers=ignored, unwrapped_parameters=unwrapped,
+            num_heads=heads, prune_num_heads=False, prune_head_dims=True,  # heads keep their count, lose width
             round_to=round_to if round_to > 1 else None,
             # Torch-Pruning asks for steps + 1 ratios, the first being the unpruned state
             iterative_pruning_ratio_scheduler=lambda target, n: [0.0] + list(schedule(target, n)),
         )
-        self.layers = dict(layers)
+        self.layers, self.example = dict(layers), example
         self.initial_out = {n: _out_channels(m) for n, m in layers.items()}
         self.history: list = []
         # the layers whose output channels it may remove (the output layer keeps the classes)
@@ -233,12 +241,38 @@ class StructuredPruner:
                     removed[names[dep.layer]] = sorted(int(i) for i in idxs)
             group.prune()
         self.history = [list(h) if isinstance(h, tuple) else h for h in self.pruner.pruning_history()]
+        set_heads(self.attention, {name: self.pruner.num_heads[m.qkv] for name, m in self.attention.items()})
+        self._check_forward()
         if self.norm_groups and self.pruner.current_step == self.pruner.iterative_steps:
             self._say_group_rounding()
         return removed
 
+    def _check_forward(self) -> None:
+        """A pruned model that no longer runs (an architecture whose channels Torch-Pruning's
+        graph does not follow everywhere) is one line, not a traceback later in training."""
+        model = self.pruner.model
+        was = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                model(self.example)
+        except Exception as exc:  # noqa: BLE001 - whatever the broken graph raises
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise McpError(f"structured pruning breaks this {type(model).__name__}'s forward pass ({first}): its "
+                           f"channels meet in a way the dependency graph does not follow; use granularity "
+                           f"unstructured, or leave the layers involved out with ignored_layers") from None
+        finally:
+            model.train(was)
+
     def layer_sparsity(self) -> dict[str, float]:
         return {n: 1.0 - _out_channels(m) / self.initial_out[n] for n, m in self.layers.items()}
+
+    def recipe(self) -> dict:
+        """What the model's recipe needs to replay this pruning: the parameters outside
+        standard layers that were pruned with the channels (and along which dimension),
+        and each attention module's heads."""
+        return {**({"pruning_unwrapped": self.unwrapped} if self.unwrapped else {}),
+                **({"attention_heads": {n: m.num_heads for n, m in self.attention.items()}} if self.attention else {})}
 
     def channel_sparsity(self) -> float:
         """The share of output channels removed from the layers it may prune (those in
@@ -295,38 +329,106 @@ class PruningWarning(UserWarning):
     """A layer of a foreign model that structured pruning leaves alone, and why."""
 
 
-def _coupled_to_foreign_parameters(model: nn.Module, example: torch.Tensor, layers: Mapping[str, nn.Module]):
-    """Layers whose output channels reach a parameter outside standard layers (a custom
-    per-channel scale, say), whose channel dimension cannot be known for sure: they are
-    left unpruned, each said once in one line. Returns (their names, the parameters with
-    Torch-Pruning's guessed dimension, so that it does not warn about them again)."""
+STANDARD = (nn.Conv2d, nn.Conv1d, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm,
+            nn.modules.instancenorm._InstanceNorm, nn.PReLU, nn.Embedding)
+
+
+def foreign_parameters(model: nn.Module, example: torch.Tensor) -> list[tuple[str, nn.Parameter, int]]:
+    """Parameters outside standard layers that channels reach (a ViT's ``pos_embed`` and
+    ``cls_token``, a layer scale's ``gamma``), each with the dimension Torch-Pruning takes
+    to follow the channels (the last one longer than 1): (name, parameter, dimension)."""
+    if all(isinstance(m, STANDARD) for m in model.modules() if any(True for _ in m.parameters(recurse=False))):
+        return []  # the usual case: no graph to build twice
     import warnings
 
     import torch_pruning as tp
 
-    standard = (nn.Conv2d, nn.Conv1d, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm,
-                nn.modules.instancenorm._InstanceNorm, nn.PReLU, nn.Embedding)
-    if all(isinstance(m, standard) for m in model.modules() if any(True for _ in m.parameters(recurse=False))):
-        return set(), None  # the usual case: no graph to build twice
-    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
-    if not graph.unwrapped_parameters:
-        return set(), None
+    with warnings.catch_warnings():  # it says which dimension it takes; mcp checks that dimension instead
+        warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
     names = {id(p): n for n, p in model.named_parameters()}
-    foreign = {id(u.parameters) for u in graph.unwrapped_parameters}
+    return [(names[id(u.parameters)], u.parameters, int(u.pruning_dim)) for u in graph.unwrapped_parameters
+            if id(u.parameters) in names]
+
+
+def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Multi-head attention as timm writes it (ViT, DeiT, Swin, ...): a module with a ``qkv``
+    Linear and ``num_heads`` heads, whose head width follows from ``qkv``'s outputs."""
+    return {n: m for n, m in model.named_modules()
+            if isinstance(getattr(m, "qkv", None), nn.Linear) and isinstance(getattr(m, "num_heads", None), int)
+            and m.qkv.out_features % (3 * m.num_heads) == 0}
+
+
+def set_heads(attention: Mapping[str, nn.Module], heads: Mapping[str, int]) -> None:
+    """After ``qkv`` lost channels: each module's head count, head width and attention width."""
+    for name, m in attention.items():
+        m.num_heads = int(heads[name])
+        width = m.qkv.out_features // (3 * m.num_heads)
+        if hasattr(m, "head_dim"):
+            m.head_dim = width
+        if hasattr(m, "attn_dim"):
+            m.attn_dim = m.num_heads * width
+
+
+def _prunes_cleanly(model: nn.Module, example: torch.Tensor, keep: list, heads: Mapping[nn.Module, int],
+                    foreign: list, attention: Mapping[str, nn.Module]) -> bool:
+    """Whether pruning a copy of ``model`` by half, its foreign parameters along the
+    dimensions Torch-Pruning takes, prunes them all and gives a model that still runs:
+    outputs of the same shape, finite. (The recipe replays the same dimensions; tests
+    reload every family.)"""
+    import copy
+
+    import torch_pruning as tp
+
+    trial = copy.deepcopy(model).eval()
+    params = dict(trial.named_parameters())
+    modules = {id(m): n for n, m in model.named_modules()}
+    copies = dict(trial.named_modules())
+    try:
+        with torch.no_grad():
+            expected = model.eval()(example).shape
+        pruner = tp.pruner.BasePruner(
+            trial, example, importance=tp.importance.MagnitudeImportance(p=1), pruning_ratio=0.5,
+            ignored_layers=[copies[modules[id(m)]] for m in keep],
+            num_heads={copies[modules[id(m)]]: h for m, h in heads.items()}, prune_num_heads=False,
+            prune_head_dims=True, unwrapped_parameters=[(params[n], dim) for n, _, dim in foreign])
+        for group in pruner.step(interactive=True):
+            group.prune()
+        copied = {n: copies[n] for n in attention}
+        set_heads(copied, {n: pruner.num_heads[m.qkv] for n, m in copied.items()})
+        with torch.no_grad():
+            out = trial(example)
+        pruned = dict(trial.named_parameters())  # pruning replaces the parameters it cuts
+        shrunk = all(pruned[n].shape[dim] < p.shape[dim] for n, p, dim in foreign)  # none silently left whole
+        return isinstance(out, torch.Tensor) and out.shape == expected and bool(torch.isfinite(out).all()) and shrunk
+    except Exception:  # noqa: BLE001 - any failure of the trial means: do not trust these dimensions
+        return False
+
+
+def _coupled_to(model: nn.Module, example: torch.Tensor, layers: Mapping[str, nn.Module], foreign: list) -> set[str]:
+    """Layers whose output channels reach a foreign parameter whose dimension could not be
+    verified: left unpruned, each said once in one line."""
+    import warnings
+
+    import torch_pruning as tp
+
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False,
+                                                  unwrapped_parameters=[(p, dim) for _, p, dim in foreign])
+    ids = {id(p): name for name, p, _ in foreign}
     owners = {id(p): type(m).__name__ for m in model.modules() for p in m.parameters(recurse=False)}
     left: set[str] = set()
     for name, layer in layers.items():
         fn = tp.prune_conv_out_channels if isinstance(layer, nn.Conv2d) else tp.prune_linear_out_channels
         hits = [dep.target.module for dep, _ in graph.get_pruning_group(layer, fn, idxs=[0])
-                if id(dep.target.module) in foreign]
+                if id(dep.target.module) in ids]
         if hits:
             left.add(name)
-            param = hits[0]
             warnings.warn(f"structured pruning leaves layer {name} unpruned: its output channels reach "
-                          f"{names.get(id(param), 'a parameter')} (in a {owners.get(id(param), 'custom')} module), "
-                          f"a parameter outside standard layers whose channel dimension cannot be known",
+                          f"{ids[id(hits[0])]} (in a {owners.get(id(hits[0]), 'custom')} module), a parameter outside "
+                          f"standard layers whose channel dimension could not be verified (pruning it along "
+                          f"dimension {next(d for _, p, d in foreign if p is hits[0])} breaks the forward pass)",
                           PruningWarning, stacklevel=3)
-    return left, [(u.parameters, u.pruning_dim) for u in graph.unwrapped_parameters]
+    return left
 
 
 _SAID_ROUNDING: set = set()  # the layers (and sets of them, global scope) whose rounding was said
@@ -353,10 +455,22 @@ def _out_channels(m: nn.Module) -> int:
     return m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
 
 
-def replay_pruning(model: nn.Module, input_shape, history: list) -> nn.Module:
-    """Rebuild a structured-pruned architecture from Torch-Pruning's pruning history."""
+def replay_pruning(model: nn.Module, input_shape, history: list, unwrapped: Mapping[str, int] | None = None,
+                   heads: Mapping[str, int] | None = None) -> nn.Module:
+    """Rebuild a structured-pruned architecture from Torch-Pruning's pruning history, the
+    parameters outside standard layers it pruned (name -> dimension) and each attention
+    module's heads."""
+    import warnings
+
     import torch_pruning as tp
 
-    graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.zeros(1, *input_shape))
+    params = dict(model.named_parameters())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
+        graph = tp.DependencyGraph().build_dependency(
+            model, example_inputs=torch.zeros(1, *input_shape),
+            unwrapped_parameters=[(params[n], d) for n, d in (unwrapped or {}).items()] or None)
     graph.load_pruning_history([tuple(h) for h in history])
+    if heads:
+        set_heads({n: m for n, m in attention_modules(model).items() if n in heads}, heads)
     return model
