@@ -296,6 +296,7 @@ def image_folder(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow  # a ResNet-18 fine-tuned at 64x64 (13 s); the head's replacement and freezing are fast tests below
 def test_a_torchvision_checkpoint_is_imported_with_a_new_head_and_fine_tuned(image_folder, own_store, cli, tmp_path):
     """torchvision's resnet18 state_dict, as a user downloads it (1000 ImageNet classes; the
     weights are made here, since nothing can be downloaded), transferred to a 10-class folder."""
@@ -326,6 +327,24 @@ def test_a_torchvision_checkpoint_is_imported_with_a_new_head_and_fine_tuned(ima
     x = torch.randn(2, 3, 64, 64)
     np.testing.assert_allclose(_outputs_in_a_fresh_process("models:/resnet18-imagefolder@baseline", x, tmp_path),
                                model(x).detach().numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_head_auto_replaces_the_last_linear_for_the_dataset_s_classes_and_reloads(user_code, own_store, cli):
+    """A model built for 5 classes, on the 10 digits: `--head auto` replaces the last Linear
+    it runs, fine-tunes, and the recipe's head rebuilds it."""
+    from mlflow import MlflowClient
+
+    from mcp.tracking import load_model
+
+    root, _, _ = user_code
+    refused = cli("import", "--module", "usernet_mod:make", "--module-kwargs", '{"classes": 5}', "--name", "five")
+    assert refused.exit_code == 2 and "--head auto" in refused.output
+    result = cli("import", "--module", "usernet_mod:make", "--module-kwargs", '{"classes": 5}', "--name", "five",
+                 "--head", "--epochs", "1", "--freeze-epochs", "1")
+    assert result.exit_code == 0, result.output
+    model = load_model("models:/five-digits@baseline")
+    assert model.mcp_recipe["head"]["module"] == "head.fc2" and model.head.fc2.out_features == 10
+    assert MlflowClient().get_model_version_by_alias("five-digits", "baseline").tags["mcp.stage"] == "import"
 
 
 def test_the_backbone_stays_frozen_for_the_first_epochs(image_folder):

@@ -103,3 +103,65 @@ def test_an_architecture_whose_channels_the_graph_cannot_follow_is_one_line(data
     message = str(info.value)
     assert "breaks this SwinTransformer's forward pass" in message and "granularity unstructured" in message
     assert "\n" not in message
+
+
+def test_a_transformer_deploys_its_linear_layers_as_int8(data, tmp_path):
+    """A transformer's Linear layers export as MatMul by their transposed weight: QAT's grid
+    stores them as INT8 behind DequantizeLinear (axis 1), static INT8 quantizes them (QDQ)."""
+    import onnx
+
+    model = _timm(FAMILIES["vit"])
+    qat = mcp.quantize(model, data, method="qat", bits=6, epochs=1, track=False, device="cpu", out_dir=tmp_path / "q")
+    assert qat.deploy_format == "onnx_int8_weights" and qat.metrics["onnx_agreement"] >= 0.99
+    graph = onnx.load(str(qat.onnx_path)).graph
+    dequantized = [n for n in graph.node if n.op_type == "DequantizeLinear"]
+    assert len(dequantized) == 10  # the patch embedding, qkv, proj, fc1, fc2 of each of 2 blocks, the head
+    int8 = {i.name: list(i.dims) for i in graph.initializer if i.data_type == onnx.TensorProto.INT8}
+    assert [48, 144] in int8.values()  # qkv: [in, out], as MatMul multiplies by it
+    ptq = mcp.quantize(model, data, method="ptq_int8", track=False, device="cpu", out_dir=tmp_path / "p")
+    assert ptq.deploy_format == "onnx_qdq_int8" and ptq.metrics["onnx_agreement"] >= 0.9
+
+
+@pytest.mark.slow  # the MatMul mapping it relies on is the fast test above
+def test_a_search_under_an_onnx_budget_removes_a_transformer_s_channels(data):
+    model = _timm(FAMILIES["vit"])
+    budget = 0.15 * 4 * _params(model)  # an INT8 file of 60% of the parameters: channels must go
+    found = mcp.search(model, data, space="structured", budget_bytes=budget, budget_on="onnx", trials=2, device="cpu")
+    assert any(t["state"] == "complete" for t in found.trials) and found.winner is not None
+    row = next(t for t in found.trials if t["number"] == found.winner.number)
+    assert _params(found.model) < 0.7 * _params(model) and row["size_bytes_onnx"] <= budget
+
+
+def test_precision_speed_times_a_transformer_s_matmul_layers_per_shape(tmp_path, monkeypatch):
+    """`--precision speed` decides per layer: every Linear of a transformer (a MatMul of a
+    3-D input whose shape only a run of the model shows) is timed at its own shape."""
+    from mcp.deploy import kernel_speed
+    from mcp.deploy.onnx import export_onnx
+
+    model = _timm(FAMILIES["vit"])
+    path = export_onnx(model, SHAPE, tmp_path / "vit.onnx")
+    timed = []
+    monkeypatch.setattr(kernel_speed, "time_pair", lambda layer, threads=1: timed.append(layer) or (1.0, 0.5))
+    speeds = kernel_speed.layer_speeds(path, cache=tmp_path / "cache.json")
+    linear = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    assert len(speeds) == len(linear) == 10
+    matmuls = [layer for layer in timed if layer["op"] == "MatMul"]
+    assert len(matmuls) == 4  # qkv, proj, fc1, fc2: the two blocks share their shapes, each shape timed once
+    assert {tuple(layer["x"]) for layer in matmuls} == {(1, 17, 48), (1, 17, 192)}  # 16 patches and the class token
+
+
+def test_whole_transformer_blocks_are_removed_with_their_channels(data):
+    """`--drop-blocks` on a transformer: the blocks of its list whose removal raises the loss
+    least go, the rest lose channels, and the recipe replays both."""
+    from mcp.pruning.depth import removable_blocks
+
+    model = _timm({**FAMILIES["vit"], "depth": 4})
+    assert removable_blocks(model, SHAPE) == ["blocks.0", "blocks.1", "blocks.2", "blocks.3"]
+    out = mcp.prune(model, data, sparsity=0.5, granularity="structured", drop_blocks=2, epochs=1, track=False,
+                    device="cpu")
+    assert len(out.dropped) == 2 and sum(isinstance(b, torch.nn.Identity) for b in out.model.blocks) == 2
+    again = model_from_recipe(dict(out.model.mcp_recipe))
+    again.load_state_dict(out.model.state_dict())
+    x = torch.randn(2, *SHAPE)
+    with torch.no_grad():
+        assert torch.allclose(again.eval()(x), out.model.eval()(x), atol=1e-5)

@@ -46,11 +46,13 @@ class LayerSpeed:
 
 
 def weighted_nodes(model) -> list:
-    """The Conv and Gemm nodes with a constant weight, in graph order (one per layer of
-    the exported module, in execution order)."""
-    inits = {i.name for i in model.graph.initializer}
-    return [n for n in model.graph.node if n.op_type in ("Conv", "Gemm") and len(n.input) > 1
-            and n.input[1] in inits]
+    """The Conv, Gemm and MatMul nodes with a constant weight, in graph order (one per
+    layer of the exported module, in execution order: a ``Linear`` on inputs of more than
+    two dimensions, as in a transformer, exports as ``MatMul`` by its transposed weight,
+    ``[in, out]``)."""
+    inits = {i.name: len(i.dims) for i in model.graph.initializer}
+    return [n for n in model.graph.node if len(n.input) > 1 and n.input[1] in inits and (
+        n.op_type in ("Conv", "Gemm") or (n.op_type == "MatMul" and inits[n.input[1]] == 2))]
 
 
 def cpu_model() -> str:
@@ -113,7 +115,26 @@ def _shapes(model) -> dict[str, list[int]]:
         out[v.name] = [d.dim_value if d.dim_value > 0 else 1 for d in dims]
     for i in model.graph.initializer:
         out[i.name] = list(i.dims)
+    missing = [n.input[0] for n in weighted_nodes(model) if n.input[0] not in out]
+    if missing:  # shapes inference cannot follow (a transformer's reshapes): run the model once to see them
+        out.update(_run_shapes(model, missing))
     return out
+
+
+def _run_shapes(model, names: list[str]) -> dict[str, list[int]]:
+    """The shapes of the tensors ``names`` at batch 1, from one run of the model on zeros."""
+    import copy
+
+    import onnx
+    import onnxruntime as ort
+
+    probe = copy.deepcopy(model)
+    probe.graph.output.extend([onnx.helper.make_empty_tensor_value_info(n) for n in names])
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    first = session.get_inputs()[0]
+    dims = [1 if not isinstance(d, int) or d <= 0 else d for d in first.shape]
+    results = session.run(names, {first.name: np.zeros(dims, dtype=np.float32)})
+    return {n: list(r.shape) for n, r in zip(names, results)}
 
 
 def _layer(node, shapes: dict[str, list[int]]) -> dict[str, Any]:
@@ -142,7 +163,8 @@ def _models(layer: dict[str, Any], opset: int = 17):
     op, attrs, x, w = layer["op"], layer["attrs"], layer["x"], layer["w"]
     if op == "Gemm" and len(x) > 2:
         x = [x[0], int(np.prod(x[1:]))]
-    out_channels = w[1] if op == "Gemm" and not attrs.get("transB", 0) else w[0]
+    by_column = op == "MatMul" or (op == "Gemm" and not attrs.get("transB", 0))  # a weight stored [in, out]
+    out_channels = w[1] if by_column else w[0]
     weight = rng.standard_normal(w).astype(np.float32) * 0.1
     bias = rng.standard_normal(out_channels).astype(np.float32) * 0.1
 
@@ -155,7 +177,7 @@ def _models(layer: dict[str, Any], opset: int = 17):
     fp32 = build([helper.make_node(op, inputs, ["y"], **attrs)],
                  [numpy_helper.from_array(weight, "w")] + ([numpy_helper.from_array(bias, "b")] if layer["bias"] else []),
                  TensorProto.FLOAT, TensorProto.FLOAT)
-    axis = 1 if op == "Gemm" and not attrs.get("transB", 0) else 0
+    axis = 1 if by_column else 0
     w_scale = np.full(out_channels, 0.01, np.float32)
     x_scale = np.float32(0.02)
     q_weight = np.clip(np.round(weight / 0.01), -127, 127).astype(np.int8)
@@ -214,7 +236,7 @@ def time_pair(layer: dict[str, Any], threads: int = 1, seconds: float = 0.2, rou
 
 
 def layer_speeds(fp32_path: str | Path, threads: int = 1, cache: Path | None = None) -> list[LayerSpeed]:
-    """Float32 against INT8 time of every Conv/Gemm layer of the model at ``fp32_path``
+    """Float32 against INT8 time of every Conv/Gemm/MatMul layer of the model at ``fp32_path``
     (in graph order), from the cache where this machine timed that shape before."""
     import onnx
 
@@ -245,8 +267,8 @@ def layer_speeds(fp32_path: str | Path, threads: int = 1, cache: Path | None = N
 
 def int8_layers(layer_names: Sequence[str], fp32_path: str | Path, threads: int = 1) -> dict[str, LayerSpeed]:
     """``layer name -> its LayerSpeed`` for the model's layers (``layer_names`` in execution
-    order, matching the ONNX graph's Conv/Gemm nodes one to one)."""
+    order, matching the ONNX graph's weighted nodes one to one)."""
     speeds = layer_speeds(fp32_path, threads)
     if len(speeds) != len(layer_names):
-        raise ValueError(f"the ONNX graph has {len(speeds)} Conv/Gemm nodes; the model has {len(layer_names)} layers")
+        raise ValueError(f"the ONNX graph has {len(speeds)} weighted nodes; the model has {len(layer_names)} layers")
     return dict(zip(layer_names, speeds))

@@ -85,7 +85,7 @@ class _Reader:
 
 def static_int8(fp32_path: str | Path, out_path: str | Path, batches: Sequence, observer: str = "minmax",
                 per_channel: bool = True, reduce_range: bool = True, float_layers: Sequence[int] = ()) -> Path:
-    """``float_layers``: indices (in graph order) of Conv/Gemm layers left in float32.
+    """``float_layers``: indices (in graph order) of Conv/Gemm/MatMul layers left in float32.
     ``reduce_range`` keeps weights in [-64, 64]: ONNX Runtime's x86 u8 x s8 kernels can
     sum pairs of products into saturating 16-bit integers (the non-VNNI path), and
     full-range weights overflow them (measured on this project's machine: 4% of
@@ -117,7 +117,7 @@ def static_int8(fp32_path: str | Path, out_path: str | Path, batches: Sequence, 
 
 
 def _node_names(path: Path, layers: Sequence[int]) -> list[str]:
-    """The names of the ``layers``-th Conv/Gemm nodes of the exported model at ``path``
+    """The names of the ``layers``-th weighted nodes (Conv, Gemm, MatMul) of the model at ``path``
     (torch's export keeps execution order, which is the order of the model's layers)."""
     import onnx
 
@@ -125,7 +125,7 @@ def _node_names(path: Path, layers: Sequence[int]) -> list[str]:
         return []
     nodes = weighted_nodes(onnx.load(str(path)))
     if max(layers) >= len(nodes):
-        raise ValueError(f"layer index {max(layers)} is out of range: the graph has {len(nodes)} Conv/Gemm nodes")
+        raise ValueError(f"layer index {max(layers)} is out of range: the graph has {len(nodes)} weighted nodes")
     return [nodes[i].name for i in layers]
 
 
@@ -185,7 +185,7 @@ def dynamic_int8(fp32_path: str | Path, out_path: str | Path, per_channel: bool 
 
 
 def weight_int8_dq(fp32_path: str | Path, out_path: str | Path, layer_ints: Sequence[np.ndarray | None]) -> Path:
-    """Store the weights of the model's Conv/Gemm nodes (in graph order, one entry per
+    """Store the weights of the model's weighted nodes (Conv, Gemm, MatMul: in graph order, one entry per
     layer in execution order; None leaves a layer float) as INT8 + per-channel
     ``DequantizeLinear``. ``layer_ints`` are the signed integers ``q - zero`` of the
     quantized weights; the per-channel scale is refitted to the exported weight (the
@@ -197,13 +197,16 @@ def weight_int8_dq(fp32_path: str | Path, out_path: str | Path, layer_ints: Sequ
     inits = {i.name: i for i in model.graph.initializer}
     weighted = weighted_nodes(model)
     if len(weighted) != len(layer_ints):
-        raise ValueError(f"the ONNX graph has {len(weighted)} Conv/Gemm nodes; the model has {len(layer_ints)} layers")
+        raise ValueError(f"the ONNX graph has {len(weighted)} weighted nodes; the model has {len(layer_ints)} layers")
     new_nodes = []
     for node, ints in zip(weighted, layer_ints):
         if ints is None:
             continue
         w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
         q = np.asarray(ints, dtype=np.int64)
+        column = node.op_type == "MatMul"  # its weight is the layer's, transposed: [in, out]
+        if column:
+            w = w.T
         if w.shape != q.shape:
             raise ValueError(f"ONNX weight {node.input[1]} has shape {w.shape}; the quantized layer has {q.shape}")
         if np.abs(q).max(initial=0) > 127:
@@ -218,13 +221,14 @@ def weight_int8_dq(fp32_path: str | Path, out_path: str | Path, layer_ints: Sequ
         if err > 1e-5 * max(np.abs(flat_w).max(initial=0), 1e-12):
             raise ValueError(f"ONNX weight {node.input[1]} is not on the quantization grid (max error {err:.3g})")
         name = node.input[1]
+        stored = flat_q.reshape(q.shape).astype(np.int8)
         model.graph.initializer.remove(inits[name])
         model.graph.initializer.extend([
-            numpy_helper.from_array(flat_q.reshape(q.shape).astype(np.int8), name + "_int8"),
+            numpy_helper.from_array(np.ascontiguousarray(stored.T) if column else stored, name + "_int8"),
             numpy_helper.from_array(scale, name + "_scale"),
             numpy_helper.from_array(np.zeros(scale.shape, dtype=np.int8), name + "_zero")])
         new_nodes.append(helper.make_node("DequantizeLinear", [name + "_int8", name + "_scale", name + "_zero"],
-                                          [name], name=name + "_dq", axis=0))
+                                          [name], name=name + "_dq", axis=1 if column else 0))
     # DequantizeLinear outputs must precede their consumers
     nodes = new_nodes + list(model.graph.node)
     del model.graph.node[:]
