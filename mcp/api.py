@@ -18,10 +18,14 @@ from __future__ import annotations
 import shutil
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Mapping, Sequence
 
+import optuna
+import torch
 from torch import nn
 
 from mcp import tracking
@@ -57,8 +61,6 @@ class Data:
         """The class count: the data's, else the model's output width."""
         if self.num_classes:
             return int(self.num_classes)
-        import torch
-
         param = next(model.parameters(), None)
         with torch.no_grad():
             was = model.training
@@ -237,8 +239,6 @@ def export(model: nn.Module, data: Any, path: str | Path, *, opset: int = 17, op
     :func:`quantize` is deployed as its ``onnx_path`` already: give ``deployed=`` to
     :func:`mcp.deploy.deployable.export_deployable` for those. Returns
     :class:`mcp.deploy.deployable.Deployment` (its ``path`` is ``path``)."""
-    import shutil
-
     d = as_data(data, seed=seed)
     target = Path(path)
     with tempfile.TemporaryDirectory() as tmp:
@@ -297,11 +297,6 @@ def search(model: nn.Module, data: Any, *, space: str | Path = "", budget_bytes:
     rebuilt from ``model`` and fine-tuned for ``final_epochs`` (0: its trial's epochs),
     ``.model`` and ``.metrics``. ``progress``: one line per trial (None: a bar on a
     terminal, lines elsewhere; False: quiet)."""
-    import warnings
-    from types import SimpleNamespace
-
-    import optuna
-
     if not pareto and not budget_bytes:
         raise ConfigError(f"budget_bytes={budget_bytes!r}: a max-accuracy search needs a size budget in bytes "
                           f"(or pareto=True for the accuracy/size front)")

@@ -462,10 +462,10 @@ def split(ctx: click.Context, **kwargs: Any) -> None:
     on exactly its train part, then give the file back to `mcp import --split-file`. No run is made."""
 
     def write(cfg: SplitConfig):
-        from mcp.data import load_dataset, write_split
+        from mcp.data import write_split
+        from mcp.stages.common import load_splits
 
-        splits = load_dataset(cfg.dataset, cfg.data_dir, cfg.download, cfg.input_shape or None, cfg.num_classes,
-                              cfg.val_fraction, cfg.augment, cfg.split_file)
+        splits = load_splits(cfg)
         return splits, write_split(splits, cfg.out)
 
     cfg, (splits, path) = _run_stage(ctx, kwargs, SplitConfig, write, store=False)

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import copy
+import json
+import os
+import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -38,11 +42,16 @@ from mcp.training.setup import FineTune
 from mcp.tuner.study import default_storage
 
 
+def load_splits(cfg: DataOptions):
+    """The train/val/test splits that ``cfg``'s data options name (no loaders, no device)."""
+    return load_dataset(cfg.dataset, cfg.data_dir, cfg.download, cfg.input_shape or None,
+                        cfg.num_classes, cfg.val_fraction, cfg.augment, cfg.split_file)
+
+
 def setup_data(cfg: DataOptions):
     """(device, splits, (train, val, test) loaders): fails on bad input before any run starts."""
     device = resolve_device(cfg.device)
-    splits = load_dataset(cfg.dataset, cfg.data_dir, cfg.download, cfg.input_shape or None,
-                          cfg.num_classes, cfg.val_fraction, cfg.augment, cfg.split_file)
+    splits = load_splits(cfg)
     loaders = make_loaders(splits, cfg.batch_size, cfg.workers, cfg.seed, pin_memory=device == "cuda")
     return device, splits, loaders
 
@@ -60,8 +69,6 @@ def log_and_register(model: nn.Module, example: torch.Tensor, extra_recipe: Mapp
     Returns (model URI of the logged model, registered version or None). The recipe's
     recorded data (``extra_recipe["data"]``, see :func:`data_recipe`) also tags the run
     and the version: the test set's fingerprint, and the data settings as JSON."""
-    import json
-
     data = extra_recipe.get("data")
     if data:
         tracking.runs.set_tag(schema.TEST_FINGERPRINT, data["test_fingerprint"])
@@ -138,8 +145,6 @@ DEPLOY_KEYS = ("latency_ms_p50_cpu", "baseline_latency_ms_p50_cpu", "speedup_p50
 
 def timing_seconds() -> float:
     """How long each deployed model is timed at registration (``MCP_DEPLOY_TIMING_S``, default 0.3 s)."""
-    import os
-
     try:
         return max(0.01, float(os.environ.get("MCP_DEPLOY_TIMING_S", "0.3")))
     except ValueError:
@@ -158,9 +163,6 @@ def deployment_figures(model: nn.Module, shape: Sequence[int], deployed: Path | 
     :class:`DeploymentWarning`) when the model deploys slower than its starting model;
     with ``refuse`` (a prefix and a hint) raises that line as an :class:`McpError`
     instead, for a model whose only purpose was speed."""
-    import tempfile
-    import warnings
-
     seconds = timing_seconds()
     same = baseline is not None and parent is not None and baseline is parent[0]  # one model, timed once
     with tempfile.TemporaryDirectory() as tmp:
@@ -231,8 +233,6 @@ def warn_other_test_set(uri: str, recipe: Mapping[str, Any], splits) -> None:
     """One warning line when a model is measured on another test set than its own: its
     training may have seen these test images, and figures against it compare different
     images."""
-    import warnings
-
     clause = other_test_set(recipe, splits)
     if clause:
         warnings.warn(f"{uri}: {clause}; its figures here are on other images than its own, and its training may "

@@ -352,7 +352,7 @@ def _mlflow_pytorch_load(uri: str, allow_pickle: bool) -> nn.Module:
     before = os.environ.get(_ALLOW_PICKLE)
     os.environ[_ALLOW_PICKLE] = "true" if allow_pickle else "false"
     try:
-        model = mlflow.pytorch.load_model(uri, map_location="cpu")
+        model = mlflow.pytorch.load_model(uri, map_location="cpu")  # gated: --trust-pickled-model (else pt2 only)
     except Exception as exc:  # noqa: BLE001 - a refused archive, a broken file, a pickle's own code
         raise McpError(f"cannot load model {uri!r}: {type(exc).__name__}: "
                        f"{(str(exc).strip().splitlines() or [''])[0][:240]}") from None
