@@ -10,7 +10,12 @@ weights: structure and latency do not depend on them), at 10 classes:
 2. parameters and MACs before and after, and the share of ResNet-18's parameter
    reduction the family reaches;
 3. the ONNX parity agreement of the pruned model (mcp's export check, on 64 random images);
-4. the CPU p50 (ONNX Runtime, batch 1, one thread) of both float32 files, timed side by side.
+4. the static INT8 file of the pruned model (``ptq_int8``'s QDQ file: ONNX Runtime's
+   quantizer, 4 calibration batches of random images) and its top-1 agreement with the
+   float32 model on the same 64 images (untrained weights: a floor, not the accuracy a
+   trained model keeps);
+5. the CPU p50 (ONNX Runtime, batch 1, one thread) of the three files (float32 before,
+   float32 after, INT8 after), timed side by side, and which deployable is the fastest.
 
     python benchmarks/modern_families.py                 # all families
     python benchmarks/modern_families.py --models vit_tiny_patch16_224,resnet18 --size 224
@@ -60,6 +65,7 @@ def measure(name: str, size: int, folder: Path, seconds: float) -> dict:
     from mcp.evaluation.ort_bench import compare
     from mcp.pruning import PruneSpec
     from mcp.pruning.engine import prune
+    from mcp.quantization.onnx_int8 import static_int8
 
     torch.manual_seed(0)
     shape = (3, size, size)
@@ -91,24 +97,46 @@ def measure(name: str, size: int, folder: Path, seconds: float) -> dict:
     before = export_onnx(model, shape, folder / f"{name}-before.onnx")
     after = folder / f"{name}-after.onnx"
     after.write_bytes(deployed.path.read_bytes())
-    row["latency_ms_before"], row["latency_ms_after"] = compare([str(before), str(after)], shape, 1, seconds)
+    int8 = static_int8(after, folder / f"{name}-int8.onnx", list(loader)[:4])  # ptq_int8's QDQ file
+    row["int8_agreement"] = agreement(pruned, int8, loader)
+    row["latency_ms_before"], row["latency_ms_after"], row["latency_ms_int8"] = compare(
+        [str(before), str(after), str(int8)], shape, 1, seconds)
     row["speedup"] = row["latency_ms_before"] / row["latency_ms_after"]
+    row["int8_speedup"] = row["latency_ms_before"] / row["latency_ms_int8"]
     return row
+
+
+def agreement(model: torch.nn.Module, path: Path, loader) -> float:
+    """The share of images on which the ONNX file's top class is the PyTorch model's."""
+    import numpy as np
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    same = total = 0
+    with torch.no_grad():
+        for x, _ in loader:
+            ours = model(x).argmax(1).numpy()
+            theirs = session.run(None, {session.get_inputs()[0].name: x.numpy().astype(np.float32)})[0].argmax(1)
+            same, total = same + int((ours == theirs).sum()), total + len(x)
+    return same / total
 
 
 def table(rows: list[dict]) -> str:
     reference = next((r for r in rows if r["model"] == "resnet18" and "params_removed" in r), None)
     lines = ["| model | params before | params after | removed | of ResNet-18's | MACs before | MACs after | "
-             "ONNX agreement | CPU p50 ms before | after | speedup |", "|" + "---|" * 11]
+             "ONNX agreement | CPU p50 ms before | after | speedup | INT8 p50 ms | INT8 agreement | fastest |",
+             "|" + "---|" * 14]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['params_before']:,} | not pruned (see below) |" + " - |" * 8)
+            lines.append(f"| {r['model']} | {r['params_before']:,} | not pruned (see below) |" + " - |" * 11)
             continue
         share = f"{r['params_removed'] / reference['params_removed']:.0%}" if reference else "-"
         lines.append(f"| {r['model']} | {r['params_before']:,} | {r['params_after']:,} | {r['params_removed']:.1%} | "
                      f"{share} | {r['macs_before'] / 1e6:,.0f} M | {r['macs_after'] / 1e6:,.0f} M | "
                      f"{r['onnx_agreement']:.4f} | {r['latency_ms_before']:.2f} | {r['latency_ms_after']:.2f} | "
-                     f"{r['speedup']:.2f}x |")
+                     f"{r['speedup']:.2f}x | {r['latency_ms_int8']:.2f} | {r['int8_agreement']:.4f} | "
+                     f"{'INT8' if r['latency_ms_int8'] < r['latency_ms_after'] else 'float32'} "
+                     f"({r['latency_ms_before'] / min(r['latency_ms_int8'], r['latency_ms_after']):.2f}x) |")
     lines += [f"\n{r['model']}: {r['error']}" for r in rows if "error" in r]
     return "\n".join(lines)
 

@@ -40,13 +40,15 @@ TOOL = "Torch-Pruning + ORT"
 # ----------------------------------------------------------------------------- the peer (a user's own code)
 
 
-def train(model: nn.Module, loader, epochs: int, lr: float = 0.01, seed: int = 0, desc: str = "fine-tune") -> nn.Module:
-    """Plain loop: SGD (momentum 0.9, Nesterov, weight decay 5e-4), cosine LR, cross-entropy;
-    the final weights are kept."""
+def train(model: nn.Module, loader, epochs: int, lr: float = 0.01, seed: int = 0, desc: str = "fine-tune",
+          adamw_decay: float | None = None) -> nn.Module:
+    """Plain loop: SGD (momentum 0.9, Nesterov, weight decay 5e-4), or AdamW with weight decay
+    ``adamw_decay`` when given (transformers); cosine LR, cross-entropy; the final weights are kept."""
     from tqdm.auto import tqdm
 
     torch.manual_seed(seed)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    opt = (torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=adamw_decay) if adamw_decay is not None else
+           torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1))
     for _ in tqdm(range(epochs), desc=desc, leave=False):
         model.train()

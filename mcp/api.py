@@ -158,7 +158,7 @@ def prune(model: nn.Module, data: Any, *, sparsity: float = 0.5, criterion: str 
           steps: int = 10, initial_sparsity: float = 0.0, prune_epochs: int | None = None,
           ratios: Mapping[str, float] | None = None, ignored_layers: Sequence[str] = (), keep_first: bool = False,
           keep_last: bool = False, norm: int = 1, hessian: str = "fisher", round_to: int = 1, drop_blocks: int = 0,
-          calib_batches: int = 8, bn_l1: float = 0.0, epochs: int = 10, lr: float = 0.01, optimizer: str = "sgd", momentum: float = 0.9,
+          head_ratio: float = 0.0, calib_batches: int = 8, bn_l1: float = 0.0, epochs: int = 10, lr: float = 0.01, optimizer: str = "sgd", momentum: float = 0.9,
           weight_decay: float = 5e-4, scheduler: str = "cosine", teacher: nn.Module | None = None,
           temperature: float = 4.0, alpha: float = 0.9, seed: int = 0, device: str = "auto",
           progress: bool | None = False, track: bool = True):
@@ -172,7 +172,7 @@ def prune(model: nn.Module, data: Any, *, sparsity: float = 0.5, criterion: str 
     spec = PruneSpec(criterion=criterion, scope=scope, granularity=granularity, schedule=schedule,
                      sparsity=sparsity, initial_sparsity=initial_sparsity, steps=steps, ratios=dict(ratios or {}),
                      keep_first=keep_first, keep_last=keep_last, ignored_layers=tuple(ignored_layers), norm=norm,
-                     hessian=hessian, round_to=round_to, drop_blocks=drop_blocks)
+                     hessian=hessian, round_to=round_to, drop_blocks=drop_blocks, head_ratio=head_ratio)
     span = prune_epochs if prune_epochs is not None else max(1, epochs // 2)
     return _tracked("prune", params, model, track, lambda callbacks: prune_and_finetune(
         model, d.loaders, d.input_shape, spec, _finetune(epochs, lr, optimizer, momentum, weight_decay, scheduler, seed),
@@ -292,7 +292,7 @@ def search(model: nn.Module, data: Any, *, space: str | Path = "", budget_bytes:
     that names the same ``storage`` (an SQLAlchemy URL) and ``study_name``; without
     ``storage`` the study lives in a temporary file for this call. ``space``: a shipped
     space's name (``"default"``, ``"structured"``, ``"lenet"``, ``"resnet"``,
-    ``"resnet_latency"``) or a path to a YAML file; empty: the model family's space.
+    ``"resnet_latency"``, ``"transformer"``) or a path to a YAML file; empty: the model family's space.
     Returns a :class:`SearchOutcome`: the study, its trials, and the best feasible trial
     rebuilt from ``model`` and fine-tuned for ``final_epochs`` (0: its trial's epochs),
     ``.model`` and ``.metrics``. ``progress``: one line per trial (None: a bar on a

@@ -180,7 +180,8 @@ def removed_line(m: dict[str, float]) -> str:
     (structured: ``channels_pruned_fraction``, ``pruned_fraction``) or 'weights removed
     90.0%;' (unstructured: ``pruned_fraction``, the weights of the layers in scope)."""
     if "channels_pruned_fraction" in m:
-        return (f"channels removed {100 * m['channels_pruned_fraction']:.1f}%, "
+        heads = f"heads removed {100 * m['heads_pruned_fraction']:.1f}%, " if "heads_pruned_fraction" in m else ""
+        return (f"channels removed {100 * m['channels_pruned_fraction']:.1f}%, {heads}"
                 f"parameters removed {100 * m['pruned_fraction']:.1f}%;")
     return f"weights removed {100 * m['pruned_fraction']:.1f}%;"
 

@@ -437,6 +437,10 @@ class PruneConfig(RecoveryOptions):
                                  "identity shortcut), each the one whose removal raises the loss on the "
                                  "calibration batches the least. Fewer operators: what still cuts latency "
                                  "once layers are narrow. 0: none.")
+    head_ratio: float = option(0.0, "Structured, layer-wise: remove whole attention heads, this share of each "
+                                    "attention module's heads (timm's ViT, DeiT: a qkv Linear and num_heads), rounded "
+                                    "up; the heads left keep their width. 0: heads keep their count and lose width "
+                                    "with --sparsity.")
     calib_batches: int = option(8, "Training batches used by data-driven criteria.")
     bn_l1: float = option(0.0, "Network-slimming L1 penalty on BatchNorm scales during fine-tuning.")
     optimizer: str = option("sgd", "Optimizer for fine-tuning.", OPTIMIZERS)
@@ -467,6 +471,11 @@ class PruneConfig(RecoveryOptions):
             raise ConfigError(f"bn_l1={self.bn_l1!r} must be 0 or more")
         if self.ratios_file and self.scope != "layerwise":
             raise ConfigError("ratios_file needs scope 'layerwise'")
+        if not 0.0 <= self.head_ratio < 1.0:
+            raise ConfigError(f"head_ratio={self.head_ratio!r} is outside [0, 1)")
+        if self.head_ratio and (self.granularity, self.scope) != ("structured", "layerwise"):
+            raise ConfigError(f"head_ratio={self.head_ratio!r} removes whole attention heads within each module: it "
+                              f"needs granularity structured and scope layerwise (got {self.granularity}, {self.scope})")
         if self.round_to < 1 or (self.round_to > 1 and self.granularity != "structured"):
             raise ConfigError(f"round_to={self.round_to!r} must be 1 or more, and above 1 only with granularity "
                               f"structured")
@@ -690,7 +699,7 @@ class SearchConfig(StartModel):
     """`mcp search`: Optuna over per-layer prune ratios and bit-widths under a size budget."""
 
     space: str = option("", "Search space: a shipped space's name (default, structured, lenet, resnet, "
-                            "resnet_latency) or a path to a YAML file. Empty: the shipped space whose `models` "
+                            "resnet_latency, transformer) or a path to a YAML file. Empty: the shipped space whose `models` "
                             "lists the model, else default.")
     mode: str = option("max-accuracy", "Best validation accuracy under the budget, or the accuracy/size "
                                        "Pareto front.", SEARCH_MODES)
@@ -791,7 +800,7 @@ class PipelineConfig(ModelSource):
     budget_batch: int = option(1, "Search step: images per call that --budget-ms times (see `mcp search "
                                   "--budget-batch`).")
     space: str = option("", "Search step: search space, a shipped space's name (default, structured, lenet, "
-                            "resnet, resnet_latency) or a path to a YAML file (empty: the model family's space).")
+                            "resnet, resnet_latency, transformer) or a path to a YAML file (empty: the model family's space).")
     trials: int = option(20, "Search step: trials the study runs in all (shared by its workers).")
     storage: str = option("", "Search step: Optuna storage (SQLAlchemy URL). Empty: optuna.db beside the SQLite "
                               "tracking database.")

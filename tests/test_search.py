@@ -51,7 +51,7 @@ def test_family_spaces_and_their_groups():
     assert lenet.ratio_of["fc3"] == (0.0, 0.995) and lenet.bits_of["fc3"] == (2, 3, 4, 5, 6, 8)
 
 
-SHIPPED = ["default", "lenet", "resnet", "resnet_latency", "structured"]
+SHIPPED = ["default", "lenet", "resnet", "resnet_latency", "structured", "transformer"]
 
 
 def test_a_shipped_space_is_named_by_its_name_and_a_file_by_its_path(tmp_path):

@@ -220,5 +220,5 @@ def rebuild(model: nn.Module, input_shape: Sequence[int], history: list, events:
     if history[done:]:
         replay_pruning(model, input_shape, history[done:], unwrapped)
     if heads:
-        set_heads({n: m for n, m in attention_modules(model).items() if n in heads}, heads)
+        set_heads(attention_modules(model, heads), heads)
     return model

@@ -42,6 +42,10 @@ class PruneSpec:
     drop_blocks: int = 0  # depth: remove this many whole blocks first, least important first (pruning/depth.py)
     # the blocks to remove, when already chosen (a search ranks them once on its starting model)
     blocks: Sequence[str] = ()
+    # structured, layer-wise: whole attention heads removed, this share of each attention module's heads
+    # (their width kept); head_ratios: per module by name (a search's). 0: heads keep their count, lose width
+    head_ratio: float = 0.0
+    head_ratios: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def events(self) -> int:
@@ -89,8 +93,12 @@ class Pruning:
         if spec.granularity == "structured":
             self.cut: UnstructuredPruner | StructuredPruner = StructuredPruner(
                 model, self.input_shape, self.layers, self.all_names, spec.scope, schedule, spec.events,
-                spec.sparsity, ratios if spec.scope == "layerwise" else None, spec.round_to)
+                spec.sparsity, ratios if spec.scope == "layerwise" else None, spec.round_to, spec.head_ratio,
+                {n: r for n, r in spec.head_ratios.items() if not within(n, self.dropped)})
         else:
+            if spec.head_ratio or any(spec.head_ratios.values()):
+                raise ConfigError(f"head_ratio removes whole attention heads: it needs granularity structured "
+                                  f"(got {spec.granularity!r})")
             self.cut = UnstructuredPruner(self.layers, spec.scope)
         self.done = 0
 

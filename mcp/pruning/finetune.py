@@ -104,6 +104,8 @@ def prune_and_finetune(base: nn.Module, loaders: Sequence[Any], input_shape: Seq
                "train_time_s": trainer.train_time_s, "training_time_s": training_time}
     if pruning.structured:  # pruned_fraction is then the parameters removed; this, the channels
         metrics["channels_pruned_fraction"] = pruning.cut.channel_sparsity()
+        if pruning.cut.heads_out:  # whole attention heads removed: their share of all heads
+            metrics["heads_pruned_fraction"] = pruning.cut.heads_fraction()
     metrics.update(model_metrics(model, shape, device))
     metrics["compression_ratio"] = base_counts["params_total"] / max(metrics["params_nonzero"], 1.0)
     metrics["size_bytes_nonzero_fp32"] = 4.0 * metrics["params_nonzero"]

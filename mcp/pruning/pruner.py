@@ -7,12 +7,14 @@ structured to the channel (Torch-Pruning's rounding, at most one channel per lay
 
 from __future__ import annotations
 
-from typing import Mapping
+import math
+from typing import Collection, Mapping
 
 import torch
 from torch import nn
 
 from mcp.errors import ConfigError, McpError
+from mcp.pruning.custom import graph_build_options, graph_options
 from mcp.pruning.importance import Scores
 
 PRUNABLE = (nn.Conv2d, nn.Linear)
@@ -185,7 +187,7 @@ class StructuredPruner:
 
     def __init__(self, model: nn.Module, input_shape, layers: Mapping[str, nn.Module], all_names: list[str],
                  scope: str, schedule, steps: int, sparsity: float, ratios: Mapping[str, float] | None = None,
-                 round_to: int = 1):
+                 round_to: int = 1, head_ratio: float = 0.0, head_ratios: Mapping[str, float] | None = None):
         import torch_pruning as tp
 
         modules = dict(model.named_modules())
@@ -193,13 +195,27 @@ class StructuredPruner:
         example = torch.zeros(1, *input_shape, device=device)
         self.attention = attention_modules(model)
         heads = {m.qkv: m.num_heads for m in self.attention.values()}
+        # whole heads: attention module -> the heads it loses in all (the rest keep their count, lose width)
+        self.heads_out = whole_heads(self.attention, head_ratios or {}, scope, head_ratio)
+        self.initial_heads = {name: m.num_heads for name, m in self.attention.items()}
+        self.schedule, self.steps = schedule, steps
         foreign = foreign_parameters(model, example)
+        blocked = sorted(per_head(model, foreign, {n: self.attention[n] for n in self.heads_out}))
+        if blocked:
+            name = blocked[0]
+            raise ConfigError(f"whole attention heads cannot be removed from {name.rpartition('.')[0]}: its "
+                              f"{name.rpartition('.')[2]} holds one entry per head, which the dependency graph does "
+                              f"not prune with the heads; set head_ratio 0 (heads keep their count, lose width)")
         left: set[str] = set()
         if foreign and not _prunes_cleanly(model, example, [modules[all_names[-1]]], heads, foreign, self.attention):
             left = _coupled_to(model, example, layers, foreign)  # their dimension could not be verified
         unwrapped = [(p, dim) for _, p, dim in foreign] or None
         self.unwrapped = {name: dim for name, _, dim in foreign} if not left else {}
         in_scope = {m for n, m in layers.items() if n not in left}
+        ratio_of = {layers[n]: r for n, r in (ratios or {}).items() if n not in left}
+        for name in self.heads_out:  # Torch-Pruning removes heads only from a group it prunes at all
+            qkv = self.attention[name].qkv
+            ratio_of[qkv] = max(ratio_of.get(qkv, sparsity), self.heads_out[name] / self.initial_heads[name])
         if not in_scope:
             raise ConfigError(f"no layer can be pruned structurally: {', '.join(sorted(left))} feed parameters "
                               f"outside standard layers; use granularity unstructured")
@@ -209,10 +225,12 @@ class StructuredPruner:
         self.pruner = tp.pruner.BasePruner(
             model, example, importance=self.importance,
             global_pruning=scope == "global", pruning_ratio=sparsity,
-            pruning_ratio_dict={layers[n]: r for n, r in (ratios or {}).items() if n not in left} or None,
+            pruning_ratio_dict=ratio_of or None,
             iterative_steps=steps, ignored_layers=ignored, unwrapped_parameters=unwrapped,
-            num_heads=heads, prune_num_heads=False, prune_head_dims=True,  # heads keep their count, lose width
-            round_to=round_to if round_to > 1 else None,
+            num_heads=heads, prune_num_heads=bool(self.heads_out),
+            prune_head_dims=not self.heads_out,  # whole heads removed, or heads keep their count and lose width
+            head_pruning_ratio_dict={self.attention[n].qkv: 0.0 for n in self.heads_out} or None,
+            round_to=round_to if round_to > 1 else None, **graph_options(model),
             # Torch-Pruning asks for steps + 1 ratios, the first being the unpruned state
             iterative_pruning_ratio_scheduler=lambda target, n: [0.0] + list(schedule(target, n)),
         )
@@ -233,19 +251,36 @@ class StructuredPruner:
         from torch_pruning.pruner import function as F
 
         self.importance.scores = scores
+        self._aim_heads()
         names = {m: n for n, m in self.pruner.model.named_modules()}
         removed: dict[str, list[int]] = {}
-        for group in self.pruner.step(interactive=True):
-            for dep, idxs in group:
-                if dep.pruning_fn in (F.prune_conv_out_channels, F.prune_linear_out_channels):
-                    removed[names[dep.layer]] = sorted(int(i) for i in idxs)
-            group.prune()
+        try:
+            for group in self.pruner.step(interactive=True):
+                for dep, idxs in group:
+                    if dep.pruning_fn in (F.prune_conv_out_channels, F.prune_linear_out_channels):
+                        removed[names[dep.layer]] = sorted(int(i) for i in idxs)
+                group.prune()
+        except (IndexError, RuntimeError) as exc:  # channel indices past a layer's width: a wrong mapping
+            raise self._unfollowed(exc) from None
         self.history = [list(h) if isinstance(h, tuple) else h for h in self.pruner.pruning_history()]
         set_heads(self.attention, {name: self.pruner.num_heads[m.qkv] for name, m in self.attention.items()})
         self._check_forward()
         if self.norm_groups and self.pruner.current_step == self.pruner.iterative_steps:
             self._say_group_rounding()
         return removed
+
+    def _aim_heads(self) -> None:
+        """Before an event: the share of its current heads each module loses now, so that it
+        has lost ``heads_out``'s share of its first heads once the schedule ends (Torch-
+        Pruning takes a module's ratio of the heads it has now, rounded up)."""
+        k = self.pruner.current_step
+        for name, total in self.heads_out.items():
+            m = self.attention[name]
+            first = self.initial_heads[name]
+            due = math.ceil(self.schedule(total / first, self.steps)[k] * first - 1e-9)  # removed by this event
+            now = due - (first - self.pruner.num_heads[m.qkv])
+            share = (now - 0.5) / self.pruner.num_heads[m.qkv] if now > 0 else 0.0  # rounds up to exactly `now`
+            self.pruner.head_pruning_ratio_dict[m.qkv] = [share] * (self.pruner.iterative_steps + 1)
 
     def _check_forward(self) -> None:
         """A pruned model that no longer runs (an architecture whose channels Torch-Pruning's
@@ -257,12 +292,15 @@ class StructuredPruner:
             with torch.no_grad():
                 model(self.example)
         except Exception as exc:  # noqa: BLE001 - whatever the broken graph raises
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-            raise McpError(f"structured pruning breaks this {type(model).__name__}'s forward pass ({first}): its "
-                           f"channels meet in a way the dependency graph does not follow; use granularity "
-                           f"unstructured, or leave the layers involved out with ignored_layers") from None
+            raise self._unfollowed(exc) from None
         finally:
             model.train(was)
+
+    def _unfollowed(self, exc: Exception) -> McpError:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        return McpError(f"structured pruning breaks this {type(self.pruner.model).__name__}'s forward pass "
+                        f"({first}): its channels meet in a way the dependency graph does not follow; use "
+                        f"granularity unstructured, or leave the layers involved out with ignored_layers")
 
     def layer_sparsity(self) -> dict[str, float]:
         return {n: 1.0 - _out_channels(m) / self.initial_out[n] for n, m in self.layers.items()}
@@ -273,6 +311,11 @@ class StructuredPruner:
         and each attention module's heads."""
         return {**({"pruning_unwrapped": self.unwrapped} if self.unwrapped else {}),
                 **({"attention_heads": {n: m.num_heads for n, m in self.attention.items()}} if self.attention else {})}
+
+    def heads_fraction(self) -> float:
+        """The share of all attention heads removed whole."""
+        first = sum(self.initial_heads.values())
+        return 1.0 - sum(m.num_heads for m in self.attention.values()) / first if first else 0.0
 
     def channel_sparsity(self) -> float:
         """The share of output channels removed from the layers it may prune (those in
@@ -345,18 +388,52 @@ def foreign_parameters(model: nn.Module, example: torch.Tensor) -> list[tuple[st
 
     with warnings.catch_warnings():  # it says which dimension it takes; mcp checks that dimension instead
         warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False,
+                                                      **graph_build_options(model))
     names = {id(p): n for n, p in model.named_parameters()}
     return [(names[id(u.parameters)], u.parameters, int(u.pruning_dim)) for u in graph.unwrapped_parameters
             if id(u.parameters) in names]
 
 
-def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
+def attention_modules(model: nn.Module, names: Collection[str] | None = None) -> dict[str, nn.Module]:
     """Multi-head attention as timm writes it (ViT, DeiT, Swin, ...): a module with a ``qkv``
-    Linear and ``num_heads`` heads, whose head width follows from ``qkv``'s outputs."""
+    Linear and ``num_heads`` heads, whose head width follows from ``qkv``'s outputs. With
+    ``names``: those modules, whatever their widths now (a recipe replayed, heads not yet set)."""
     return {n: m for n, m in model.named_modules()
             if isinstance(getattr(m, "qkv", None), nn.Linear) and isinstance(getattr(m, "num_heads", None), int)
-            and m.qkv.out_features % (3 * m.num_heads) == 0}
+            and (m.qkv.out_features % (3 * m.num_heads) == 0 if names is None else n in names)}
+
+
+def whole_heads(attention: Mapping[str, nn.Module], ratios: Mapping[str, float], scope: str,
+                default: float = 0.0) -> dict[str, int]:
+    """How many whole heads each attention module loses at ``ratios`` (module name -> share
+    of its heads; ``default`` for the modules it does not name), rounded up as Torch-Pruning
+    rounds. Every bad request is one line: no attention module, a module that is not one,
+    a share outside [0, 1) or one that leaves a module no head, global scope (heads are
+    ranked within each module)."""
+    asked = {n: float(r) for n, r in {**{n: default for n in attention}, **ratios}.items() if float(r) != 0.0}
+    if default and not attention:
+        asked = {"": float(default)}
+    if not asked:
+        return {}
+    if not attention:
+        raise ConfigError(f"head_ratio={next(iter(asked.values()))!r} removes attention heads, but this model has "
+                          f"no attention module (one with a qkv Linear and num_heads, as timm's ViT, DeiT, Swin)")
+    if scope != "layerwise":
+        raise ConfigError(f"head_ratio removes heads within each attention module: it needs scope 'layerwise' "
+                          f"(got {scope!r})")
+    out = {}
+    for name, ratio in asked.items():
+        if name not in attention:
+            raise ConfigError(f"head ratio for {name!r}: not an attention module; this model's are: "
+                              f"{', '.join(attention)}")
+        heads = attention[name].num_heads
+        if not 0.0 < ratio < 1.0 or math.ceil(ratio * heads - 1e-9) >= heads:
+            raise ConfigError(f"head_ratio={ratio!r} leaves {name} ({heads} heads) no head: it removes "
+                              f"ceil({ratio:g} x {heads}) heads; allowed: above 0 and at most "
+                              f"{(heads - 1) / heads:.4g} for {heads} heads")
+        out[name] = math.ceil(ratio * heads - 1e-9)
+    return out
 
 
 def set_heads(attention: Mapping[str, nn.Module], heads: Mapping[str, int]) -> None:
@@ -391,7 +468,8 @@ def _prunes_cleanly(model: nn.Module, example: torch.Tensor, keep: list, heads: 
             trial, example, importance=tp.importance.MagnitudeImportance(p=1), pruning_ratio=0.5,
             ignored_layers=[copies[modules[id(m)]] for m in keep],
             num_heads={copies[modules[id(m)]]: h for m, h in heads.items()}, prune_num_heads=False,
-            prune_head_dims=True, unwrapped_parameters=[(params[n], dim) for n, _, dim in foreign])
+            prune_head_dims=True, unwrapped_parameters=[(params[n], dim) for n, _, dim in foreign],
+            **graph_options(trial))
         for group in pruner.step(interactive=True):
             group.prune()
         copied = {n: copies[n] for n in attention}
@@ -399,10 +477,19 @@ def _prunes_cleanly(model: nn.Module, example: torch.Tensor, keep: list, heads: 
         with torch.no_grad():
             out = trial(example)
         pruned = dict(trial.named_parameters())  # pruning replaces the parameters it cuts
-        shrunk = all(pruned[n].shape[dim] < p.shape[dim] for n, p, dim in foreign)  # none silently left whole
+        heads_wide = per_head(model, foreign, attention)  # these stay whole while heads keep their count
+        shrunk = all(pruned[n].shape[dim] < p.shape[dim] for n, p, dim in foreign
+                     if n not in heads_wide)  # none silently left whole
         return isinstance(out, torch.Tensor) and out.shape == expected and bool(torch.isfinite(out).all()) and shrunk
     except Exception:  # noqa: BLE001 - any failure of the trial means: do not trust these dimensions
         return False
+
+
+def per_head(model: nn.Module, foreign: list, attention: Mapping[str, nn.Module]) -> set[str]:
+    """The parameters among ``foreign`` that hold one entry per head of the attention module
+    they belong to (a Swin window's relative position bias table, ``[positions, heads]``)."""
+    owners = {f"{name}.{p}": m for name, m in attention.items() for p, _ in m.named_parameters(recurse=False)}
+    return {n for n, p, dim in foreign if n in owners and p.shape[dim] == owners[n].num_heads}
 
 
 def _coupled_to(model: nn.Module, example: torch.Tensor, layers: Mapping[str, nn.Module], foreign: list) -> set[str]:
@@ -413,11 +500,14 @@ def _coupled_to(model: nn.Module, example: torch.Tensor, layers: Mapping[str, nn
     import torch_pruning as tp
 
     graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False,
-                                                  unwrapped_parameters=[(p, dim) for _, p, dim in foreign])
+                                                  unwrapped_parameters=[(p, dim) for _, p, dim in foreign],
+                                                  **graph_build_options(model))
     ids = {id(p): name for name, p, _ in foreign}
     owners = {id(p): type(m).__name__ for m in model.modules() for p in m.parameters(recurse=False)}
     left: set[str] = set()
     for name, layer in layers.items():
+        if layer not in graph.module2node:  # inside a module pruned as one (mcp.pruning.custom)
+            continue
         fn = tp.prune_conv_out_channels if isinstance(layer, nn.Conv2d) else tp.prune_linear_out_channels
         hits = [dep.target.module for dep, _ in graph.get_pruning_group(layer, fn, idxs=[0])
                 if id(dep.target.module) in ids]
@@ -469,8 +559,9 @@ def replay_pruning(model: nn.Module, input_shape, history: list, unwrapped: Mapp
         warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
         graph = tp.DependencyGraph().build_dependency(
             model, example_inputs=torch.zeros(1, *input_shape),
-            unwrapped_parameters=[(params[n], d) for n, d in (unwrapped or {}).items()] or None)
+            unwrapped_parameters=[(params[n], d) for n, d in (unwrapped or {}).items()] or None,
+            **graph_build_options(model))
     graph.load_pruning_history([tuple(h) for h in history])
     if heads:
-        set_heads({n: m for n, m in attention_modules(model).items() if n in heads}, heads)
+        set_heads(attention_modules(model, heads), heads)
     return model

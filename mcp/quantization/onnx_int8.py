@@ -84,8 +84,11 @@ class _Reader:
 
 
 def static_int8(fp32_path: str | Path, out_path: str | Path, batches: Sequence, observer: str = "minmax",
-                per_channel: bool = True, reduce_range: bool = True, float_layers: Sequence[int] = ()) -> Path:
+                per_channel: bool = True, reduce_range: bool = True, float_layers: Sequence[int] = (),
+                op_types: Sequence[str] | None = None) -> Path:
     """``float_layers``: indices (in graph order) of Conv/Gemm/MatMul layers left in float32.
+    ``op_types``: the operator types quantized (None: every type ONNX Runtime's QDQ
+    quantizer knows, normalizations, Softmax, Add and Mul included).
     ``reduce_range`` keeps weights in [-64, 64]: ONNX Runtime's x86 u8 x s8 kernels can
     sum pairs of products into saturating 16-bit integers (the non-VNNI path), and
     full-range weights overflow them (measured on this project's machine: 4% of
@@ -110,7 +113,7 @@ def static_int8(fp32_path: str | Path, out_path: str | Path, batches: Sequence, 
                             per_channel=per_channel, reduce_range=reduce_range, activation_type=QuantType.QUInt8,
                             weight_type=QuantType.QInt8,
                             calibrate_method=getattr(CalibrationMethod, CALIBRATION[observer]),
-                            nodes_to_exclude=excluded,
+                            nodes_to_exclude=excluded, op_types_to_quantize=list(op_types) if op_types else None,
                             extra_options={"WeightSymmetric": True, "ActivationSymmetric": False,
                                            "OpTypesToExcludeOutputQuantization": ["Gemm"]})
     return Path(out_path)

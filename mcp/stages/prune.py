@@ -62,7 +62,7 @@ def spec_of(cfg: PruneConfig, ratios: dict[str, float]) -> PruneSpec:
                      sparsity=cfg.sparsity, initial_sparsity=cfg.initial_sparsity, steps=cfg.prune_steps,
                      ratios=ratios, keep_first=cfg.keep_first, keep_last=cfg.keep_last,
                      ignored_layers=tuple(cfg.ignored()), norm=cfg.norm, hessian=cfg.hessian,
-                     round_to=cfg.round_to, drop_blocks=cfg.drop_blocks)
+                     round_to=cfg.round_to, drop_blocks=cfg.drop_blocks, head_ratio=cfg.head_ratio)
 
 
 def variants(cfg: PruneConfig, model: nn.Module) -> list[PruneConfig]:

@@ -25,8 +25,9 @@ from mcp.distillation import Distiller, DistillSpec
 from mcp.evaluation.benchmark import measure_onnx
 from mcp.evaluation.metrics import count_params, model_metrics, size_bytes_fp32
 from mcp.pruning.depth import removed_blocks
+from mcp.pruning.pruner import attention_modules
 from mcp.training import evaluate
-from mcp.tuner.space import allowed_bits, clipped_ratio, sample, uniform, uniform_where_allowed
+from mcp.tuner.space import allowed_bits, clipped_ratio, head_span, sample, uniform, uniform_where_allowed
 from mcp.tuner.study import FILL_SLACK, SIZE_KEY, budget_excess, within_budget
 from mcp.tuner.trial import (
     deployed_latency,
@@ -238,11 +239,13 @@ class Rebuilt:
 
     def tags(self) -> dict[str, Any]:
         """What it is, for its registered version: the trial, its per-layer ratios and bits,
-        and the blocks it removed."""
+        the blocks it removed and the heads each attention module kept."""
         tc = self.config
         return {"trial": self.number, "ratios": json.dumps({k: round(v, 4) for k, v in tc.ratios.items()}),
                 "bits": json.dumps(tc.bits), "method": "qat",
-                **({"dropped_blocks": ",".join(removed_blocks(self.model))} if tc.drop_blocks else {})}
+                **({"dropped_blocks": ",".join(removed_blocks(self.model))} if tc.drop_blocks else {}),
+                **({"attention_heads": json.dumps({n: m.num_heads for n, m in attention_modules(self.model).items()})}
+                   if any(tc.heads.values()) else {})}
 
     @property
     def quantization(self) -> dict[str, Any]:
@@ -351,6 +354,9 @@ def _start_params(space, ratios: dict[str, float], bits: dict[str, int], drop: i
         params["round_to"] = space.round_to[0]
     if space.drop_blocks[1] > space.drop_blocks[0]:  # by default, a uniform start keeps every block it may
         params["drop_blocks"] = space.drop_blocks[0] if drop is None else drop
+    if space.heads[1] > space.heads[0]:  # and every head it may
+        params.update({f"heads.{name}": head_span(space, name)[0] for name in space.attention
+                       if head_span(space, name)[1] > head_span(space, name)[0]})
     if space.epochs[1] > space.epochs[0]:
         params["epochs"] = space.epochs[1]
     if space.lr[1] > space.lr[0]:

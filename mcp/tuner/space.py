@@ -1,7 +1,7 @@
 """Search spaces: YAML data -> validated space -> one trial's sampled configuration.
 
 A space is a YAML file: one shipped with the package (:mod:`mcp.tuner.spaces`, named by
-its name: ``default``, ``structured``, ``lenet``, ``resnet``, ``resnet_latency``) or any
+its name: ``default``, ``structured``, ``lenet``, ``resnet``, ``resnet_latency``, ``transformer``) or any
 file of your own::
 
     models: [lenet300_100, lenet5]     # which models it is for (the default file has none)
@@ -10,6 +10,7 @@ file of your own::
       granularity: [unstructured]      # choices
       criterion: [magnitude]           # choices
       drop_blocks: [0, 3]              # optional: whole blocks removed first (integer range)
+      heads: [0.0, 0.5]                # optional, structured: share of whole heads removed per attention module
     quantize:
       bits: [2, 3, 4, 5, 6, 8]         # per-layer (or per-group) bit-width choices
     finetune:
@@ -27,6 +28,7 @@ the bad value.
 from __future__ import annotations
 
 import fnmatch
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -36,7 +38,8 @@ from mcp.errors import ConfigError
 
 SPACES_DIR = Path(__file__).resolve().parent / "spaces"  # the shipped spaces (package data)
 TOP_KEYS = {"models", "prune", "quantize", "finetune", "layers", "groups", "description"}
-SECTION_KEYS = {"prune": {"ratio", "granularity", "criterion", "round_to", "drop_blocks"}, "quantize": {"bits"}, "finetune": {"epochs", "lr"}}
+SECTION_KEYS = {"prune": {"ratio", "granularity", "criterion", "round_to", "drop_blocks", "heads"},
+                "quantize": {"bits"}, "finetune": {"epochs", "lr"}}
 LAYER_KEYS = {"ratio", "bits"}
 
 
@@ -54,6 +57,8 @@ class Space:
     bits_of: dict[str, tuple[int, ...]] = field(default_factory=dict)  # unit -> its bit choices
     round_to: tuple[int, ...] = (1,)  # structured: channel counts kept at multiples of one of these
     drop_blocks: tuple[int, int] = (0, 0)  # depth: how many whole blocks to remove, least important first
+    heads: tuple[float, float] = (0.0, 0.0)  # share of whole heads removed, sampled per attention module
+    attention: dict[str, int] = field(default_factory=dict)  # attention module -> its heads (heads.<name> params)
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,7 @@ class TrialConfig:
     lr: float
     round_to: int = 1
     drop_blocks: int = 0
+    heads: dict[str, float] = field(default_factory=dict)  # attention module -> share of its heads removed
 
 
 def _range(where: str, value: Any, low: float, high: float, kind: type) -> tuple:
@@ -140,8 +146,10 @@ def resolve_space(space: str | Path, model: str = "") -> Path:
     return path
 
 
-def build_space(data: Mapping[str, Any], layers: Sequence[str], source: str = "space") -> Space:
-    """Validate ``data`` against the model's prunable ``layers`` (in execution order)."""
+def build_space(data: Mapping[str, Any], layers: Sequence[str], source: str = "space",
+                attention: Mapping[str, int] | None = None) -> Space:
+    """Validate ``data`` against the model's prunable ``layers`` (in execution order) and
+    its ``attention`` modules (name -> heads: ``prune.heads`` samples how many each loses)."""
     _unknown(source, data, TOP_KEYS)
     sections = {}
     for name, keys in SECTION_KEYS.items():
@@ -163,6 +171,13 @@ def build_space(data: Mapping[str, Any], layers: Sequence[str], source: str = "s
         raise ConfigError(f"{source}: prune.round_to={round_to!r} rounds channel counts: it needs granularity "
                           f"structured")
     drop_blocks = _range(f"{source}: prune.drop_blocks", prune.get("drop_blocks", [0, 0]), 0, 1000, int)
+    heads = _range(f"{source}: prune.heads", prune.get("heads", [0.0, 0.0]), 0.0, 1.0, float)
+    if heads[1] > 0 and granularity != ("structured",):
+        raise ConfigError(f"{source}: prune.heads={list(heads)} removes whole attention heads: it needs granularity "
+                          f"[structured] alone (got {list(granularity)})")
+    if heads[1] > 0 and not attention:
+        raise ConfigError(f"{source}: prune.heads={list(heads)} removes attention heads, but this model has no "
+                          f"attention module (one with a qkv Linear and num_heads, as timm's ViT, DeiT)")
     epochs = _range(f"{source}: finetune.epochs", tune.get("epochs", [1, 3]), 0, 1000, int)
     lr = _range(f"{source}: finetune.lr", tune.get("lr", [0.001, 0.01]), 1e-7, 10.0, float)
 
@@ -204,7 +219,7 @@ def build_space(data: Mapping[str, Any], layers: Sequence[str], source: str = "s
         if "bits" in values:
             bits_of[name] = _bits(f"{source}: layers.{name}.bits", values["bits"])
     return Space(source, ratio, bits, granularity, criterion, epochs, lr, units, ratio_of, bits_of,
-                 tuple(sorted(set(round_to))), drop_blocks)
+                 tuple(sorted(set(round_to))), drop_blocks, heads, dict(attention or {}) if heads[1] > 0 else {})
 
 
 def sample(trial, space: Space) -> TrialConfig:
@@ -230,8 +245,13 @@ def sample(trial, space: Space) -> TrialConfig:
                 else space.round_to[0])
     lo, hi = space.drop_blocks
     drop = trial.suggest_int("drop_blocks", lo, hi) if hi > lo else lo
+    heads = {}
+    for name, count in space.attention.items():  # whole heads removed, a whole number per module
+        least, most = head_span(space, name)
+        removed = trial.suggest_int(f"heads.{name}", least, most) if most > least else least
+        heads[name] = removed / count
     return TrialConfig(ratios, bits, granularity, criterion, epochs, lr,
-                       int(round_to) if granularity == "structured" else 1, int(drop))
+                       int(round_to) if granularity == "structured" else 1, int(drop), heads)
 
 
 def uniform(space: Space, ratio: float, bits: int, epochs: int, lr: float) -> TrialConfig:
@@ -239,7 +259,7 @@ def uniform(space: Space, ratio: float, bits: int, epochs: int, lr: float) -> Tr
     layers = [n for members in space.units.values() for n in members]
     return TrialConfig({n: ratio for n in layers}, {n: bits for n in layers}, space.granularity[0],
                        space.criterion[0], epochs, lr, space.round_to[0] if space.granularity[0] == "structured" else 1,
-                       space.drop_blocks[0])
+                       space.drop_blocks[0], least_heads(space))
 
 
 def allowed_bits(choices: Sequence[int], bits: int) -> int:
@@ -265,4 +285,17 @@ def uniform_where_allowed(space: Space, ratio: float, bits: int, epochs: int, lr
             ratios[n], widths[n] = clipped_ratio(space, unit, ratio), allowed_bits(space.bits_of[unit], bits)
     return TrialConfig(ratios, widths, space.granularity[0], space.criterion[0], epochs, lr,
                        space.round_to[0] if space.granularity[0] == "structured" else 1,
-                       space.drop_blocks[0] if drop_blocks is None else drop_blocks)
+                       space.drop_blocks[0] if drop_blocks is None else drop_blocks, least_heads(space))
+
+
+def head_span(space: Space, name: str) -> tuple[int, int]:
+    """The fewest and most whole heads module ``name`` may lose: ``prune.heads``' shares of
+    its heads, rounded inwards (at least one head is always left)."""
+    count = space.attention[name]
+    return math.ceil(space.heads[0] * count - 1e-9), min(math.floor(space.heads[1] * count + 1e-9), count - 1)
+
+
+def least_heads(space: Space, most: bool = False) -> dict[str, float]:
+    """Each attention module at the fewest (``most``: the most) heads removed that the space
+    allows, as the share of its heads that :class:`mcp.pruning.PruneSpec` takes."""
+    return {name: head_span(space, name)[int(most)] / count for name, count in space.attention.items()}

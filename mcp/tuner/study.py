@@ -17,10 +17,10 @@ from mcp.locking import sqlite_lock
 from mcp.models import create_model
 from mcp.pruning import PruneSpec, Pruning
 from mcp.pruning.depth import removable_blocks
-from mcp.pruning.pruner import layers_in_order
+from mcp.pruning.pruner import attention_modules, layers_in_order
 from mcp.tuner import uniform
 from mcp.tuner.claims import engine_kwargs
-from mcp.tuner.space import build_space, read_space_file, resolve_space
+from mcp.tuner.space import build_space, least_heads, read_space_file, resolve_space
 from mcp.tuner.trial import smallest_latency, smallest_size
 
 SIZE_KEY = {"compressed": "size_bytes_compressed", "onnx": "size_bytes_onnx"}  # what --budget-on measures
@@ -48,7 +48,8 @@ def load_space(cfg: SearchConfig, model, input_shape):
     arch = str(getattr(model, "mcp_recipe", {}).get("name", cfg.model))  # an imported model: default.yaml
     path = resolve_space(cfg.space, arch)  # a shipped space's name, a YAML file, or the family's file
     layers = [n for n, _ in layers_in_order(model, input_shape)]
-    return build_space(read_space_file(path), layers, path.name), path
+    heads = {name: m.num_heads for name, m in attention_modules(model).items()}
+    return build_space(read_space_file(path), layers, path.name, heads), path
 
 
 SETTINGS_ATTR = "mcp_settings"  # the study's user attribute: what its trial values were measured under
@@ -249,7 +250,8 @@ def check_search(cfg: SearchConfig, splits, loaders, base) -> Checked:
         for criterion in space.criterion:
             tc = uniform(space, 0.0, max(space.bits), 0, space.lr[0])
             Pruning(probe, splits.input_shape, PruneSpec(criterion=criterion, scope="layerwise",
-                                                         granularity=granularity, ratios=tc.ratios), [], "cpu")
+                                                         granularity=granularity, ratios=tc.ratios,
+                                                         head_ratios=least_heads(space, most=True)), [], "cpu")
     if space.drop_blocks[1]:
         blocks = removable_blocks(probe, splits.input_shape)
         if len(blocks) < space.drop_blocks[1]:

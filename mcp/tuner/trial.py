@@ -20,7 +20,7 @@ from mcp.pruning import PruneSpec, Pruning
 from mcp.pruning.depth import cached_block_order
 from mcp.quantization import Quantizer, QuantSpec, encode_model
 from mcp.training import Callback, Trainer, build_optimizer, build_scheduler
-from mcp.tuner.space import TrialConfig
+from mcp.tuner.space import TrialConfig, least_heads
 
 CODING = "fixed"  # sizes before and after fine-tuning agree: packed b-bit values, sparse indices
 
@@ -69,7 +69,7 @@ def extremes(space, fewest_bits: bool = True):
     for granularity in space.granularity:
         for round_to in space.round_to if granularity == "structured" else (1,):
             yield TrialConfig(ratios, bits, granularity, space.criterion[0], space.epochs[0], space.lr[0], round_to,
-                              space.drop_blocks[1])
+                              space.drop_blocks[1], least_heads(space, most=True))
 
 
 def smallest_latency(base: nn.Module, input_shape: Sequence[int], space, calib, device: str, batch: int = 1) -> float:
@@ -86,7 +86,7 @@ def prune_candidate(base: nn.Module, input_shape: Sequence[int], tc: TrialConfig
     model = copy.deepcopy(base).to(device)
     spec = PruneSpec(criterion=tc.criterion, scope="layerwise", granularity=tc.granularity, schedule="one_shot",
                      sparsity=0.0, ratios=dict(tc.ratios), round_to=tc.round_to if tc.granularity == "structured" else 1,
-                     blocks=tuple(blocks))
+                     blocks=tuple(blocks), head_ratios=dict(tc.heads))
     Pruning(model, input_shape, spec, calib, device).step()
     return model
 
