@@ -26,9 +26,11 @@ baseline for both tools), then
 
 Each tool's channel ratio ``r`` is the one (found by bisection on a copy) that leaves half
 the baseline's parameters or fewer. Accuracy is ONNX Runtime's on the 2,000 test images;
-mcp's export checks parity. The three files of a seed (baseline, mcp, peer) are timed
-in one process, batch 1, one thread, rotated rounds (:func:`peer_tp_ort.time_files`).
-Results go to ``benchmarks/results/modern_mnist.json``.
+mcp's export checks parity. Once all training is done, the three files of a seed
+(baseline, mcp, peer) are timed side by side in a fresh process (ONNX Runtime only),
+batch 1, one thread, rotated rounds (:func:`peer_tp_ort.time_files`). ``--retime`` times
+the saved results' architectures again (untrained, same shapes: a float32 file's latency
+does not depend on its weights). Results go to ``benchmarks/results/modern_mnist.json``.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import argparse
 import copy
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -157,17 +160,52 @@ def one_seed(kind: str, seed: int, args, loaders, tmp: Path) -> dict:
     files = {"baseline": mcp.export(baseline, loaders, tmp / f"{kind}{seed}-base.onnx").path,
              "mcp": mcp.export(pruned.model.cpu().eval(), loaders, tmp / f"{kind}{seed}-mcp.onnx").path,
              "peer": peer_tp_ort.export(peer, SHAPE, tmp / f"{kind}{seed}-peer.onnx")}
-    times = peer_tp_ort.time_files([str(p) for p in files.values()], SHAPE, rounds=args.rounds, seconds=args.seconds)
     for tool, path in files.items():
         row[f"{tool}_accuracy"] = peer_tp_ort.ort_accuracy(Path(path), test)
-        row[f"{tool}_p50_ms"] = times[str(path)]["p50_ms"]
-        row[f"{tool}_spread_pct"] = times[str(path)]["spread_pct"]
     row.update(mcp_ratio=r_mcp, peer_ratio=r_tp, mcp_params=params(pruned.model), peer_params=params(peer))
     for tool in ("mcp", "peer"):
         row[f"{tool}_params_removed"] = 1 - row[f"{tool}_params"] / row["params"]
         row[f"{tool}_drop_points"] = 100 * (row["baseline_accuracy"] - row[f"{tool}_accuracy"])
+    row["files"] = {tool: str(path) for tool, path in files.items()}  # timed once all training is done
+    return row
+
+
+def fresh_times(paths, rounds: int, seconds: float) -> dict[str, dict]:
+    """:func:`peer_tp_ort.time_files` of ``paths`` (1x32x32 inputs) in a process of its own:
+    ONNX Runtime only, no training threads of this process in the way."""
+    out = subprocess.run([sys.executable, __file__, "--time-files", *map(str, paths), "--rounds", str(rounds),
+                          "--seconds", str(seconds)], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def time_in_fresh_process(row: dict, args) -> dict:
+    """Time a row's three files side by side in a fresh process (:func:`fresh_times`), and
+    put the figures in the row."""
+    files = row.pop("files")
+    times = fresh_times(files.values(), args.rounds, args.seconds)
+    for tool, path in files.items():
+        row[f"{tool}_p50_ms"] = times[path]["p50_ms"]
+        row[f"{tool}_spread_pct"] = times[path]["spread_pct"]
+    for tool in ("mcp", "peer"):
         row[f"{tool}_speedup"] = row["baseline_p50_ms"] / row[f"{tool}_p50_ms"]
     return row
+
+
+def retime(rows: list[dict], args, tmp: Path) -> None:
+    """Time the rows' architectures again, untrained (a float32 file's latency depends on its
+    shapes, not its weights): each model pruned at the recorded ratio by each tool, its
+    parameter count checked against the recorded one, the three files timed in a fresh process."""
+    for row in rows:
+        torch.manual_seed(row["seed"])
+        baseline = build(row["model"]).eval()
+        ours = mcp_prune_once(copy.deepcopy(baseline), row["mcp_ratio"])
+        theirs = tp_prune(copy.deepcopy(baseline), row["peer_ratio"])
+        assert (params(ours), params(theirs)) == (row["mcp_params"], row["peer_params"]), row["model"]
+        name = f"{row['model']}{row['seed']}"
+        row["files"] = {tool: str(peer_tp_ort.export(m, SHAPE, tmp / f"{name}-{tool}.onnx"))
+                        for tool, m in (("baseline", baseline), ("mcp", ours), ("peer", theirs))}
+        time_in_fresh_process(row, args)
+        print(json.dumps({k: v for k, v in row.items() if "p50" in k or "speedup" in k}), flush=True)
 
 
 def _spread(values) -> str:
@@ -205,9 +243,23 @@ def main() -> None:
                                                    "mnist-t10k"))
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "modern_mnist.json"))
     parser.add_argument("--from-json", action="store_true", help="print the table of the saved results")
+    parser.add_argument("--retime", action="store_true",
+                        help="time the saved results' architectures again (untrained, same shapes) and save")
+    parser.add_argument("--time-files", nargs="+", help=argparse.SUPPRESS)  # the fresh timing process
     args = parser.parse_args()
-    if args.from_json:
-        print(table(json.loads(Path(args.out).read_text())["rows"]))
+    if args.time_files:
+        print(json.dumps(peer_tp_ort.time_files(args.time_files, SHAPE, rounds=args.rounds, seconds=args.seconds)))
+        return
+    if args.from_json or args.retime:
+        saved = json.loads(Path(args.out).read_text())
+        if args.retime:
+            warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
+            with tempfile.TemporaryDirectory() as tmp:
+                retime(saved["rows"], args, Path(tmp))
+            saved["timing"] = (f"retimed after training: the same shapes, untrained, {args.rounds} rounds of "
+                               f"{args.seconds} s per file, in a fresh process")
+            Path(args.out).write_text(json.dumps(saved, indent=1))
+        print(table(saved["rows"]))
         return
     bad = [m for m in args.models.split(",") if m not in MODELS]
     if bad:
@@ -219,9 +271,9 @@ def main() -> None:
         for kind in args.models.split(","):
             for seed in args.seeds:
                 loaders = make_loaders(splits, 64, 0, seed)
-                row = one_seed(kind, seed, args, loaders, Path(tmp))
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+                rows.append(one_seed(kind, seed, args, loaders, Path(tmp)))
+        for row in rows:  # once all training is done
+            print(json.dumps(time_in_fresh_process(row, args)), flush=True)
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "from_json")}
     Path(args.out).write_text(json.dumps({"settings": settings, "split": {p: len(splits.parts[p]) for p in
                                                                          ("train", "val", "test")},

@@ -11,13 +11,17 @@ test, mcp's split), exported, and made INT8 in three ways:
 - ``every operator``: ONNX Runtime's static QDQ quantizer with its default operator set
   (the MatMuls and the patch embedding, and also LayerNormalization, Softmax, Add, Mul,
   ...): what ``ptq_int8`` wrote for transformers before;
-- ``weighted only``: the same calibration, but only ``MatMul``, ``Gemm`` and ``Conv``
-  quantized: LayerNorm, Softmax, GELU (Erf) and the residual additions stay float;
-- ``dynamic``: ONNX Runtime's dynamic quantization of the MatMuls (``ptq_dynamic``).
+- ``weighted only``: what ``ptq_int8`` writes for a graph with attention now: the same
+  calibration, but only the operators with a weight (the patch embedding's Conv, each
+  block's qkv, proj, fc1 and fc2 MatMuls, the head's Gemm) run INT8, with float outputs;
+  the attention's own products (queries by keys, scores by values), LayerNorm, Softmax,
+  GELU (Erf) and the residual additions stay float;
+- ``dynamic``: ONNX Runtime's dynamic quantization of the MatMuls (``dynamic_int8``).
 
 Per seed: the test accuracy of every file in ONNX Runtime, its top-1 agreement with the
 float32 file, and the CPU p50 (batch 1, one thread) of all four files timed side by side
-in one process, rotated rounds (:func:`peer_tp_ort.time_files`). Results go to
+in a fresh process once all training is done, rotated rounds
+(:func:`modern_mnist.fresh_times`). Results go to
 ``benchmarks/results/transformer_int8.json``.
 """
 
@@ -34,15 +38,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import peer_tp_ort  # timing and ONNX accuracy, shared
-from modern_mnist import SETTINGS, SHAPE, build, fit  # the same ViT and training loop
+from modern_mnist import SETTINGS, SHAPE, build, fit, fresh_times  # the same ViT, training loop, timing
 
 from mcp.data import load_dataset, make_loaders
 from mcp.deploy.onnx import export_onnx
 from mcp.quantization.onnx_int8 import dynamic_int8, static_int8
-
-WEIGHTED = ("MatMul", "Gemm", "Conv")
-
 
 def predictions(path: Path, loader) -> np.ndarray:
     import onnxruntime as ort
@@ -59,18 +59,25 @@ def one_seed(seed: int, args, splits, tmp: Path) -> dict:
                 f"vit, seed {seed}")
     calib = [batch for _, batch in zip(range(8), train)]
     files = {"float32": export_onnx(model, SHAPE, tmp / f"fp32-{seed}.onnx")}
-    files["every operator"] = static_int8(files["float32"], tmp / f"all-{seed}.onnx", calib)
-    files["weighted only"] = static_int8(files["float32"], tmp / f"weighted-{seed}.onnx", calib, op_types=WEIGHTED)
+    files["every operator"] = static_int8(files["float32"], tmp / f"all-{seed}.onnx", calib, op_types=None)
+    files["weighted only"] = static_int8(files["float32"], tmp / f"weighted-{seed}.onnx", calib)  # "auto"
     files["dynamic"] = dynamic_int8(files["float32"], tmp / f"dynamic-{seed}.onnx")
     labels = np.concatenate([y.numpy() for _, y in test])
     reference = predictions(files["float32"], test)
-    times = peer_tp_ort.time_files([str(p) for p in files.values()], SHAPE, rounds=args.rounds, seconds=args.seconds)
-    row: dict = {"seed": seed}
+    row: dict = {"seed": seed, "files": {label: str(path) for label, path in files.items()}}
     for label, path in files.items():
         ours = predictions(path, test)
         row[label] = {"accuracy": float((ours == labels).mean()), "agreement": float((ours == reference).mean()),
-                      "p50_ms": times[str(path)]["p50_ms"], "spread_pct": times[str(path)]["spread_pct"],
                       "size_kib": path.stat().st_size / 1024}
+    return row
+
+
+def timed(row: dict, args) -> dict:
+    """The row's four files timed side by side in a fresh process, once all training is done."""
+    files = row.pop("files")
+    times = fresh_times(files.values(), args.rounds, args.seconds)
+    for label, path in files.items():
+        row[label].update(p50_ms=times[path]["p50_ms"], spread_pct=times[path]["spread_pct"])
     return row
 
 
@@ -110,7 +117,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
             rows.append(one_seed(seed, args, splits, Path(tmp)))
-            print(json.dumps(rows[-1]), flush=True)
+        for row in rows:
+            print(json.dumps(timed(row, args)), flush=True)
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "from_json")}
     Path(args.out).write_text(json.dumps({"settings": settings, "threads": torch.get_num_threads(), "rows": rows},
                                          indent=1))

@@ -1,9 +1,10 @@
 """The models users bring today, pruned structurally as far as asked: vision transformers
 (the embedding width through ``pos_embed`` and ``cls_token``, the MLP width, each head's
-width with the head count kept), ConvNeXt (layer scale, LayerNorm), MobileNetV3 and
-EfficientNet (squeeze-excitation), RegNet. Tiny configurations of timm's architectures,
-untrained: each is pruned, reloaded from its recipe with identical outputs, exported with
-parity, and searched for a trial."""
+width with the head count kept, or whole heads), Swin (its patch merging pruned as one
+unit), ConvNeXt (layer scale, LayerNorm), MobileNetV3 and EfficientNet
+(squeeze-excitation), RegNet. Tiny configurations of timm's architectures, untrained: each
+is pruned, reloaded from its recipe with identical outputs, exported with parity, and
+searched for a trial."""
 
 from __future__ import annotations
 
@@ -69,6 +70,18 @@ def test_a_family_is_pruned_as_far_as_asked_and_reloads_and_exports(family, data
     assert deployed.metrics["onnx_agreement"] >= 0.99
 
 
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_a_search_trial_runs_on_every_family(family, data, tmp_path):
+    model = _timm(FAMILIES[family])
+    space = tmp_path / "space.yaml"  # one trial, no fine-tuning: the search's prune, quantize and size steps
+    space.write_text("prune: {granularity: [structured], ratio: [0.4, 0.4]}\nquantize: {bits: [8]}\n"
+                     "finetune: {epochs: [0, 0]}\n")
+    found = mcp.search(model, data, space=space, budget_bytes=4 * _params(model), trials=1, device="cpu")
+    assert found.trials[0]["state"] == "complete" and found.winner is not None
+    assert _params(found.model) < 0.75 * _params(model)
+    assert found.model(torch.zeros(2, *SHAPE)).shape == (2, 10)
+
+
 def test_attention_heads_keep_their_count_and_lose_width(data):
     model = _timm(FAMILIES["vit"])
     out = mcp.prune(model, data, sparsity=0.5, granularity="structured", epochs=1, track=False, device="cpu")
@@ -81,18 +94,6 @@ def test_attention_heads_keep_their_count_and_lose_width(data):
     recipe = out.model.mcp_recipe
     assert recipe["pruning_unwrapped"] == {"cls_token": 2, "pos_embed": 2}
     assert set(recipe["attention_heads"]) == {"blocks.0.attn", "blocks.1.attn"}
-
-
-def test_a_search_trial_prunes_a_transformer(data, tmp_path):
-    model = _timm(FAMILIES["vit"])
-    space = tmp_path / "space.yaml"  # 8 bits only: the budget is met by removing channels
-    space.write_text("prune: {granularity: [structured], ratio: [0.2, 0.8]}\nquantize: {bits: [8]}\n"
-                     "finetune: {epochs: [1, 1]}\n")
-    budget = 0.2 * 4 * _params(model)  # 80% of the parameters at one byte each (norms and biases stay float32)
-    found = mcp.search(model, data, space=space, budget_bytes=budget, trials=1, device="cpu")
-    assert found.trials[0]["state"] == "complete" and found.winner is not None
-    assert _params(found.model) < 0.8 * _params(model) and found.model(torch.zeros(2, *SHAPE)).shape == (2, 10)
-    assert found.winner.model.blocks[0].attn.num_heads == 3
 
 
 class PatchMerger(torch.nn.Module):
@@ -138,6 +139,16 @@ def test_a_transformer_deploys_its_linear_layers_as_int8(data, tmp_path):
     assert [48, 144] in int8.values()  # qkv: [in, out], as MatMul multiplies by it
     ptq = mcp.quantize(model, data, method="ptq_int8", track=False, device="cpu", out_dir=tmp_path / "p")
     assert ptq.deploy_format == "onnx_qdq_int8" and ptq.metrics["onnx_agreement"] >= 0.9
+    graph = onnx.load(str(ptq.onnx_path)).graph
+    made_by = {out: n.op_type for n in graph.node for out in n.output}
+    fed = {n.op_type for n in graph.node if any(made_by.get(i) == "DequantizeLinear" for i in n.input)}
+    # the operators with a weight run INT8 (patch embedding, qkv, proj, fc1, fc2, head), with float outputs; the
+    # attention's own products, LayerNorm, Softmax, GELU and the additions stay float
+    assert fed == {"Conv", "MatMul", "Gemm"}, fed
+    weights = {i.name for i in graph.initializer}
+    int8_products = [n for n in graph.node if n.op_type == "MatMul" and made_by.get(n.input[0]) == "DequantizeLinear"]
+    assert len(int8_products) == 8  # qkv, proj, fc1, fc2 of 2 blocks: not q @ k^T nor scores @ v
+    assert all(made_by.get(n.input[1]) == "DequantizeLinear" for n in int8_products) and weights
 
 
 @pytest.mark.slow  # the MatMul mapping it relies on is the fast test above

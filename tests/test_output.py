@@ -7,12 +7,14 @@ import os
 import subprocess
 
 import numpy as np
+import pytest
 
 from conftest import PYTHON
 
 DATA = ["--dataset", "synthetic", "--input-shape", "1x8x8", "--num-classes", "4"]
 
 
+@pytest.mark.slow  # 13 s, a whole training process; a search's lines in a log are checked fast (test_search)
 def test_training_into_a_log_file_prints_one_line_per_epoch(tmp_path, mlflow_store):
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID")}
     env.update(MLFLOW_TRACKING_URI=mlflow_store, MLFLOW_EXPERIMENT_NAME="log-lines")
@@ -69,6 +71,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pytest
 import timm
 import torch
 from torch import nn

@@ -151,6 +151,7 @@ def test_failure_inside_the_run_ends_it_failed_and_registers_nothing(experiment,
     assert run.info.run_id not in {v.tags.get("source_run") for v in versions}
 
 
+@pytest.mark.slow  # 16 s; the fast suite checks every entry point's parameters against the CLI (test_project)
 @pytest.mark.parametrize("entry, params", [("train", {"model": "lenet5", "epochs": "2"})])
 def test_mlflow_run_entry_points(tmp_path, entry, params):
     """`mlflow run . -e <entry> --env-manager local` in a fresh process, as a user would."""

@@ -221,6 +221,7 @@ class StructuredPruner:
                               f"outside standard layers; use granularity unstructured")
         # The output layer keeps its outputs (the classes); layers out of scope keep theirs.
         ignored = [modules[n] for n in all_names if modules[n] not in in_scope] + [modules[all_names[-1]]]
+        ignored += per_head_params(model, self.attention)  # heads keep their count: these stay whole
         self.importance = ScoreImportance(normalize=scope == "global")
         self.pruner = tp.pruner.BasePruner(
             model, example, importance=self.importance,
@@ -466,7 +467,7 @@ def _prunes_cleanly(model: nn.Module, example: torch.Tensor, keep: list, heads: 
             expected = model.eval()(example).shape
         pruner = tp.pruner.BasePruner(
             trial, example, importance=tp.importance.MagnitudeImportance(p=1), pruning_ratio=0.5,
-            ignored_layers=[copies[modules[id(m)]] for m in keep],
+            ignored_layers=[copies[modules[id(m)]] for m in keep] + per_head_params(trial, attention_modules(trial)),
             num_heads={copies[modules[id(m)]]: h for m, h in heads.items()}, prune_num_heads=False,
             prune_head_dims=True, unwrapped_parameters=[(params[n], dim) for n, _, dim in foreign],
             **graph_options(trial))
@@ -483,6 +484,16 @@ def _prunes_cleanly(model: nn.Module, example: torch.Tensor, keep: list, heads: 
         return isinstance(out, torch.Tensor) and out.shape == expected and bool(torch.isfinite(out).all()) and shrunk
     except Exception:  # noqa: BLE001 - any failure of the trial means: do not trust these dimensions
         return False
+
+
+def per_head_params(model: nn.Module, attention: Mapping[str, nn.Module]) -> list[nn.Parameter]:
+    """The parameters of ``attention``'s modules with one entry per head along some dimension
+    (:func:`per_head`): Torch-Pruning's graph ties them to the channels through the attention
+    scores, so it is told to leave them whole (while heads keep their count)."""
+    named = dict(model.named_parameters())
+    candidates = [(f"{name}.{p}", param, dim) for name, m in attention.items()
+                  for p, param in m.named_parameters(recurse=False) for dim in range(param.dim())]
+    return [named[n] for n in sorted(per_head(model, candidates, attention))]
 
 
 def per_head(model: nn.Module, foreign: list, attention: Mapping[str, nn.Module]) -> set[str]:
@@ -560,7 +571,7 @@ def replay_pruning(model: nn.Module, input_shape, history: list, unwrapped: Mapp
         graph = tp.DependencyGraph().build_dependency(
             model, example_inputs=torch.zeros(1, *input_shape),
             unwrapped_parameters=[(params[n], d) for n, d in (unwrapped or {}).items()] or None,
-            **graph_build_options(model))
+            ignored_params=per_head_params(model, attention_modules(model)), **graph_build_options(model))
     graph.load_pruning_history([tuple(h) for h in history])
     if heads:
         set_heads(attention_modules(model, heads), heads)

@@ -27,6 +27,7 @@ from mcp.deploy.kernel_speed import weighted_nodes
 from mcp.deploy.onnx import INPUT
 
 CALIBRATION = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
+WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")  # what static INT8 quantizes in a graph with attention
 NORMS = ("LayerNormalization", "InstanceNormalization", "BatchNormalization")  # ONNX Runtime's QDQNormalization
 _AXIS_LINE = re.compile(r"Axis -?\d+ is out-of-range for weight '(.*)' with rank 1$")
 _SEEN: set[str] = set()  # the quantizer's lines already let through in this process
@@ -85,10 +86,15 @@ class _Reader:
 
 def static_int8(fp32_path: str | Path, out_path: str | Path, batches: Sequence, observer: str = "minmax",
                 per_channel: bool = True, reduce_range: bool = True, float_layers: Sequence[int] = (),
-                op_types: Sequence[str] | None = None) -> Path:
+                op_types: Sequence[str] | None | str = "auto") -> Path:
     """``float_layers``: indices (in graph order) of Conv/Gemm/MatMul layers left in float32.
-    ``op_types``: the operator types quantized (None: every type ONNX Runtime's QDQ
-    quantizer knows, normalizations, Softmax, Add and Mul included).
+    ``op_types``: the operator types quantized; None: every type ONNX Runtime's QDQ
+    quantizer knows; ``"auto"``: the same, except in a graph with attention (a Softmax
+    beside a LayerNormalization, :func:`has_attention`): there only the operators with a weight
+    (Conv, Gemm, a MatMul by a constant matrix) run INT8, with float outputs; the
+    attention's own products (queries by keys, scores by values), LayerNorm, Softmax,
+    GELU and the residual additions stay float (``benchmarks/transformer_int8.py``
+    measures both on a ViT trained on MNIST).
     ``reduce_range`` keeps weights in [-64, 64]: ONNX Runtime's x86 u8 x s8 kernels can
     sum pairs of products into saturating 16-bit integers (the non-VNNI path), and
     full-range weights overflow them (measured on this project's machine: 4% of
@@ -104,10 +110,15 @@ def static_int8(fp32_path: str | Path, out_path: str | Path, batches: Sequence, 
 
     reader_cls = type("Reader", (_Reader, CalibrationDataReader), {})
     excluded = _node_names(Path(fp32_path), float_layers)  # by name: pre-processing reorders the graph
+    attention = op_types == "auto" and has_attention(fp32_path)
+    op_types = None if op_types == "auto" else op_types
+    float_outputs = ["Gemm", *(WEIGHTED_OPS if attention else ())]
     with tempfile.TemporaryDirectory() as tmp:
         prepped = Path(tmp) / "prepped.onnx"
         quant_pre_process(str(fp32_path), str(prepped), skip_symbolic_shape=True)
         _check_names(prepped, excluded)
+        if attention:
+            op_types, excluded = WEIGHTED_OPS, excluded + _unweighted_products(prepped)
         with _quantizer_lines(prepped):
             quantize_static(str(prepped), str(out_path), reader_cls(batches), quant_format=QuantFormat.QDQ,
                             per_channel=per_channel, reduce_range=reduce_range, activation_type=QuantType.QUInt8,
@@ -115,8 +126,26 @@ def static_int8(fp32_path: str | Path, out_path: str | Path, batches: Sequence, 
                             calibrate_method=getattr(CalibrationMethod, CALIBRATION[observer]),
                             nodes_to_exclude=excluded, op_types_to_quantize=list(op_types) if op_types else None,
                             extra_options={"WeightSymmetric": True, "ActivationSymmetric": False,
-                                           "OpTypesToExcludeOutputQuantization": ["Gemm"]})
+                                           "OpTypesToExcludeOutputQuantization": float_outputs})
     return Path(out_path)
+
+
+def _unweighted_products(path: Path) -> list[str]:
+    """The names of the MatMul nodes of the graph at ``path`` that multiply two activations
+    (attention's queries by keys, scores by values): no weight of theirs to quantize."""
+    import onnx
+
+    model = onnx.load(str(path))
+    weighted = {n.name for n in weighted_nodes(model)}
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in weighted]
+
+
+def has_attention(path: str | Path) -> bool:
+    """Whether the ONNX graph at ``path`` has attention: a Softmax beside a LayerNormalization."""
+    import onnx
+
+    kinds = {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}
+    return {"Softmax", "LayerNormalization"} <= kinds
 
 
 def _node_names(path: Path, layers: Sequence[int]) -> list[str]:
