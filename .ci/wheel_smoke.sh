@@ -38,11 +38,13 @@ WHEEL="$(ls "$TMP"/dist/mcp_pipeline-*.whl)"
 echo "built $(basename "$WHEEL")"
 
 step "the wheel carries the shipped search spaces"
-"$PYTHON" - "$WHEEL" <<'EOF'
+"$PYTHON" - "$WHEEL" "$ROOT" <<'EOF'
 import sys, zipfile
+from pathlib import Path
 names = set(zipfile.ZipFile(sys.argv[1]).namelist())
-missing = [f"mcp/tuner/spaces/{n}.yaml" for n in ("default", "structured", "lenet", "resnet", "resnet_latency")
-           if f"mcp/tuner/spaces/{n}.yaml" not in names]
+shipped = sorted(p.stem for p in (Path(sys.argv[2]) / "mcp/tuner/spaces").glob("*.yaml"))
+assert len(shipped) >= 5, shipped
+missing = [f"mcp/tuner/spaces/{n}.yaml" for n in shipped if f"mcp/tuner/spaces/{n}.yaml" not in names]
 assert not missing, f"the wheel lacks {missing}"
 EOF
 
@@ -67,7 +69,8 @@ from mcp.tuner.space import SPACES_DIR, space_names
 root, where = Path(sys.argv[1]).resolve(), Path(mcp.__file__).resolve()
 assert root not in where.parents, f"mcp is imported from the checkout: {where}"
 assert "site-packages" in where.parts, where
-assert space_names() == ["default", "lenet", "resnet", "resnet_latency", "structured"], space_names()
+shipped = sorted(p.stem for p in (root / "mcp/tuner/spaces").glob("*.yaml"))
+assert space_names() == shipped, (space_names(), shipped)
 print("mcp", mcp.__version__, "from", where.parent, "; spaces:", ", ".join(space_names()))
 EOF
 
