@@ -31,7 +31,9 @@ from torch import nn
 from mcp import tracking
 from mcp.config import SearchConfig
 from mcp.data import DataSplits, load_dataset, make_loaders
-from mcp.deploy.deployable import export_deployable
+from mcp.deploy.deployable import ParityRules, export_deployable
+from mcp.deploy.runtimes import check_choice
+from mcp.stages.common import timing_seconds
 from mcp.distillation import Distiller, DistillSpec
 from mcp.distillation.train import distill_model
 from mcp.errors import ConfigError
@@ -233,18 +235,22 @@ def distill(teacher: nn.Module, student: nn.Module, data: Any, *, temperature: f
 
 
 def export(model: nn.Module, data: Any, path: str | Path, *, opset: int = 17, optimize: bool = True,
-           atol: float = 1e-3, min_agreement: float = 0.99, parity_samples: int = 256, seed: int = 0):
-    """Export ``model`` to the ONNX file ``path``, run ONNX's checker and the PyTorch-vs-ONNX
-    Runtime parity check (failing loudly), and measure it (``mcp export``). A model from
+           atol: float = 1e-3, min_agreement: float = 0.99, max_accuracy_drop: float = 0.005,
+           lossy_min_agreement: float = 0.95, parity_samples: int = 256, runtime: str = "onnxruntime", seed: int = 0):
+    """Export ``model`` to the ONNX file ``path``, run ONNX's checker and the parity check
+    against PyTorch in ``runtime`` (failing loudly; ``auto``: the fastest installed runtime
+    that passes, see :mod:`mcp.deploy.runtimes`), and measure it (``mcp export``). A model from
     :func:`quantize` is deployed as its ``onnx_path`` already: give ``deployed=`` to
     :func:`mcp.deploy.deployable.export_deployable` for those. Returns
     :class:`mcp.deploy.deployable.Deployment` (its ``path`` is ``path``)."""
+    check_choice("runtime", runtime)
     d = as_data(data, seed=seed)
     target = Path(path)
+    rules = ParityRules(atol, min_agreement, max_accuracy_drop, lossy_min_agreement)
     with tempfile.TemporaryDirectory() as tmp:
         done = export_deployable(model.cpu().eval(), d.input_shape, d.loaders[0], d.loaders[2], Path(tmp),
-                                 opset=opset, optimize=optimize, atol=atol, min_agreement=min_agreement,
-                                 parity_samples=parity_samples, what=str(target))
+                                 opset=opset, optimize=optimize, rules=rules, parity_samples=parity_samples,
+                                 what=str(target), runtime=runtime, timing_s=timing_seconds())
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(done.path, target)
     done.path = target

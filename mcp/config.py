@@ -555,6 +555,9 @@ class QuantizeConfig(RecoveryOptions):
     prune_epochs: int = option(80, "deep_compression: epochs of its pruning step (fine-tuning included).")
     ratios_file: str = option("", "deep_compression: per-layer pruning ratios (YAML), layer-wise scope.")
     opset: int = option(17, "ONNX opset of the exported model.")
+    runtime: str = option("onnxruntime", "Where the deployable file is timed and recorded to run: onnxruntime, "
+                                         "openvino, openvino-bf16, or auto (the fastest installed runtime, timed "
+                                         "side by side). --precision speed chooses its INT8 layers on ONNX Runtime.")
     register: bool = option(True, "Register the quantized model as a new version of <model>-<dataset>.")
 
     def validate(self) -> None:
@@ -570,6 +573,9 @@ class QuantizeConfig(RecoveryOptions):
             raise ConfigError(f"method {self.method} is 8-bit; use fixed_point or qat for bits={self.bits}")
         if self.precision == "speed" and self.method != "ptq_int8":
             raise ConfigError(f"precision=speed (INT8 where it runs faster) is for method ptq_int8, not {self.method}")
+        from mcp.deploy.runtimes import check_choice
+
+        check_choice("runtime", self.runtime)
         if self.epochs < 0:
             raise ConfigError(f"epochs={self.epochs!r} must be 0 or more (-1: the method's default)")
         if kind.needs_epochs and self.epochs == 0:
@@ -635,20 +641,40 @@ class ExportConfig(StartModel):
                                   "kept when they remove nodes.")
     atol: float = option(1e-3, "Parity: largest allowed |PyTorch - ONNX Runtime| logit difference "
                                "(float models).")
-    min_agreement: float = option(0.99, "Parity: smallest allowed share of equal predictions (every model).")
+    min_agreement: float = option(0.99, "Parity: smallest allowed share of equal predictions (float models).")
+    max_accuracy_drop: float = option(0.005, "Parity of a lossy deployable (INT8 activations, or a bf16 runtime): "
+                                             "largest allowed drop of its test accuracy below the PyTorch model's "
+                                             "(0.005: half a point).")
+    lossy_min_agreement: float = option(0.95, "Parity of a lossy deployable: smallest allowed share of equal "
+                                              "predictions.")
     parity_samples: int = option(256, "Parity: test images in the fixed batch compared.")
+    runtime: str = option("onnxruntime", "Where the file is checked and will run: onnxruntime, openvino (f32), "
+                                         "openvino-bf16 (the openvino extra), or auto: every installed runtime "
+                                         "timed on the file, the fastest that passes its parity check recorded "
+                                         "on the run and the version.")
     register: bool = option(True, "Register the ONNX model as a new version of the same name, tag format=onnx.")
 
     def validate(self) -> None:
         super().validate()
+        from mcp.deploy.runtimes import check_choice
+
         if self.model_uri:
             check_model_ref("model_uri", self.model_uri)
         if not 13 <= self.opset <= 21:
             raise ConfigError(f"opset={self.opset!r} is outside the supported ONNX opsets 13-21")
         _positive("atol", self.atol)
-        if not 0.0 < self.min_agreement <= 1.0:
-            raise ConfigError(f"min_agreement={self.min_agreement!r} is outside (0, 1]")
+        for name in ("min_agreement", "lossy_min_agreement"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ConfigError(f"{name}={getattr(self, name)!r} is outside (0, 1]")
+        if not 0.0 <= self.max_accuracy_drop <= 1.0:
+            raise ConfigError(f"max_accuracy_drop={self.max_accuracy_drop!r} is outside [0, 1]")
         _positive("parity_samples", self.parity_samples)
+        check_choice("runtime", self.runtime)
+
+    def parity_rules(self):
+        from mcp.deploy.deployable import ParityRules
+
+        return ParityRules(self.atol, self.min_agreement, self.max_accuracy_drop, self.lossy_min_agreement)
 
 
 @dataclass(frozen=True)
@@ -668,11 +694,16 @@ class BenchmarkConfig(ModelSource):
     seconds: float = option(2.0, "At least this long per timing (batch 1, then throughput): short runs on a "
                                  "busy machine are noisy.")
     opset: int = option(17, "ONNX opset of float models exported for the benchmark.")
+    runtime: str = option("onnxruntime", "Runtime(s) the CPU figures are measured in: onnxruntime, openvino, "
+                                         "openvino-bf16, a comma-separated list or all (a row per model and "
+                                         "runtime, side by side), or auto (per model, the fastest runtime's row).")
 
     def validate(self) -> None:
         super().validate()
+        from mcp.deploy.runtimes import check_choice
         from mcp.models import model_names
 
+        check_choice("runtime", self.runtime, many=True)
         if self.model not in model_names():
             raise ConfigError(f"unknown model {self.model!r}; choose one of: {', '.join(model_names())}")
         for ref in self.model_refs():
@@ -722,6 +753,10 @@ class SearchConfig(StartModel):
                                   "call).")
     latency: bool = option(False, "pareto: CPU latency as a third objective (ONNX Runtime p50 at batch 1, one "
                                   "thread, of each trial's deployable ONNX model, timed in a process of its own).")
+    runtime: str = option("onnxruntime", "Where latencies are timed (--budget-ms, --latency) and the winners are "
+                                         "checked, exported and benchmarked: onnxruntime, openvino, openvino-bf16 "
+                                         "(the openvino extra), or auto: each file timed in every installed "
+                                         "runtime, the fastest counts and is recorded on the winner's version.")
     trials: int = option(20, "Trials the study runs in all: a total that every worker of the study shares "
                              "(running the command again resumes up to it; raise it to add trials).")
     timeout: float = option(0.0, "Stop adding trials after this many seconds (0: no limit).")
@@ -770,6 +805,9 @@ class SearchConfig(StartModel):
         _positive("finalists", self.finalists)
         if self.finalists > 1 and self.mode != "max-accuracy":
             raise ConfigError(f"finalists={self.finalists} is for mode max-accuracy (pareto rebuilds its whole front)")
+        from mcp.deploy.runtimes import check_choice
+
+        check_choice("runtime", self.runtime)
 
     def name(self) -> str:
         return self.study_name or f"{self.model}-{self.dataset}-{self.mode}"
@@ -811,6 +849,9 @@ class PipelineConfig(ModelSource):
                                "split then ranks first (see `mcp search --finalists`).")
     threads: int = option(1, "Benchmark step: ONNX Runtime threads for the CPU measurements.")
     seconds: float = option(1.0, "Benchmark step: at least this long per timing.")
+    runtime: str = option("onnxruntime", "Search, export and benchmark steps: where models are timed and will run "
+                                         "(see `mcp search --runtime`): onnxruntime, openvino, openvino-bf16, "
+                                         "auto.")
     promote: bool = option(True, "Move 'champion' to the most accurate compressed model within the budget.")
 
     def validate(self) -> None:
@@ -852,8 +893,9 @@ class PipelineConfig(ModelSource):
                                    trials=self.trials,
                                    storage=self.storage, study_name=self.study_name or "pipeline", distill=self.distill,
                                    final_epochs=self.final_epochs, finalists=self.finalists, benchmark=False,
-                                   **data),
+                                   runtime=self.runtime, **data),
             "benchmark": BenchmarkConfig(model=self.model, threads=self.threads, seconds=self.seconds,
+                                         runtime=self.runtime,
                                          **({"throughput_batch": self.budget_batch} if self.budget_batch > 1 else {}),
                                          **data),
         }

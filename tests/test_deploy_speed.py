@@ -161,7 +161,7 @@ def test_a_latency_budget_rejects_slow_trials_before_fine_tuning(own_store, tmp_
     import mcp.tuner.trial as trial_module
 
     run_train(TrainConfig(model="tiny_cnn", epochs=2, **TINY), show_progress=False)
-    def fake(model, shape, calib, seconds=0.5, batch=1):  # a batch of n costs n images
+    def fake(model, shape, calib, seconds=0.5, batch=1, runtime="onnxruntime"):  # a batch of n costs n images
         return batch * float(sum(p.numel() for p in model.parameters())) / 1000
 
     monkeypatch.setattr(trial_module, "deployed_latency", fake)  # what the space's smallest latency uses

@@ -160,7 +160,7 @@ def test_a_latency_budget_starts_from_uniform_pruning_at_the_fewest_and_the_most
     from mcp.tuner.space import build_space, sample
     from mcp.tuner.trial import prune_candidate
 
-    def fake(model, shape, calib, seconds=0.5, batch=1):
+    def fake(model, shape, calib, seconds=0.5, batch=1, runtime="onnxruntime"):
         return float(sum(p.numel() for p in model.parameters())) / 1000
 
     import mcp.tuner.objective as objective

@@ -14,7 +14,8 @@ from torch import nn
 
 from mcp.data.calibration import calibration_batches
 from mcp.deploy import kernel_speed  # its timing is what tests fake: called through the module
-from mcp.deploy.onnx import check_onnx, export_onnx, node_count, optimize_onnx, ort_evaluate, ort_session, parity
+from mcp.deploy import runtimes as rt  # called through the module: tests fake what is installed and timed
+from mcp.deploy.onnx import check_onnx, export_onnx, node_count, optimize_onnx, ort_evaluate, parity
 from mcp.errors import McpError
 from mcp.evaluation.metrics import count_macs, count_params, size_bytes_fp32
 from mcp.quantization.engine import simulated
@@ -166,14 +167,52 @@ def deploy_note(deploy_format: str, bits: Mapping[str, int], extra: str = "") ->
     return note + (f"; {extra}" if extra else "")
 
 
-def check_parity(fmt: str, result: Mapping[str, float], atol: float, min_agreement: float, what: str) -> None:
-    """Fail loudly when ONNX Runtime disagrees with PyTorch beyond the allowed limits."""
-    float_compute = fmt in FLOAT_FORMATS
-    if (float_compute and result["max_abs_diff"] > atol) or result["agreement"] < min_agreement:
-        limits = f"atol {atol:g}, " if float_compute else ""
-        raise McpError(f"parity check failed for {what!r} ({fmt}): max |PyTorch - ONNX Runtime| = "
-                       f"{result['max_abs_diff']:.3g}, agreement {result['agreement']:.4f} (allowed: {limits}"
-                       f"min_agreement {min_agreement:g}); nothing was logged or registered")
+@dataclass(frozen=True)
+class ParityRules:
+    """When a deployable agrees with its PyTorch model. A file computed as stored (float
+    formats in ONNX Runtime or OpenVINO f32) must match the logits (``atol``) and the
+    predictions (``min_agreement``) on the parity batch. A lossy one (INT8 activations, or
+    a bf16 runtime) is judged by what a user ships it for: its test accuracy at most
+    ``max_accuracy_drop`` below the PyTorch model's, and at least ``lossy_min_agreement``
+    of equal predictions."""
+
+    atol: float = 1e-3
+    min_agreement: float = 0.99
+    max_accuracy_drop: float = 0.005
+    lossy_min_agreement: float = 0.95
+
+
+def is_lossy(fmt: str, runtime: str = "onnxruntime") -> bool:
+    return fmt not in FLOAT_FORMATS or runtime not in rt.EXACT
+
+
+def parity_failure(fmt: str, result: Mapping[str, float], rules: ParityRules, runtime: str = "onnxruntime",
+                   accuracy: tuple[float, float] | None = None) -> str | None:
+    """Which rule refuses the deployable (None: it passes). ``accuracy``: (deployed,
+    PyTorch) test accuracy, needed for a lossy deployable."""
+    shown = f"max |PyTorch - {runtime}| = {result['max_abs_diff']:.3g}, agreement {result['agreement']:.4f}"
+    if not is_lossy(fmt, runtime):
+        if result["max_abs_diff"] > rules.atol:
+            return f"{shown}: logits differ by more than atol {rules.atol:g}"
+        if result["agreement"] < rules.min_agreement:
+            return f"{shown}: predictions agree less than min_agreement {rules.min_agreement:g}"
+        return None
+    if result["agreement"] < rules.lossy_min_agreement:
+        return (f"{shown}: predictions agree less than lossy_min_agreement {rules.lossy_min_agreement:g} "
+                f"(the rule for a lossy deployable)")
+    if accuracy is not None and accuracy[1] - accuracy[0] > rules.max_accuracy_drop:
+        return (f"{shown}, test accuracy {accuracy[0]:.2%} against PyTorch's {accuracy[1]:.2%}: it drops more than "
+                f"max_accuracy_drop {rules.max_accuracy_drop:g} (the rule for a lossy deployable)")
+    return None
+
+
+def check_parity(fmt: str, result: Mapping[str, float], rules: ParityRules, what: str, runtime: str = "onnxruntime",
+                 accuracy: tuple[float, float] | None = None) -> None:
+    """Fail loudly, naming the rule, when the deployed file disagrees with PyTorch."""
+    failure = parity_failure(fmt, result, rules, runtime, accuracy)
+    if failure:
+        raise McpError(f"parity check failed for {what!r} ({fmt}, {runtime}): {failure}; nothing was logged or "
+                       f"registered")
 
 
 @dataclass
@@ -183,28 +222,48 @@ class Deployment:
     path: Path
     deploy_format: str
     metrics: dict[str, float]
-    session: Any  # the ONNX Runtime session that measured it
+    session: Any  # the session (of the chosen runtime) that measured it
     example: torch.Tensor  # the fixed parity batch
+    runtime: str = "onnxruntime"  # where it runs: mcp.deploy.runtimes
+    runtime_times: dict[str, float] | None = None  # CPU p50 (ms) in each runtime timed, when several were
 
 
 def export_deployable(model: nn.Module, input_shape: Sequence[int], train_loader, test_loader, tmp: Path, *,
-                      opset: int = 17, optimize: bool = True, atol: float = 1e-3, min_agreement: float = 0.99,
+                      opset: int = 17, optimize: bool = True, rules: ParityRules = ParityRules(),
                       parity_samples: int = 256, deployed: tuple[Path, str] | None = None,
-                      what: str = "model") -> Deployment:
+                      what: str = "model", runtime: str = "onnxruntime", timing_s: float = 0.3) -> Deployment:
     """Build ``model``'s deployable ONNX file (see :func:`build_onnx`), run ONNX's full
-    checker, compare ONNX Runtime with PyTorch on the first ``parity_samples`` test images
-    (failing loudly beyond ``atol`` / ``min_agreement``), and measure both on the test split."""
+    checker, compare the runtime with PyTorch on the first ``parity_samples`` test images
+    and on the test split (failing loudly, naming the rule, see :class:`ParityRules`).
+    ``runtime``: a runtime name, or ``auto``: every available runtime is timed on the file
+    side by side (``timing_s`` each) and the fastest that passes its parity check is kept."""
     x = parity_batch(test_loader, parity_samples)
     path, fmt, counts = build_onnx(model, input_shape, tmp, opset, optimize, deployed)
     check_onnx(path)
-    session = ort_session(path)
-    par = parity(reference_model(model, fmt, input_shape, train_loader), session, x)
-    check_parity(fmt, par, atol, min_agreement, what)
-    metrics = {"onnx_max_abs_diff": par["max_abs_diff"], "onnx_agreement": par["agreement"], **counts,
-               "size_bytes_onnx": float(path.stat().st_size), "size_bytes_fp32": float(size_bytes_fp32(model)),
-               "macs": float(count_macs(model, input_shape)), **count_params(model)}
-    onnx_test = ort_evaluate(session, test_loader)
+    metrics = {**counts, "size_bytes_onnx": float(path.stat().st_size),
+               "size_bytes_fp32": float(size_bytes_fp32(model)), "macs": float(count_macs(model, input_shape)),
+               **count_params(model)}
     torch_test = evaluate(model, test_loader)
-    metrics.update(onnx_test_accuracy=onnx_test["accuracy"], onnx_test_loss=onnx_test["loss"],
-                   test_accuracy=torch_test["accuracy"], test_loss=torch_test["loss"])
-    return Deployment(path, fmt, metrics, session, x)
+    metrics.update(test_accuracy=torch_test["accuracy"], test_loss=torch_test["loss"])
+    reference = reference_model(model, fmt, input_shape, train_loader)
+    times = None
+    order = [runtime]
+    if runtime == "auto":
+        times = rt.time_runtimes(path, input_shape, rt.available(), timing_s)
+        order = sorted(times, key=times.get)
+        metrics.update({f"latency_ms_p50_cpu_{name.replace('-', '_')}": ms for name, ms in times.items()})
+    failures = []
+    for name in order:
+        session = rt.session(path, name)
+        par = parity(reference, session, x)
+        test = ort_evaluate(session, test_loader)
+        failure = parity_failure(fmt, par, rules, name, (test["accuracy"], torch_test["accuracy"]))
+        if failure is None:
+            metrics.update(onnx_max_abs_diff=par["max_abs_diff"], onnx_agreement=par["agreement"],
+                           onnx_test_accuracy=test["accuracy"], onnx_test_loss=test["loss"])
+            return Deployment(path, fmt, metrics, session, x, name, times)
+        failures.append(f"{name}: {failure}")
+    raise McpError(f"parity check failed for {what!r} ({fmt}) on every runtime tried: {'; '.join(failures)}; nothing "
+                   f"was logged or registered" if len(failures) > 1 else
+                   f"parity check failed for {what!r} ({fmt}, {order[0]}): {failures[0].split(': ', 1)[1]}; nothing "
+                   f"was logged or registered")

@@ -50,9 +50,12 @@ def ort_session(path: str | Path, device: str = "cpu", threads: int = 0):
 
 
 def ort_predict(session, x: torch.Tensor | np.ndarray) -> np.ndarray:
-    """Logits of a batch."""
-    arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x
-    return session.run([OUTPUT], {INPUT: np.ascontiguousarray(arr, dtype=np.float32)})[0]
+    """Logits of a batch, in ONNX Runtime or in another runtime's session (one with
+    ``predict``: :class:`mcp.evaluation.ort_bench.OpenVinoSession`)."""
+    arr = np.ascontiguousarray(x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x, dtype=np.float32)
+    if hasattr(session, "predict"):
+        return session.predict(arr)
+    return session.run([OUTPUT], {INPUT: arr})[0]
 
 
 def ort_evaluate(session, batches: Iterable) -> dict[str, float]:

@@ -15,15 +15,16 @@ NOT_AVAILABLE = "not available"
 
 
 def measure_onnx(path: str | Path, input_shape: Sequence[int], device: str = "cpu", threads: int = 1,
-                 batch: int = 64, warmup: int = 20, iters: int = 200, seconds: float = 2.0) -> dict[str, Any]:
+                 batch: int = 64, warmup: int = 20, iters: int = 200, seconds: float = 2.0,
+                 runtime: str = "onnxruntime") -> dict[str, Any]:
     """Run :mod:`mcp.evaluation.ort_bench` on ``path`` in a fresh process; its JSON."""
     cmd = [sys.executable, "-m", "mcp.evaluation.ort_bench", str(path), "--shape", "x".join(map(str, input_shape)),
            "--device", device, "--threads", str(threads), "--batch", str(batch), "--warmup", str(warmup),
-           "--iters", str(iters), "--seconds", str(seconds)]
+           "--iters", str(iters), "--seconds", str(seconds), "--runtime", runtime]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise McpError(f"measuring {Path(path).name} on {device} failed: {last[:300]}")
+        raise McpError(f"measuring {Path(path).name} on {device} ({runtime}) failed: {last[:300]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -45,8 +46,8 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
 
 
 COLUMNS = (  # (header, key, format); a missing GPU value prints "not available"
-    ("model", "label", "{}"), ("format", "deploy_format", "{}"),
-    ("accuracy (ORT)", "test_accuracy", "{:.2%}"), ("Δ accuracy (points)", "accuracy_delta", "{:+.2f}"),
+    ("model", "label", "{}"), ("format", "deploy_format", "{}"), ("runtime", "runtime", "{}"),
+    ("accuracy", "test_accuracy", "{:.2%}"), ("Δ accuracy (points)", "accuracy_delta", "{:+.2f}"),
     ("ONNX (KiB)", "size_kib_onnx", "{:.1f}"), ("size ratio", "size_ratio_onnx", "{:.2f}x"),
     ("compressed (KiB)", "size_kib_compressed", "{:.1f}"),
     ("params (non-zero)", "params_nonzero", "{:,.0f}"), ("MACs", "macs", "{:,.0f}"),

@@ -1,12 +1,22 @@
-"""Latency, throughput and peak memory of one ONNX model in ONNX Runtime, measured in a
-process of its own (it imports onnxruntime and numpy only, so its peak RSS is the
-inference process's, not the benchmark's).
+"""Latency, throughput and peak memory of one ONNX model in one runtime (ONNX Runtime, or
+OpenVINO reading the same file), measured in a process of its own (it imports the runtime
+and numpy only, so its peak RSS is the inference process's, not the benchmark's).
 
-    python -m mcp.evaluation.ort_bench model.onnx --shape 1x8x8 --device cpu --threads 1
+    python -m mcp.evaluation.ort_bench model.onnx --shape 1x8x8 --device cpu --threads 1 --runtime openvino
 
 prints one JSON object: p50_ms, p95_ms (batch 1), throughput_ips and batch_p50_ms (the
-median time of one call at --batch), the
-execution provider used, the thread count, and peak_rss_mb.
+median time of one call at --batch), the runtime and its execution provider or device,
+the thread count, and peak_rss_mb.
+
+Runtimes (the settings are pinned, and recorded with every figure):
+
+- ``onnxruntime``: the CPU execution provider, sequential execution, ``threads`` intra-op
+  threads and one inter-op thread.
+- ``openvino``: OpenVINO's CPU plugin, latency hint, one stream, ``threads`` inference
+  threads, inference precision f32 (the file's own arithmetic).
+- ``openvino-bf16``: the same with inference precision bf16, OpenVINO's default on CPUs
+  with bfloat16 instructions: faster there, and lossy like INT8, so its parity is judged
+  by accuracy and agreement, not by logits.
 """
 
 from __future__ import annotations
@@ -31,6 +41,10 @@ def _peak_rss_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
+RUNTIMES = ("onnxruntime", "openvino", "openvino-bf16")
+OPENVINO_PRECISION = {"openvino": "f32", "openvino-bf16": "bf16"}
+
+
 def _session(path: str, threads: int, providers: list[str]):
     import onnxruntime as ort
 
@@ -42,19 +56,55 @@ def _session(path: str, threads: int, providers: list[str]):
     return ort.InferenceSession(path, options, providers=providers)
 
 
+class OpenVinoSession:
+    """An ONNX file compiled by OpenVINO's CPU plugin, with the settings of its runtime name;
+    ``predict`` maps a float32 batch to the first output, as ONNX Runtime's does."""
+
+    def __init__(self, path: str, runtime: str = "openvino", threads: int = 1):
+        import openvino as ov
+
+        config = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, "INFERENCE_PRECISION_HINT":
+                  OPENVINO_PRECISION[runtime]}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        self.runtime, self.compiled = runtime, ov.Core().compile_model(str(path), "CPU", config)
+        self.request = self.compiled.create_infer_request()
+
+    def predict(self, x):
+        self.request.infer({0: x})
+        return self.request.get_output_tensor(0).data.copy()
+
+    def settings(self) -> dict:
+        return {"device": "CPU", "threads": int(self.compiled.get_property("INFERENCE_NUM_THREADS")),
+                "streams": int(self.compiled.get_property("NUM_STREAMS")),
+                "precision": self.compiled.get_property("INFERENCE_PRECISION_HINT").to_string()}
+
+
+def runner(path: str, runtime: str = "onnxruntime", threads: int = 1, providers: list[str] | None = None):
+    """(a function running one input batch, the session) of ``path`` in ``runtime``."""
+    if runtime == "onnxruntime":
+        session = _session(str(path), threads, providers or ["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        return (lambda x: session.run(None, {name: x})), session
+    if runtime not in OPENVINO_PRECISION:
+        raise ValueError(f"runtime {runtime!r} is not one of {', '.join(RUNTIMES)}")
+    session = OpenVinoSession(str(path), runtime, threads)
+    return session.predict, session
+
+
 def compare(paths: list[str], shape: tuple[int, ...], threads: int = 1, seconds: float = 0.5,
-            rounds: int = 4) -> list[float]:
+            rounds: int = 4, runtimes: list[str] | None = None) -> list[float]:
     """p50 (ms, batch 1, CPU) of several models timed side by side in this process, each
     for ``seconds`` in all: in ``rounds`` slices, the models visited in rotated order,
-    so that a busy moment of the machine does not fall on one model alone."""
+    so that a busy moment of the machine does not fall on one model alone. ``runtimes``:
+    the runtime of each path (default: ONNX Runtime for all); one file may come twice."""
     import numpy as np
 
-    sessions = [_session(str(p), threads, ["CPUExecutionProvider"]) for p in paths]
+    runners = [runner(str(p), r, threads)[0] for p, r in zip(paths, runtimes or ["onnxruntime"] * len(paths))]
     x = np.random.default_rng(0).standard_normal((1, *shape), dtype=np.float32)
-    feeds = [{s.get_inputs()[0].name: x} for s in sessions]
-    for s, feed in zip(sessions, feeds):
+    for run in runners:
         for _ in range(5):
-            s.run(None, feed)
+            run(x)
     times: list[list[float]] = [[] for _ in paths]
     n = len(paths)
     for r in range(rounds):
@@ -62,7 +112,7 @@ def compare(paths: list[str], shape: tuple[int, ...], threads: int = 1, seconds:
             end = time.perf_counter() + seconds / rounds
             while True:
                 t0 = time.perf_counter()
-                sessions[k].run(None, feeds[k])
+                runners[k](x)
                 t1 = time.perf_counter()
                 times[k].append(t1 - t0)
                 if t1 > end and len(times[k]) >= 3 * (r + 1):
@@ -71,45 +121,47 @@ def compare(paths: list[str], shape: tuple[int, ...], threads: int = 1, seconds:
 
 
 def measure(path: str, shape: tuple[int, ...], device: str = "cpu", threads: int = 1, batch: int = 64,
-            warmup: int = 20, iters: int = 200, seconds: float = 2.0) -> dict:
+            warmup: int = 20, iters: int = 200, seconds: float = 2.0, runtime: str = "onnxruntime") -> dict:
     """Batch 1: at least ``iters`` timed runs and at least ``seconds`` of them (short
     runs on a shared machine are noisy); then the same budget at ``batch`` for throughput."""
     import numpy as np
-    import onnxruntime as ort
 
+    providers = ["CPUExecutionProvider"]
     if device == "cuda":
+        import onnxruntime as ort
+
+        if runtime != "onnxruntime":
+            raise RuntimeError(f"runtime {runtime} runs on the CPU here; on a GPU use onnxruntime")
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             raise RuntimeError("CUDAExecutionProvider is not available (install the gpu extra: onnxruntime-gpu)")
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    else:
-        providers = ["CPUExecutionProvider"]
-    session = _session(path, threads, providers)
-    name = session.get_inputs()[0].name
+    run, session = runner(path, runtime, threads, providers)
     rng = np.random.default_rng(0)
     one = rng.standard_normal((1, *shape), dtype=np.float32)
     many = rng.standard_normal((batch, *shape), dtype=np.float32)
     for _ in range(warmup):
-        session.run(None, {name: one})
+        run(one)
     times: list[float] = []
     start = time.perf_counter()
     while len(times) < iters or time.perf_counter() - start < seconds:
         t0 = time.perf_counter()
-        session.run(None, {name: one})
+        run(one)
         times.append(time.perf_counter() - t0)
     for _ in range(max(2, warmup // 5)):
-        session.run(None, {name: many})
+        run(many)
     batch_times: list[float] = []
     t0 = time.perf_counter()
     while len(batch_times) < 5 or time.perf_counter() - t0 < seconds:
         t1 = time.perf_counter()
-        session.run(None, {name: many})
+        run(many)
         batch_times.append(time.perf_counter() - t1)
     elapsed = time.perf_counter() - t0
     ms = np.asarray(times) * 1000.0
     return {"p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)),
             "batch_p50_ms": float(np.median(batch_times) * 1000.0),
             "throughput_ips": batch * len(batch_times) / elapsed, "timed_runs": len(times),
-            "provider": session.get_providers()[0],
+            "runtime": runtime, "provider": session.get_providers()[0] if runtime == "onnxruntime"
+            else "OpenVINO CPU " + session.settings()["precision"],
             "threads": threads, "batch": batch, "peak_rss_mb": _peak_rss_mb()}
 
 
@@ -123,10 +175,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--iters", type=int, default=200)
     parser.add_argument("--seconds", type=float, default=2.0)
+    parser.add_argument("--runtime", default="onnxruntime", choices=RUNTIMES)
     args = parser.parse_args(argv)
     shape = tuple(int(s) for s in args.shape.split("x"))
     print(json.dumps(measure(args.model, shape, args.device, args.threads, args.batch, args.warmup, args.iters,
-                             args.seconds)))
+                             args.seconds, args.runtime)))
 
 
 if __name__ == "__main__":

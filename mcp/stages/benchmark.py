@@ -1,8 +1,10 @@
-"""`mcp benchmark`: the deployed ONNX models side by side. Accuracy through ONNX Runtime
-on the test split; latency p50/p95 at batch 1 and throughput at a larger batch, after
-warm-up, with a fixed thread count, each model in an inference process of its own
-(whose peak memory is recorded); PyTorch latency for reference; GPU columns where CUDA
-exists. Speedups and ratios are against a baseline measured in the same run."""
+"""`mcp benchmark`: the deployed ONNX models side by side, in one runtime or several
+(``--runtime``: a row per model and runtime, or each model in its fastest). Accuracy
+through the row's runtime on the test split; latency p50/p95 at batch 1 and throughput at a
+larger batch, after warm-up, with a fixed thread count, each model in an inference process
+of its own (whose peak memory is recorded); PyTorch latency for reference; GPU columns
+where CUDA exists (ONNX Runtime rows). Speedups and ratios are against a baseline measured
+in the same run (in the first runtime listed)."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import torch
 
 from mcp import tracking
 from mcp.config import BenchmarkConfig
-from mcp.deploy import check_onnx, ort_evaluate, ort_session
+from mcp.deploy import check_onnx, ort_evaluate, runtimes
 from mcp.deploy.deployable import build_onnx
 from mcp.errors import McpError
 from mcp.evaluation.benchmark import csv_rows, markdown_table, measure_onnx
@@ -121,12 +123,27 @@ def _baseline_index(cfg: BenchmarkConfig, rows: list[dict[str, Any]]) -> int:
     return next((i for i, row in enumerate(rows) if "baseline" in row["aliases"]), 0)
 
 
+def _with_runtimes(cfg: BenchmarkConfig, prepared: list[dict[str, Any]], shape) -> list[dict[str, Any]]:
+    """The rows to measure: each model in each runtime asked for, side by side (the models
+    first, runtimes in a fixed order), or with ``auto`` each model in the runtime that runs
+    it fastest (every available runtime timed on its file side by side, the others' p50
+    kept in the row)."""
+    names = runtimes.candidates(cfg.runtime)
+    if cfg.runtime.strip() != "auto":
+        return [{**row, "runtime": name} for row in prepared for name in names]
+    for row in prepared:
+        times = runtimes.time_runtimes(row["path"], shape, names, min(cfg.seconds, 1.0), cfg.threads)
+        row["runtime"] = min(times, key=times.get)
+        row.update({f"auto_latency_ms_p50_cpu_{n.replace('-', '_')}": ms for n, ms in times.items()})
+    return prepared
+
+
 def _measure(cfg: BenchmarkConfig, row: dict[str, Any], splits, test_loader, gpu: bool) -> None:
     shape = splits.input_shape
-    accuracy = ort_evaluate(ort_session(row["path"], threads=cfg.threads), test_loader)
+    accuracy = ort_evaluate(runtimes.session(row["path"], row["runtime"], cfg.threads), test_loader)
     row.update(test_accuracy=accuracy["accuracy"], test_loss=accuracy["loss"])
     cpu = measure_onnx(row["path"], shape, "cpu", cfg.threads, cfg.throughput_batch, cfg.warmup, cfg.iters,
-                       cfg.seconds)
+                       cfg.seconds, row["runtime"])
     row.update(latency_ms_p50_cpu=cpu["p50_ms"], latency_ms_p95_cpu=cpu["p95_ms"],
                throughput_ips_cpu=cpu["throughput_ips"], batch_latency_ms_p50_cpu=cpu["batch_p50_ms"],
                peak_memory_mb=cpu["peak_rss_mb"])
@@ -137,7 +154,7 @@ def _measure(cfg: BenchmarkConfig, row: dict[str, Any], splits, test_loader, gpu
                                                           min(cfg.iters, 100))["p50"]
     finally:
         torch.set_num_threads(threads)
-    if not gpu:
+    if not gpu or row["runtime"] != "onnxruntime":
         return
     try:
         cuda = measure_onnx(row["path"], shape, "cuda", cfg.threads, cfg.throughput_batch, cfg.warmup, cfg.iters,
@@ -180,12 +197,15 @@ def run_benchmark(cfg: BenchmarkConfig, show_progress: bool | None = None) -> Be
     device, splits, (_, _, test_loader) = setup_data(cfg)
     gpu = device == "cuda"
     with tempfile.TemporaryDirectory() as tmp_dir:
-        rows = _prepare(cfg, splits, Path(tmp_dir))
-        base = rows[_baseline_index(cfg, rows)]
+        models = _prepare(cfg, splits, Path(tmp_dir))
+        base_model = models[_baseline_index(cfg, models)]
+        rows = _with_runtimes(cfg, models, splits.input_shape)
+        base = next(r for r in rows if r["uri"] == base_model["uri"])  # in the first runtime listed
         environment = {"cpu_threads": cfg.threads, "onnxruntime_version": onnxruntime.__version__,
+                       **runtimes.versions(),
                        "torch_version": torch.__version__, "processor": platform.processor() or platform.machine(),
                        "gpu": torch.cuda.get_device_name(0) if gpu else "not available",
-                       "models_resolved": ",".join(r["uri"] for r in rows)}
+                       "models_resolved": ",".join(m["uri"] for m in models)}
         tags = {schema.MODEL: cfg.model, schema.DATASET: cfg.dataset}
         data = {f"data_{k}": v for k, v in splits.summary().items()}
         with tracking.stage_run("benchmark", {**cfg.to_dict(), **data, **environment}, tags,
@@ -198,9 +218,14 @@ def run_benchmark(cfg: BenchmarkConfig, show_progress: bool | None = None) -> Be
             for row in rows:
                 numbers = {k: float(v) for k, v in row.items() if isinstance(v, (int, float))
                            and not isinstance(v, bool)}
-                with tracking.stage_run("benchmark", {"model_uri": row["uri"], "deploy_format": row["deploy_format"]},
-                                        {**tags, schema.PARENT_MODEL: row["uri"], schema.LABEL: row["label"]},
-                                        run_name=row["label"]):
+                with tracking.stage_run("benchmark", {"model_uri": row["uri"], "deploy_format": row["deploy_format"],
+                                                      "runtime": row["runtime"],
+                                                      "runtime_settings": runtimes.settings(row["runtime"],
+                                                                                            cfg.threads)},
+                                        {**tags, schema.PARENT_MODEL: row["uri"], schema.LABEL: row["label"],
+                                         schema.RUNTIME: row["runtime"]},
+                                        run_name=f"{row['label']} ({row['runtime']})" if len(rows) > len(models)
+                                        else row["label"]):
                     tracking.log_metrics(numbers)
             table = markdown_table(rows)
             header, values = csv_rows(rows)
@@ -208,8 +233,10 @@ def run_benchmark(cfg: BenchmarkConfig, show_progress: bool | None = None) -> Be
             with path.open("w", newline="") as fh:
                 csv.writer(fh).writerows([header, *values])
             tracking.log_artifact(path)
-            note = (f"baseline: {base['label']} ({base['uri']}); CPU: {environment['processor']}, "
-                    f"{cfg.threads} thread(s), onnxruntime {onnxruntime.__version__}; GPU: {environment['gpu']}\n"
+            versions = ", ".join(f"{k.removesuffix('_version')} {v}" for k, v in environment.items()
+                                 if k.endswith("_version") and k != "torch_version")
+            note = (f"baseline: {base['label']} ({base['uri']}, {base['runtime']}); CPU: {environment['processor']}, "
+                    f"{cfg.threads} thread(s), {versions}; GPU: {environment['gpu']}\n"
                     + test_set_note(rows, splits))
             tracking.runs.log_text(f"{table}\n\n{note}\n", "benchmark.md")
             log_plot(plot_tradeoffs, "tradeoffs.png", rows, title=f"{cfg.dataset}: deployed ONNX models "

@@ -153,9 +153,9 @@ def timing_seconds() -> float:
 
 def deployment_figures(model: nn.Module, shape: Sequence[int], deployed: Path | None, baseline: nn.Module | None,
                        parent: tuple[nn.Module, str] | None, what: str,
-                       refuse: tuple[str, str] | None = None) -> dict[str, float]:
-    """What the model costs at deployment: the CPU p50 (batch 1, one thread, ONNX Runtime)
-    of its deployed ONNX file (``deployed``; None: its float32 export), of the float32
+                       refuse: tuple[str, str] | None = None, runtime: str = "onnxruntime") -> dict[str, float]:
+    """What the model costs at deployment: the CPU p50 (batch 1, one thread, in ``runtime``,
+    ONNX Runtime by default) of its deployed ONNX file (``deployed``; None: its float32 export), of the float32
     baseline's export and of the starting model's deployed file (``parent``: the model
     and its URI), timed side by side in one process. A baseline that is the parent (the same
     model: the parent is the lineage's baseline, or stands in for it) is timed once, as the
@@ -172,7 +172,7 @@ def deployment_figures(model: nn.Module, shape: Sequence[int], deployed: Path | 
         if parent is not None:
             found = deployable_of(parent[1], Path(tmp)) if parent[1] else None
             paths.append(found[0] if found else export_onnx(parent[0], shape, Path(tmp) / "parent.onnx"))
-        times = ort_bench.compare([str(p) for p in paths], tuple(shape), 1, seconds)
+        times = ort_bench.compare([str(p) for p in paths], tuple(shape), 1, seconds, runtimes=[runtime] * len(paths))
     figures = {"latency_ms_p50_cpu": times[0]}
     if baseline is not None:
         base = times[-1] if same else times[1]
@@ -181,7 +181,8 @@ def deployment_figures(model: nn.Module, shape: Sequence[int], deployed: Path | 
         figures.update(parent_latency_ms_p50_cpu=times[-1], speedup_p50_cpu_vs_parent=times[-1] / times[0])
         if times[0] > (1 + SLOWER_MARGIN) * times[-1]:
             line = (f"{what} deploys slower than the model it started from: {times[0]:.3f} ms against "
-                    f"{times[-1]:.3f} ms in ONNX Runtime (CPU p50, batch 1, one thread)")
+                    f"{times[-1]:.3f} ms in {'ONNX Runtime' if runtime == 'onnxruntime' else runtime} (CPU p50, "
+                    f"batch 1, one thread)")
             if refuse:
                 raise McpError(f"{refuse[0]}: {line}; {refuse[1]}")
             warnings.warn(line, DeploymentWarning, stacklevel=2)

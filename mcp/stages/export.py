@@ -1,6 +1,7 @@
 """`mcp export`: the deployable ONNX model of a registered version: checked, optimised,
-parity-tested against PyTorch in ONNX Runtime, logged with MLflow's ONNX flavor and
-registered as a version of the same name tagged ``format=onnx``."""
+parity-tested against PyTorch in its runtime (ONNX Runtime, OpenVINO, or the fastest of
+them: ``--runtime auto``), logged with MLflow's ONNX flavor and registered as a version of
+the same name tagged ``format=onnx`` and with the runtime and settings it runs with."""
 
 from __future__ import annotations
 
@@ -13,10 +14,10 @@ import numpy as np
 
 from mcp import tracking
 from mcp.config import ExportConfig
-from mcp.deploy import ort_predict
+from mcp.deploy import ort_predict, runtimes
 from mcp.deploy.deployable import export_deployable
 from mcp.errors import McpError
-from mcp.stages.common import deployable_of, lineage_baseline, resolve_model_ref, setup_data
+from mcp.stages.common import deployable_of, lineage_baseline, resolve_model_ref, setup_data, timing_seconds
 from mcp.tracking import schema
 
 
@@ -44,16 +45,18 @@ def run_export(cfg: ExportConfig, show_progress: bool | None = None) -> ExportRe
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
         done = export_deployable(model, splits.input_shape, train_loader, test_loader, tmp, opset=cfg.opset,
-                                 optimize=cfg.optimize, atol=cfg.atol, min_agreement=cfg.min_agreement,
-                                 parity_samples=cfg.parity_samples, deployed=deployable_of(uri, tmp), what=uri)
+                                 optimize=cfg.optimize, rules=cfg.parity_rules(), parity_samples=cfg.parity_samples,
+                                 deployed=deployable_of(uri, tmp), what=uri, runtime=cfg.runtime,
+                                 timing_s=timing_seconds())
         path, fmt, metrics, session, x = done.path, done.deploy_format, done.metrics, done.session, done.example
+        runtime_tags = {schema.RUNTIME: done.runtime, schema.RUNTIME_SETTINGS: runtimes.settings(done.runtime)}
         ref = lineage_baseline(model, uri, test_loader, device, metrics["test_accuracy"], cfg.trust_pickled_model)
         metrics.update(export_figures(metrics, ref))
 
         params = {**cfg.to_dict(), **{f"data_{k}": v for k, v in splits.summary().items()}, "source_model": uri,
                   "deploy_format": fmt}
         tags = {schema.MODEL: arch, schema.DATASET: cfg.dataset, schema.PARENT_MODEL: uri, schema.DEPLOY_FORMAT: fmt,
-                schema.TEST_FINGERPRINT: splits.test_fingerprint, **ref.run_tags()}
+                schema.TEST_FINGERPRINT: splits.test_fingerprint, **runtime_tags, **ref.run_tags()}
         with tracking.stage_run("export", params, tags, run_name=f"export-{arch}-{cfg.dataset}") as run:
             tracking.log_metrics(metrics)
             example = x[:4].numpy().astype(np.float32)
@@ -62,6 +65,7 @@ def run_export(cfg: ExportConfig, show_progress: bool | None = None) -> ExportRe
             if cfg.register:
                 version_tags = {"format": "onnx", schema.STAGE: "export", "source_model": uri, "source_run":
                                 run.info.run_id, "deploy_format": fmt, "test_fingerprint": splits.test_fingerprint,
+                                "runtime": done.runtime, "runtime_settings": runtimes.settings(done.runtime),
                                 **{k: f"{metrics[k]:.6g}" for k in ("onnx_test_accuracy", "size_bytes_onnx",
                                                                      "onnx_max_abs_diff", "onnx_agreement",
                                                                      "params_nonzero", "macs")},

@@ -131,7 +131,8 @@ def _compress(cfg: PipelineConfig, base_uri: str, checked, steps, bar, show_prog
     step()
     data = {k: getattr(cfg, k) for k in ModelSource.defaults()}  # the data options, and trust_pickled_model
     for uri in (base_uri, pruned_uri, quantized_uri):
-        run_export(ExportConfig(model=cfg.model, model_uri=uri, **data), show_progress=show_progress)
+        run_export(ExportConfig(model=cfg.model, model_uri=uri, runtime=cfg.runtime, **data),
+                   show_progress=show_progress)
 
     step()
     candidates = {base_uri: "baseline", pruned_uri: "prune", quantized_uri: "quantize",

@@ -12,6 +12,7 @@ from torch import nn
 
 from mcp import tracking
 from mcp.config import DataOptions, PruneConfig, QuantizeConfig, read_config_file
+from mcp.deploy import ort_evaluate, runtimes
 from mcp.errors import ConfigError
 from mcp.evaluation.plots import plot_layer_quant, plot_training_curves
 from mcp.quantization import Quantizer, QuantSpec
@@ -32,6 +33,7 @@ from mcp.stages.common import (
     recovery_teacher,
     setup_data,
     tag_baseline,
+    timing_seconds,
 )
 from mcp.stages.prune import run_prune
 from mcp.stages.train import run_baseline
@@ -133,8 +135,17 @@ def _quantize(cfg: QuantizeConfig, layer_bits: dict[str, int], base: nn.Module, 
             refuse = ("precision speed", "the conversions where INT8 and float32 layers meet cost more than those "
                       "layers gain; deploy the float32 model (mcp export), or use --precision int8 for the smaller "
                       "file")
+        runtime, times = cfg.runtime, {}
+        if runtime == "auto":  # where this file runs fastest, timed side by side
+            times = runtimes.time_runtimes(outcome.onnx_path, splits.input_shape, runtimes.available(),
+                                           timing_seconds())
+            runtime = min(times, key=times.get)
+        if runtime != "onnxruntime":  # its accuracy where it will run
+            outcome.metrics["onnx_test_accuracy"] = ort_evaluate(runtimes.session(outcome.onnx_path, runtime),
+                                                                 test_loader)["accuracy"]
         deployment = deployment_figures(outcome.model, splits.input_shape, outcome.onnx_path, ref.model,
-                                        (base, base_uri), what, refuse)
+                                        (base, base_uri), what, refuse, runtime=runtime)
+        deployment.update({f"latency_ms_p50_cpu_{k.replace('-', '_')}": v for k, v in times.items()})
         tracking.log_artifact(outcome.onnx_path, "onnx")
         payload_path = Path(tmp) / "model.mcpz"
         payload_path.write_bytes(outcome.payload)
@@ -164,13 +175,15 @@ def _quantize(cfg: QuantizeConfig, layer_bits: dict[str, int], base: nn.Module, 
         log_plot(plot_training_curves, "finetune_curves.png", history, title=title)
 
     bits_tag = _bits_tag(outcome.quantization["bits"])
-    run_tags = {schema.DEPLOY_FORMAT: deploy_format, schema.DEPLOY_NOTE: outcome.deploy_note, schema.BITS: bits_tag}
+    run_tags = {schema.DEPLOY_FORMAT: deploy_format, schema.DEPLOY_NOTE: outcome.deploy_note, schema.BITS: bits_tag,
+                schema.RUNTIME: runtime, schema.RUNTIME_SETTINGS: runtimes.settings(runtime)}
     for k, v in run_tags.items():
         tracking.runs.set_tag(k, v)
     reg_name = registered if cfg.register else None
     run_id = tracking.runs.active_run_id()
     version_tags = {schema.STAGE: "quantize", "source_run": run_id, "parent_model": base_uri, "method": cfg.method,
                     "bits": bits_tag, "deploy_format": deploy_format, "sparsity": f"{metrics['sparsity']:.4f}",
+                    "runtime": runtime, "runtime_settings": runtimes.settings(runtime),
                     **({"distilled_from": teacher_uri} if teacher_uri else {}),
                     **{k: f"{metrics[k]:.6g}" for k in ("test_accuracy", "onnx_test_accuracy", "size_bytes_compressed",
                                                          "size_bytes_onnx") + DEPLOY_KEYS},

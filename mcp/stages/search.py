@@ -12,13 +12,15 @@ from __future__ import annotations
 import contextlib
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import click
 
 from mcp import tracking
 from mcp.config import BenchmarkConfig, DataOptions, ExportConfig, SearchConfig
-from mcp.deploy.deployable import DEPLOY_NOTES
+from mcp.deploy import check_onnx, ort_evaluate, parity, runtimes
+from mcp.deploy.deployable import DEPLOY_NOTES, ParityRules, parity_batch, parity_failure
 from mcp.errors import McpError
 from mcp.stages.benchmark import run_benchmark
 from mcp.stages.common import (
@@ -33,6 +35,7 @@ from mcp.stages.common import (
     setup_data,
     study_storage,
     tag_baseline,
+    timing_seconds,
 )
 from mcp.stages.export import run_export
 from mcp.stages.train import run_baseline
@@ -111,6 +114,7 @@ class Runs:
 
     def __init__(self, cfg: SearchConfig | None, registered: str = "", show_progress: bool | None = None):
         self.cfg, self.registered, self.show_progress = cfg, registered, show_progress
+        self.earlier_challenger: str | None = None  # where the alias was before this call moved it
 
     def start(self, problem: SearchProblem, base_uri: str, splits, baseline: Baseline, parent_accuracy: float):
         self.problem, self.base_uri, self.splits = problem, base_uri, splits
@@ -161,10 +165,11 @@ class Runs:
         registered with the same --final-epochs: resuming, or a study shared by many
         workers, does not register the same trial twice."""
         cfg = self.cfg
-        return {int(tags["trial"]): self._record(int(tags["trial"]), tags["source_run"], str(version),
-                                                 tags.get("deploy_format", ""),
-                                                 tags.get("within_budget", "true") == "true", True,
-                                                 tracking.runs.run_metrics(tags["source_run"]))
+        return {int(tags["trial"]): {**self._record(int(tags["trial"]), tags["source_run"], str(version),
+                                                    tags.get("deploy_format", ""),
+                                                    tags.get("within_budget", "true") == "true", True,
+                                                    tracking.runs.run_metrics(tags["source_run"])),
+                                     "runtime": tags.get("runtime", "onnxruntime")}
                 for version, tags, _ in (tracking.models.list_versions(self.registered) if cfg.register else ())
                 if tags.get(schema.STAGE) == "search" and tags.get("study") == cfg.name()
                 and tags.get("final_epochs_option") == str(cfg.final_epochs) and tags.get("trial", "").isdigit()}
@@ -187,6 +192,7 @@ class Runs:
                      "onnx_test_accuracy", "sparsity") + DEPLOY_KEYS
             version_tags = {schema.STAGE: "search", "source_run": run.info.run_id, "parent_model": self.base_uri,
                             "study": cfg.name(), "mode": cfg.mode, **rebuilt.tags(), "deploy_format": deploy_format,
+                            "runtime": rebuilt.runtime, "runtime_settings": runtimes.settings(rebuilt.runtime),
                             "budget_on": cfg.budget_on, "within_budget": str(within).lower(),
                             "final_epochs_option": str(cfg.final_epochs),
                             **{k: f"{metrics[k]:.6g}" for k in shown if k in metrics},
@@ -195,7 +201,8 @@ class Runs:
                                           {**data_recipe(self.splits), "quantization": rebuilt.quantization,
                                            "search": {"study": cfg.name(), "trial": number}},
                                           self.registered if cfg.register else None, None, version_tags)
-        return self._record(number, run.info.run_id, version, deploy_format, within, False, metrics)
+        return {**self._record(number, run.info.run_id, version, deploy_format, within, False, metrics),
+                "runtime": rebuilt.runtime}
 
     def _log_deployable(self, rebuilt: Rebuilt) -> str:
         """Log the winner's deployable ONNX file (:meth:`Rebuilt.deploy`) as ``onnx/model.onnx``
@@ -204,18 +211,67 @@ class Runs:
         metrics."""
         with tempfile.TemporaryDirectory() as tmp:
             path, fmt = rebuilt.deploy(self.problem, tmp)
+            runtime = self.problem.runtime
+            if runtime == "auto":  # where this file runs fastest, timed side by side
+                times = runtimes.time_runtimes(path, self.problem.input_shape, runtimes.available(),
+                                               timing_seconds())
+                runtime = min(times, key=times.get)
+                rebuilt.metrics.update({f"latency_ms_p50_cpu_{k.replace('-', '_')}": v for k, v in times.items()})
+            self._check_deployable(rebuilt, path, fmt, runtime)
             rebuilt.metrics.update(deployment_figures(rebuilt.model, self.problem.input_shape, path,
                                                       self.baseline.model, (self.problem.base, self.base_uri),
-                                                      f"search trial {rebuilt.number}'s model"))
+                                                      f"search trial {rebuilt.number}'s model", runtime=runtime))
             tracking.log_artifact(path, "onnx")
-        for key, value in {schema.DEPLOY_FORMAT: fmt, schema.DEPLOY_NOTE: DEPLOY_NOTES[fmt]}.items():
+        rebuilt.runtime = runtime  # where the winner is checked, timed, exported and registered to run
+        for key, value in {schema.DEPLOY_FORMAT: fmt, schema.DEPLOY_NOTE: DEPLOY_NOTES[fmt], schema.RUNTIME: runtime,
+                           schema.RUNTIME_SETTINGS: runtimes.settings(runtime)}.items():
             tracking.runs.set_tag(key, value)
         return fmt
 
+    def _check_deployable(self, rebuilt: Rebuilt, path: Path, fmt: str, runtime: str) -> None:
+        """The checks `mcp export` runs on a deployable (ONNX's checker, parity with PyTorch
+        in its runtime by the rules of its format), run before anything of the winner is
+        registered."""
+        check_onnx(path)
+        session = runtimes.session(path, runtime)
+        par = parity(rebuilt.model, session, parity_batch(self.problem.loaders[2], 256))
+        if runtime != "onnxruntime":  # its accuracy where it will run
+            rebuilt.metrics["onnx_test_accuracy"] = ort_evaluate(session, self.problem.loaders[2])["accuracy"]
+        rebuilt.metrics.update(onnx_max_abs_diff=par["max_abs_diff"], onnx_agreement=par["agreement"])
+        failure = parity_failure(fmt, par, ParityRules(), runtime,
+                                 (rebuilt.metrics["onnx_test_accuracy"], rebuilt.metrics["test_accuracy"]))
+        if failure:
+            raise McpError(f"search trial {rebuilt.number}'s winner failed the deploy check ({fmt}, {runtime}): "
+                           f"{failure}")
+
     def challenger(self, winner: dict[str, Any]) -> None:
         if winner["registered_name"]:
+            self.earlier_challenger = tracking.models.alias_version(winner["registered_name"], schema.CHALLENGER)
             tracking.models.set_alias(winner["registered_name"], schema.CHALLENGER, winner["version"])
             winner["alias"] = schema.CHALLENGER
+
+    def discard(self, winners: list[dict[str, Any]]) -> str:
+        """Remove the versions these winners registered (and the ONNX versions exported from
+        them), and put the challenger alias back where it was; the runs stay, as logs."""
+        name = self.registered
+        gone = {w["version"] for w in winners if w.get("registered_name") and w.get("version")}
+        if not name or not gone:
+            return "nothing was registered"
+        uris = {schema.version_uri(name, v) for v in gone}
+        exported = {str(v) for v, tags, _ in tracking.models.list_versions(name) if tags.get("source_model") in uris}
+        for version in sorted(gone | exported, key=int, reverse=True):
+            tracking.models.delete_version(name, version)
+        earlier = self.earlier_challenger
+        alias = ""
+        if any(w.get("alias") == schema.CHALLENGER for w in winners):
+            if earlier and earlier not in gone | exported:
+                tracking.models.set_alias(name, schema.CHALLENGER, earlier)
+                alias = f"; the {schema.CHALLENGER} alias is back on version {earlier}"
+            else:
+                alias = f"; {name} has no {schema.CHALLENGER} alias"
+        listed = ", ".join(sorted(gone | exported, key=int))
+        return (f"removed what this search registered: version(s) {listed} of {name}{alias}; the trial and winner "
+                f"runs stay in the experiment as logs")
 
     def after(self, winners: list[dict[str, Any]]) -> None:
         """Export each winner (nested `export` runs; a reused one whose ONNX version exists is
@@ -231,13 +287,13 @@ class Runs:
             if earlier:
                 w["onnx_version"] = earlier[0]
                 continue
-            exported = run_export(ExportConfig(model=cfg.model, model_uri=uri, register=cfg.register, **data),
-                                  self.show_progress)
+            exported = run_export(ExportConfig(model=cfg.model, model_uri=uri, register=cfg.register,
+                                               runtime=w.get("runtime", "onnxruntime"), **data), self.show_progress)
             w["onnx_version"] = exported.registered_version
             w["size_bytes_onnx"] = exported.metrics["size_bytes_onnx"]
         if cfg.benchmark and winners:
             bench = run_benchmark(BenchmarkConfig(model=cfg.model, models=",".join([self.base_uri, *uris]),
-                                                  baseline=self.base_uri, seconds=1.0,
+                                                  baseline=self.base_uri, seconds=1.0, runtime=cfg.runtime,
                                                   trust_pickled_model=cfg.trust_pickled_model, **data),
                                   self.show_progress)
             for w, row in zip(winners, bench.rows[1:]):

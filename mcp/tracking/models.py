@@ -218,6 +218,14 @@ def set_alias(name: str, alias: str, version: str) -> None:
     MlflowClient().set_registered_model_alias(name, alias, version)
 
 
+@mlflow_write
+def delete_version(name: str, version: str) -> None:
+    """Remove one version (and the aliases on it) from the registry."""
+    from mlflow import MlflowClient
+
+    MlflowClient().delete_model_version(name, version)
+
+
 def alias_exists(name: str, alias: str) -> bool:
     """Whether registered model ``name`` has a version with ``alias``."""
     from mlflow import MlflowClient

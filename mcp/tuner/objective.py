@@ -22,7 +22,6 @@ import torch
 
 from mcp.deploy import ort_evaluate, ort_session
 from mcp.distillation import Distiller, DistillSpec
-from mcp.evaluation.benchmark import measure_onnx
 from mcp.evaluation.metrics import count_params, model_metrics, size_bytes_fp32
 from mcp.pruning.depth import removed_blocks
 from mcp.pruning.pruner import attention_modules
@@ -87,6 +86,7 @@ class SearchProblem:
     base_fp32: float = 0.0  # the starting model's float32 size, for compression ratios
     budget_ms: float = 0.0  # latency budget: CPU p50 (ms) of the model deployed for speed; 0: none
     budget_batch: int = 1  # the latency budget is that of one call at this many images
+    runtime: str = "onnxruntime"  # where latencies are timed (mcp.deploy.runtimes; auto: the fastest counts)
 
     @classmethod
     def of(cls, cfg: Any, checked: Any, base: torch.nn.Module, input_shape, loaders, device: str) -> "SearchProblem":
@@ -94,7 +94,7 @@ class SearchProblem:
         checked (:func:`mcp.tuner.study.check_search`), from the starting model ``base``."""
         return cls(checked.space, base, tuple(input_shape), loaders, device, checked.calib, checked.budget,
                    cfg.budget_on, cfg.fill_budget, cfg.mode == "pareto", cfg.latency, cfg.distill, cfg.seed,
-                   float(size_bytes_fp32(base)), cfg.budget_ms, cfg.budget_batch)
+                   float(size_bytes_fp32(base)), cfg.budget_ms, cfg.budget_batch, cfg.runtime)
 
     def within(self, metrics: Mapping[str, float]) -> bool:
         """Whether a model so measured meets the size budget and the latency budget."""
@@ -115,12 +115,12 @@ def constrain(trial, key: str, excess: float) -> None:
         trial.set_constraint(key, float(excess))
 
 
-def trial_latency(tuned, shape) -> float:
+def trial_latency(tuned, shape, runtime: str = "onnxruntime") -> float:
     """CPU p50 (ms) at batch 1, one thread, of the trial's deployable ONNX model, timed in
-    a process of its own for at least half a second."""
+    a process of its own for at least half a second, in ``runtime``."""
     with tempfile.TemporaryDirectory() as tmp:
         path, _ = tuned.onnx(shape, tmp)
-        return float(measure_onnx(path, shape, "cpu", 1, batch=8, warmup=20, iters=100, seconds=0.5)["p50_ms"])
+        return onnx_latency(path, shape, 0.5, 1, runtime)
 
 
 def make_objective(problem: SearchProblem, open_log: Callable[[Any], ContextManager[TrialLog]] = no_log
@@ -156,7 +156,8 @@ def make_objective(problem: SearchProblem, open_log: Callable[[Any], ContextMana
                     tc = fill_budget(p.base, shape, p.space, tc, p.budget_ms * (1 - LATENCY_SLACK), p.calib,
                                      p.device, p.seed, steps=6,
                                      measure=lambda model: deployed_latency(model, shape, p.calib,
-                                                                            batch=p.budget_batch)) or tc
+                                                                            batch=p.budget_batch,
+                                                                            runtime=p.runtime)) or tc
                 trial.set_user_attr("ratios", tc.ratios)
                 model = prune_candidate(p.base, shape, tc, p.calib, p.device)
                 tc = present(tc, model)
@@ -168,7 +169,7 @@ def make_objective(problem: SearchProblem, open_log: Callable[[Any], ContextMana
                     trial.set_user_attr(key, value)
                 log.metrics({**sizes, **count_params(model)})
                 if p.budget_ms:  # latency depends on the shapes alone: measured before any fine-tuning
-                    latency = deployed_latency(model, shape, p.calib, batch=p.budget_batch)
+                    latency = deployed_latency(model, shape, p.calib, batch=p.budget_batch, runtime=p.runtime)
                     key = latency_key(p.budget_batch)
                     trial.set_user_attr(key, latency)
                     log.metrics({key: latency})
@@ -205,7 +206,7 @@ def make_objective(problem: SearchProblem, open_log: Callable[[Any], ContextMana
                     outcome = [val, float(size)] if p.pareto else [val]
                     if p.latency:  # the latency budget measured it already, on the same deployed form
                         latency = (float(trial.user_attrs[LATENCY_KEY]) if p.budget_ms and p.budget_batch == 1
-                                   else trial_latency(tuned, shape))
+                                   else trial_latency(tuned, shape, p.runtime))
                         trial.set_user_attr("latency_ms_p50_cpu", latency)
                         log.metrics({"latency_ms_p50_cpu": latency})
                         outcome.append(latency)
@@ -232,6 +233,7 @@ class Rebuilt:
     config: Any  # mcp.tuner.space.TrialConfig, the ratios the trial used
     tuned: Any  # mcp.tuner.trial.Finetuned: the model (weights on their grids) and its payload
     metrics: dict[str, float]
+    runtime: str = "onnxruntime"  # where its deployable runs (chosen when it is logged)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -263,7 +265,8 @@ class Rebuilt:
         self.metrics["size_bytes_onnx"] = float(path.stat().st_size)
         self.metrics["onnx_test_accuracy"] = ort_evaluate(ort_session(path), problem.loaders[2])["accuracy"]
         if problem.budget_ms and problem.budget_batch > 1:  # a throughput budget's own figure
-            self.metrics[BATCH_LATENCY_KEY] = onnx_latency(path, shape, seconds=1.0, batch=problem.budget_batch)
+            self.metrics[BATCH_LATENCY_KEY] = onnx_latency(path, shape, seconds=1.0, batch=problem.budget_batch,
+                                                           runtime=problem.runtime)
         return path, fmt
 
 
@@ -483,7 +486,7 @@ def _uniform_within_latency(study, p: SearchProblem, limit: int | None = None) -
                                 lambda r, d=drop: uniform_where_allowed(space, r, bits, space.epochs[1], space.lr[0],
                                                                         d), lo, hi,
                                 p.budget_ms, p.calib, p.device, p.seed, steps=7,
-                                measure=lambda model: deployed_latency(model, p.input_shape, p.calib,
+                                measure=lambda model: deployed_latency(model, p.input_shape, p.calib, runtime=p.runtime,
                                                                        batch=p.budget_batch))
         if ratio is None:
             continue
@@ -492,7 +495,13 @@ def _uniform_within_latency(study, p: SearchProblem, limit: int | None = None) -
         study.enqueue_trial(_start_params(space, ratios, widths, drop), skip_if_exists=True)
         clipped = any(r != ratio for r in ratios.values())
         start.kind = "uniform where allowed" if clipped or start.kind == "uniform where allowed" else "uniform"
-        start.queued.append(f"ratio {ratio:.4f} in every layer{' (clipped to each range)' if clipped else ''}"
+        ran = sorted(set(ratios.values()))  # what the trial runs, not the ratio before clipping
+        start.queued.append((f"ratio {ran[0]:.4f} in every layer" if len(ran) == 1 else
+                             "ratio {:.4f} clipped to each layer's range: {}".format(
+                                 ratio, "; ".join(f"{u} at {r:g}" for u, r in ratios.items())))
+                            + ("" if not clipped or len(ran) > 1 else
+                               f" (the space's least; {ratio:.4f} already met the budget)" if ran[0] > ratio else
+                               f" (the space's largest; the budget needs {ratio:.4f})")
                             + (f" with {drop} blocks removed" if drop else "")
                             + f", the least uniform pruning within {p.budget_ms:g} ms")
     if not start.queued:

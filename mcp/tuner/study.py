@@ -63,7 +63,8 @@ def study_settings(cfg: SearchConfig, checked: "Checked") -> dict[str, Any]:
     return {"space_sha256": hashlib.sha256(checked.space_path.read_bytes()).hexdigest()[:16],
             "space_file": checked.space_path.name, "budget_on": cfg.budget_on,
             "budget_bytes": round(checked.budget or 0), "latency": cfg.latency, "budget_ms": cfg.budget_ms,
-            "budget_batch": cfg.budget_batch}
+            "budget_batch": cfg.budget_batch,
+            "latency_runtime": cfg.runtime if cfg.budget_ms or cfg.latency else ""}  # where latencies are timed
 
 
 STALE_HEARTBEATS = 3  # a running trial silent for this many heartbeats is stale (its worker died)
@@ -204,8 +205,10 @@ def open_study(cfg: SearchConfig, checked: "Checked", base_uri: str = ""):
     if stored is None:
         study.set_user_attr(SETTINGS_ATTR, settings)
     else:
-        for key in ("space_sha256", "budget_on", "budget_bytes", "latency", "budget_ms", "budget_batch"):
-            if stored.get(key, {"budget_ms": 0.0, "budget_batch": 1}.get(key)) == settings[key]:
+        timed = "onnxruntime" if stored.get("budget_ms") or stored.get("latency") else ""  # before runtimes
+        for key in ("space_sha256", "budget_on", "budget_bytes", "latency", "budget_ms", "budget_batch",
+                    "latency_runtime"):
+            if stored.get(key, {"budget_ms": 0.0, "budget_batch": 1, "latency_runtime": timed}.get(key)) == settings[key]:
                 continue
             what, was, now = key, stored.get(key), settings[key]
             if key == "space_sha256":
@@ -271,10 +274,11 @@ def check_search(cfg: SearchConfig, splits, loaders, base) -> Checked:
                               f"reach ({reachable:,.0f} B measured as {cfg.budget_on}, every layer at its highest "
                               f"ratio and fewest bits){hint}; raise --budget-mb/--budget-ratio or widen the space")
     if cfg.budget_ms:
-        fastest = smallest_latency(probe, splits.input_shape, space, calib, "cpu", cfg.budget_batch)
+        fastest = smallest_latency(probe, splits.input_shape, space, calib, "cpu", cfg.budget_batch, cfg.runtime)
         if fastest > cfg.budget_ms:
+            where = {"onnxruntime": "ONNX Runtime", "auto": "the fastest runtime's"}.get(cfg.runtime, cfg.runtime)
             raise ConfigError(f"budget_ms={cfg.budget_ms:g} is below the smallest latency space {space_path.name!r} "
-                              f"can reach on this CPU ({fastest:.4f} ms: ONNX Runtime p50 at batch "
+                              f"can reach on this CPU ({fastest:.4f} ms: {where} p50 at batch "
                               f"{cfg.budget_batch}, one thread, every layer at its highest ratio, INT8 where "
                               f"faster); raise --budget-ms or widen the "
                               f"space (higher ratios, structured granularity)")

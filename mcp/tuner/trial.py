@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from mcp.deploy.deployable import grid_onnx, speed_onnx
+from mcp.deploy import runtimes
 from mcp.evaluation.benchmark import measure_onnx
 from mcp.pruning import PruneSpec, Pruning
 from mcp.pruning.depth import cached_block_order
@@ -40,24 +41,28 @@ class Finetuned:
 
 
 def deployed_latency(model: nn.Module, input_shape: Sequence[int], calib: Sequence, seconds: float = 0.5,
-                     batch: int = 1) -> float:
+                     batch: int = 1, runtime: str = "onnxruntime") -> float:
     """CPU p50 (ms, one thread) of one call at ``batch`` images of ``model`` as a latency
     budget deploys it (:func:`mcp.deploy.deployable.speed_onnx`), timed in a process of its
-    own. Latency depends on the shapes, not on the weights' values: it is measured before
-    any fine-tuning."""
+    own in ``runtime``. Latency depends on the shapes, not on the weights' values: it is
+    measured before any fine-tuning."""
     with tempfile.TemporaryDirectory() as tmp:
         path, _ = speed_onnx(copy.deepcopy(model).cpu(), input_shape, calib, tmp)
-        return onnx_latency(path, input_shape, seconds, batch)
+        return onnx_latency(path, input_shape, seconds, batch, runtime)
 
 
-def onnx_latency(path: str | Path, input_shape: Sequence[int], seconds: float = 0.5, batch: int = 1) -> float:
+def onnx_latency(path: str | Path, input_shape: Sequence[int], seconds: float = 0.5, batch: int = 1,
+                 runtime: str = "onnxruntime") -> float:
     """CPU p50 (ms, one thread) of one call at ``batch`` images of an ONNX file, timed in
-    a process of its own: what a latency budget (``batch`` 1) or a throughput budget checks."""
+    a process of its own in ``runtime`` (``auto``: in each available runtime, the fastest
+    counts): what a latency budget (``batch`` 1) or a throughput budget checks."""
+    if runtime == "auto":
+        return min(onnx_latency(path, input_shape, seconds, batch, name) for name in runtimes.available())
     if batch == 1:
         return float(measure_onnx(path, input_shape, "cpu", 1, batch=8, warmup=20, iters=100,
-                                  seconds=seconds)["p50_ms"])
+                                  seconds=seconds, runtime=runtime)["p50_ms"])
     return float(measure_onnx(path, input_shape, "cpu", 1, batch=batch, warmup=10, iters=10,
-                              seconds=seconds)["batch_p50_ms"])
+                              seconds=seconds, runtime=runtime)["batch_p50_ms"])
 
 
 def extremes(space, fewest_bits: bool = True):
@@ -72,9 +77,11 @@ def extremes(space, fewest_bits: bool = True):
                               space.drop_blocks[1], least_heads(space, most=True))
 
 
-def smallest_latency(base: nn.Module, input_shape: Sequence[int], space, calib, device: str, batch: int = 1) -> float:
+def smallest_latency(base: nn.Module, input_shape: Sequence[int], space, calib, device: str, batch: int = 1,
+                     runtime: str = "onnxruntime") -> float:
     """The lowest latency the space can reach (a latency budget below it is unreachable)."""
-    return min(deployed_latency(prune_candidate(base, input_shape, tc, calib, device), input_shape, calib, batch=batch)
+    return min(deployed_latency(prune_candidate(base, input_shape, tc, calib, device), input_shape, calib, batch=batch,
+                                runtime=runtime)
                for tc in extremes(space, fewest_bits=False))
 
 

@@ -79,6 +79,10 @@ class Recorder(Protocol):
     def after(self, winners: list[dict[str, Any]]) -> None:
         """Once, after the winners: what follows them (export, benchmark)."""
 
+    def discard(self, winners: list[dict[str, Any]]) -> str:
+        """Undo what recording ``winners`` left in the registry (a later check failed);
+        says, in a few words, what is left."""
+
 
 class Quiet:
     """A recorder that keeps the rebuilt winners in memory and says nothing but warnings."""
@@ -112,6 +116,9 @@ class Quiet:
 
     def after(self, winners: list[dict[str, Any]]) -> None:
         pass
+
+    def discard(self, winners: list[dict[str, Any]]) -> str:
+        return "nothing was registered"
 
 
 @dataclass(frozen=True)
@@ -313,14 +320,21 @@ class StudyWorker:
         def build(row: dict[str, Any]) -> Callable[[], Rebuilt]:
             return lambda: rebuild(self.problem, row, self.plan.final_epochs)
 
-        winners = [known.get(t["number"]) or self.recorder.winner(t, build(t)) for t in self.chosen(trials)]
-        if len(winners) > 1 and not self.plan.pareto:
-            problem = self.problem
-            winners.sort(key=lambda w: (-w["val_accuracy"], tie_break(w, problem.budget_ms, problem.budget_batch)))
-        first = next((w for w in winners if w["within_budget"]), None)  # the most accurate that still fits
-        if first is not None:
-            self.recorder.challenger(first)
-        self.recorder.after(winners)
+        winners: list[dict[str, Any]] = []
+        try:
+            for t in self.chosen(trials):
+                winners.append(known.get(t["number"]) or self.recorder.winner(t, build(t)))
+            if len(winners) > 1 and not self.plan.pareto:
+                problem = self.problem
+                winners.sort(key=lambda w: (-w["val_accuracy"], tie_break(w, problem.budget_ms,
+                                                                          problem.budget_batch)))
+            first = next((w for w in winners if w["within_budget"]), None)  # the most accurate that still fits
+            if first is not None:
+                self.recorder.challenger(first)
+            self.recorder.after(winners)
+        except McpError as exc:  # a winner failed a check: what this call registered goes
+            left = self.recorder.discard([w for w in winners if not w.get("reused")])
+            raise McpError(f"{exc}; {left}") from None
         return winners
 
 
