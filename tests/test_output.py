@@ -191,7 +191,7 @@ def test_a_baseline_that_is_the_parent_is_timed_once(monkeypatch):
 
     timed: list[int] = []
 
-    def fake(paths, shape, batch, seconds):
+    def fake(paths, shape, batch, seconds, runtimes=None):
         timed.append(len(paths))
         return [1.0, 2.0, 3.0][:len(paths)]
 

@@ -16,6 +16,7 @@ from typing import Sequence
 
 from mcp.deploy.onnx import ort_session
 from mcp.errors import ConfigError
+from mcp.evaluation import ort_bench  # its compare is called through the module: tests fake it
 from mcp.evaluation.ort_bench import RUNTIMES, OpenVinoSession
 
 CHOICES = (*RUNTIMES, "auto")
@@ -100,7 +101,5 @@ def time_runtimes(path: str | Path, shape: Sequence[int], runtimes: Sequence[str
                   threads: int = 1) -> dict[str, float]:
     """CPU p50 (ms, batch 1) of one file in each runtime, timed side by side in rotated
     rounds in this process."""
-    from mcp.evaluation import ort_bench
-
     times = ort_bench.compare([str(path)] * len(runtimes), tuple(shape), threads, seconds, runtimes=list(runtimes))
     return dict(zip(runtimes, times))
