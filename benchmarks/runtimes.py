@@ -1,6 +1,7 @@
 """The same ONNX files in every CPU runtime mcp knows (ONNX Runtime, OpenVINO f32, OpenVINO
 bf16), and OpenVINO's own INT8 (NNCF post-training quantization, used directly) beside them.
 
+    pip install 'mcp-pipeline[openvino]' nncf             # nncf: the peer column (skipped without it)
     python benchmarks/runtimes.py                        # both parts, seeds 0 1 2
     python benchmarks/runtimes.py --part zoo             # the 224x224 models only (speed)
     python benchmarks/runtimes.py --part mnist --seeds 0 --epochs 3 --finetune-epochs 1   # a quick look

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+from importlib.metadata import version
 from pathlib import Path
 from typing import Sequence
 
@@ -88,13 +89,8 @@ def settings(runtime: str, threads: int = 1) -> str:
 
 def versions() -> dict[str, str]:
     """The version of every installed runtime, as ``<package>_version``."""
-    out = {}
-    for package in ("onnxruntime", "openvino"):
-        if importlib.util.find_spec(package) is not None:
-            from importlib.metadata import version
-
-            out[f"{package}_version"] = version(package)
-    return out
+    return {f"{package}_version": version(package) for package in ("onnxruntime", "openvino")
+            if importlib.util.find_spec(package) is not None}
 
 
 def time_runtimes(path: str | Path, shape: Sequence[int], runtimes: Sequence[str], seconds: float,
@@ -103,3 +99,16 @@ def time_runtimes(path: str | Path, shape: Sequence[int], runtimes: Sequence[str
     rounds in this process."""
     times = ort_bench.compare([str(path)] * len(runtimes), tuple(shape), threads, seconds, runtimes=list(runtimes))
     return dict(zip(runtimes, times))
+
+
+def fastest(path: str | Path, shape: Sequence[int], seconds: float, threads: int = 1,
+            names: Sequence[str] | None = None) -> tuple[str, dict[str, float]]:
+    """(the runtime that runs ``path`` fastest, the p50 of each), the available runtimes
+    (or ``names``) timed side by side: what ``auto`` means."""
+    times = time_runtimes(path, shape, list(names or available()), seconds, threads)
+    return min(times, key=times.get), times
+
+
+def latency_metrics(times: dict[str, float], prefix: str = "latency_ms_p50_cpu_") -> dict[str, float]:
+    """Each runtime's p50 as a metric, ``<prefix><runtime>`` (MLflow keys: ``-`` -> ``_``)."""
+    return {prefix + name.replace("-", "_"): ms for name, ms in times.items()}

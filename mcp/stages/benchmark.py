@@ -132,9 +132,8 @@ def _with_runtimes(cfg: BenchmarkConfig, prepared: list[dict[str, Any]], shape) 
     if cfg.runtime.strip() != "auto":
         return [{**row, "runtime": name} for row in prepared for name in names]
     for row in prepared:
-        times = runtimes.time_runtimes(row["path"], shape, names, min(cfg.seconds, 1.0), cfg.threads)
-        row["runtime"] = min(times, key=times.get)
-        row.update({f"auto_latency_ms_p50_cpu_{n.replace('-', '_')}": ms for n, ms in times.items()})
+        row["runtime"], times = runtimes.fastest(row["path"], shape, min(cfg.seconds, 1.0), cfg.threads, names)
+        row.update(runtimes.latency_metrics(times, "auto_latency_ms_p50_cpu_"))
     return prepared
 
 

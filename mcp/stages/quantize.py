@@ -137,15 +137,13 @@ def _quantize(cfg: QuantizeConfig, layer_bits: dict[str, int], base: nn.Module, 
                       "file")
         runtime, times = cfg.runtime, {}
         if runtime == "auto":  # where this file runs fastest, timed side by side
-            times = runtimes.time_runtimes(outcome.onnx_path, splits.input_shape, runtimes.available(),
-                                           timing_seconds())
-            runtime = min(times, key=times.get)
+            runtime, times = runtimes.fastest(outcome.onnx_path, splits.input_shape, timing_seconds())
         if runtime != "onnxruntime":  # its accuracy where it will run
             outcome.metrics["onnx_test_accuracy"] = ort_evaluate(runtimes.session(outcome.onnx_path, runtime),
                                                                  test_loader)["accuracy"]
         deployment = deployment_figures(outcome.model, splits.input_shape, outcome.onnx_path, ref.model,
                                         (base, base_uri), what, refuse, runtime=runtime)
-        deployment.update({f"latency_ms_p50_cpu_{k.replace('-', '_')}": v for k, v in times.items()})
+        deployment.update(runtimes.latency_metrics(times))
         tracking.log_artifact(outcome.onnx_path, "onnx")
         payload_path = Path(tmp) / "model.mcpz"
         payload_path.write_bytes(outcome.payload)

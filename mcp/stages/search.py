@@ -213,10 +213,8 @@ class Runs:
             path, fmt = rebuilt.deploy(self.problem, tmp)
             runtime = self.problem.runtime
             if runtime == "auto":  # where this file runs fastest, timed side by side
-                times = runtimes.time_runtimes(path, self.problem.input_shape, runtimes.available(),
-                                               timing_seconds())
-                runtime = min(times, key=times.get)
-                rebuilt.metrics.update({f"latency_ms_p50_cpu_{k.replace('-', '_')}": v for k, v in times.items()})
+                runtime, times = runtimes.fastest(path, self.problem.input_shape, timing_seconds())
+                rebuilt.metrics.update(runtimes.latency_metrics(times))
             self._check_deployable(rebuilt, path, fmt, runtime)
             rebuilt.metrics.update(deployment_figures(rebuilt.model, self.problem.input_shape, path,
                                                       self.baseline.model, (self.problem.base, self.base_uri),
