@@ -117,43 +117,63 @@ def run(args) -> dict:
                                    register=False, **data)
                 found = run_search(cfg, show_progress=False)
                 w = found.winners[0]
+                row = {"budget": found.budget_bytes, "search": w["test_accuracy"], "search_val": w["val_accuracy"],
+                       "search_size": w["size_bytes_compressed"], "search_codebooks": _codebooks(w),
+                       "uniform_warning": getattr(found, "uniform_warning", "")}
+                if args.grid_search:  # the same study on uniform grids only (what ONNX Runtime runs as INT8)
+                    grid = run_search(cfg.replace(deployable="int8", study_name=f"s{seed}-b{ratio}-int8"),
+                                      show_progress=False).winners[0]
+                    row.update(grid=grid["test_accuracy"], grid_val=grid["val_accuracy"],
+                               grid_size=grid["size_bytes_compressed"])
                 uni = _uniform(base.model, splits, loaders, space, found.budget_bytes, args.final_epochs,
-                               (space.lr[0] * space.lr[1]) ** 0.5, seed, device)
-                r["budgets"][str(ratio)] = {
-                    "budget": found.budget_bytes, "search": w["test_accuracy"], "search_val": w["val_accuracy"],
-                    "search_size": w["size_bytes_compressed"], "uniform": uni and uni["test"],
-                    "uniform_val": uni and uni["val"], "uniform_size": uni and uni["size"],
-                    "uniform_bits": uni and uni["bits"], "uniform_ratio": uni and uni["ratio"],
-                    "uniform_warning": getattr(found, "uniform_warning", ""),
-                    "seconds": time.perf_counter() - t1}
+                               (space.lr[0] * space.lr[1]) ** 0.5, seed, device) if args.uniform else None
+                row.update({"uniform": uni and uni["test"], "uniform_val": uni and uni["val"],
+                            "uniform_size": uni and uni["size"], "uniform_bits": uni and uni["bits"],
+                            "uniform_ratio": uni and uni["ratio"], "uniform_ran": args.uniform,
+                            "seconds": time.perf_counter() - t1})
+                r["budgets"][str(ratio)] = row
                 _save(results, out)
-                u = f"{100 * uni['test']:.2f}%" if uni else "none fits"
-                print(f"seed {seed}: budget {ratio:.0%}: search {100 * w['test_accuracy']:.2f}% uniform {u} "
+                u = f"{100 * uni['test']:.2f}%" if uni else "none fits" if args.uniform else "not run"
+                g = f", grid search {100 * row['grid']:.2f}%" if "grid" in row else ""
+                print(f"seed {seed}: budget {ratio:.1%}: search {100 * w['test_accuracy']:.2f}%{g}, uniform {u} "
                       f"({time.perf_counter() - t1:.0f} s)", flush=True)
-            pruned = run_prune(PruneConfig(model=MODEL, model_uri=base.model_uri, sparsity=0.9, schedule="gradual",
-                                           epochs=30, seed=seed, **data), show_progress=False)
-            pruned_uri = f"models:/{pruned.registered_name}/{pruned.registered_version}"
-            hand = run_quantize(QuantizeConfig(model=MODEL, model_uri=pruned_uri, method="qat", bits=4,
-                                               epochs=8, seed=seed, register=False, **data), show_progress=False)
-            r["hand"] = {"test": hand.metrics["test_accuracy"], "size": hand.metrics["size_bytes_compressed"]}
-            _save(results, out)
-            print(f"seed {seed}: hand recipe {100 * r['hand']['test']:.2f}% {int(r['hand']['size']):,} B", flush=True)
+            if args.hand and not r.get("hand"):
+                pruned = run_prune(PruneConfig(model=MODEL, model_uri=base.model_uri, sparsity=0.9,
+                                               schedule="gradual", epochs=30, seed=seed, **data), show_progress=False)
+                pruned_uri = f"models:/{pruned.registered_name}/{pruned.registered_version}"
+                hand = run_quantize(QuantizeConfig(model=MODEL, model_uri=pruned_uri, method="qat", bits=4,
+                                                   epochs=8, seed=seed, register=False, **data), show_progress=False)
+                r["hand"] = {"test": hand.metrics["test_accuracy"], "size": hand.metrics["size_bytes_compressed"]}
+                _save(results, out)
+                print(f"seed {seed}: hand recipe {100 * r['hand']['test']:.2f}% {int(r['hand']['size']):,} B",
+                      flush=True)
 
             r.setdefault("dc", {})
             for sparsity in [float(s) for s in args.dc_sparsities.split(",")]:
-                if str(sparsity) in r["dc"]:
-                    continue
-                dc = run_quantize(QuantizeConfig(model=MODEL, model_uri=base.model_uri, method="deep_compression",
-                                                 sparsity=sparsity, seed=seed, register=False, **data),
-                                  show_progress=False)
-                r["dc"][str(sparsity)] = {"test": dc.metrics["test_accuracy"], "pruned_test":
-                                          dc.metrics.get("pruned_test_accuracy"), "size": dc.stages["huffman"],
-                                          "stages": dc.stages, "bits": dc.tags.get("mcp.bits", "")}
-                _save(results, out)
-                print(f"seed {seed}: DC {sparsity:.0%} {100 * dc.metrics['test_accuracy']:.2f}% "
-                      f"{dc.stages['huffman']:,} B", flush=True)
+                for teacher in ("", "parent") if args.dc_distill else ("",):
+                    key = str(sparsity) + (" distilled" if teacher else "")
+                    if key in r["dc"]:
+                        continue
+                    dc = run_quantize(QuantizeConfig(model=MODEL, model_uri=base.model_uri, method="deep_compression",
+                                                     sparsity=sparsity, distill_from=teacher, seed=seed,
+                                                     register=False, **data), show_progress=False)
+                    r["dc"][key] = {"test": dc.metrics["test_accuracy"], "pruned_test":
+                                    dc.metrics.get("pruned_test_accuracy"), "size": dc.stages["huffman"],
+                                    "stages": dc.stages, "bits": dc.tags.get("mcp.bits", "")}
+                    _save(results, out)
+                    print(f"seed {seed}: DC {key} {100 * dc.metrics['test_accuracy']:.2f}% "
+                          f"{dc.stages['huffman']:,} B", flush=True)
 
     return results
+
+
+def _codebooks(winner: dict) -> str:
+    """The layers a search winner encodes with k-means codebooks (its run's trial params)."""
+    from mlflow import MlflowClient
+
+    params = MlflowClient().get_run(winner["run_id"]).data.params
+    return ",".join(k.split(".", 1)[1] for k, v in sorted(params.items())
+                    if k.startswith("encoding.") and v == "codebook")
 
 
 def _ms(values: list[float]) -> str:
@@ -174,34 +194,44 @@ def report(results: dict, plot: str) -> None:
           f"{s['trials']} trials, {s['final_epochs']} final epochs, torch {torch.__version__}, "
           f"{torch.get_num_threads()} CPU threads; mean ± sd of test accuracy (%)\n")
     print(f"baseline (float32, {int(fp32):,} B): {_ms([r['baseline']['test'] for r in seeds])}%\n")
-    print("| budget (of float32) | budget (B) | search | its size (B) | uniform (best single ratio + bits) "
-          "| its size (B) | search - uniform (points, per seed) |")
-    print("|---|---|---|---|---|---|---|")
+    grid = any("grid" in x for r in seeds for x in r["budgets"].values())
+    print("| budget (of float32) | budget (B) | search | its size (B) | drop vs baseline (points, per seed) "
+          + ("| grid-only search (--deployable int8) | its size (B) " if grid else "")
+          + "| uniform (best single ratio + bits) | its size (B) | search - uniform (points, per seed) |")
+    print("|---|---|---|---|---|" + ("---|---|" if grid else "") + "---|---|---|")
     budgets = sorted(seeds[0]["budgets"], key=float)
     for b in budgets:
         rows = [r["budgets"][b] for r in seeds if b in r["budgets"]]
-        ok = [x for x in rows if x["uniform"] is not None]
+        drops = ", ".join(f"{100 * (r['baseline']['test'] - r['budgets'][b]['search']):+.2f}" for r in seeds
+                          if b in r["budgets"])
+        ok = [x for x in rows if x.get("uniform") is not None]
         gaps = [100 * (x["search"] - x["uniform"]) for x in ok]
         picks = ", ".join(f"{x['uniform_bits']}b@{x['uniform_ratio']:.1%}" for x in ok)
-        uni = f"{_ms([x['uniform'] for x in ok])} ({picks})" if ok else "none fits"
-        print(f"| {float(b):.0%} | {int(statistics.mean(x['budget'] for x in rows)):,} "
+        uni = (f"{_ms([x['uniform'] for x in ok])} ({picks})" if ok else
+               "none fits" if any(x.get("uniform_ran", True) for x in rows) else "not run")
+        grids = [x for x in rows if "grid" in x]
+        grid_cells = (f"| {_ms([x['grid'] for x in grids])} | {int(statistics.mean(x['grid_size'] for x in grids)):,} "
+                      if grids else "| | ") if grid else ""
+        print(f"| {100 * float(b):g}% | {int(statistics.mean(x['budget'] for x in rows)):,} "
               f"| {_ms([x['search'] for x in rows])} | {int(statistics.mean(x['search_size'] for x in rows)):,} "
-              f"| {uni} | {int(statistics.mean(x['uniform_size'] for x in ok)) if ok else 0:,} "
+              f"| {drops} {grid_cells}| {uni} | {int(statistics.mean(x['uniform_size'] for x in ok)) if ok else 0:,} "
               f"| {statistics.mean(gaps) if gaps else float('nan'):+.2f} ({', '.join(f'{g:+.2f}' for g in gaps)}) |")
-    hand = [r["hand"] for r in seeds]
-    print(f"\nhand recipe (prune 90% gradual + QAT 4 bits): {_ms([h['test'] for h in hand])}% at "
-          f"{int(statistics.mean(h['size'] for h in hand)):,} B ({fp32 / statistics.mean(h['size'] for h in hand):.0f}x)\n")
+    hand = [r["hand"] for r in seeds if r.get("hand")]
+    if hand:
+        print(f"\nhand recipe (prune 90% gradual + QAT 4 bits): {_ms([h['test'] for h in hand])}% at "
+              f"{int(statistics.mean(h['size'] for h in hand)):,} B "
+              f"({fp32 / statistics.mean(h['size'] for h in hand):.0f}x)\n")
     print("Deep Compression (`mcp quantize --method deep_compression --sparsity S`, defaults otherwise), "
           "beside Han et al.'s LeNet-300-100 (full MNIST: 40x, error 1.64% -> 1.58%)\n")
     print("| sparsity | baseline | pruned | after k-means + Huffman | drop (points) | pruned (B) | + k-means (B) "
           "| + Huffman (B) | ratio pruned | ratio k-means | ratio Huffman |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for sp in sorted(seeds[0]["dc"], key=float):
+    for sp in sorted(seeds[0]["dc"], key=lambda k: (float(k.split()[0]), k)):
         d = [r["dc"][sp] for r in seeds]
         drops = [r["baseline"]["test"] - r["dc"][sp]["test"] for r in seeds]
         st = {k: statistics.mean(x["stages"][k] for x in d) for k in ("fp32", "pruned", "kmeans", "huffman")}
-        print(f"| {float(sp):.0%} | {_ms([r['baseline']['test'] for r in seeds])} | {_ms([x['pruned_test'] for x in d])} "
-              f"| {_ms([x['test'] for x in d])} | {_ms(drops)} | {int(st['pruned']):,} | {int(st['kmeans']):,} "
+        print(f"| {float(sp.split()[0]):.0%}{' distilled' if ' ' in sp else ''} | {_ms([r['baseline']['test'] for r in seeds])} | {_ms([x['pruned_test'] for x in d])} "
+              f"| {_ms([x['test'] for x in d])} | {_ms(drops)} (worst {100 * max(drops):.2f}) | {int(st['pruned']):,} | {int(st['kmeans']):,} "
               f"| {int(st['huffman']):,} | {st['fp32'] / st['pruned']:.1f}x | {st['fp32'] / st['kmeans']:.1f}x "
               f"| {st['fp32'] / st['huffman']:.1f}x |")
     if plot:
@@ -223,16 +253,19 @@ def _plot(seeds: list[dict], budgets: list[str], path: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for key, size_key, label, style in (("search", "search_size", "joint search (winner on validation)", "o-"),
+                                        ("grid", "grid_size", "joint search, uniform grids only", "v-."),
                                         ("uniform", "uniform_size", "uniform ratio + bit-width", "s--")):
-        pts = [[(r["budgets"][b][size_key], r["budgets"][b][key]) for r in seeds if r["budgets"][b][key] is not None]
-               for b in budgets]
+        pts = [[(r["budgets"][b][size_key], r["budgets"][b][key]) for r in seeds
+                if b in r["budgets"] and r["budgets"][b].get(key) is not None] for b in budgets]
         pts = [p for p in pts if p]
-        ax.errorbar(*line(pts), fmt=style, capsize=3, label=label)
-    dc = sorted(seeds[0]["dc"], key=float)
+        if pts:
+            ax.errorbar(*line(pts), fmt=style, capsize=3, label=label)
+    dc = sorted((k for k in seeds[0]["dc"] if " " not in k), key=float)
     ax.errorbar(*line([[(r["dc"][sp]["size"], r["dc"][sp]["test"]) for r in seeds] for sp in dc]), fmt="^:",
                 capsize=3, label="Deep Compression (94-97% pruned)")
-    ax.errorbar(*line([[(r["hand"]["size"], r["hand"]["test"]) for r in seeds]]), fmt="D", capsize=3,
-                label="hand recipe (90% + 4 bits)")
+    if all(r.get("hand") for r in seeds):
+        ax.errorbar(*line([[(r["hand"]["size"], r["hand"]["test"]) for r in seeds]]), fmt="D", capsize=3,
+                    label="hand recipe (90% + 4 bits)")
     base = statistics.mean(100 * r["baseline"]["test"] for r in seeds)
     ax.axhline(base, color="gray", lw=0.8, ls=":", label=f"float32 baseline ({base:.2f}%)")
     ax.set_xscale("log")
@@ -256,6 +289,12 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--final-epochs", type=int, default=8)
     parser.add_argument("--dc-sparsities", default="0.94,0.96,0.97")
+    parser.add_argument("--dc-distill", action="store_true",
+                        help="also run Deep Compression distilled from the baseline (--distill-from parent)")
+    parser.add_argument("--grid-search", action="store_true",
+                        help="also run each budget's search with --deployable int8 (uniform grids only)")
+    parser.add_argument("--no-uniform", dest="uniform", action="store_false", help="skip the uniform column")
+    parser.add_argument("--no-hand", dest="hand", action="store_false", help="skip the hand recipe")
     parser.add_argument("--out", default="mnist_curve.json")
     parser.add_argument("--plot", default="mnist_curve.png")
     parser.add_argument("--report", action="store_true", help="only print the tables and plot from --out (a "

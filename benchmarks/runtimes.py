@@ -5,6 +5,8 @@ bf16), and OpenVINO's own INT8 (NNCF post-training quantization, used directly) 
     python benchmarks/runtimes.py                        # both parts, seeds 0 1 2
     python benchmarks/runtimes.py --part zoo             # the 224x224 models only (speed)
     python benchmarks/runtimes.py --part mnist --seeds 0 --epochs 3 --finetune-epochs 1   # a quick look
+    python benchmarks/runtimes.py --part search          # mcp search --budget-ms X --runtime auto, MNIST ResNet-20
+    python benchmarks/runtimes.py --part layers          # which layers each runtime runs faster in INT8
     python benchmarks/runtimes.py --from-json            # the tables of the saved results
 
 **zoo** (speed only: their accuracy needs ImageNet, which this machine does not have):
@@ -21,6 +23,19 @@ baseline trained from scratch, ``mcp.prune`` (structured, layer-wise, distilled 
 baseline) at 75% and 87.5% of channels, ``ptq_int8`` of the baseline and of each pruned
 model, and NNCF's INT8 of each float32 file (calibrated as ``mcp.quantize`` is: on the first
 16 training batches of 64). Accuracy of every file in every runtime on the 2,000 test images.
+
+**search**: per seed, the stages as a user runs them (`mcp train`, then `mcp search
+--model-uri <baseline> --budget-ratio 0 --budget-ms X --runtime auto --space resnet_latency
+--distill`, in a tracking store of its own) on the same data: X is the float32 baseline's
+p50 in its fastest runtime over --speedup. Then the winner's registered deployable and the
+baseline's export are timed afresh in every runtime (the protocol below): does the winner
+meet X in the runtime its version records, is that runtime still the fastest for it, and
+its accuracy there against the baseline's.
+
+**layers**: what `--precision speed` sees in each runtime: every Conv/Gemm layer of
+``resnet18`` at 3x224x224 and of the CIFAR ResNet-20 at 1x32x32 timed alone as float32 and
+as INT8 QDQ (``mcp.deploy.kernel_speed``, a fresh cache), per runtime; which layers run at
+least 10% faster in INT8 there.
 
 Timing: every (file, runtime) pair of a model in ONE fresh process, batch 1, one thread,
 --rounds rounds in rotated order, --seconds per pair and round; the p50 over all calls and
@@ -216,6 +231,105 @@ def mnist_seed(seed: int, args, splits, tmp: Path) -> dict:
     return {"seed": seed, "rows": rows, "compute_s": compute_s, **best_of(rows)}
 
 
+def search_seed(seed: int, args, tmp: Path) -> dict:
+    """`mcp train` and `mcp search --budget-ms X --runtime auto` on MNIST at 1x32x32, in a
+    tracking store of their own; the winner timed afresh in every runtime."""
+    import os
+
+    import mlflow
+
+    from mcp import tracking
+    from mcp.config import SearchConfig, TrainConfig
+    from mcp.deploy.onnx import export_onnx
+    from mcp.stages.search import run_search
+    from mcp.stages.train import run_train
+
+    store = tmp / f"search{seed}"
+    store.mkdir()
+    cwd = os.getcwd()
+    os.chdir(store)  # the store's artifacts (./mlruns) stay in it
+    try:
+        mlflow.set_tracking_uri(f"sqlite:///{store / 'mlflow.db'}")
+        data = dict(dataset="idx", data_dir=args.mnist_dir, input_shape="x".join(map(str, MNIST_SHAPE)), seed=seed,
+                    val_fraction=0.15)
+        started = time.perf_counter()
+        base = run_train(TrainConfig(model="resnet20", epochs=args.epochs, **data), show_progress=False)
+        base_uri = f"models:/{base.registered_name}/{base.registered_version}"
+        base_path = export_onnx(tracking.load_model(base_uri), MNIST_SHAPE, store / "baseline.onnx")
+        base_rows = fresh_timing(pairs({"float32 baseline": base_path}), MNIST_SHAPE, args)
+        budget = min(r["p50_ms"] for r in base_rows) / args.speedup
+        found = run_search(SearchConfig(model="resnet20", model_uri=base_uri, space="resnet_latency",
+                                        budget_ratio=0.0, budget_ms=budget, runtime="auto", distill=True,
+                                        trials=args.search_trials, final_epochs=args.finetune_epochs, export=False,
+                                        benchmark=False, storage=f"sqlite:///{store / 'optuna.db'}", **data),
+                           show_progress=False)
+        compute_s = time.perf_counter() - started
+        winner = found.winners[0]
+        uri = f"models:/{winner['registered_name']}/{winner['version']}"
+        tags = tracking.models.version_info(uri)[0]
+        recorded = tags["runtime"]
+        searched = tracking.runs.run_metrics(winner["run_id"])
+        path, fmt = tracking.models.deployable_onnx(uri, store / "winner")
+        splits = load_dataset("idx", args.mnist_dir, False, MNIST_SHAPE, 0, 0.15, "auto")
+        test = make_loaders(splits, 64, 0, seed)[2]
+        rows = fresh_timing(pairs({"float32 baseline": base_path, "search winner": path}), MNIST_SHAPE, args)
+        for row in rows:
+            row["accuracy"] = accuracy(Path(base_path if row["file"] == "float32 baseline" else path),
+                                       row["runtime"], test)
+    finally:
+        os.chdir(cwd)
+    mine = {r["runtime"]: r for r in rows if r["file"] == "search winner"}
+    base_ref = next(r for r in rows if r["file"] == "float32 baseline" and r["runtime"] == "onnxruntime")
+    return {"seed": seed, "budget_ms": budget, "speedup_asked": args.speedup, "recorded_runtime": recorded,
+            "runtime_settings": tags.get("runtime_settings", ""), "deploy_format": fmt, "trial": winner["trial"],
+            "dropped_blocks": tags.get("dropped_blocks", ""),
+            "search_latency_ms": searched.get("latency_ms_p50_cpu"),
+            "search_latency_per_runtime": {k[len("latency_ms_p50_cpu_"):]: v for k, v in searched.items()
+                                           if k.startswith("latency_ms_p50_cpu_") and "baseline" not in k
+                                           and "parent" not in k},
+            "retimed_ms": mine[recorded]["p50_ms"], "meets_budget": mine[recorded]["p50_ms"] <= budget,
+            "fastest_retimed": min(mine, key=lambda rt: mine[rt]["p50_ms"]),
+            "winner_accuracy": mine[recorded]["accuracy"], "baseline_accuracy": base_ref["accuracy"],
+            "rows": rows, "compute_s": compute_s}
+
+
+def layers_part(tmp: Path) -> list[dict]:
+    from mcp.deploy import kernel_speed
+    from mcp.deploy.onnx import export_onnx
+
+    out = []
+    for name, model, shape in (("resnet18", zoo_model("resnet18"), (3, 224, 224)),
+                               ("resnet20", create_model("resnet20", 10, MNIST_SHAPE), MNIST_SHAPE)):
+        path = export_onnx(model.eval(), shape, tmp / f"{name}.onnx")
+        for rt in runtimes.available():
+            speeds = kernel_speed.layer_speeds(path, cache=tmp / "kernel_speed.json", runtime=rt)
+            out.append({"model": name, "shape": list(shape), "runtime": rt,
+                        "int8_faster": [s.int8_faster for s in speeds],
+                        "fp32_ms": [s.fp32_ms for s in speeds], "int8_ms": [s.int8_ms for s in speeds]})
+    return out
+
+
+def layers_table(rows: list[dict]) -> str:
+    lines = ["| model | runtime | INT8 faster in | layers in graph order (I: INT8 at least 10% faster, .: not) |",
+             "|---|---|---|---|"]
+    for r in rows:
+        marks = "".join("I" if f else "." for f in r["int8_faster"])
+        lines.append(f"| {r['model']} | {r['runtime']} | {sum(r['int8_faster'])} of {len(marks)} | `{marks}` |")
+    return "\n".join(lines)
+
+
+def search_table(seeds: list[dict]) -> str:
+    lines = ["| seed | budget X (ms) | runtime recorded | its p50 as the search logged it (ms) | winner p50 there, "
+             "retimed (ms) | meets X | fastest retimed | winner accuracy % | baseline accuracy % |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for s in seeds:
+        lines.append(f"| {s['seed']} | {s['budget_ms']:.4f} | {s['recorded_runtime']} | {s['search_latency_ms']:.4f} "
+                     f"| {s['retimed_ms']:.4f} | "
+                     f"{'yes' if s['meets_budget'] else 'NO'} | {s['fastest_retimed']} | "
+                     f"{100 * s['winner_accuracy']:.2f} | {100 * s['baseline_accuracy']:.2f} |")
+    return "\n".join(lines)
+
+
 def _fastest(rows):
     return min(rows, key=lambda r: r["p50_ms"]) if rows else None
 
@@ -279,10 +393,12 @@ def mnist_table(seeds: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("zoo", "mnist", "all"), default="all")
+    parser.add_argument("--part", choices=("zoo", "mnist", "search", "layers", "all"), default="all")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=15, help="baseline training epochs (mnist)")
     parser.add_argument("--finetune-epochs", type=int, default=8, help="fine-tuning epochs after pruning (mnist)")
+    parser.add_argument("--speedup", type=float, default=3.0, help="search: X = the baseline's fastest p50 / this")
+    parser.add_argument("--search-trials", type=int, default=8, help="search: trials of the study")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=0.5, help="timing per (file, runtime) and round")
     parser.add_argument("--mnist-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" /
@@ -307,6 +423,10 @@ def main() -> None:
             if args.part in ("mnist", "all"):
                 splits = load_dataset("idx", args.mnist_dir, False, MNIST_SHAPE, 0, 0.15, "auto")
                 saved["mnist"] = [mnist_seed(seed, args, splits, Path(tmp)) for seed in args.seeds]
+            if args.part in ("layers", "all"):
+                saved["layers"] = layers_part(Path(tmp))
+            if args.part in ("search", "all"):
+                saved["search"] = [search_seed(seed, args, Path(tmp)) for seed in args.seeds]
         saved[f"settings_{args.part}"] = {k: v for k, v in vars(args).items() if k not in ("out", "from_json",
                                                                                            "time_pairs")}
         saved[f"wall_s_{args.part}"] = time.perf_counter() - started
@@ -317,6 +437,12 @@ def main() -> None:
     if saved.get("mnist"):
         print()
         print(mnist_table(saved["mnist"]))
+    if saved.get("layers"):
+        print()
+        print(layers_table(saved["layers"]))
+    if saved.get("search"):
+        print()
+        print(search_table(saved["search"]))
 
 
 if __name__ == "__main__":

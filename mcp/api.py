@@ -191,16 +191,19 @@ def quantize(model: nn.Module, data: Any, *, method: str = "ptq_int8", bits: int
              momentum: float = 0.9, weight_decay: float = 0.0, scheduler: str = "cosine",
              teacher: nn.Module | None = None, temperature: float = 4.0, alpha: float = 0.9, opset: int = 17,
              out_dir: str | Path | None = None, seed: int = 0, device: str = "auto", progress: bool | None = False,
-             track: bool = True):
+             track: bool = True, runtime: str = "onnxruntime"):
     """Quantize a copy of ``model`` by a registered method (``mcp quantize``): encoded for
     its honest size and built into its deployable ONNX file (in ``out_dir``, a temporary
     folder by default). Returns :class:`mcp.quantization.quantize.QuantizeOutcome`.
+    ``precision="speed"`` puts INT8 in the layers that ``runtime`` runs faster (``auto``:
+    a file for each installed runtime, the fastest kept; ``outcome.runtime`` names it).
     ``deep_compression`` prunes in the prune stage first: call :func:`prune`, then
     ``quantize(..., method="huffman")``. With ``track``, the call is an MLflow run."""
     params = _params(locals())
 
     if quant_method(method).prunes_first:
         raise ConfigError(f"method={method!r} prunes first; call mcp.prune, then mcp.quantize(method='huffman')")
+    check_choice("runtime", runtime)
     dev = _device(device)
     d = as_data(data, seed=seed, device=dev)
     spec = QuantSpec(method=method, bits=bits, layer_bits=dict(layer_bits or {}), act_bits=act_bits,
@@ -212,7 +215,7 @@ def quantize(model: nn.Module, data: Any, *, method: str = "ptq_int8", bits: int
         model, d.loaders, d.input_shape, spec, out, _finetune(epochs, lr, optimizer, momentum, weight_decay, scheduler,
                                                               seed),
         calib_batches=calib_batches, opset=opset, device=dev, batch_loss=_teacher_loss(teacher, dev, temperature, alpha),
-        callbacks=callbacks, progress=progress), d)
+        callbacks=callbacks, progress=progress, runtime=runtime), d)
 
 
 def distill(teacher: nn.Module, student: nn.Module, data: Any, *, temperature: float = 4.0, alpha: float = 0.9,
@@ -291,7 +294,8 @@ def search(model: nn.Module, data: Any, *, space: str | Path = "", budget_bytes:
            budget_on: str = "compressed", trials: int = 20, pareto: bool = False, latency: bool = False,
            fill_budget: bool = True, distill: bool = False, calib_batches: int = 8, sampler: str = "tpe",
            final_epochs: int = 0, storage: str | None = None, study_name: str | None = None, heartbeat: float = 30.0,
-           seed: int = 0, device: str = "auto", progress: bool | None = False) -> SearchOutcome:
+           deployable: str = "any", seed: int = 0, device: str = "auto",
+           progress: bool | None = False) -> SearchOutcome:
     """An Optuna study over per-layer prune ratios and bit-widths of ``model`` from a search
     space under ``budget_bytes`` (untracked), run by the same worker as ``mcp search``:
     ``trials`` is the study's total, shared by every call (in any process, on any machine)
@@ -301,8 +305,9 @@ def search(model: nn.Module, data: Any, *, space: str | Path = "", budget_bytes:
     ``"resnet_latency"``, ``"transformer"``) or a path to a YAML file; empty: the model family's space.
     Returns a :class:`SearchOutcome`: the study, its trials, and the best feasible trial
     rebuilt from ``model`` and fine-tuned for ``final_epochs`` (0: its trial's epochs),
-    ``.model`` and ``.metrics``. ``progress``: one line per trial (None: a bar on a
-    terminal, lines elsewhere; False: quiet)."""
+    ``.model`` and ``.metrics``. ``deployable="int8"`` keeps the search to uniform grids
+    (INT8 in ONNX Runtime) where the space also offers k-means codebooks. ``progress``: one
+    line per trial (None: a bar on a terminal, lines elsewhere; False: quiet)."""
     if not pareto and not budget_bytes:
         raise ConfigError(f"budget_bytes={budget_bytes!r}: a max-accuracy search needs a size budget in bytes "
                           f"(or pareto=True for the accuracy/size front)")
@@ -315,7 +320,7 @@ def search(model: nn.Module, data: Any, *, space: str | Path = "", budget_bytes:
     cfg = SearchConfig(space=str(path), mode="pareto" if pareto else "max-accuracy", budget_on=budget_on,
                        budget_mb=(budget_bytes or 0) / 1e6, budget_ratio=0.0, latency=latency, trials=trials,
                        sampler=sampler, storage=url, heartbeat=heartbeat, fill_budget=fill_budget, distill=distill,
-                       final_epochs=final_epochs, calib_batches=calib_batches, seed=seed,
+                       final_epochs=final_epochs, calib_batches=calib_batches, seed=seed, deployable=deployable,
                        study_name=study_name or f"{arch}-{'pareto' if pareto else 'max-accuracy'}")
     try:
         checked = check_search(cfg, SimpleNamespace(input_shape=d.input_shape, num_classes=d.classes_of(model)),

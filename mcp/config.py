@@ -535,9 +535,11 @@ class QuantizeConfig(RecoveryOptions):
     calib_batches: int = option(16, "Training batches used for calibration.")
     reduce_range: bool = option(True, "ptq_int8 / dynamic_int8: INT8 weights in [-64, 64] (ONNX Runtime's "
                                       "reduce_range), so its u8 x s8 kernels cannot saturate.")
-    precision: str = option("int8", "ptq_int8: int8 quantizes every layer; speed only the layers that ONNX Runtime "
-                                    "runs at least 10% faster in INT8 than in float32 at their shapes on this CPU "
-                                    "(timed once per shape and cached), float32 elsewhere.", ("int8", "speed"))
+    precision: str = option("int8", "ptq_int8: int8 quantizes every layer; speed only the layers that the runtime "
+                                    "(--runtime) runs at least 10% faster in INT8 than in float32 at their shapes on "
+                                    "this CPU (timed once per shape and runtime, and cached), float32 elsewhere; "
+                                    "with --runtime auto, a file for each runtime, the fastest kept.",
+                            ("int8", "speed"))
     kmeans_init: str = option("linear", "k-means centroid initialisation.", KMEANS_INITS)
     share_biases: str = option("auto", "kmeans / huffman / deep_compression: share the biases too (their own "
                                        "2^bits codebook per layer). auto: where their float32 bytes would be more "
@@ -557,7 +559,7 @@ class QuantizeConfig(RecoveryOptions):
     opset: int = option(17, "ONNX opset of the exported model.")
     runtime: str = option("onnxruntime", "Where the deployable file is timed and recorded to run: onnxruntime, "
                                          "openvino, openvino-bf16, or auto (the fastest installed runtime, timed "
-                                         "side by side). --precision speed chooses its INT8 layers on ONNX Runtime.")
+                                         "side by side). --precision speed chooses its INT8 layers on this runtime.")
     register: bool = option(True, "Register the quantized model as a new version of <model>-<dataset>.")
 
     def validate(self) -> None:
@@ -723,6 +725,7 @@ SEARCH_MODES = ("max-accuracy", "pareto")
 SAMPLERS = ("tpe", "nsga2")
 OPTUNA_PRUNERS = ("median", "halving", "none")
 BUDGET_MEASURES = ("compressed", "onnx")
+DEPLOYABLES = ("any", "int8")  # what a search's encodings must deploy as (mcp search --deployable)
 
 
 @dataclass(frozen=True)
@@ -757,6 +760,9 @@ class SearchConfig(StartModel):
                                          "checked, exported and benchmarked: onnxruntime, openvino, openvino-bf16 "
                                          "(the openvino extra), or auto: each file timed in every installed "
                                          "runtime, the fastest counts and is recorded on the winner's version.")
+    deployable: str = option("any", "any: every encoding the space lists (k-means codebooks, Huffman-coded, are a "
+                                    "storage and download format: decoded to float32 to run); int8: only "
+                                    "uniform grids, which ONNX Runtime runs as INT8 weights.", DEPLOYABLES)
     trials: int = option(20, "Trials the study runs in all: a total that every worker of the study shares "
                              "(running the command again resumes up to it; raise it to add trials).")
     timeout: float = option(0.0, "Stop adding trials after this many seconds (0: no limit).")

@@ -66,9 +66,9 @@ def _only_first_layer_faster(monkeypatch):
     """INT8 faster in the first layer only: a decision the machine's timing cannot blur."""
     real = kernel_speed.layer_speeds
 
-    def decided(path, threads=1, cache=None):
+    def decided(path, threads=1, cache=None, runtime="onnxruntime"):
         return [kernel_speed.LayerSpeed(s.node, s.signature, 1.0, 0.5 if i == 0 else 2.0)
-                for i, s in enumerate(real(path, threads, cache))]
+                for i, s in enumerate(real(path, threads, cache, runtime))]
 
     monkeypatch.setattr(kernel_speed, "layer_speeds", decided)
 
@@ -120,8 +120,8 @@ def test_precision_speed_refuses_a_mixed_model_slower_than_its_start(own_store, 
 
 def test_precision_speed_with_no_faster_layer_is_one_clear_error(own_store, monkeypatch):
     real = kernel_speed.layer_speeds
-    monkeypatch.setattr(kernel_speed, "layer_speeds", lambda path, threads=1, cache=None: [
-        kernel_speed.LayerSpeed(s.node, s.signature, 1.0, 1.5) for s in real(path, threads, cache)])
+    monkeypatch.setattr(kernel_speed, "layer_speeds", lambda path, threads=1, cache=None, runtime="onnxruntime": [
+        kernel_speed.LayerSpeed(s.node, s.signature, 1.0, 1.5) for s in real(path, threads, cache, runtime)])
     run_train(TrainConfig(model="tiny_cnn", epochs=1, **TINY), show_progress=False)
     with pytest.raises(McpError, match=r"^precision speed: no layer of this model runs at least 10% faster"):
         run_quantize(QuantizeConfig(model="tiny_cnn", precision="speed", **TINY), show_progress=False)

@@ -170,7 +170,8 @@ def test_precision_speed_times_a_transformer_s_matmul_layers_per_shape(tmp_path,
     model = _timm(FAMILIES["vit"])
     path = export_onnx(model, SHAPE, tmp_path / "vit.onnx")
     timed = []
-    monkeypatch.setattr(kernel_speed, "time_pair", lambda layer, threads=1: timed.append(layer) or (1.0, 0.5))
+    monkeypatch.setattr(kernel_speed, "time_pair", lambda layer, threads=1, runtime="onnxruntime":
+                        timed.append(layer) or (1.0, 0.5))
     speeds = kernel_speed.layer_speeds(path, cache=tmp_path / "cache.json")
     linear = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
     assert len(speeds) == len(linear) == 10

@@ -65,8 +65,10 @@ def test_auto_times_every_installed_runtime_and_keeps_the_fastest_that_passes(ex
 
     source = _trained(epochs=4)
     fake = {"onnxruntime": 0.30, "openvino": 0.10, "openvino-bf16": 0.05}
-    monkeypatch.setattr(runtimes, "time_runtimes", lambda path, shape, names, seconds, threads=1:
-                        {n: fake[n] for n in names})
+    from mcp.evaluation import ort_bench
+
+    monkeypatch.setattr(ort_bench, "compare", lambda paths, shape, threads=1, seconds=0.5, rounds=4, runtimes=None:
+                        [fake[n] for n in runtimes])
     real = deployable.parity_failure
 
     def bf16_refused(fmt, result, rules, runtime="onnxruntime", accuracy=None):
@@ -212,8 +214,6 @@ def test_a_latency_search_with_runtime_auto_times_every_runtime_and_its_winner_m
 
     monkeypatch.setattr(trial_module, "measure_onnx", fake_measure)
     monkeypatch.setattr(ort_bench, "compare", fake_compare)
-    monkeypatch.setattr(runtimes, "time_runtimes", lambda path, shape, names, seconds, threads=1: {
-        n: fake_measure(path, shape, runtime=n)["p50_ms"] for n in names})
     space = tmp_path / "space.yaml"
     space.write_text("prune: {ratio: [0.0, 0.8], granularity: [structured]}\nquantize: {bits: [8]}\n"
                      "finetune: {epochs: [1, 1]}\n")
@@ -266,3 +266,72 @@ def test_the_uniform_start_tag_states_the_ratios_the_trial_ran(experiment, tmp_p
     ran = result.trials[0]["ratios"]
     assert ran["features.4"] == 0.5 and ran["features.0"] == 0.0
     assert "in every layer" not in tag and "clipped to each layer's range: features.0 at 0; features.4 at 0.5" in tag, tag
+
+
+def test_layer_speeds_are_timed_in_each_runtime_and_cached_apart(tmp_path, monkeypatch):
+    """OpenVINO runs the same single-node models (u8 in and out for INT8); its timings are
+    cached under their own key, beside ONNX Runtime's, and read back without timing."""
+    import onnx
+
+    from mcp.deploy import kernel_speed
+    from mcp.deploy.onnx import export_onnx
+    from mcp.models import create_model
+
+    path = export_onnx(create_model("tiny_cnn", 4, (3, 8, 8)), (3, 8, 8), tmp_path / "m.onnx")
+    cache = tmp_path / "cache.json"
+    ort = kernel_speed.layer_speeds(path, cache=cache)
+    ov = kernel_speed.layer_speeds(path, cache=cache, runtime="openvino")
+    assert [s.signature for s in ov] == [s.signature for s in ort]
+    assert all(s.fp32_ms > 0 and s.int8_ms > 0 for s in ov)
+    stored = __import__("json").loads(cache.read_text())
+    key = kernel_speed.machine_key(1, "openvino")
+    assert set(stored) == {kernel_speed.machine_key(1), key} and "openvino" in key
+    assert set(stored[key]) == {s.signature for s in ov}
+    assert len(ov) == len(kernel_speed.weighted_nodes(onnx.load(str(path))))
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("a cached shape was timed again")
+
+    monkeypatch.setattr(kernel_speed, "time_pair", no_timing)
+    assert kernel_speed.layer_speeds(path, cache=cache, runtime="openvino") == ov
+
+
+def test_precision_speed_on_auto_chooses_int8_layers_on_each_runtime_and_keeps_the_fastest_file(experiment,
+                                                                                               monkeypatch, tmp_path):
+    """ONNX Runtime runs the first layer faster in INT8, OpenVINO the second (made so, not
+    timed); OpenVINO's file is timed faster (made so). The registered deployable is
+    OpenVINO's: INT8 in the second layer only, recorded to run there."""
+    import onnx
+
+    from mcp import tracking
+    from mcp.deploy import kernel_speed
+    from mcp.evaluation import ort_bench
+
+    real = kernel_speed.layer_speeds
+    fast = {"onnxruntime": 0, "openvino": 1}
+
+    def decided(path, threads=1, cache=None, runtime="onnxruntime"):
+        return [kernel_speed.LayerSpeed(s.node, s.signature, 1.0, 0.5 if i == fast[runtime] else 2.0)
+                for i, s in enumerate(real(path, threads, cache, "onnxruntime"))]
+
+    def compare(paths, shape, threads=1, seconds=0.5, rounds=4, runtimes=None):
+        return [{"onnxruntime": 2.0, "openvino": 1.0}[r] for r in runtimes or ["onnxruntime"] * len(paths)]
+
+    monkeypatch.setattr(kernel_speed, "layer_speeds", decided)
+    monkeypatch.setattr(ort_bench, "compare", compare)
+    monkeypatch.setattr(runtimes, "available", lambda: ["onnxruntime", "openvino"])
+    source = _trained(epochs=12)
+    result = run_quantize(QuantizeConfig(model="tiny_cnn", model_uri=source, precision="speed", runtime="auto",
+                                         **TINY), show_progress=False)
+    assert result.tags["mcp.runtime"] == "openvino"
+    assert "where OpenVINO runs their shapes faster" in result.tags["mcp.deploy_note"]
+    assert result.metrics["latency_ms_p50_cpu_openvino"] == 1.0
+    assert result.metrics["latency_ms_p50_cpu_onnxruntime"] == 2.0
+    uri = f"models:/{result.registered_name}/{result.registered_version}"
+    assert MlflowClient().get_model_version(result.registered_name, result.registered_version).tags["runtime"] == \
+        "openvino"
+    path, fmt = tracking.models.deployable_onnx(uri, tmp_path / "d")
+    graph = onnx.load(str(path)).graph
+    inits = {i.name for i in graph.initializer}
+    quantized = [n.input[1] not in inits for n in graph.node if n.op_type in ("Conv", "Gemm")]
+    assert fmt == "onnx_qdq_int8" and quantized == [False, True, False]  # OpenVINO's choice, not ONNX Runtime's

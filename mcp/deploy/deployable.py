@@ -142,14 +142,15 @@ def grid_onnx(model: nn.Module, input_shape: Sequence[int], quantizer: Any, entr
 
 
 def speed_onnx(model: nn.Module, input_shape: Sequence[int], calib: Sequence, out_dir: str | Path,
-               opset: int = 17) -> tuple[Path, str]:
-    """(file, format) of ``model`` deployed for speed: the float32 export, with INT8 (QDQ,
-    calibrated on ``calib``) in the layers that ONNX Runtime runs faster in INT8 at their
-    shapes on this CPU (:mod:`mcp.deploy.kernel_speed`); ``onnx_fp32`` when none does."""
+               opset: int = 17, runtime: str = "onnxruntime") -> tuple[Path, str]:
+    """(file, format) of ``model`` deployed for speed on ``runtime``: the float32 export,
+    with INT8 (QDQ, calibrated on ``calib``) in the layers that this runtime runs faster
+    in INT8 at their shapes on this CPU (:mod:`mcp.deploy.kernel_speed`); ``onnx_fp32``
+    when none does."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     fp32 = export_onnx(model, input_shape, out_dir / "fp32.onnx", opset)
-    speeds = kernel_speed.layer_speeds(fp32)
+    speeds = kernel_speed.layer_speeds(fp32, runtime=runtime)
     if not any(s.int8_faster for s in speeds):
         (out_dir / "model.onnx").write_bytes(fp32.read_bytes())
         return out_dir / "model.onnx", "onnx_fp32"

@@ -1,5 +1,5 @@
-"""Which layers ONNX Runtime runs faster in INT8 than in float32, at their own shapes, on
-this CPU.
+"""Which layers a runtime (ONNX Runtime, or OpenVINO reading the same file) runs faster
+in INT8 than in float32, at their own shapes, on this CPU.
 
 Each Conv and Gemm node of a float32 ONNX model is timed alone, twice, in ONNX Runtime
 (batch 1, the given thread count): as float32, and as INT8 in the QDQ form that ONNX
@@ -7,11 +7,14 @@ Runtime fuses into its integer kernel (``DequantizeLinear -> Conv -> QuantizeLin
 becomes ``QLinearConv``; Gemm becomes ``QGemm``), UINT8 activations in and out, per-channel
 INT8 weights, INT32 bias. Narrow layers often run slower in INT8 than in float32 (the
 integer kernels pack and requantize around a small product), wide ones faster; the
-micro-benchmark says which, per shape, instead of a rule of thumb.
+micro-benchmark says which, per shape, instead of a rule of thumb. OpenVINO reads the same
+single-node models (its CPU plugin runs the QDQ form as an integer convolution or matrix
+product, u8 in and out) and answers differently for the same shape: the choice is made on
+the runtime the model will run on.
 
 The timings are cached in ``$MCP_CACHE_DIR/kernel_speed.json`` (default
 ``~/.cache/mcp``) under the CPU model, the ONNX Runtime version and the thread count, so a
-shape is timed once per kind of machine. The cost of converting activations where an INT8
+shape is timed once per kind of machine and runtime. The cost of converting activations where an INT8
 layer meets a float32 one is not in these timings: the deployed model's own latency,
 measured end to end, is what a run reports.
 """
@@ -25,9 +28,11 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
+
+from mcp.evaluation.ort_bench import OPENVINO_PRECISION
 
 CACHE_NAME = "kernel_speed.json"
 MARGIN = 0.1  # INT8 must be this much faster (a share of the float32 time): closer calls are timing noise
@@ -70,10 +75,14 @@ def cache_path() -> Path:
     return Path(root) / CACHE_NAME
 
 
-def machine_key(threads: int) -> str:
-    import onnxruntime as ort
+def machine_key(threads: int, runtime: str = "onnxruntime") -> str:
+    """What a cached timing holds for: the CPU, the runtime with its version (and, for
+    OpenVINO, its inference precision), the thread count."""
+    from importlib.metadata import version
 
-    return f"{cpu_model()} | onnxruntime {ort.__version__} | {threads} thread(s)"
+    if runtime == "onnxruntime":
+        return f"{cpu_model()} | onnxruntime {version('onnxruntime')} | {threads} thread(s)"
+    return f"{cpu_model()} | {runtime} {version('openvino')} | {threads} thread(s)"
 
 
 def _read_cache(path: Path) -> dict[str, dict[str, list[float]]]:
@@ -199,35 +208,47 @@ def _models(layer: dict[str, Any], opset: int = 17):
     return fp32, int8, x
 
 
-def _session(model, threads: int):
-    import onnxruntime as ort
+def _runner(model, threads: int, runtime: str = "onnxruntime") -> Callable[[np.ndarray], Any]:
+    """A function running the single-node ``model`` on one input, in ``runtime`` with the
+    settings the deployed file gets there (see :mod:`mcp.evaluation.ort_bench`)."""
+    if runtime == "onnxruntime":
+        import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return lambda x: session.run(None, {"x": x})
+    import openvino as ov
+
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(model.SerializeToString()), "CPU", {
+        "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, "INFERENCE_NUM_THREADS": threads,
+        "INFERENCE_PRECISION_HINT": OPENVINO_PRECISION[runtime]})
+    request = compiled.create_infer_request()
+    return lambda x: request.infer({0: x})
 
 
-def time_pair(layer: dict[str, Any], threads: int = 1, seconds: float = 0.2, rounds: int = 4) -> tuple[float, float]:
-    """Median ms per call of the float32 and the INT8 form of ``layer``, timed in
-    alternating slices (so that a busy moment of the machine hits both alike)."""
+def time_pair(layer: dict[str, Any], threads: int = 1, seconds: float = 0.2, rounds: int = 4,
+              runtime: str = "onnxruntime") -> tuple[float, float]:
+    """Median ms per call of the float32 and the INT8 form of ``layer`` in ``runtime``,
+    timed in alternating slices (so that a busy moment of the machine hits both alike)."""
     fp32, int8, x_shape = _models(layer)
     rng = np.random.default_rng(1)
-    feeds = [{"x": rng.standard_normal(x_shape).astype(np.float32)},
-             {"x": rng.integers(0, 256, x_shape).astype(np.uint8)}]
-    sessions = [_session(fp32, threads), _session(int8, threads)]
+    feeds = [rng.standard_normal(x_shape).astype(np.float32), rng.integers(0, 256, x_shape).astype(np.uint8)]
+    runs = [_runner(fp32, threads, runtime), _runner(int8, threads, runtime)]
     times: list[list[float]] = [[], []]
-    for s, feed in zip(sessions, feeds):
+    for run, feed in zip(runs, feeds):
         for _ in range(10):
-            s.run(None, feed)
+            run(feed)
     for _ in range(rounds):
-        for k, (s, feed) in enumerate(zip(sessions, feeds)):
+        for k, (run, feed) in enumerate(zip(runs, feeds)):
             end = time.perf_counter() + seconds / rounds / 2
             while True:
                 t0 = time.perf_counter()
-                s.run(None, feed)
+                run(feed)
                 t1 = time.perf_counter()
                 times[k].append(t1 - t0)
                 if t1 > end and len(times[k]) >= 5:
@@ -235,9 +256,11 @@ def time_pair(layer: dict[str, Any], threads: int = 1, seconds: float = 0.2, rou
     return float(np.median(times[0]) * 1000), float(np.median(times[1]) * 1000)
 
 
-def layer_speeds(fp32_path: str | Path, threads: int = 1, cache: Path | None = None) -> list[LayerSpeed]:
-    """Float32 against INT8 time of every Conv/Gemm/MatMul layer of the model at ``fp32_path``
-    (in graph order), from the cache where this machine timed that shape before."""
+def layer_speeds(fp32_path: str | Path, threads: int = 1, cache: Path | None = None,
+                 runtime: str = "onnxruntime") -> list[LayerSpeed]:
+    """Float32 against INT8 time in ``runtime`` of every Conv/Gemm/MatMul layer of the model
+    at ``fp32_path`` (in graph order), from the cache where this machine timed that shape
+    in that runtime before."""
     import onnx
 
     model = onnx.load(str(fp32_path))
@@ -247,14 +270,14 @@ def layer_speeds(fp32_path: str | Path, threads: int = 1, cache: Path | None = N
     shapes = _shapes(model)
     cache = cache or cache_path()
     data = _read_cache(cache)
-    key = machine_key(threads)
+    key = machine_key(threads, runtime)
     known = data.setdefault(key, {})
     out, timed = [], False
     for node in nodes:
         layer = _layer(node, shapes)
         sig = signature(layer)
         if sig not in known:
-            known[sig] = list(time_pair(layer, threads))
+            known[sig] = list(time_pair(layer, threads, runtime=runtime))
             timed = True
         fp32_ms, int8_ms = known[sig]
         out.append(LayerSpeed(node.name, sig, float(fp32_ms), float(int8_ms)))
@@ -265,10 +288,11 @@ def layer_speeds(fp32_path: str | Path, threads: int = 1, cache: Path | None = N
     return out
 
 
-def int8_layers(layer_names: Sequence[str], fp32_path: str | Path, threads: int = 1) -> dict[str, LayerSpeed]:
-    """``layer name -> its LayerSpeed`` for the model's layers (``layer_names`` in execution
-    order, matching the ONNX graph's weighted nodes one to one)."""
-    speeds = layer_speeds(fp32_path, threads)
+def int8_layers(layer_names: Sequence[str], fp32_path: str | Path, threads: int = 1,
+                runtime: str = "onnxruntime") -> dict[str, LayerSpeed]:
+    """``layer name -> its LayerSpeed`` in ``runtime`` for the model's layers (``layer_names``
+    in execution order, matching the ONNX graph's weighted nodes one to one)."""
+    speeds = layer_speeds(fp32_path, threads, runtime=runtime)
     if len(speeds) != len(layer_names):
         raise ValueError(f"the ONNX graph has {len(speeds)} weighted nodes; the model has {len(layer_names)} layers")
     return dict(zip(layer_names, speeds))

@@ -13,7 +13,7 @@ import functools
 import importlib.util
 from importlib.metadata import version
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from mcp.deploy.onnx import ort_session
 from mcp.errors import ConfigError
@@ -93,19 +93,21 @@ def versions() -> dict[str, str]:
             if importlib.util.find_spec(package) is not None}
 
 
-def time_runtimes(path: str | Path, shape: Sequence[int], runtimes: Sequence[str], seconds: float,
-                  threads: int = 1) -> dict[str, float]:
-    """CPU p50 (ms, batch 1) of one file in each runtime, timed side by side in rotated
-    rounds in this process."""
-    times = ort_bench.compare([str(path)] * len(runtimes), tuple(shape), threads, seconds, runtimes=list(runtimes))
-    return dict(zip(runtimes, times))
-
-
 def fastest(path: str | Path, shape: Sequence[int], seconds: float, threads: int = 1,
             names: Sequence[str] | None = None) -> tuple[str, dict[str, float]]:
     """(the runtime that runs ``path`` fastest, the p50 of each), the available runtimes
     (or ``names``) timed side by side: what ``auto`` means."""
-    times = time_runtimes(path, shape, list(names or available()), seconds, threads)
+    return fastest_of({name: path for name in names or available()}, shape, seconds, threads)
+
+
+def fastest_of(files: Mapping[str, str | Path], shape: Sequence[int], seconds: float, threads: int = 1
+               ) -> tuple[str, dict[str, float]]:
+    """(the fastest runtime, the p50 of each) of ``runtime -> the file built for it`` (a
+    deployable whose INT8 layers were chosen on that runtime), timed side by side, each
+    file in its own runtime."""
+    names = list(files)
+    times = dict(zip(names, ort_bench.compare([str(files[n]) for n in names], tuple(shape), threads, seconds,
+                                              runtimes=names)))
     return min(times, key=times.get), times
 
 

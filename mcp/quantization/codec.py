@@ -204,12 +204,16 @@ def _container(count: int) -> bytearray:
     return out
 
 
-def encode(entries: Sequence[Entry], coding: str = "huffman") -> bytes:
-    """Encode tensors (raw float arrays, :class:`Codebook` or :class:`Uniform`)."""
-    if coding not in CODINGS:
-        raise ValueError(f"unknown coding {coding!r}; choose one of {', '.join(CODINGS)}")
+def encode(entries: Sequence[Entry], coding: str | Sequence[str] = "huffman") -> bytes:
+    """Encode tensors (raw float arrays, :class:`Codebook` or :class:`Uniform`); ``coding``
+    for all of them, or one per entry."""
+    codings = [coding] * len(entries) if isinstance(coding, str) else list(coding)
+    bad = [c for c in codings if c not in CODINGS]
+    if bad or len(codings) != len(entries):
+        raise ValueError(f"unknown coding {bad[0] if bad else coding!r}; choose one of {', '.join(CODINGS)}, one "
+                         f"for all entries or one per entry")
     out = _container(len(entries))
-    for entry in entries:
+    for entry, coding in zip(entries, codings):
         if isinstance(entry, Codebook):
             shape = entry.labels.shape
         elif isinstance(entry, Uniform):
@@ -316,13 +320,17 @@ def dense_size(model: torch.nn.Module) -> int:
     return size
 
 
-def encode_model(model: torch.nn.Module, quantized: Mapping[str, Codebook | Uniform], coding: str) -> bytes:
+def encode_model(model: torch.nn.Module, quantized: Mapping[str, Codebook | Uniform],
+                 coding: str | Mapping[str, str]) -> bytes:
     """Encode a model's inference state; ``quantized`` maps state_dict keys to their
-    quantized form, every other tensor is stored raw."""
+    quantized form, every other tensor is stored raw. ``coding``: for every tensor, or per
+    state_dict key (``fixed`` for a key it does not name)."""
     entries: list[Entry] = []
+    codings: list[str] = []
     for key, tensor in inference_state(model).items():
         entries.append(quantized[key] if key in quantized else tensor.detach().cpu().float().numpy())
-    return encode(entries, coding)
+        codings.append(coding if isinstance(coding, str) else coding.get(key, "fixed"))
+    return encode(entries, codings)
 
 
 def decode_into(model: torch.nn.Module, data: bytes) -> None:

@@ -37,6 +37,9 @@ class QuantSpec:
     reduce_range: bool = True  # INT8 methods: ONNX Runtime's [-64, 64] weights (no u8s8 saturation on AVX2)
     precision: str = "int8"  # ptq_int8: "int8" every layer, "speed" INT8 only where it runs faster than float32
     seed: int = 0
+    # grid methods (fixed_point, qat): layers given a k-means codebook of 2^bits centroids instead of a uniform
+    # grid (centroids fine-tuned, labels fixed), their indices and sparse positions entropy coded where it pays
+    codebook_layers: tuple[str, ...] = ()
 
     @property
     def kind(self) -> QuantMethod:
@@ -46,6 +49,15 @@ class QuantSpec:
     @property
     def coding(self) -> str:
         return self.kind.coding
+
+    def codings(self, entries: Mapping[str, Any]) -> str | dict[str, str]:
+        """How each quantized tensor is encoded: the method's coding, except that codebook
+        layers of a grid method are Huffman-coded where it pays (their labels and zeros do
+        not move while their centroids are fine-tuned, so their size before fine-tuning is
+        their size after)."""
+        if not self.codebook_layers:
+            return self.coding
+        return {key: "huffman" if isinstance(e, Codebook) else self.coding for key, e in entries.items()}
 
     def validate(self) -> None:
         kind = self.kind  # an unknown name fails here
@@ -69,6 +81,9 @@ class QuantSpec:
             raise ConfigError(f"precision=speed (INT8 where it runs faster) is for method ptq_int8, not {self.method}")
         if kind.int8_only and (self.bits not in (0, 8) or self.layer_bits):
             raise ConfigError(f"method {self.method} is 8-bit; use fixed_point or qat for other bit-widths")
+        if self.codebook_layers and (kind.shares_weights or kind.int8_only or kind.linear_only):
+            raise ConfigError(f"codebook layers ({', '.join(self.codebook_layers)}) mix k-means codebooks into a "
+                              f"grid method (fixed_point, qat), not {self.method}")
 
 
 BIAS_SHARE_THRESHOLD = 0.05  # share_biases="auto": when float32 biases would exceed 5% of the weights' bits
@@ -94,7 +109,8 @@ class Quantizer:
         self.model, self.spec = model, spec
         ordered = layers_in_order(model, input_shape)
         self.order = [n for n, _ in ordered]
-        unknown = sorted((set(spec.layer_bits) | set(spec.ignored_layers)) - set(self.order))
+        unknown = sorted((set(spec.layer_bits) | set(spec.ignored_layers) | set(spec.codebook_layers))
+                         - set(self.order))
         if unknown:
             raise ConfigError(f"unknown layer(s) {', '.join(unknown)}; this model's layers are: "
                               f"{', '.join(self.order)}")
@@ -112,12 +128,15 @@ class Quantizer:
             biases_pay(layers, self.bits) if spec.share_biases == "auto" else bool(spec.share_biases))
         self.sim: QuantSim | None = None
         self.sharing: WeightSharing | None = None
-        if kind.shares_weights:
-            self.sharing = WeightSharing(layers, self.bits, spec.kmeans_init, spec.seed, self.share_biases)
-        else:  # uniform grids; INT8 methods fix the scheme ONNX Runtime's kernels use
+        shared = layers if kind.shares_weights else {n: m for n, m in layers.items() if n in spec.codebook_layers}
+        grid = {n: m for n, m in layers.items() if n not in shared}
+        if shared:
+            self.sharing = WeightSharing(shared, {n: self.bits[n] for n in shared}, spec.kmeans_init, spec.seed,
+                                         self.share_biases)
+        if grid:  # uniform grids; INT8 methods fix the scheme ONNX Runtime's kernels use
             act = 8 if kind.int8_only else spec.act_bits
-            plan = {n: LayerQuant(self.bits[n], act) for n in layers}
-            self.sim = QuantSim(model, layers, plan, symmetric=kind.int8_only or spec.symmetric,
+            plan = {n: LayerQuant(self.bits[n], act) for n in grid}
+            self.sim = QuantSim(model, grid, plan, symmetric=kind.int8_only or spec.symmetric,
                                 per_channel=kind.int8_only or spec.per_channel, observer=spec.observer,
                                 reduce_range=spec.reduce_range and kind.int8_only)
             self.sim.set_mode(kind.sim_mode)
@@ -141,8 +160,7 @@ class Quantizer:
                 entries[key] = Codebook(centroids.cpu().numpy().astype(np.float32),
                                                      labels.cpu().numpy(), mask.cpu().numpy())
             self.sharing.bake()
-        else:
-            assert self.sim is not None
+        if self.sim is not None:
             for name, (q, scale, zero) in self.sim.integers().items():
                 entries[f"{name}.weight"] = Uniform(q.cpu().numpy(), scale.cpu().numpy().reshape(-1),
                                                     zero.cpu().numpy().reshape(-1), self.bits[name],
@@ -171,10 +189,12 @@ class Quantizer:
 
     def describe(self) -> dict[str, Any]:
         """For the recipe and the run: method, scheme and per-layer bits."""
+        codebooks = [n for n in self.order if n in self.spec.codebook_layers and n in self.layers]
         return {"method": self.spec.method, "bits": dict(self.bits), "act_bits": self.spec.act_bits,
                 "share_biases": self.share_biases,
                 "symmetric": self.spec.symmetric, "per_channel": self.spec.per_channel,
-                "observer": self.spec.observer, "coding": self.spec.coding, "reduce_range": self.spec.reduce_range}
+                "observer": self.spec.observer, "coding": self.spec.coding, "reduce_range": self.spec.reduce_range,
+                **({"codebook_layers": codebooks, "kmeans_init": self.spec.kmeans_init} if codebooks else {})}
 
 
 def simulated(model: nn.Module, input_shape: Sequence[int], quantization: Mapping[str, Any],
@@ -186,7 +206,8 @@ def simulated(model: nn.Module, input_shape: Sequence[int], quantization: Mappin
     re-quantizing baked weights leaves them unchanged)."""
     import copy
 
-    bits = {str(k): int(v) for k, v in quantization["bits"].items()}
+    codebooks = set(quantization.get("codebook_layers", ()))  # their baked values are no grid's: left as they are
+    bits = {str(k): int(v) for k, v in quantization["bits"].items() if str(k) not in codebooks}
     order = [n for n, _ in layers_in_order(model, input_shape)]
     int8 = quant_method(quantization["method"]).int8_only
     spec = QuantSpec(method=quantization["method"], bits=8 if int8 else max(bits.values()),
@@ -203,19 +224,20 @@ def simulated(model: nn.Module, input_shape: Sequence[int], quantization: Mappin
 
 
 def layer_table(model: nn.Module, entries: Mapping[str, Codebook | Uniform], bits: Mapping[str, int],
-                coding: str) -> list[dict[str, Any]]:
+                coding: str | Mapping[str, str]) -> list[dict[str, Any]]:
     """Per quantized tensor (a layer's weight, or its bias when shared): bits, params,
     non-zeros, distinct values, fp32 and encoded bytes (each tensor encoded alone, so
     the bytes are real)."""
     state = inference_state(model)
-    header = len(encode([], coding))
+    header = len(encode([], "fixed"))
     rows = []
     for key, entry in entries.items():
+        how = coding if isinstance(coding, str) else coding.get(key, "fixed")
         layer, param = key.rsplit(".", 1)
         w = state[key]
         nonzero = w[w != 0]
         rows.append({"layer": layer if param == "weight" else key, "param": param, "bits": bits[layer],
                      "params": w.numel(), "nonzero": int(nonzero.numel()),
                      "distinct_nonzero": int(torch.unique(nonzero).numel()), "bytes_fp32": 4 * w.numel(),
-                     "bytes_compressed": len(encode([entry], coding)) - header})
+                     "bytes_compressed": len(encode([entry], how)) - header})
     return rows

@@ -157,7 +157,7 @@ def deployment_figures(model: nn.Module, shape: Sequence[int], deployed: Path | 
     """What the model costs at deployment: the CPU p50 (batch 1, one thread, in ``runtime``,
     ONNX Runtime by default) of its deployed ONNX file (``deployed``; None: its float32 export), of the float32
     baseline's export and of the starting model's deployed file (``parent``: the model
-    and its URI), timed side by side in one process. A baseline that is the parent (the same
+    and its URI), timed side by side in a process of its own. A baseline that is the parent (the same
     model: the parent is the lineage's baseline, or stands in for it) is timed once, as the
     parent, and both figures are that one time. Says in one line (a
     :class:`DeploymentWarning`) when the model deploys slower than its starting model;

@@ -125,7 +125,7 @@ def _quantize(cfg: QuantizeConfig, layer_bits: dict[str, int], base: nn.Module, 
         outcome = quantize_model(model, loaders, splits.input_shape, spec, Path(tmp), finetune, reference=base,
                                  calib_batches=cfg.calib_batches, opset=cfg.opset, device=device,
                                  batch_loss=recovery_loss(cfg, teacher, device), callbacks=[tracking.EpochLogger()],
-                                 progress=show_progress)
+                                 progress=show_progress, runtime=cfg.runtime, timing_s=timing_seconds())
         ref = lineage_baseline(base, base_uri, test_loader, device, outcome.metrics["baseline_test_accuracy"],
                                cfg.trust_pickled_model)
         what, refuse = f"the {cfg.method} model", None
@@ -135,7 +135,7 @@ def _quantize(cfg: QuantizeConfig, layer_bits: dict[str, int], base: nn.Module, 
             refuse = ("precision speed", "the conversions where INT8 and float32 layers meet cost more than those "
                       "layers gain; deploy the float32 model (mcp export), or use --precision int8 for the smaller "
                       "file")
-        runtime, times = cfg.runtime, {}
+        runtime, times = outcome.runtime or cfg.runtime, outcome.runtime_times  # precision speed chose it
         if runtime == "auto":  # where this file runs fastest, timed side by side
             runtime, times = runtimes.fastest(outcome.onnx_path, splits.input_shape, timing_seconds())
         if runtime != "onnxruntime":  # its accuracy where it will run

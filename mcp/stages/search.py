@@ -210,18 +210,20 @@ class Runs:
         add its deployed latency (next to the baseline's and the starting model's) to its
         metrics."""
         with tempfile.TemporaryDirectory() as tmp:
-            path, fmt = rebuilt.deploy(self.problem, tmp)
-            runtime = self.problem.runtime
-            if runtime == "auto":  # where this file runs fastest, timed side by side
-                runtime, times = runtimes.fastest(path, self.problem.input_shape, timing_seconds())
-                rebuilt.metrics.update(runtimes.latency_metrics(times))
+            path, fmt = rebuilt.deploy(self.problem, tmp, timing_seconds())  # on auto, the fastest runtime's
+            runtime = rebuilt.runtime
             self._check_deployable(rebuilt, path, fmt, runtime)
             rebuilt.metrics.update(deployment_figures(rebuilt.model, self.problem.input_shape, path,
                                                       self.baseline.model, (self.problem.base, self.base_uri),
                                                       f"search trial {rebuilt.number}'s model", runtime=runtime))
             tracking.log_artifact(path, "onnx")
-        rebuilt.runtime = runtime  # where the winner is checked, timed, exported and registered to run
-        for key, value in {schema.DEPLOY_FORMAT: fmt, schema.DEPLOY_NOTE: DEPLOY_NOTES[fmt], schema.RUNTIME: runtime,
+            payload = Path(tmp) / "model.mcpz"  # the encoded model its size is: mcp.tracking.load_payload decodes it
+            payload.write_bytes(rebuilt.tuned.payload)
+            tracking.log_artifact(payload, "compressed")
+        codebooks = rebuilt.config.codebook_layers
+        note = DEPLOY_NOTES[fmt] + (f"; {', '.join(codebooks)} in float32, decoded from their k-means codebooks"
+                                    if codebooks else "")
+        for key, value in {schema.DEPLOY_FORMAT: fmt, schema.DEPLOY_NOTE: note, schema.RUNTIME: runtime,
                            schema.RUNTIME_SETTINGS: runtimes.settings(runtime)}.items():
             tracking.runs.set_tag(key, value)
         return fmt

@@ -25,6 +25,7 @@ from torch import nn
 from mcp.errors import McpError
 from mcp.models import model_from_recipe
 from mcp.models.foreign import load_weights_only
+from mcp.quantization.codec import decode_into
 from mcp.tracking import schema
 from mcp.tracking.runs import mlflow_write
 from mcp.tracking.schema import registered_name  # noqa: F401  (mcp.tracking.registered_name)
@@ -514,6 +515,30 @@ def deployable_onnx(uri: str, dst: str | Path) -> tuple[Path | None, str]:
         return None, ""
     path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="onnx/model.onnx", dst_path=str(dst))
     return Path(path), tags[schema.DEPLOY_FORMAT]
+
+
+def load_payload(uri: str, device: str = "cpu") -> nn.Module:
+    """The model ``uri`` names with its weights decoded from the encoded payload its stage
+    logged (``compressed/model.mcpz``: codebooks, grids, Huffman-coded streams), not from
+    its float32 state: the architecture from its recipe, every tensor from the payload
+    (:func:`mcp.quantization.codec.decode_into`). A model whose stage encoded none is an
+    error that says so."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    model = load_model(uri, "cpu")
+    run_id = source_run_id(uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="compressed/model.mcpz",
+                                                       dst_path=tmp) if run_id else None
+        except (MlflowException, OSError):
+            path = None
+        if path is None:
+            raise McpError(f"model {uri!r} has no encoded payload (compressed/model.mcpz): only mcp quantize and "
+                           f"mcp search log one")
+        decode_into(model, Path(path).read_bytes())
+    return model.to(device).eval()
 
 
 class _OnceFilter(logging.Filter):

@@ -20,7 +20,7 @@ from typing import Any, Callable, ContextManager, Iterator, Mapping, Protocol
 
 import torch
 
-from mcp.deploy import ort_evaluate, ort_session
+from mcp.deploy import ort_evaluate, ort_session, runtimes
 from mcp.distillation import Distiller, DistillSpec
 from mcp.evaluation.metrics import count_params, model_metrics, size_bytes_fp32
 from mcp.pruning.depth import removed_blocks
@@ -30,6 +30,7 @@ from mcp.tuner.space import allowed_bits, clipped_ratio, head_span, sample, unif
 from mcp.tuner.study import FILL_SLACK, SIZE_KEY, budget_excess, within_budget
 from mcp.tuner.trial import (
     deployed_latency,
+    fastest_confirmed,
     fill_budget,
     finetune_quantized,
     measure_sizes,
@@ -116,10 +117,13 @@ def constrain(trial, key: str, excess: float) -> None:
 
 
 def trial_latency(tuned, shape, runtime: str = "onnxruntime") -> float:
-    """CPU p50 (ms) at batch 1, one thread, of the trial's deployable ONNX model, timed in
-    a process of its own for at least half a second, in ``runtime``."""
+    """CPU p50 (ms) at batch 1, one thread, of the trial's deployable ONNX model built for
+    ``runtime``, timed in a process of its own for at least half a second there (``auto``:
+    in each available runtime, the fastest counts)."""
+    if runtime == "auto":
+        return fastest_confirmed(lambda name: trial_latency(tuned, shape, name))
     with tempfile.TemporaryDirectory() as tmp:
-        path, _ = tuned.onnx(shape, tmp)
+        path, _ = tuned.onnx(shape, tmp, runtime=runtime)
         return onnx_latency(path, shape, 0.5, 1, runtime)
 
 
@@ -224,6 +228,11 @@ def make_objective(problem: SearchProblem, open_log: Callable[[Any], ContextMana
     return objective
 
 
+STORAGE_NOTE = ("the payload (compressed/model.mcpz) holds k-means codebooks, Huffman-coded where it pays: a storage "
+                "and download format; mcp.load, or decode_into, decodes it to float32 weights, and the deployable "
+                "ONNX file runs those layers in float32 (its grid layers as INT8 weights)")
+
+
 @dataclass
 class Rebuilt:
     """A trial's configuration rebuilt from the starting model and fine-tuned: the winner
@@ -245,28 +254,48 @@ class Rebuilt:
         tc = self.config
         return {"trial": self.number, "ratios": json.dumps({k: round(v, 4) for k, v in tc.ratios.items()}),
                 "bits": json.dumps(tc.bits), "method": "qat",
+                **({"codebook_layers": ",".join(tc.codebook_layers), "kmeans_init": tc.kmeans_init,
+                    "storage": STORAGE_NOTE} if tc.codebook_layers else {}),
                 **({"dropped_blocks": ",".join(removed_blocks(self.model))} if tc.drop_blocks else {}),
                 **({"attention_heads": json.dumps({n: m.num_heads for n, m in attention_modules(self.model).items()})}
                    if any(tc.heads.values()) else {})}
 
     @property
     def quantization(self) -> dict[str, Any]:
-        """What its recipe says of its quantization: QAT on fixed per-layer grids."""
-        return {"method": "qat", "bits": self.config.bits, "act_bits": 0, "symmetric": True, "per_channel": True,
-                "observer": "minmax", "coding": "fixed", "reduce_range": False}
+        """What its recipe says of its quantization: QAT on fixed per-layer grids, k-means
+        codebooks in its codebook layers."""
+        tc = self.config
+        return {"method": "qat", "bits": tc.bits, "act_bits": 0, "symmetric": True, "per_channel": True,
+                "observer": "minmax", "coding": "fixed", "reduce_range": False,
+                **({"codebook_layers": list(tc.codebook_layers), "kmeans_init": tc.kmeans_init,
+                    "codebook_coding": "huffman"} if tc.codebook_layers else {})}
 
-    def deploy(self, problem: "SearchProblem", folder: str | Path) -> tuple[Path, str]:
+    def deploy(self, problem: "SearchProblem", folder: str | Path, timing_s: float = 0.3) -> tuple[Path, str]:
         """Write its deployable ONNX file into ``folder`` (INT8 weights behind
-        DequantizeLinear; under a latency budget, float32 with INT8 where it runs faster)
-        and add to :attr:`metrics` its size, its ONNX Runtime test accuracy and, under a
-        throughput budget, the latency of one call at that batch. Returns (file, format)."""
+        DequantizeLinear; under a latency budget, float32 with INT8 where the problem's
+        runtime runs it faster) and add to :attr:`metrics` its size, its ONNX Runtime test
+        accuracy and, under a throughput budget, the latency of one call at that batch; set
+        :attr:`runtime`. On ``auto`` the file of each available runtime is timed in it side
+        by side (``timing_s`` each; ``latency_ms_p50_cpu_<runtime>``), the fastest kept.
+        Returns (file, format)."""
         shape = tuple(problem.input_shape)
-        path, fmt = self.tuned.onnx(shape, folder)
+        self.runtime = problem.runtime
+        if self.runtime == "auto":
+            names = runtimes.available()
+            if self.tuned.calib is None:  # the grid deployable: one file for every runtime
+                built = dict.fromkeys(names, self.tuned.onnx(shape, folder))
+            else:
+                built = {name: self.tuned.onnx(shape, Path(folder) / name, runtime=name) for name in names}
+            self.runtime, times = runtimes.fastest_of({n: p for n, (p, _) in built.items()}, shape, timing_s)
+            self.metrics.update(runtimes.latency_metrics(times))
+            path, fmt = built[self.runtime]
+        else:
+            path, fmt = self.tuned.onnx(shape, folder, runtime=self.runtime)
         self.metrics["size_bytes_onnx"] = float(path.stat().st_size)
         self.metrics["onnx_test_accuracy"] = ort_evaluate(ort_session(path), problem.loaders[2])["accuracy"]
         if problem.budget_ms and problem.budget_batch > 1:  # a throughput budget's own figure
             self.metrics[BATCH_LATENCY_KEY] = onnx_latency(path, shape, seconds=1.0, batch=problem.budget_batch,
-                                                           runtime=problem.runtime)
+                                                           runtime=self.runtime)
         return path, fmt
 
 
@@ -349,6 +378,10 @@ def _start_params(space, ratios: dict[str, float], bits: dict[str, int], drop: i
             params[f"ratio.{unit}"] = ratios[unit]
         if len(space.bits_of[unit]) > 1:
             params[f"bits.{unit}"] = bits[unit]
+        if len(space.encodings_of(unit)) > 1:  # a uniform start takes each unit's first encoding
+            params[f"encoding.{unit}"] = space.encodings_of(unit)[0]
+    if len(space.kmeans_init) > 1 and any(space.encodings_of(u)[0] == "codebook" for u in space.units):
+        params["kmeans_init"] = space.kmeans_init[0]
     if len(space.granularity) > 1:  # the granularity and criterion the sizes were measured at
         params["granularity"] = space.granularity[0]
     if len(space.criterion) > 1:

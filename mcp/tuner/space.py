@@ -13,11 +13,15 @@ file of your own::
       heads: [0.0, 0.5]                # optional, structured: share of whole heads removed per attention module
     quantize:
       bits: [2, 3, 4, 5, 6, 8]         # per-layer (or per-group) bit-width choices
+      encoding: [codebook, grid]       # optional, per layer (or group): a k-means codebook of 2^bits
+                                       # centroids, Huffman-coded where it pays (storage), or a uniform grid
+                                       # (INT8 containers in ONNX); the first is what uniform starts take
+      kmeans_init: [linear, density]   # optional: the codebooks' initialisation, per trial
     finetune:
       epochs: [2, 4]                   # integer range
       lr: [0.001, 0.02]                # log-uniform range
     layers:                            # optional per-layer overrides
-      fc3: {ratio: [0.0, 0.5], bits: [6, 8]}
+      fc3: {ratio: [0.0, 0.5], bits: [6, 8], encoding: [grid]}
     groups:                            # optional: layers sampled together (deep nets)
       stage1: ["layer1.*"]
 
@@ -35,12 +39,14 @@ from typing import Any, Mapping, Sequence
 
 from mcp.config import CRITERIA, GRANULARITIES, read_config_file
 from mcp.errors import ConfigError
+from mcp.quantization.names import KMEANS_INITS
 
 SPACES_DIR = Path(__file__).resolve().parent / "spaces"  # the shipped spaces (package data)
 TOP_KEYS = {"models", "prune", "quantize", "finetune", "layers", "groups", "description"}
 SECTION_KEYS = {"prune": {"ratio", "granularity", "criterion", "round_to", "drop_blocks", "heads"},
-                "quantize": {"bits"}, "finetune": {"epochs", "lr"}}
-LAYER_KEYS = {"ratio", "bits"}
+                "quantize": {"bits", "encoding", "kmeans_init"}, "finetune": {"epochs", "lr"}}
+LAYER_KEYS = {"ratio", "bits", "encoding"}
+ENCODINGS = ("grid", "codebook")  # a uniform grid (INT8 containers in ONNX), or a k-means codebook (storage)
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,16 @@ class Space:
     drop_blocks: tuple[int, int] = (0, 0)  # depth: how many whole blocks to remove, least important first
     heads: tuple[float, float] = (0.0, 0.0)  # share of whole heads removed, sampled per attention module
     attention: dict[str, int] = field(default_factory=dict)  # attention module -> its heads (heads.<name> params)
+    encoding_of: dict[str, tuple[str, ...]] = field(default_factory=dict)  # unit -> its encodings (default: grid)
+    kmeans_init: tuple[str, ...] = ("linear",)  # the codebooks' initialisation choices
+
+    def encodings_of(self, unit: str) -> tuple[str, ...]:
+        return self.encoding_of.get(unit, ("grid",))
+
+    @property
+    def codebooks(self) -> bool:
+        """Whether any layer may take a codebook (a storage format, not INT8-deployable)."""
+        return any("codebook" in self.encodings_of(u) for u in self.units)
 
 
 @dataclass(frozen=True)
@@ -72,6 +88,12 @@ class TrialConfig:
     round_to: int = 1
     drop_blocks: int = 0
     heads: dict[str, float] = field(default_factory=dict)  # attention module -> share of its heads removed
+    encodings: dict[str, str] = field(default_factory=dict)  # layer -> grid or codebook (absent: grid)
+    kmeans_init: str = "linear"
+
+    @property
+    def codebook_layers(self) -> tuple[str, ...]:
+        return tuple(n for n, e in self.encodings.items() if e == "codebook")
 
 
 def _range(where: str, value: Any, low: float, high: float, kind: type) -> tuple:
@@ -178,6 +200,8 @@ def build_space(data: Mapping[str, Any], layers: Sequence[str], source: str = "s
     if heads[1] > 0 and not attention:
         raise ConfigError(f"{source}: prune.heads={list(heads)} removes attention heads, but this model has no "
                           f"attention module (one with a qkv Linear and num_heads, as timm's ViT, DeiT)")
+    encodings = _choices(f"{source}: quantize.encoding", quant.get("encoding", ["grid"]), ENCODINGS)
+    kmeans_init = _choices(f"{source}: quantize.kmeans_init", quant.get("kmeans_init", ["linear"]), KMEANS_INITS)
     epochs = _range(f"{source}: finetune.epochs", tune.get("epochs", [1, 3]), 0, 1000, int)
     lr = _range(f"{source}: finetune.lr", tune.get("lr", [0.001, 0.01]), 1e-7, 10.0, float)
 
@@ -205,9 +229,10 @@ def build_space(data: Mapping[str, Any], layers: Sequence[str], source: str = "s
 
     ratio_of = {u: ratio for u in units}
     bits_of = {u: bits for u in units}
+    encoding_of = {u: encodings for u in units}
     overrides = data.get("layers") or {}
     if not isinstance(overrides, Mapping):
-        raise ConfigError(f"{source}: layers must map layer (or group) names to {{ratio, bits}}")
+        raise ConfigError(f"{source}: layers must map layer (or group) names to {{ratio, bits, encoding}}")
     for name, values in overrides.items():
         if name not in units:
             raise ConfigError(f"{source}: unknown layer {name!r}; choose from: {', '.join(units)}")
@@ -218,21 +243,30 @@ def build_space(data: Mapping[str, Any], layers: Sequence[str], source: str = "s
             ratio_of[name] = _range(f"{source}: layers.{name}.ratio", values["ratio"], 0.0, 1.0, float)
         if "bits" in values:
             bits_of[name] = _bits(f"{source}: layers.{name}.bits", values["bits"])
+        if "encoding" in values:
+            encoding_of[name] = _choices(f"{source}: layers.{name}.encoding", values["encoding"], ENCODINGS)
+    if "codebook" in {e for choices in encoding_of.values() for e in choices} and granularity != ("unstructured",):
+        raise ConfigError(f"{source}: quantize.encoding codebook shares the weights a layer keeps; it needs "
+                          f"granularity [unstructured] alone (got {list(granularity)})")
     return Space(source, ratio, bits, granularity, criterion, epochs, lr, units, ratio_of, bits_of,
-                 tuple(sorted(set(round_to))), drop_blocks, heads, dict(attention or {}) if heads[1] > 0 else {})
+                 tuple(sorted(set(round_to))), drop_blocks, heads, dict(attention or {}) if heads[1] > 0 else {},
+                 encoding_of, kmeans_init)
 
 
 def sample(trial, space: Space) -> TrialConfig:
     """Ask an Optuna trial for one configuration of ``space``."""
     ratios: dict[str, float] = {}
     bits: dict[str, int] = {}
+    encodings: dict[str, str] = {}
     for unit, members in space.units.items():
         lo, hi = space.ratio_of[unit]
         r = trial.suggest_float(f"ratio.{unit}", lo, hi) if hi > lo else lo
         choices = space.bits_of[unit]
         b = trial.suggest_categorical(f"bits.{unit}", list(choices)) if len(choices) > 1 else choices[0]
+        kinds = space.encodings_of(unit)
+        e = trial.suggest_categorical(f"encoding.{unit}", list(kinds)) if len(kinds) > 1 else kinds[0]
         for layer in members:
-            ratios[layer], bits[layer] = float(r), int(b)
+            ratios[layer], bits[layer], encodings[layer] = float(r), int(b), str(e)
     granularity = (trial.suggest_categorical("granularity", list(space.granularity))
                    if len(space.granularity) > 1 else space.granularity[0])
     criterion = (trial.suggest_categorical("criterion", list(space.criterion))
@@ -250,8 +284,10 @@ def sample(trial, space: Space) -> TrialConfig:
         least, most = head_span(space, name)
         removed = trial.suggest_int(f"heads.{name}", least, most) if most > least else least
         heads[name] = removed / count
+    init = (trial.suggest_categorical("kmeans_init", list(space.kmeans_init))
+            if len(space.kmeans_init) > 1 and "codebook" in encodings.values() else space.kmeans_init[0])
     return TrialConfig(ratios, bits, granularity, criterion, epochs, lr,
-                       int(round_to) if granularity == "structured" else 1, int(drop), heads)
+                       int(round_to) if granularity == "structured" else 1, int(drop), heads, encodings, init)
 
 
 def uniform(space: Space, ratio: float, bits: int, epochs: int, lr: float) -> TrialConfig:
@@ -259,7 +295,12 @@ def uniform(space: Space, ratio: float, bits: int, epochs: int, lr: float) -> Tr
     layers = [n for members in space.units.values() for n in members]
     return TrialConfig({n: ratio for n in layers}, {n: bits for n in layers}, space.granularity[0],
                        space.criterion[0], epochs, lr, space.round_to[0] if space.granularity[0] == "structured" else 1,
-                       space.drop_blocks[0], least_heads(space))
+                       space.drop_blocks[0], least_heads(space), first_encodings(space), space.kmeans_init[0])
+
+
+def first_encodings(space: Space) -> dict[str, str]:
+    """Every layer at its unit's first encoding: what uniform starts take."""
+    return {n: space.encodings_of(u)[0] for u, members in space.units.items() for n in members}
 
 
 def allowed_bits(choices: Sequence[int], bits: int) -> int:
@@ -285,7 +326,8 @@ def uniform_where_allowed(space: Space, ratio: float, bits: int, epochs: int, lr
             ratios[n], widths[n] = clipped_ratio(space, unit, ratio), allowed_bits(space.bits_of[unit], bits)
     return TrialConfig(ratios, widths, space.granularity[0], space.criterion[0], epochs, lr,
                        space.round_to[0] if space.granularity[0] == "structured" else 1,
-                       space.drop_blocks[0] if drop_blocks is None else drop_blocks, least_heads(space))
+                       space.drop_blocks[0] if drop_blocks is None else drop_blocks, least_heads(space),
+                       first_encodings(space), space.kmeans_init[0])
 
 
 def head_span(space: Space, name: str) -> tuple[int, int]:

@@ -5,7 +5,7 @@ budget. The stage (:mod:`mcp.stages.search`) makes its runs."""
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -49,7 +49,19 @@ def load_space(cfg: SearchConfig, model, input_shape):
     path = resolve_space(cfg.space, arch)  # a shipped space's name, a YAML file, or the family's file
     layers = [n for n, _ in layers_in_order(model, input_shape)]
     heads = {name: m.num_heads for name, m in attention_modules(model).items()}
-    return build_space(read_space_file(path), layers, path.name, heads), path
+    space = build_space(read_space_file(path), layers, path.name, heads)
+    return (int8_only(space) if cfg.deployable == "int8" else space), path
+
+
+def int8_only(space):
+    """``space`` with only the encodings ONNX Runtime runs as INT8 (uniform grids); a layer
+    that allows nothing else is refused, naming it."""
+    only = [u for u in space.units if "grid" not in space.encodings_of(u)]
+    if only:
+        raise ConfigError(f"{space.source}: --deployable int8 keeps uniform grids only, but {only[0]} allows only "
+                          f"{', '.join(space.encodings_of(only[0]))}; add grid to its encodings or use "
+                          f"--deployable any")
+    return replace(space, encoding_of={u: ("grid",) for u in space.units})
 
 
 SETTINGS_ATTR = "mcp_settings"  # the study's user attribute: what its trial values were measured under
@@ -64,7 +76,8 @@ def study_settings(cfg: SearchConfig, checked: "Checked") -> dict[str, Any]:
             "space_file": checked.space_path.name, "budget_on": cfg.budget_on,
             "budget_bytes": round(checked.budget or 0), "latency": cfg.latency, "budget_ms": cfg.budget_ms,
             "budget_batch": cfg.budget_batch,
-            "latency_runtime": cfg.runtime if cfg.budget_ms or cfg.latency else ""}  # where latencies are timed
+            "latency_runtime": cfg.runtime if cfg.budget_ms or cfg.latency else "",  # where latencies are timed
+            "deployable": cfg.deployable}
 
 
 STALE_HEARTBEATS = 3  # a running trial silent for this many heartbeats is stale (its worker died)
@@ -207,8 +220,9 @@ def open_study(cfg: SearchConfig, checked: "Checked", base_uri: str = ""):
     else:
         timed = "onnxruntime" if stored.get("budget_ms") or stored.get("latency") else ""  # before runtimes
         for key in ("space_sha256", "budget_on", "budget_bytes", "latency", "budget_ms", "budget_batch",
-                    "latency_runtime"):
-            if stored.get(key, {"budget_ms": 0.0, "budget_batch": 1, "latency_runtime": timed}.get(key)) == settings[key]:
+                    "latency_runtime", "deployable"):
+            if stored.get(key, {"budget_ms": 0.0, "budget_batch": 1, "latency_runtime": timed,
+                                "deployable": "any"}.get(key)) == settings[key]:
                 continue
             what, was, now = key, stored.get(key), settings[key]
             if key == "space_sha256":
