@@ -158,3 +158,28 @@ def test_deployable_int8_keeps_the_search_to_grids_that_onnx_runtime_runs(experi
     assert onnx_tags["deploy_format"] == "onnx_int8_weights"  # exported with its parity check passed
     with pytest.raises(Exception, match="was run with deployable 'int8', this call has 'any'"):
         run_search(cfg.replace(deployable="any"), show_progress=False)
+
+
+def test_the_pytorch_reference_of_a_model_leaves_its_codebook_layers_as_they_are():
+    """The deploy check's PyTorch reference re-simulates grids from the recipe: codebook
+    layers hold shared values on no grid, and re-quantizing them would change them."""
+    from mcp.quantization.engine import simulated
+
+    model = _pruned_mlp()
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    quantizer = Quantizer(model, SHAPE, QuantSpec(method="qat", bits=3, codebook_layers=tuple(names)))
+    quantizer.freeze()
+    quantizer.finish()
+    x = torch.randn(4, *SHAPE)
+    again = simulated(model, SHAPE, quantizer.describe())
+    with torch.no_grad():
+        assert torch.equal(again(x), model.eval()(x))
+    mixed = _pruned_mlp()
+    quantizer = Quantizer(mixed, SHAPE, QuantSpec(method="qat", bits=3, codebook_layers=(names[0],)))
+    quantizer.freeze()
+    quantizer.finish()
+    again = simulated(mixed, SHAPE, quantizer.describe())
+    first, original = dict(again.named_modules())[names[0]], dict(mixed.named_modules())[names[0]]
+    inputs = torch.randn(4, original.in_features)
+    with torch.no_grad():  # the layer as it runs (any simulation hook applied): not re-quantized on a grid
+        assert torch.equal(first(inputs), original(inputs))

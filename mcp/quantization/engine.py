@@ -208,6 +208,8 @@ def simulated(model: nn.Module, input_shape: Sequence[int], quantization: Mappin
 
     codebooks = set(quantization.get("codebook_layers", ()))  # their baked values are no grid's: left as they are
     bits = {str(k): int(v) for k, v in quantization["bits"].items() if str(k) not in codebooks}
+    if not bits:  # every layer a codebook: nothing on a grid to simulate
+        return copy.deepcopy(model).cpu().eval()
     order = [n for n, _ in layers_in_order(model, input_shape)]
     int8 = quant_method(quantization["method"]).int8_only
     spec = QuantSpec(method=quantization["method"], bits=8 if int8 else max(bits.values()),
