@@ -39,7 +39,6 @@ import time
 from pathlib import Path
 
 DATA = dict(dataset="idx", val_fraction=0.15)
-MODEL = "lenet300_100"
 
 
 def _uniform(base, splits, loaders, space, budget, epochs, lr, seed, device):
@@ -76,6 +75,7 @@ def _save(results: dict, path: Path) -> None:
 
 
 def run(args) -> dict:
+    arch = args.model
     import mlflow
 
     from mcp.config import PruneConfig, QuantizeConfig, SearchConfig, TrainConfig
@@ -96,7 +96,7 @@ def run(args) -> dict:
         for seed in range(args.seed_start, args.seed_start + args.seeds):
             r = results["seeds"].setdefault(str(seed), {})
             t0 = time.perf_counter()
-            base = run_train(TrainConfig(model=MODEL, seed=seed, register=False, checkpoint_dir=tmp, **data),
+            base = run_train(TrainConfig(model=arch, seed=seed, register=False, checkpoint_dir=tmp, **data),
                              show_progress=False)
             r["baseline"] = {"test": base.metrics["test_accuracy"], "fp32": base.metrics["size_bytes_fp32"],
                              "seconds": time.perf_counter() - t0}
@@ -104,15 +104,16 @@ def run(args) -> dict:
             print(f"seed {seed}: baseline {100 * r['baseline']['test']:.2f}%", flush=True)
 
             r.setdefault("budgets", {})
-            probe = SearchConfig(model=MODEL, seed=seed, **data)
+            probe = SearchConfig(model=arch, seed=seed, space=args.space, **data)
             device, splits, loaders = setup_data(probe)
             space, _ = load_space(probe, base.model, splits.input_shape)
             for ratio in budgets:
                 if str(ratio) in r["budgets"]:
                     continue  # done by an earlier, interrupted invocation with the same --out
                 t1 = time.perf_counter()
-                cfg = SearchConfig(model=MODEL, model_uri=base.model_uri, seed=seed, trials=args.trials,
-                                   budget_ratio=ratio, final_epochs=args.final_epochs,
+                cfg = SearchConfig(model=arch, model_uri=base.model_uri, seed=seed, trials=args.trials,
+                                   budget_ratio=ratio, final_epochs=args.final_epochs, space=args.space,
+                                   final_prune_epochs=args.final_prune_epochs,
                                    storage=f"sqlite:///{tmp}/optuna.db", study_name=f"s{seed}-b{ratio}",
                                    register=False, **data)
                 found = run_search(cfg, show_progress=False)
@@ -138,10 +139,10 @@ def run(args) -> dict:
                 print(f"seed {seed}: budget {ratio:.1%}: search {100 * w['test_accuracy']:.2f}%{g}, uniform {u} "
                       f"({time.perf_counter() - t1:.0f} s)", flush=True)
             if args.hand and not r.get("hand"):
-                pruned = run_prune(PruneConfig(model=MODEL, model_uri=base.model_uri, sparsity=0.9,
+                pruned = run_prune(PruneConfig(model=arch, model_uri=base.model_uri, sparsity=0.9,
                                                schedule="gradual", epochs=30, seed=seed, **data), show_progress=False)
                 pruned_uri = f"models:/{pruned.registered_name}/{pruned.registered_version}"
-                hand = run_quantize(QuantizeConfig(model=MODEL, model_uri=pruned_uri, method="qat", bits=4,
+                hand = run_quantize(QuantizeConfig(model=arch, model_uri=pruned_uri, method="qat", bits=4,
                                                    epochs=8, seed=seed, register=False, **data), show_progress=False)
                 r["hand"] = {"test": hand.metrics["test_accuracy"], "size": hand.metrics["size_bytes_compressed"]}
                 _save(results, out)
@@ -149,12 +150,12 @@ def run(args) -> dict:
                       flush=True)
 
             r.setdefault("dc", {})
-            for sparsity in [float(s) for s in args.dc_sparsities.split(",")]:
+            for sparsity in [float(s) for s in args.dc_sparsities.split(",") if s]:
                 for teacher in ("", "parent") if args.dc_distill else ("",):
                     key = str(sparsity) + (" distilled" if teacher else "")
                     if key in r["dc"]:
                         continue
-                    dc = run_quantize(QuantizeConfig(model=MODEL, model_uri=base.model_uri, method="deep_compression",
+                    dc = run_quantize(QuantizeConfig(model=arch, model_uri=base.model_uri, method="deep_compression",
                                                      sparsity=sparsity, distill_from=teacher, seed=seed,
                                                      register=False, **data), show_progress=False)
                     r["dc"][key] = {"test": dc.metrics["test_accuracy"], "pruned_test":
@@ -287,7 +288,12 @@ def main() -> None:
                                                                   "processes, each with its own --out)")
     parser.add_argument("--budgets", default="0.01,0.02,0.05,0.1,0.2")
     parser.add_argument("--trials", type=int, default=20)
+    parser.add_argument("--model", default="lenet300_100", help="lenet300_100 or lenet5")
+    parser.add_argument("--space", default="", help="the search space (default: the model's family space)")
     parser.add_argument("--final-epochs", type=int, default=8)
+    parser.add_argument("--final-prune-epochs", type=int, default=0,
+                        help="a winner whose trial pruned gradually is pruned again over this many float32 epochs "
+                             "(0: its trial's)")
     parser.add_argument("--dc-sparsities", default="0.94,0.96,0.97")
     parser.add_argument("--dc-distill", action="store_true",
                         help="also run Deep Compression distilled from the baseline (--distill-from parent)")

@@ -293,7 +293,7 @@ class SearchOutcome:
 def search(model: nn.Module, data: Any, *, space: str | Path = "", budget_bytes: float | None = None,
            budget_on: str = "compressed", trials: int = 20, pareto: bool = False, latency: bool = False,
            fill_budget: bool = True, distill: bool = False, calib_batches: int = 8, sampler: str = "tpe",
-           final_epochs: int = 0, storage: str | None = None, study_name: str | None = None, heartbeat: float = 30.0,
+           final_epochs: int = 0, final_prune_epochs: int = 0, storage: str | None = None, study_name: str | None = None, heartbeat: float = 30.0,
            deployable: str = "any", seed: int = 0, device: str = "auto",
            progress: bool | None = False) -> SearchOutcome:
     """An Optuna study over per-layer prune ratios and bit-widths of ``model`` from a search
@@ -304,8 +304,9 @@ def search(model: nn.Module, data: Any, *, space: str | Path = "", budget_bytes:
     space's name (``"default"``, ``"structured"``, ``"lenet"``, ``"resnet"``,
     ``"resnet_latency"``, ``"transformer"``) or a path to a YAML file; empty: the model family's space.
     Returns a :class:`SearchOutcome`: the study, its trials, and the best feasible trial
-    rebuilt from ``model`` and fine-tuned for ``final_epochs`` (0: its trial's epochs),
-    ``.model`` and ``.metrics``. ``deployable="int8"`` keeps the search to uniform grids
+    rebuilt from ``model`` and fine-tuned for ``final_epochs`` (0: its trial's epochs; pruned
+    again over ``final_prune_epochs`` where its trial pruned gradually), ``.model`` and
+    ``.metrics``. ``deployable="int8"`` keeps the search to uniform grids
     (INT8 in ONNX Runtime) where the space also offers k-means codebooks. ``progress``: one
     line per trial (None: a bar on a terminal, lines elsewhere; False: quiet)."""
     if not pareto and not budget_bytes:
@@ -320,7 +321,7 @@ def search(model: nn.Module, data: Any, *, space: str | Path = "", budget_bytes:
     cfg = SearchConfig(space=str(path), mode="pareto" if pareto else "max-accuracy", budget_on=budget_on,
                        budget_mb=(budget_bytes or 0) / 1e6, budget_ratio=0.0, latency=latency, trials=trials,
                        sampler=sampler, storage=url, heartbeat=heartbeat, fill_budget=fill_budget, distill=distill,
-                       final_epochs=final_epochs, calib_batches=calib_batches, seed=seed, deployable=deployable,
+                       final_epochs=final_epochs, final_prune_epochs=final_prune_epochs, calib_batches=calib_batches, seed=seed, deployable=deployable,
                        study_name=study_name or f"{arch}-{'pareto' if pareto else 'max-accuracy'}")
     try:
         checked = check_search(cfg, SimpleNamespace(input_shape=d.input_shape, num_classes=d.classes_of(model)),
@@ -341,7 +342,7 @@ def search(model: nn.Module, data: Any, *, space: str | Path = "", budget_bytes:
         best = winners[0]["trial"] if winners else None
         winner = quiet.models.get(best) if best is not None else None
         if best is not None and winner is None:  # another worker rebuilt it: this call rebuilds it too
-            winner = rebuild(problem, next(t for t in rows if t["number"] == best), final_epochs)
+            winner = rebuild(problem, next(t for t in rows if t["number"] == best), final_epochs, final_prune_epochs)
         if scratch is not None:  # the study outlives its temporary file, in memory
             memory = optuna.storages.InMemoryStorage()
             optuna.copy_study(from_study_name=cfg.name(), from_storage=url, to_storage=memory)

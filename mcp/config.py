@@ -782,6 +782,9 @@ class SearchConfig(StartModel):
                                      "over-budget trials are rejected as sampled.")
     distill: bool = option(False, "Fine-tune each trial by distillation from the starting model.")
     final_epochs: int = option(0, "Fine-tuning epochs when a winner is rebuilt (0: its trial's).")
+    final_prune_epochs: int = option(0, "Float32 epochs over which a winner whose trial pruned gradually (the "
+                                        "space's prune.schedule) is pruned again when it is rebuilt (0: its "
+                                        "trial's).")
     finalists: int = option(1, "max-accuracy: rebuild this many of the best feasible trials (by validation "
                                "accuracy) with --final-epochs, register each, and give 'challenger' to the one "
                                "the validation split then ranks first: short trials rank configurations "
@@ -805,8 +808,9 @@ class SearchConfig(StartModel):
             raise ConfigError("latency=true is an objective of mode pareto (max-accuracy optimises accuracy alone)")
         _positive("trials", self.trials)
         _positive("heartbeat", self.heartbeat)
-        if self.timeout < 0 or self.final_epochs < 0:
-            raise ConfigError("timeout and final_epochs must be 0 or more")
+        for key in ("timeout", "final_epochs", "final_prune_epochs"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key}={getattr(self, key)!r} must be 0 or more")
         _positive("calib_batches", self.calib_batches)
         _positive("finalists", self.finalists)
         if self.finalists > 1 and self.mode != "max-accuracy":

@@ -4,6 +4,7 @@ from the payload in a fresh process, and `--deployable int8` keeping a search to
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -74,6 +75,38 @@ def test_a_grid_method_takes_codebooks_in_named_layers_and_their_huffman_size_ho
     assert np.array_equal(decoded[keys.index(f"{names[0]}.weight")], weight)  # bit for bit
     assert len(np.unique(weight[weight != 0])) <= 16
     assert quantizer.describe()["codebook_layers"] == [names[0]]
+
+
+def test_a_trial_may_give_its_codebook_layers_biases_codebooks_of_their_own_sized_exactly():
+    from mcp.tuner.space import uniform
+    from mcp.tuner.trial import finetune_quantized, measure_sizes
+
+    model = _pruned_mlp(0.9)
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    space = build_space({"prune": {"ratio": [0.0, 0.95]}, "quantize": {"bits": [2, 3], "encoding": ["codebook"],
+                                                                       "share_biases": [True, False]}},
+                        names, "s.yaml")
+    assert space.share_biases == (True, False)
+    shared = uniform(space, 0.9, 2, 1, 0.01)
+    assert shared.share_biases  # uniform starts: the first choice
+    plain = dataclasses.replace(shared, share_biases=False)
+    sizes = {tc.share_biases: measure_sizes(model, SHAPE, tc)["size_bytes_compressed"] for tc in (shared, plain)}
+    assert sizes[True] < sizes[False]  # 2-bit codes instead of float32 biases
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, *SHAPE, generator=g)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.randint(0, 4, (64,), generator=g)),
+                                         batch_size=16)
+    tuned = finetune_quantized(model, SHAPE, shared, (loader, loader, loader), "cpu")
+    assert len(tuned.payload) == sizes[True]  # labels fixed while the centroids trained: the size held
+    for name in names:
+        bias = dict(tuned.model.named_modules())[name].bias.detach()
+        assert len(bias[bias != 0].unique()) <= 4
+        assert isinstance(tuned.entries[f"{name}.bias"], Codebook)
+    with pytest.raises(ConfigError, match="quantize.share_biases=\\['auto'\\] must be a non-empty list of true"):
+        build_space({"quantize": {"encoding": ["codebook"], "share_biases": ["auto"]}}, LENET, "s.yaml")
+    with pytest.raises(ConfigError, match="gives codebook layers' biases codebooks: no layer may take encoding "
+                                          "codebook"):
+        build_space({"quantize": {"share_biases": [True]}}, LENET, "s.yaml")
 
 
 def test_codebooks_on_a_method_that_shares_or_is_int8_are_refused():

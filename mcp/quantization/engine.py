@@ -33,7 +33,8 @@ class QuantSpec:
     observer: str = "minmax"
     kmeans_init: str = "linear"
     ignored_layers: tuple[str, ...] = ()
-    share_biases: bool | str = False  # k-means methods: biases get their own codebooks too; "auto": where they pay
+    share_biases: bool | str = False  # k-means methods and codebook layers: biases get their own codebooks too;
+    # "auto": where they pay
     reduce_range: bool = True  # INT8 methods: ONNX Runtime's [-64, 64] weights (no u8s8 saturation on AVX2)
     precision: str = "int8"  # ptq_int8: "int8" every layer, "speed" INT8 only where it runs faster than float32
     seed: int = 0
@@ -124,11 +125,12 @@ class Quantizer:
         conv_bits, fc_bits = kind.default_bits
         self.bits = {n: spec.layer_bits.get(n, spec.bits or (fc_bits if isinstance(m, nn.Linear) else conv_bits))
                      for n, m in layers.items()}
-        self.share_biases = kind.shares_weights and (
-            biases_pay(layers, self.bits) if spec.share_biases == "auto" else bool(spec.share_biases))
         self.sim: QuantSim | None = None
         self.sharing: WeightSharing | None = None
         shared = layers if kind.shares_weights else {n: m for n, m in layers.items() if n in spec.codebook_layers}
+        # biases get codebooks of their own only in layers that share weights (a grid layer's stay float32)
+        self.share_biases = bool(shared) and (
+            biases_pay(shared, self.bits) if spec.share_biases == "auto" else bool(spec.share_biases))
         grid = {n: m for n, m in layers.items() if n not in shared}
         if shared:
             self.sharing = WeightSharing(shared, {n: self.bits[n] for n in shared}, spec.kmeans_init, spec.seed,

@@ -172,7 +172,9 @@ class Runs:
                                      "runtime": tags.get("runtime", "onnxruntime")}
                 for version, tags, _ in (tracking.models.list_versions(self.registered) if cfg.register else ())
                 if tags.get(schema.STAGE) == "search" and tags.get("study") == cfg.name()
-                and tags.get("final_epochs_option") == str(cfg.final_epochs) and tags.get("trial", "").isdigit()}
+                and tags.get("final_epochs_option") == str(cfg.final_epochs)
+                and tags.get("final_prune_epochs_option", "0") == str(cfg.final_prune_epochs)
+                and tags.get("trial", "").isdigit()}
 
     def winner(self, row: dict[str, Any], build: Callable[[], Rebuilt]) -> dict[str, Any]:
         """Rebuild, test, log and register one trial's configuration; ``within_budget`` says
@@ -195,6 +197,7 @@ class Runs:
                             "runtime": rebuilt.runtime, "runtime_settings": runtimes.settings(rebuilt.runtime),
                             "budget_on": cfg.budget_on, "within_budget": str(within).lower(),
                             "final_epochs_option": str(cfg.final_epochs),
+                            "final_prune_epochs_option": str(cfg.final_prune_epochs),
                             **{k: f"{metrics[k]:.6g}" for k in shown if k in metrics},
                             **self.baseline.version_tags(metrics)}
             _, version = log_and_register(rebuilt.model, next(iter(self.problem.loaders[2]))[0][:4],

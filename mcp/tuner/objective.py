@@ -1,9 +1,10 @@
 """The search's objective, apart from any tracking.
 
 A trial samples per-layer ratios and bit-widths, moves the ratios until the model just
-fits the budget (``fill_budget``), prunes a copy of the starting model, measures its
-encoded (or ONNX) size before any training, rejects it there when it is over the budget,
-and otherwise fine-tunes it with QAT, reporting validation accuracy per epoch so that
+fits the budget (``fill_budget``), prunes a copy of the starting model (at once, or while
+it trains in float32 on a gradual schedule, then a little further where that left it over
+the budget), measures its encoded (or ONNX) size before any quantization-aware training,
+rejects it there when it is over the budget, and otherwise fine-tunes it with QAT, reporting validation accuracy per epoch so that
 Optuna's pruner can stop it. What a trial measures goes to a :class:`TrialLog` the caller
 opens per trial: the stage makes each trial a nested MLflow run, the way Optuna's own
 integrations do; the library default records nothing.
@@ -12,6 +13,7 @@ integrations do; the library default records nothing.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import tempfile
 from dataclasses import dataclass, field
@@ -37,7 +39,9 @@ from mcp.tuner.trial import (
     onnx_latency,
     present,
     prune_candidate,
+    prune_while_training,
     ratio_at_budget,
+    top_up,
 )
 
 STATES = ("complete", "pruned", "infeasible", "failed")
@@ -127,6 +131,24 @@ def trial_latency(tuned, shape, runtime: str = "onnxruntime") -> float:
         return onnx_latency(path, shape, 0.5, 1, runtime)
 
 
+def prune_trial(p: SearchProblem, tc, batch_loss=None, prune_epochs: int = 0) -> tuple[torch.nn.Module, Any]:
+    """The starting model pruned as ``tc`` says, and ``tc`` as it ran: one-shot, or while it
+    trains on ``tc.schedule`` for ``prune_epochs`` (0: ``tc.prune_epochs``; ``batch_loss``
+    distils) and then, under a size budget that trials fill, pruned a little further where
+    it came out over it (:func:`mcp.tuner.trial.top_up`)."""
+    if tc.schedule == "one_shot":
+        model = prune_candidate(p.base, p.input_shape, tc, p.calib, p.device)
+        return model, present(tc, model)
+    if prune_epochs:
+        tc = dataclasses.replace(tc, prune_epochs=prune_epochs)
+    model = prune_while_training(p.base, p.input_shape, tc, p.loaders, p.calib, p.device, p.seed, batch_loss)
+    tc = present(tc, model)
+    if p.budget and p.fill_budget:
+        model, tc = top_up(model, p.input_shape, p.space, tc, p.budget * (1 - FILL_SLACK), p.calib, p.device,
+                           p.seed, p.budget_on)
+    return model, tc
+
+
 def make_objective(problem: SearchProblem, open_log: Callable[[Any], ContextManager[TrialLog]] = no_log
                    ) -> Callable[[Any], float | tuple[float, ...]]:
     """The function ``study.optimize`` calls: one trial, its measurements sent to the log
@@ -163,8 +185,10 @@ def make_objective(problem: SearchProblem, open_log: Callable[[Any], ContextMana
                                                                             batch=p.budget_batch,
                                                                             runtime=p.runtime)) or tc
                 trial.set_user_attr("ratios", tc.ratios)
-                model = prune_candidate(p.base, shape, tc, p.calib, p.device)
-                tc = present(tc, model)
+                teacher = distiller()
+                model, tc = prune_trial(p, tc, teacher)
+                if tc.schedule != "one_shot":  # the ratios it ran (pruned further where it came out over)
+                    trial.set_user_attr("ratios", tc.ratios)
                 sizes = measure_sizes(model, shape, tc, p.seed, onnx=on == "onnx")
                 size = sizes[SIZE_KEY[on]]
                 excess = budget_excess(size, p.budget)
@@ -195,7 +219,7 @@ def make_objective(problem: SearchProblem, open_log: Callable[[Any], ContextMana
                             if trial.should_prune():
                                 raise optuna.TrialPruned(f"pruned after epoch {epoch}")
 
-                    tuned = finetune_quantized(model, shape, tc, p.loaders, p.device, p.seed, report, distiller(),
+                    tuned = finetune_quantized(model, shape, tc, p.loaders, p.device, p.seed, report, teacher,
                                                speed_calib=p.calib if p.budget_ms else None)
                     val = evaluate(tuned.model, p.loaders[1], p.device)["accuracy"]
                     # weights that QAT moved onto or off zero change the encoded size a little: measure again
@@ -254,8 +278,11 @@ class Rebuilt:
         tc = self.config
         return {"trial": self.number, "ratios": json.dumps({k: round(v, 4) for k, v in tc.ratios.items()}),
                 "bits": json.dumps(tc.bits), "method": "qat",
+                **({"prune_schedule": tc.schedule, "prune_epochs": tc.prune_epochs, "prune_lr": f"{tc.prune_lr:.4g}"}
+                   if tc.schedule != "one_shot" else {}),
                 **({"codebook_layers": ",".join(tc.codebook_layers), "kmeans_init": tc.kmeans_init,
-                    "storage": STORAGE_NOTE} if tc.codebook_layers else {}),
+                    "share_biases": str(tc.share_biases).lower(), "storage": STORAGE_NOTE}
+                   if tc.codebook_layers else {}),
                 **({"dropped_blocks": ",".join(removed_blocks(self.model))} if tc.drop_blocks else {}),
                 **({"attention_heads": json.dumps({n: m.num_heads for n, m in attention_modules(self.model).items()})}
                    if any(tc.heads.values()) else {})}
@@ -268,7 +295,7 @@ class Rebuilt:
         return {"method": "qat", "bits": tc.bits, "act_bits": 0, "symmetric": True, "per_channel": True,
                 "observer": "minmax", "coding": "fixed", "reduce_range": False,
                 **({"codebook_layers": list(tc.codebook_layers), "kmeans_init": tc.kmeans_init,
-                    "codebook_coding": "huffman"} if tc.codebook_layers else {})}
+                    "share_biases": tc.share_biases, "codebook_coding": "huffman"} if tc.codebook_layers else {})}
 
     def deploy(self, problem: "SearchProblem", folder: str | Path, timing_s: float = 0.3) -> tuple[Path, str]:
         """Write its deployable ONNX file into ``folder`` (INT8 weights behind
@@ -299,22 +326,21 @@ class Rebuilt:
         return path, fmt
 
 
-def rebuild(problem: SearchProblem, row: dict[str, Any], epochs: int = 0) -> Rebuilt:
+def rebuild(problem: SearchProblem, row: dict[str, Any], epochs: int = 0, prune_epochs: int = 0) -> Rebuilt:
     """Prune the starting model as trial ``row`` (of :func:`trial_table`) did, with the
-    ratios it used, fine-tune it for ``epochs`` (0: the trial's own) with QAT at its bits,
-    and measure it on the validation and test splits."""
-    import dataclasses
-
+    ratios it used (while it trains for ``prune_epochs``, 0: the trial's own, where the
+    trial pruned gradually), fine-tune it for ``epochs`` (0: the trial's own) with QAT at
+    its bits, and measure it on the validation and test splits."""
     import optuna
 
     p = problem
     tc = sample(optuna.trial.FixedTrial(row["params"]), p.space)
     if row.get("ratios"):  # the ratios the trial used (its samples moved to fill the budget)
         tc = dataclasses.replace(tc, ratios=dict(row["ratios"]))
-    model = prune_candidate(p.base, p.input_shape, tc, p.calib, p.device)
-    tc = present(tc, model)
-    tuned = finetune_quantized(model, p.input_shape, tc, p.loaders, p.device, p.seed, epochs=epochs or tc.epochs,
-                               speed_calib=p.calib if p.budget_ms else None)
+    teacher = Distiller(p.base, DistillSpec()).to(p.device) if p.distill else None  # as its trial was
+    model, tc = prune_trial(p, tc, teacher, prune_epochs)
+    tuned = finetune_quantized(model, p.input_shape, tc, p.loaders, p.device, p.seed, batch_loss=teacher,
+                               epochs=epochs or tc.epochs, speed_calib=p.calib if p.budget_ms else None)
     test = evaluate(tuned.model, p.loaders[2], p.device)
     val = evaluate(tuned.model, p.loaders[1], p.device)
     metrics = {"test_accuracy": test["accuracy"], "test_loss": test["loss"], "val_accuracy": val["accuracy"],
@@ -382,6 +408,14 @@ def _start_params(space, ratios: dict[str, float], bits: dict[str, int], drop: i
             params[f"encoding.{unit}"] = space.encodings_of(unit)[0]
     if len(space.kmeans_init) > 1 and any(space.encodings_of(u)[0] == "codebook" for u in space.units):
         params["kmeans_init"] = space.kmeans_init[0]
+    if len(space.share_biases) > 1 and any(space.encodings_of(u)[0] == "codebook" for u in space.units):
+        params["share_biases"] = space.share_biases[0]
+    if len(space.schedule) > 1:  # a uniform start prunes on the space's first schedule, over its most epochs
+        params["schedule"] = space.schedule[0]
+    if space.schedule[0] != "one_shot" and space.prune_epochs[1] > space.prune_epochs[0]:
+        params["prune_epochs"] = space.prune_epochs[1]
+    if space.schedule[0] != "one_shot" and space.prune_lr[1] > space.prune_lr[0]:
+        params["prune_lr"] = (space.prune_lr[0] * space.prune_lr[1]) ** 0.5
     if len(space.granularity) > 1:  # the granularity and criterion the sizes were measured at
         params["granularity"] = space.granularity[0]
     if len(space.criterion) > 1:
@@ -418,7 +452,8 @@ def enqueue_uniform(study, problem: SearchProblem, max_accuracy: bool, limit: in
     every layer, for each bit-width that every layer allows; the longest fine-tuning): the
     search begins with every uniform recipe the space holds (the fewest bits first, at most
     ``limit``: no more than the trials the call runs), and must beat the best of them (on the
-    validation split) to change the winner.
+    validation split) to change the winner. A space whose ``starts`` name ``global`` also
+    starts, per bit-width, from Deep Compression's allocation (:func:`_global_starts`).
 
     When the space rules that out (a layer's ratio range caps it below the ratio the budget
     needs, no single ratio lies in every range, or no bit-width is allowed everywhere),
@@ -476,6 +511,8 @@ def enqueue_uniform(study, problem: SearchProblem, max_accuracy: bool, limit: in
         else:
             reasons.append(f"no ratio up to {top:g} fits the budget with {bits} bits in every layer")
     if start.queued:
+        if "global" in space.starts:
+            _global_starts(study, p, budget, everywhere, limit, start)
         return start
 
     for bits in all_bits:  # the closest the space allows: one ratio and bit-width, clipped per layer
@@ -498,6 +535,49 @@ def enqueue_uniform(study, problem: SearchProblem, max_accuracy: bool, limit: in
     start.warning = ("no uniform starting trial (one prune ratio and one bit-width in every layer) to compare the "
                      "search with: " + "; ".join(reasons) + instead)
     return start
+
+
+def global_allocation(base: torch.nn.Module, space, sparsity: float) -> dict[str, float]:
+    """Per unit of ``space``: the share of its weights that one magnitude threshold over
+    all the space's layers removes when it removes ``sparsity`` of them all (Deep
+    Compression's allocation: big layers lose more, a small classifier less), clipped to
+    the unit's ratio range."""
+    modules = dict(base.named_modules())
+    weights = {u: torch.cat([modules[n].weight.detach().abs().flatten().cpu() for n in members])
+               for u, members in space.units.items()}
+    every = torch.cat(list(weights.values()))
+    k = int(sparsity * every.numel())
+    if k == 0:
+        return {u: clipped_ratio(space, u, 0.0) for u in weights}
+    threshold = every.kthvalue(k).values
+    return {u: clipped_ratio(space, u, float((w <= threshold).float().mean())) for u, w in weights.items()}
+
+
+def _global_starts(study, p: SearchProblem, budget: float, widths: list[int], limit: int | None,
+                   start: UniformStart) -> None:
+    """Queue, after the uniform starts, one start per bit-width with Deep Compression's
+    allocation (:func:`global_allocation`) at the least overall sparsity that fits the
+    budget (space key ``starts``), at most ``limit`` starts in all."""
+    space = p.space
+    epochs, lr = space.epochs[1], space.lr[0]
+
+    def config(sparsity: float, bits: int):
+        shares = global_allocation(p.base, space, sparsity)
+        tc = uniform(space, 0.0, bits, epochs, lr)
+        return dataclasses.replace(tc, ratios={n: shares[u] for u, members in space.units.items() for n in members})
+
+    for bits in widths:
+        if limit is not None and len(start.queued) >= limit:
+            break
+        sparsity = ratio_at_budget(p.base, p.input_shape, lambda s, b=bits: config(s, b), 0.0,
+                                   max(hi for _, hi in space.ratio_of.values()), budget, p.calib, p.device, p.seed,
+                                   12, p.budget_on)
+        if sparsity is None:
+            continue
+        shares = global_allocation(p.base, space, sparsity)
+        study.enqueue_trial(_start_params(space, shares, {u: bits for u in space.units}), skip_if_exists=True)
+        start.queued.append(f"global magnitude {sparsity:.4f} ({', '.join(f'{u} {r:.4f}' for u, r in shares.items())}) "
+                            f"and {bits} bits")
 
 
 def _uniform_within_latency(study, p: SearchProblem, limit: int | None = None) -> UniformStart:

@@ -11,12 +11,19 @@ file of your own::
       criterion: [magnitude]           # choices
       drop_blocks: [0, 3]              # optional: whole blocks removed first (integer range)
       heads: [0.0, 0.5]                # optional, structured: share of whole heads removed per attention module
+      schedule: [gradual, one_shot]    # optional, unstructured: how a trial prunes (default one_shot); gradual
+                                       # and iterative train in float32 while the ratios rise (Zhu and
+                                       # Gupta's cubic ramp, Han et al.'s steps), then quantize
+      epochs: [6, 12]                  # with gradual or iterative: those epochs (integer range; the ratios
+                                       # are reached at half of them)
+      lr: [0.005, 0.02]                # and their learning rate (log-uniform; default: finetune.lr)
     quantize:
       bits: [2, 3, 4, 5, 6, 8]         # per-layer (or per-group) bit-width choices
       encoding: [codebook, grid]       # optional, per layer (or group): a k-means codebook of 2^bits
                                        # centroids, Huffman-coded where it pays (storage), or a uniform grid
                                        # (INT8 containers in ONNX); the first is what uniform starts take
       kmeans_init: [linear, density]   # optional: the codebooks' initialisation, per trial
+      share_biases: [false, true]      # optional: codebook layers' biases get 2^bits centroids of their own
     finetune:
       epochs: [2, 4]                   # integer range
       lr: [0.001, 0.02]                # log-uniform range
@@ -24,6 +31,9 @@ file of your own::
       fc3: {ratio: [0.0, 0.5], bits: [6, 8], encoding: [grid]}
     groups:                            # optional: layers sampled together (deep nets)
       stage1: ["layer1.*"]
+    starts: [uniform, global]          # optional: the study's starting trials (default uniform): one ratio in
+                                       # every layer, and one magnitude threshold over all of them (Deep
+                                       # Compression's allocation), per bit-width, at the least pruning that fits
 
 Unknown keys, unknown layers, empty ranges and bits outside 2-8 are errors that name
 the bad value.
@@ -42,11 +52,14 @@ from mcp.errors import ConfigError
 from mcp.quantization.names import KMEANS_INITS
 
 SPACES_DIR = Path(__file__).resolve().parent / "spaces"  # the shipped spaces (package data)
-TOP_KEYS = {"models", "prune", "quantize", "finetune", "layers", "groups", "description"}
-SECTION_KEYS = {"prune": {"ratio", "granularity", "criterion", "round_to", "drop_blocks", "heads"},
-                "quantize": {"bits", "encoding", "kmeans_init"}, "finetune": {"epochs", "lr"}}
+TOP_KEYS = {"models", "prune", "quantize", "finetune", "layers", "groups", "description", "starts"}
+STARTS = ("uniform", "global")  # a study's starting trials: one ratio everywhere; one magnitude threshold
+SECTION_KEYS = {"prune": {"ratio", "granularity", "criterion", "round_to", "drop_blocks", "heads", "schedule",
+                          "epochs", "lr"},
+                "quantize": {"bits", "encoding", "kmeans_init", "share_biases"}, "finetune": {"epochs", "lr"}}
 LAYER_KEYS = {"ratio", "bits", "encoding"}
 ENCODINGS = ("grid", "codebook")  # a uniform grid (INT8 containers in ONNX), or a k-means codebook (storage)
+SCHEDULES = ("one_shot", "gradual", "iterative")  # how a trial prunes (mcp.pruning.schedules)
 
 
 @dataclass(frozen=True)
@@ -67,6 +80,16 @@ class Space:
     attention: dict[str, int] = field(default_factory=dict)  # attention module -> its heads (heads.<name> params)
     encoding_of: dict[str, tuple[str, ...]] = field(default_factory=dict)  # unit -> its encodings (default: grid)
     kmeans_init: tuple[str, ...] = ("linear",)  # the codebooks' initialisation choices
+    schedule: tuple[str, ...] = ("one_shot",)  # how a trial prunes: at once, or while fine-tuning in float32
+    prune_epochs: tuple[int, int] = (0, 0)  # a gradual or iterative trial's float32 epochs
+    share_biases: tuple[bool, ...] = (False,)  # whether codebook layers' biases take codebooks of their own
+    prune_lr: tuple[float, float] = (0.0, 0.0)  # a gradual or iterative trial's float32 learning rate range
+    starts: tuple[str, ...] = ("uniform",)  # the starting trials: uniform, and global (Deep Compression's allocation)
+
+    @property
+    def gradual(self) -> bool:
+        """Whether a trial may prune while it trains (its ratios rising over ``prune_epochs``)."""
+        return any(s != "one_shot" for s in self.schedule)
 
     def encodings_of(self, unit: str) -> tuple[str, ...]:
         return self.encoding_of.get(unit, ("grid",))
@@ -90,6 +113,10 @@ class TrialConfig:
     heads: dict[str, float] = field(default_factory=dict)  # attention module -> share of its heads removed
     encodings: dict[str, str] = field(default_factory=dict)  # layer -> grid or codebook (absent: grid)
     kmeans_init: str = "linear"
+    schedule: str = "one_shot"  # one_shot: pruned at once; gradual, iterative: over prune_epochs of float32 training
+    prune_epochs: int = 0
+    share_biases: bool = False  # codebook layers' biases in codebooks of their own (else float32)
+    prune_lr: float = 0.0  # the learning rate of those prune_epochs
 
     @property
     def codebook_layers(self) -> tuple[str, ...]:
@@ -202,8 +229,33 @@ def build_space(data: Mapping[str, Any], layers: Sequence[str], source: str = "s
                           f"attention module (one with a qkv Linear and num_heads, as timm's ViT, DeiT)")
     encodings = _choices(f"{source}: quantize.encoding", quant.get("encoding", ["grid"]), ENCODINGS)
     kmeans_init = _choices(f"{source}: quantize.kmeans_init", quant.get("kmeans_init", ["linear"]), KMEANS_INITS)
+    share_biases = quant.get("share_biases", [False])
+    if (not isinstance(share_biases, (list, tuple)) or not share_biases
+            or any(not isinstance(v, bool) for v in share_biases)):
+        raise ConfigError(f"{source}: quantize.share_biases={share_biases!r} must be a non-empty list of true "
+                          f"and/or false")
+    if True in share_biases and "codebook" not in encodings and not any(
+            "codebook" in (v or {}).get("encoding", ()) for v in (data.get("layers") or {}).values()
+            if isinstance(v, Mapping)):
+        raise ConfigError(f"{source}: quantize.share_biases={list(share_biases)} gives codebook layers' biases "
+                          f"codebooks: no layer may take encoding codebook")
     epochs = _range(f"{source}: finetune.epochs", tune.get("epochs", [1, 3]), 0, 1000, int)
+    schedule = _choices(f"{source}: prune.schedule", prune.get("schedule", ["one_shot"]), SCHEDULES)
+    gradual = any(s != "one_shot" for s in schedule)
+    for key in ("epochs", "lr"):
+        if key in prune and not gradual:
+            raise ConfigError(f"{source}: prune.{key}={prune[key]!r} is for a gradual or iterative schedule: "
+                              f"prune.schedule {list(schedule)} has none")
+    prune_epochs = _range(f"{source}: prune.epochs", prune.get("epochs", [10, 10]), 1, 1000, int) if gradual else (0, 0)
+    if gradual and granularity != ("unstructured",):
+        raise ConfigError(f"{source}: prune.schedule {list(schedule)} prunes while it trains in a trial: it needs "
+                          f"granularity [unstructured] alone (got {list(granularity)})")
     lr = _range(f"{source}: finetune.lr", tune.get("lr", [0.001, 0.01]), 1e-7, 10.0, float)
+    prune_lr = _range(f"{source}: prune.lr", prune.get("lr", list(lr)), 1e-7, 10.0, float) if gradual else (0.0, 0.0)
+    starts = _choices(f"{source}: starts", data.get("starts", ["uniform"]), STARTS)
+    if "global" in starts and granularity[0] != "unstructured":
+        raise ConfigError(f"{source}: starts {list(starts)}: a global start shares one magnitude threshold between "
+                          f"layers' weights; it needs granularity unstructured first (got {list(granularity)})")
 
     groups = data.get("groups") or {}
     if not isinstance(groups, Mapping):
@@ -250,7 +302,8 @@ def build_space(data: Mapping[str, Any], layers: Sequence[str], source: str = "s
                           f"granularity [unstructured] alone (got {list(granularity)})")
     return Space(source, ratio, bits, granularity, criterion, epochs, lr, units, ratio_of, bits_of,
                  tuple(sorted(set(round_to))), drop_blocks, heads, dict(attention or {}) if heads[1] > 0 else {},
-                 encoding_of, kmeans_init)
+                 encoding_of, kmeans_init, schedule, prune_epochs, tuple(dict.fromkeys(share_biases)), prune_lr,
+                 tuple(dict.fromkeys(starts)))
 
 
 def sample(trial, space: Space) -> TrialConfig:
@@ -286,8 +339,27 @@ def sample(trial, space: Space) -> TrialConfig:
         heads[name] = removed / count
     init = (trial.suggest_categorical("kmeans_init", list(space.kmeans_init))
             if len(space.kmeans_init) > 1 and "codebook" in encodings.values() else space.kmeans_init[0])
+    shared = (trial.suggest_categorical("share_biases", list(space.share_biases))
+              if len(space.share_biases) > 1 and "codebook" in encodings.values() else space.share_biases[0])
+    schedule = (trial.suggest_categorical("schedule", list(space.schedule)) if len(space.schedule) > 1
+                else space.schedule[0])
+    lo, hi = space.prune_epochs
+    prune_epochs = 0 if schedule == "one_shot" else trial.suggest_int("prune_epochs", lo, hi) if hi > lo else lo
+    lo, hi = space.prune_lr
+    prune_lr = 0.0 if schedule == "one_shot" else trial.suggest_float("prune_lr", lo, hi, log=True) if hi > lo else lo
     return TrialConfig(ratios, bits, granularity, criterion, epochs, lr,
-                       int(round_to) if granularity == "structured" else 1, int(drop), heads, encodings, init)
+                       int(round_to) if granularity == "structured" else 1, int(drop), heads, encodings, init,
+                       schedule, int(prune_epochs), bool(shared), float(prune_lr))
+
+
+def first_schedule(space: Space) -> tuple[str, int]:
+    """The schedule uniform starts take: the space's first, over its most epochs."""
+    return space.schedule[0], 0 if space.schedule[0] == "one_shot" else space.prune_epochs[1]
+
+
+def first_prune_lr(space: Space) -> float:
+    """The float32 learning rate uniform starts prune at: the geometric mean of the range."""
+    return 0.0 if space.schedule[0] == "one_shot" else math.sqrt(space.prune_lr[0] * space.prune_lr[1])
 
 
 def uniform(space: Space, ratio: float, bits: int, epochs: int, lr: float) -> TrialConfig:
@@ -295,7 +367,8 @@ def uniform(space: Space, ratio: float, bits: int, epochs: int, lr: float) -> Tr
     layers = [n for members in space.units.values() for n in members]
     return TrialConfig({n: ratio for n in layers}, {n: bits for n in layers}, space.granularity[0],
                        space.criterion[0], epochs, lr, space.round_to[0] if space.granularity[0] == "structured" else 1,
-                       space.drop_blocks[0], least_heads(space), first_encodings(space), space.kmeans_init[0])
+                       space.drop_blocks[0], least_heads(space), first_encodings(space), space.kmeans_init[0],
+                       *first_schedule(space), space.share_biases[0], first_prune_lr(space))
 
 
 def first_encodings(space: Space) -> dict[str, str]:
@@ -327,7 +400,8 @@ def uniform_where_allowed(space: Space, ratio: float, bits: int, epochs: int, lr
     return TrialConfig(ratios, widths, space.granularity[0], space.criterion[0], epochs, lr,
                        space.round_to[0] if space.granularity[0] == "structured" else 1,
                        space.drop_blocks[0] if drop_blocks is None else drop_blocks, least_heads(space),
-                       first_encodings(space), space.kmeans_init[0])
+                       first_encodings(space), space.kmeans_init[0], *first_schedule(space), space.share_biases[0],
+                       first_prune_lr(space))
 
 
 def head_span(space: Space, name: str) -> tuple[int, int]:

@@ -61,7 +61,7 @@ def int8_only(space):
         raise ConfigError(f"{space.source}: --deployable int8 keeps uniform grids only, but {only[0]} allows only "
                           f"{', '.join(space.encodings_of(only[0]))}; add grid to its encodings or use "
                           f"--deployable any")
-    return replace(space, encoding_of={u: ("grid",) for u in space.units})
+    return replace(space, encoding_of={u: ("grid",) for u in space.units}, share_biases=(False,))
 
 
 SETTINGS_ATTR = "mcp_settings"  # the study's user attribute: what its trial values were measured under

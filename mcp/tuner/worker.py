@@ -134,6 +134,7 @@ class Plan:
     latency: bool = False  # pareto: latency is a third objective
     finalists: int = 1
     final_epochs: int = 0
+    final_prune_epochs: int = 0
     sampler: str = "tpe"
     once_key: str = ""  # what else makes the winners of one call differ from another's (registering, exporting)
 
@@ -141,7 +142,7 @@ class Plan:
     def of(cls, cfg: SearchConfig) -> "Plan":
         """The plan of a ``mcp search`` configuration."""
         return cls(cfg.name(), cfg.storage, cfg.trials, cfg.heartbeat, cfg.timeout, cfg.mode == "pareto", cfg.latency,
-                   cfg.finalists, cfg.final_epochs, cfg.sampler,
+                   cfg.finalists, cfg.final_epochs, cfg.final_prune_epochs, cfg.sampler,
                    f"-register-{cfg.register}-export-{cfg.export}-benchmark-{cfg.benchmark}")
 
 
@@ -179,7 +180,8 @@ class StudyWorker:
         self._optimize()
         trials = trial_table(self.study, self.problem.budget_on)
         p = self.plan
-        what = (f"winners-of-{len(trials)}-trials-final-epochs-{p.final_epochs}{p.once_key}"
+        what = (f"winners-of-{len(trials)}-trials-final-epochs-{p.final_epochs}"
+                + (f"-prune-{p.final_prune_epochs}" if p.final_prune_epochs else "") + p.once_key
                 + (f"-finalists-{p.finalists}" if p.finalists > 1 else ""))
         winners, _ = self.once(what, lambda: self._winners(trials), "register the winners")
         return trials, winners, warning
@@ -318,7 +320,7 @@ class StudyWorker:
         fine-tuning. The first within the budget is the challenger."""
         known = self.recorder.known_winners()
         def build(row: dict[str, Any]) -> Callable[[], Rebuilt]:
-            return lambda: rebuild(self.problem, row, self.plan.final_epochs)
+            return lambda: rebuild(self.problem, row, self.plan.final_epochs, self.plan.final_prune_epochs)
 
         winners: list[dict[str, Any]] = []
         try:
