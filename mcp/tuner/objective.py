@@ -131,6 +131,12 @@ def trial_latency(tuned, shape, runtime: str = "onnxruntime") -> float:
         return onnx_latency(path, shape, 0.5, 1, runtime)
 
 
+def teacher_of(p: SearchProblem):
+    """With ``p.distill``: distillation from the starting model (T=4, alpha=0.9), for trials
+    and winners alike; else None (cross-entropy)."""
+    return Distiller(p.base, DistillSpec()).to(p.device) if p.distill else None
+
+
 def prune_trial(p: SearchProblem, tc, batch_loss=None, prune_epochs: int = 0) -> tuple[torch.nn.Module, Any]:
     """The starting model pruned as ``tc`` says, and ``tc`` as it ran: one-shot, or while it
     trains on ``tc.schedule`` for ``prune_epochs`` (0: ``tc.prune_epochs``; ``batch_loss``
@@ -158,12 +164,6 @@ def make_objective(problem: SearchProblem, open_log: Callable[[Any], ContextMana
     p = problem
     shape, on = p.input_shape, p.budget_on
 
-    def distiller():  # distillation from the starting model, T=4, alpha=0.9
-        if not p.distill:
-            return None
-
-        return Distiller(p.base, DistillSpec()).to(p.device)
-
     def set_state(trial, log: TrialLog, state: str) -> None:
         trial.set_user_attr("state", state)
         log.state(state)
@@ -185,7 +185,7 @@ def make_objective(problem: SearchProblem, open_log: Callable[[Any], ContextMana
                                                                             batch=p.budget_batch,
                                                                             runtime=p.runtime)) or tc
                 trial.set_user_attr("ratios", tc.ratios)
-                teacher = distiller()
+                teacher = teacher_of(p)
                 model, tc = prune_trial(p, tc, teacher)
                 if tc.schedule != "one_shot":  # the ratios it ran (pruned further where it came out over)
                     trial.set_user_attr("ratios", tc.ratios)
@@ -337,7 +337,7 @@ def rebuild(problem: SearchProblem, row: dict[str, Any], epochs: int = 0, prune_
     tc = sample(optuna.trial.FixedTrial(row["params"]), p.space)
     if row.get("ratios"):  # the ratios the trial used (its samples moved to fill the budget)
         tc = dataclasses.replace(tc, ratios=dict(row["ratios"]))
-    teacher = Distiller(p.base, DistillSpec()).to(p.device) if p.distill else None  # as its trial was
+    teacher = teacher_of(p)  # as its trial was
     model, tc = prune_trial(p, tc, teacher, prune_epochs)
     tuned = finetune_quantized(model, p.input_shape, tc, p.loaders, p.device, p.seed, batch_loss=teacher,
                                epochs=epochs or tc.epochs, speed_calib=p.calib if p.budget_ms else None)
