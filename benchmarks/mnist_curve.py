@@ -113,7 +113,7 @@ def run(args) -> dict:
                 t1 = time.perf_counter()
                 cfg = SearchConfig(model=arch, model_uri=base.model_uri, seed=seed, trials=args.trials,
                                    budget_ratio=ratio, final_epochs=args.final_epochs, space=args.space,
-                                   final_prune_epochs=args.final_prune_epochs,
+                                   final_prune_epochs=args.final_prune_epochs, finalists=args.finalists,
                                    storage=f"sqlite:///{tmp}/optuna.db", study_name=f"s{seed}-b{ratio}",
                                    register=False, **data)
                 found = run_search(cfg, show_progress=False)
@@ -291,6 +291,8 @@ def main() -> None:
     parser.add_argument("--model", default="lenet300_100", help="lenet300_100 or lenet5")
     parser.add_argument("--space", default="", help="the search space (default: the model's family space)")
     parser.add_argument("--final-epochs", type=int, default=8)
+    parser.add_argument("--finalists", type=int, default=1,
+                        help="trials rebuilt in full; the winner is the finalist best on validation")
     parser.add_argument("--final-prune-epochs", type=int, default=0,
                         help="a winner whose trial pruned gradually is pruned again over this many float32 epochs "
                              "(0: its trial's)")

@@ -128,7 +128,7 @@ def test_a_search_samples_blocks_to_remove_and_registers_a_winner_without_them(o
                          "quantize": {"bits": [8]}}, ["conv1", "layer1.0.conv1"], "s.yaml")
     assert space.drop_blocks == (0, 1)
     assert sample(optuna.trial.FixedTrial({**_start_params(space, {u: 0.2 for u in space.units},
-                                                           {u: 8 for u in space.units})}), space).drop_blocks == 0
+                                                           {u: 8 for u in space.units}, 0.2)}), space).drop_blocks == 0
     with pytest.raises(ConfigError, match=r"prune.drop_blocks=\[2, 1\] is an empty range"):
         build_space({"prune": {"drop_blocks": [2, 1]}}, ["conv1"], "s.yaml")
 

@@ -19,7 +19,7 @@ from mcp.errors import ConfigError
 from mcp.models import create_model
 from mcp.stages.search import run_search
 from mcp.stages.train import run_train
-from mcp.tuner.space import build_space, uniform
+from mcp.tuner.space import GRADUAL_FROM, build_space, uniform
 from mcp.tuner.trial import compressed_size, prune_candidate, prune_while_training, top_up
 
 TINY = dict(dataset="synthetic", input_shape="3x8x8", num_classes=4)
@@ -38,15 +38,19 @@ def _own_registry(own_store):
 def test_the_space_takes_a_pruning_schedule_and_its_epochs_and_checks_them():
     space = build_space(SPACE, LENET, "s.yaml")
     assert space.schedule == ("gradual", "one_shot") and space.prune_epochs == (2, 3) and space.gradual
-    tc = uniform(space, 0.7, 2, 1, 0.01)
-    assert (tc.schedule, tc.prune_epochs) == ("gradual", 3)  # uniform starts: the first schedule, its most epochs
+    tc = uniform(space, 0.95, 2, 1, 0.01)
+    assert (tc.schedule, tc.prune_epochs) == ("gradual", 3)  # a sparse start: the first schedule, its most epochs
+    tc = uniform(space, 0.7, 2, 1, 0.01)  # below GRADUAL_FROM a start prunes at once where the space allows it
+    assert (tc.schedule, tc.prune_epochs, tc.prune_lr) == ("one_shot", 0, 0.0) and GRADUAL_FROM == 0.9
+    gradual_only = build_space({**SPACE, "prune": {**SPACE["prune"], "schedule": ["gradual"]}}, LENET)
+    assert uniform(gradual_only, 0.7, 2, 1, 0.01).schedule == "gradual"
     assert build_space({"prune": {"ratio": [0.0, 0.5]}}, LENET, "s.yaml").schedule == ("one_shot",)
     with pytest.raises(ConfigError, match="prune.schedule: 'cubic' is not allowed; choose from: one_shot, gradual, "
                                           "iterative"):
         build_space({"prune": {"schedule": ["cubic"]}}, LENET, "s.yaml")
     assert space.prune_lr == (0.01, 0.01)  # finetune.lr's range where prune.lr is left out
     assert build_space({**SPACE, "prune": {**SPACE["prune"], "lr": [0.01, 0.04]}}, LENET).prune_lr == (0.01, 0.04)
-    assert abs(uniform(build_space({**SPACE, "prune": {**SPACE["prune"], "lr": [0.01, 0.04]}}, LENET), 0.7, 2, 1,
+    assert abs(uniform(build_space({**SPACE, "prune": {**SPACE["prune"], "lr": [0.01, 0.04]}}, LENET), 0.95, 2, 1,
                        0.01).prune_lr - 0.02) < 1e-12
     for key, value in (("epochs", [2, 4]), ("lr", [0.01, 0.02])):
         with pytest.raises(ConfigError, match=rf"prune.{key}=\[{value[0]}, {value[1]}\] is for a gradual or iterative "
@@ -69,7 +73,7 @@ def _data(n: int = 256):
 def test_a_trial_pruned_while_training_reaches_its_ratios_and_is_pruned_further_only_to_fit():
     torch.manual_seed(0)
     base = create_model("tiny_mlp", 4, SHAPE)
-    space = build_space({**SPACE, "prune": {**SPACE["prune"], "ratio": [0.0, 0.99]}},
+    space = build_space({**SPACE, "prune": {**SPACE["prune"], "ratio": [0.0, 0.99], "schedule": ["gradual"]}},
                         [n for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)], "s.yaml")
     tc = uniform(space, 0.8, 3, 1, 0.05)
     loaders = _data()

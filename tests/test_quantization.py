@@ -85,6 +85,37 @@ def test_huffman_edge_cases(symbols):
     assert out.tolist() == list(symbols)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_huffman_size_is_counted_exactly_without_writing(seed):
+    rng = np.random.default_rng(seed)
+    for n, top in [(0, 1), (1, 1), (50, 3), (3000, 40), (2000, 70000)]:
+        symbols = np.minimum(rng.geometric(0.2, n) - 1, top - 1) * rng.integers(1, 3, n)
+        exact = len(huffman.encode(symbols))
+        assert huffman.encoded_size(symbols) == exact
+        for below in (1, exact // 2, exact, exact + 1):  # a bound only where the size cannot be below it
+            got = huffman.encoded_size(symbols, below)
+            assert got == exact if exact < below else below <= got <= exact
+
+
+def test_the_codec_keeps_the_smallest_layout_it_counted():
+    """The encoder counts every layout before it writes one: the stream it writes is the
+    smallest, whether dense, sparse, fixed or Huffman wins."""
+    from mcp.quantization import codec
+
+    rng = np.random.default_rng(3)
+    for density in (0.02, 0.3, 0.95):
+        mask = rng.random(5000) < density
+        symbols, zero = Codebook(np.arange(1, 9, dtype=np.float32), rng.integers(0, 8, 5000), mask).symbols()
+        chosen = codec._symbols_payload(symbols, zero, "huffman")
+        every = [1 + codec._stream_size(symbols, huff) for huff in (False, True)]
+        positions = np.flatnonzero(symbols != zero)
+        for gaps, kept in codec._sparse_candidates(positions, symbols[positions], zero):
+            every += [2 + codec._stream_size(gaps, huff) + codec._stream_size(kept, huff) for huff in (False, True)]
+        assert len(chosen) == min(every)
+        out, _ = codec._read_symbols(chosen, 0, symbols.size)
+        assert np.array_equal(out, symbols)
+
+
 # ----------------------------------------------------------------------------- payload codec
 
 @pytest.mark.parametrize("coding", ["fixed", "huffman"])
@@ -208,6 +239,25 @@ def test_kmeans_leaves_exactly_2_to_the_b_values_and_keeps_zeros(digits, init):
             k = 4 if name == "5" else 8
             assert torch.unique(w[w != 0]).numel() == k
             assert torch.equal(torch.from_numpy(entries[f"{name}.weight"].values()), w)
+
+
+@pytest.mark.parametrize("k", [4, 16, 32])
+def test_one_dimensional_lloyd_matches_scikit_learn(k):
+    """k-means of a pruned layer's weights (a gap around zero, heavy tails: empty
+    clusters happen from a linear start) ends where scikit-learn's Lloyd ends."""
+    from sklearn.cluster import KMeans
+
+    from mcp.quantization.kmeans import lloyd_1d
+
+    rng = np.random.default_rng(k)
+    w = rng.standard_t(3, 20000) * 0.05
+    values = w[np.abs(w) > np.quantile(np.abs(w), 0.9)]
+    init = np.linspace(values.min(), values.max(), k)
+    centroids, labels = lloyd_1d(values, init)
+    ref = KMeans(n_clusters=k, init=init.reshape(-1, 1), n_init=1, max_iter=100).fit(values.reshape(-1, 1))
+    assert np.allclose(centroids, np.sort(ref.cluster_centers_.ravel()), rtol=1e-5, atol=1e-7)
+    assert float(((values - centroids[labels]) ** 2).sum()) == pytest.approx(ref.inertia_, rel=1e-6)
+    assert np.array_equal(labels, np.abs(values[:, None] - centroids[None, :]).argmin(1))
 
 
 def test_kmeans_on_a_layer_with_few_values_keeps_them():

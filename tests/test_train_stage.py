@@ -230,3 +230,24 @@ def test_an_mlflow_setting_the_store_refuses_is_one_line(tmp_path):
     assert result.returncode == 2
     lines = [line for line in result.stderr.strip().splitlines() if " INFO " not in line]  # MLflow's migrations
     assert len(lines) == 1 and lines[0].startswith("error: MLflow: ") and "987654" in lines[0], result.stderr
+
+
+def test_epoch_metrics_are_written_together_and_all_of_them_at_the_end(experiment):
+    """The epoch logger writes at most once a second (each write is a store commit) and
+    everything left when training ends: no epoch is lost, every one keeps its step."""
+    import mlflow
+
+    from mcp.tracking import EpochLogger
+
+    with mlflow.start_run() as run:
+        logger = EpochLogger(every_s=3600)
+        for epoch in range(5):
+            logger.on_epoch_end(None, epoch, {"val_accuracy": epoch / 10, "train_loss": 1.0 - epoch / 10})
+        client = MlflowClient()
+        assert client.get_metric_history(run.info.run_id, "val_accuracy") == []  # not yet written
+        logger.on_fit_end(None)
+        history = sorted(client.get_metric_history(run.info.run_id, "val_accuracy"), key=lambda m: m.step)
+        assert [(m.step, m.value) for m in history] == [(e, e / 10) for e in range(5)]
+        eager = EpochLogger(every_s=0.0)
+        eager.on_epoch_end(None, 7, {"lr": 0.5})  # past its interval: written at once
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "lr")] == [7]

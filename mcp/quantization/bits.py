@@ -19,6 +19,11 @@ def write_varint(out: bytearray, value: int) -> None:
             return
 
 
+def varint_size(value: int) -> int:
+    """Bytes :func:`write_varint` writes for ``value``."""
+    return max(1, (int(value).bit_length() + 6) // 7)
+
+
 def read_varint(data: bytes, offset: int) -> tuple[int, int]:
     value, shift = 0, 0
     while True:

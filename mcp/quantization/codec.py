@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from mcp.quantization import huffman
-from mcp.quantization.bits import bits_for, pack, read_varint, unpack, write_varint
+from mcp.quantization.bits import bits_for, pack, read_varint, unpack, varint_size, write_varint
 
 MAGIC, VERSION = b"MCPZ", 1
 RAW, CODEBOOK, UNIFORM = 0, 1, 2
@@ -108,6 +108,15 @@ def _stream(out: bytearray, values: np.ndarray, huff: bool) -> None:
     out += pack(values, width)
 
 
+def _stream_size(values: np.ndarray, huff: bool, below: int | None = None) -> int:
+    """Bytes :func:`_stream` writes, counted without writing them (with ``below``, a Huffman
+    stream that cannot be smaller may be counted as a lower bound of at least ``below``)."""
+    if huff:
+        return huffman.encoded_size(values, below)
+    width = bits_for(int(values.max()) if values.size else 0)
+    return 1 + varint_size(values.size) + (values.size * width + 7) // 8
+
+
 def _read_stream(data: bytes, offset: int) -> tuple[np.ndarray, int]:
     width = data[offset]
     count, offset = read_varint(data, offset + 1)
@@ -139,23 +148,36 @@ def _sparse_candidates(positions: np.ndarray, values: np.ndarray, filler):
 
 
 def _symbols_payload(symbols: np.ndarray, zero_symbol: int | None, coding: str) -> bytes:
-    """The smallest of the allowed stream layouts, prefixed with its mode byte."""
+    """The smallest of the allowed stream layouts, prefixed with its mode byte. Every
+    layout's size is counted first (a Huffman layout that cannot beat the smallest so far
+    only as far as its entropy bound); only the smallest (the first of equals) is written."""
     huff_ok = coding == "huffman"
-    candidates = [bytearray([DENSE_FIXED])]
-    _stream(candidates[-1], symbols, False)
-    if huff_ok:
-        candidates.append(bytearray([DENSE_HUFFMAN]))
-        _stream(candidates[-1], symbols, True)
+    layouts = [(False, None, None)] + ([(True, None, None)] if huff_ok else [])
     if zero_symbol is not None:
         positions = np.flatnonzero(symbols != zero_symbol)
-        for gaps, kept in _sparse_candidates(positions, symbols[positions], zero_symbol):
-            for huff in (False, True) if huff_ok else (False,):
-                out = bytearray([SPARSE_HUFFMAN if huff else SPARSE_FIXED])
-                write_varint(out, zero_symbol)
-                _stream(out, gaps, huff)
-                _stream(out, kept, huff)
-                candidates.append(out)
-    return bytes(min(candidates, key=len))
+        layouts += [(huff, gaps, kept) for gaps, kept in _sparse_candidates(positions, symbols[positions], zero_symbol)
+                    for huff in ((False, True) if huff_ok else (False,))]
+    best, best_size = None, None
+    for layout in layouts:
+        huff, gaps, kept = layout
+        if gaps is None:
+            size = 1 + _stream_size(symbols, huff, best_size and best_size - 1)
+        else:
+            size = 1 + varint_size(zero_symbol)
+            size += _stream_size(gaps, huff, best_size and best_size - size)
+            size += _stream_size(kept, huff, best_size and max(best_size - size, 0))
+        if best_size is None or size < best_size:
+            best, best_size = layout, size
+    huff, gaps, kept = best
+    if gaps is None:
+        out = bytearray([DENSE_HUFFMAN if huff else DENSE_FIXED])
+        _stream(out, symbols, huff)
+        return bytes(out)
+    out = bytearray([SPARSE_HUFFMAN if huff else SPARSE_FIXED])
+    write_varint(out, zero_symbol)
+    _stream(out, gaps, huff)
+    _stream(out, kept, huff)
+    return bytes(out)
 
 
 def _read_symbols(data: bytes, offset: int, count: int) -> tuple[np.ndarray, int]:
@@ -174,19 +196,24 @@ def _read_symbols(data: bytes, offset: int, count: int) -> tuple[np.ndarray, int
 
 def _raw_payload(values: np.ndarray, coding: str) -> bytes:
     """Mode byte, then dense float32, or the gaps (fixed width or Huffman) and the
-    non-zero float32 values, whichever is smallest."""
-    candidates = [bytes([DENSE_FIXED]) + np.ascontiguousarray(values, dtype="<f4").tobytes()]
+    non-zero float32 values, whichever is smallest (counted first, the smallest written)."""
     flat = values.ravel()
     positions = np.flatnonzero(flat)
+    best, best_size = None, 1 + 4 * flat.size
     if positions.size < flat.size:
         for gaps, kept in _sparse_candidates(positions, flat[positions], np.float32(0)):
             for huff in (False, True) if coding == "huffman" else (False,):
-                out = bytearray([SPARSE_HUFFMAN if huff else SPARSE_FIXED])
-                _stream(out, gaps, huff)
-                write_varint(out, kept.size)
-                out += np.ascontiguousarray(kept, dtype="<f4").tobytes()
-                candidates.append(bytes(out))
-    return min(candidates, key=len)
+                size = 1 + _stream_size(gaps, huff) + varint_size(kept.size) + 4 * kept.size
+                if size < best_size:
+                    best, best_size = (huff, gaps, kept), size
+    if best is None:
+        return bytes([DENSE_FIXED]) + np.ascontiguousarray(values, dtype="<f4").tobytes()
+    huff, gaps, kept = best
+    out = bytearray([SPARSE_HUFFMAN if huff else SPARSE_FIXED])
+    _stream(out, gaps, huff)
+    write_varint(out, kept.size)
+    out += np.ascontiguousarray(kept, dtype="<f4").tobytes()
+    return bytes(out)
 
 
 def _header(out: bytearray, kind: int, shape: Sequence[int]) -> None:

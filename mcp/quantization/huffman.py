@@ -7,34 +7,72 @@ from the lengths on both sides, so the table costs a few bytes per distinct symb
 from __future__ import annotations
 
 import heapq
-from collections import Counter
 from typing import Sequence
 
 import numpy as np
 
-from mcp.quantization.bits import BitReader, read_varint, write_varint
+from mcp.quantization.bits import BitReader, read_varint, varint_size, write_varint
+
+
+def _lengths(syms: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Huffman code length of each of the distinct, sorted ``syms`` with ``counts``: the
+    depth of its leaf in the tree built by merging the two lightest nodes (ties: the
+    older node first)."""
+    n = syms.size
+    if n == 1:
+        return np.ones(1, dtype=np.int64)
+    heap = [(w, i) for i, w in enumerate(counts.tolist())]
+    heapq.heapify(heap)
+    parent = [0] * (2 * n - 1)
+    node = n
+    while len(heap) > 1:
+        w1, a = heapq.heappop(heap)
+        w2, b = heapq.heappop(heap)
+        parent[a] = parent[b] = node
+        heapq.heappush(heap, (w1 + w2, node))
+        node += 1
+    depth = [0] * (2 * n - 1)
+    for i in range(2 * n - 3, -1, -1):  # parents are created after their children
+        depth[i] = depth[parent[i]] + 1
+    return np.asarray(depth[:n], dtype=np.int64)
 
 
 def code_lengths(symbols: Sequence[int] | np.ndarray) -> dict[int, int]:
     """Huffman code length of every distinct symbol (a lone symbol gets length 1)."""
-    counts = Counter(np.asarray(symbols).ravel().tolist())
-    if not counts:
+    syms, counts = _counts(np.asarray(symbols, dtype=np.int64).ravel())
+    if not syms.size:
         return {}
-    if len(counts) == 1:
-        return {next(iter(counts)): 1}
-    # heap items: (weight, tie-breaker, symbols in the subtree)
-    heap = [(w, i, [s]) for i, (s, w) in enumerate(sorted(counts.items()))]
-    heapq.heapify(heap)
-    lengths = dict.fromkeys(counts, 0)
-    tie = len(heap)
-    while len(heap) > 1:
-        w1, _, s1 = heapq.heappop(heap)
-        w2, _, s2 = heapq.heappop(heap)
-        for s in s1 + s2:
-            lengths[s] += 1
-        heapq.heappush(heap, (w1 + w2, tie, s1 + s2))
-        tie += 1
-    return lengths
+    return dict(zip(syms.tolist(), _lengths(syms, counts).tolist()))
+
+
+def _counts(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct non-negative ``values``, sorted, and how often each occurs."""
+    if values.size and int(values.min()) >= 0 and int(values.max()) < 4 * values.size + 1024:  # small symbols: one counting pass
+        counts = np.bincount(values)
+        syms = np.flatnonzero(counts)
+        return syms, counts[syms]
+    return np.unique(values, return_counts=True)
+
+
+def encoded_size(symbols: Sequence[int] | np.ndarray, below: int | None = None) -> int:
+    """``len(encode(symbols))``, counted without building the stream. With ``below``, a
+    size that cannot be smaller than ``below`` may come back as a lower bound of it (at
+    least ``below``; the table is counted exactly and the code as the entropy, which no
+    prefix code beats), without building the code."""
+    values = np.asarray(symbols, dtype=np.int64).ravel()
+    syms, counts = _counts(values)
+    size = varint_size(syms.size) + varint_size(values.size)
+    if not syms.size:
+        return size
+    deltas = np.diff(syms, prepend=0)
+    size += int(np.sum(1 + sum((deltas >> (7 * i)) > 0 for i in range(1, 10)))) + syms.size  # varints + lengths
+    if below is not None and syms.size > 1:
+        p = counts / values.size
+        entropy_bits = float(-np.dot(counts, np.log2(p)))
+        bound = size + (int(np.floor(entropy_bits * (1 - 1e-12))) + 7) // 8
+        if bound >= below:
+            return bound
+    return size + (int(np.dot(counts, _lengths(syms, counts))) + 7) // 8
 
 
 def canonical_codes(lengths: dict[int, int]) -> dict[int, tuple[int, int]]:

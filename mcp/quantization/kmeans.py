@@ -1,7 +1,7 @@
 """Deep Compression's trained quantization: per-layer weight sharing with 2^b centroids.
 
-Each layer's non-zero weights are clustered with scikit-learn's k-means (one
-dimension, ``n_init=1``) from a ``forgy`` (random weights), ``density`` (evenly spaced
+Each layer's non-zero weights are clustered with Lloyd's k-means in one dimension
+(:func:`lloyd_1d`, one run) from a ``forgy`` (random weights), ``density`` (evenly spaced
 quantiles of the weights' distribution) or ``linear`` (evenly spaced between min and
 max) initialisation, as in Han et al. The layer's weight becomes
 ``centroids[labels] * mask``: the centroids are the trainable parameters, so the
@@ -31,11 +31,49 @@ def initial_centroids(values: np.ndarray, k: int, init: str, seed: int) -> np.nd
     raise ValueError(f"unknown k-means init {init!r}; choose one of {', '.join(KMEANS_INITS)}")
 
 
+def lloyd_1d(values: np.ndarray, init: np.ndarray, max_iter: int = 100, tol: float = 1e-4
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """Lloyd's k-means of 1-D ``values`` from the sorted centroids ``init``: (centroids,
+    labels). In one dimension every cluster is a run of the sorted values between the
+    midpoints of neighbouring centroids, so an iteration is a binary search per
+    centroid and a difference of prefix sums, not a distance to every value. It stops,
+    as scikit-learn's Lloyd does, when the labels no longer change or the centroids
+    move by at most ``tol`` times the values' variance (summed squared shift); an
+    empty cluster takes the value farthest from its centroid. The labels are those of the final centroids
+    (nearest, the lower one on a tie)."""
+    x = np.sort(values.astype(np.float64))
+    prefix = np.concatenate([[0.0], np.cumsum(x)])
+    c = np.sort(np.asarray(init, dtype=np.float64))
+    threshold = tol * float(np.var(x))
+    bounds = None
+    for _ in range(max_iter):
+        edges = np.searchsorted(x, (c[1:] + c[:-1]) / 2, side="right")
+        new_bounds = np.concatenate([[0], edges, [x.size]])
+        if bounds is not None and np.array_equal(new_bounds, bounds):
+            break
+        bounds = new_bounds
+        counts = np.diff(bounds)
+        sums = prefix[bounds[1:]] - prefix[bounds[:-1]]
+        empty = np.flatnonzero(counts == 0)
+        if empty.size:  # as scikit-learn does: an empty cluster takes the value farthest from its centroid
+            owner = np.repeat(np.arange(c.size), counts)
+            far = np.argsort(-(x - c[owner]) ** 2, kind="stable")[:empty.size]
+            for e, f in zip(empty.tolist(), far.tolist()):
+                sums[owner[f]] -= x[f]
+                counts[owner[f]] -= 1
+                sums[e], counts[e] = x[f], 1
+        moved = np.where(counts > 0, sums / np.maximum(counts, 1), c)
+        shift = float(np.sum((moved - c) ** 2))
+        c = np.sort(moved)
+        if shift <= threshold:
+            break
+    labels = np.searchsorted((c[1:] + c[:-1]) / 2, values, side="left")
+    return c, labels
+
+
 def cluster(values: np.ndarray, k: int, init: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(centroids, labels) of 1-D values with at most k clusters, all centroids distinct
     and non-zero. Layers with k or fewer distinct values keep them exactly."""
-    from sklearn.cluster import KMeans
-
     distinct = np.unique(values)
     if distinct.size <= k:
         return distinct.astype(np.float32), np.searchsorted(distinct, values)
@@ -44,11 +82,8 @@ def cluster(values: np.ndarray, k: int, init: str, seed: int) -> tuple[np.ndarra
         extra = np.setdiff1d(distinct, init_c)
         init_c = np.sort(np.concatenate([init_c, np.random.default_rng(seed).choice(extra, k - init_c.size,
                                                                                     replace=False)]))
-    km = KMeans(n_clusters=k, init=init_c.reshape(-1, 1), n_init=1, max_iter=100, random_state=seed)
-    labels = km.fit_predict(values.reshape(-1, 1).astype(np.float64))
-    centroids = km.cluster_centers_.ravel().astype(np.float32)
-    # sklearn re-seeds empty clusters; still make every centroid distinct and non-zero
-    centroids = _distinct_nonzero(centroids)
+    centroids, labels = lloyd_1d(values, init_c)
+    centroids = _distinct_nonzero(centroids.astype(np.float32))
     order = np.argsort(centroids)
     rank = np.empty_like(order)
     rank[order] = np.arange(k)

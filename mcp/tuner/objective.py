@@ -28,7 +28,15 @@ from mcp.evaluation.metrics import count_params, model_metrics, size_bytes_fp32
 from mcp.pruning.depth import removed_blocks
 from mcp.pruning.pruner import attention_modules
 from mcp.training import evaluate
-from mcp.tuner.space import allowed_bits, clipped_ratio, head_span, sample, uniform, uniform_where_allowed
+from mcp.tuner.space import (
+    allowed_bits,
+    clipped_ratio,
+    head_span,
+    sample,
+    start_schedule,
+    uniform,
+    uniform_where_allowed,
+)
 from mcp.tuner.study import FILL_SLACK, SIZE_KEY, budget_excess, within_budget
 from mcp.tuner.trial import (
     deployed_latency,
@@ -394,10 +402,13 @@ class UniformStart:
         return f"{self.kind}: {'; '.join(self.queued)}" if self.queued else ""
 
 
-def _start_params(space, ratios: dict[str, float], bits: dict[str, int], drop: int | None = None) -> dict[str, Any]:
+def _start_params(space, ratios: dict[str, float], bits: dict[str, int], sparsity: float,
+                  drop: int | None = None) -> dict[str, Any]:
     """The Optuna params of a configuration given per unit (a unit whose range is one value
-    or whose bit-width has one choice is not sampled, so it has no param)."""
+    or whose bit-width has one choice is not sampled, so it has no param) that removes
+    ``sparsity`` of the weights overall (it picks the schedule: :func:`start_schedule`)."""
     params: dict[str, Any] = {}
+    schedule = start_schedule(space, sparsity)
     for unit in space.units:
         lo, hi = space.ratio_of[unit]
         if hi > lo:
@@ -410,11 +421,11 @@ def _start_params(space, ratios: dict[str, float], bits: dict[str, int], drop: i
         params["kmeans_init"] = space.kmeans_init[0]
     if len(space.share_biases) > 1 and any(space.encodings_of(u)[0] == "codebook" for u in space.units):
         params["share_biases"] = space.share_biases[0]
-    if len(space.schedule) > 1:  # a uniform start prunes on the space's first schedule, over its most epochs
-        params["schedule"] = space.schedule[0]
-    if space.schedule[0] != "one_shot" and space.prune_epochs[1] > space.prune_epochs[0]:
+    if len(space.schedule) > 1:  # a start that prunes gradually does so over the space's most epochs
+        params["schedule"] = schedule
+    if schedule != "one_shot" and space.prune_epochs[1] > space.prune_epochs[0]:
         params["prune_epochs"] = space.prune_epochs[1]
-    if space.schedule[0] != "one_shot" and space.prune_lr[1] > space.prune_lr[0]:
+    if schedule != "one_shot" and space.prune_lr[1] > space.prune_lr[0]:
         params["prune_lr"] = (space.prune_lr[0] * space.prune_lr[1]) ** 0.5
     if len(space.granularity) > 1:  # the granularity and criterion the sizes were measured at
         params["granularity"] = space.granularity[0]
@@ -498,7 +509,7 @@ def enqueue_uniform(study, problem: SearchProblem, max_accuracy: bool, limit: in
             break
         ratio = smallest_fitting(lambda r, b=bits: uniform(space, r, b, epochs, lr), lo, hi)
         if ratio is not None:
-            study.enqueue_trial(_start_params(space, {u: ratio for u in units}, {u: bits for u in units}),
+            study.enqueue_trial(_start_params(space, {u: ratio for u in units}, {u: bits for u in units}, ratio),
                                 skip_if_exists=True)
             start.kind = "uniform"
             start.queued.append(f"ratio {ratio:.4f} and {bits} bits in every layer")
@@ -524,7 +535,7 @@ def enqueue_uniform(study, problem: SearchProblem, max_accuracy: bool, limit: in
             continue
         ratios = {u: clipped_ratio(space, u, ratio) for u in units}
         widths = {u: allowed_bits(space.bits_of[u], bits) for u in units}
-        study.enqueue_trial(_start_params(space, ratios, widths), skip_if_exists=True)
+        study.enqueue_trial(_start_params(space, ratios, widths, ratio), skip_if_exists=True)
         start.kind = "uniform where allowed"
         clipped = [f"{u} at {ratios[u]:g}" + (f", {widths[u]} bits" if widths[u] != bits else "")
                    for u in units if (ratios[u], widths[u]) != (ratio, bits)]
@@ -575,7 +586,8 @@ def _global_starts(study, p: SearchProblem, budget: float, widths: list[int], li
         if sparsity is None:
             continue
         shares = global_allocation(p.base, space, sparsity)
-        study.enqueue_trial(_start_params(space, shares, {u: bits for u in space.units}), skip_if_exists=True)
+        study.enqueue_trial(_start_params(space, shares, {u: bits for u in space.units}, sparsity),
+                            skip_if_exists=True)
         start.queued.append(f"global magnitude {sparsity:.4f} ({', '.join(f'{u} {r:.4f}' for u, r in shares.items())}) "
                             f"and {bits} bits")
 
@@ -605,7 +617,7 @@ def _uniform_within_latency(study, p: SearchProblem, limit: int | None = None) -
             continue
         ratios = {u: clipped_ratio(space, u, ratio) for u in units}
         widths = {u: allowed_bits(space.bits_of[u], bits) for u in units}
-        study.enqueue_trial(_start_params(space, ratios, widths, drop), skip_if_exists=True)
+        study.enqueue_trial(_start_params(space, ratios, widths, ratio, drop), skip_if_exists=True)
         clipped = any(r != ratio for r in ratios.values())
         start.kind = "uniform where allowed" if clipped or start.kind == "uniform where allowed" else "uniform"
         ran = sorted(set(ratios.values()))  # what the trial runs, not the ratio before clipping

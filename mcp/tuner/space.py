@@ -60,6 +60,12 @@ SECTION_KEYS = {"prune": {"ratio", "granularity", "criterion", "round_to", "drop
 LAYER_KEYS = {"ratio", "bits", "encoding"}
 ENCODINGS = ("grid", "codebook")  # a uniform grid (INT8 containers in ONNX), or a k-means codebook (storage)
 SCHEDULES = ("one_shot", "gradual", "iterative")  # how a trial prunes (mcp.pruning.schedules)
+# A start (uniform recipe, Deep Compression's allocation) removing less than this share of the
+# weights prunes at once where the space allows it. A judgement from two ends: at 97% (MNIST,
+# LeNet-300-100, 4-bit codebooks) pruning at once lost 6.5 points to pruning over 80 float32
+# epochs (docs/results.md); on the digits at 10% of float32 (starts at 0-79%) one-shot starts
+# lose nothing against gradual ones and take a fraction of the time (benchmarks/main_job.py).
+GRADUAL_FROM = 0.9
 
 
 @dataclass(frozen=True)
@@ -352,14 +358,24 @@ def sample(trial, space: Space) -> TrialConfig:
                        schedule, int(prune_epochs), bool(shared), float(prune_lr))
 
 
-def first_schedule(space: Space) -> tuple[str, int]:
-    """The schedule uniform starts take: the space's first, over its most epochs."""
-    return space.schedule[0], 0 if space.schedule[0] == "one_shot" else space.prune_epochs[1]
+def start_schedule(space: Space, sparsity: float) -> str:
+    """The schedule a start (a uniform recipe, Deep Compression's allocation) that removes
+    ``sparsity`` of the weights takes: at once (``one_shot``, where the space allows it)
+    below :data:`GRADUAL_FROM`, where pruning at once costs little and float32 epochs
+    would be spent for nothing; else the space's first schedule."""
+    return "one_shot" if "one_shot" in space.schedule and sparsity < GRADUAL_FROM else space.schedule[0]
 
 
-def first_prune_lr(space: Space) -> float:
-    """The float32 learning rate uniform starts prune at: the geometric mean of the range."""
-    return 0.0 if space.schedule[0] == "one_shot" else math.sqrt(space.prune_lr[0] * space.prune_lr[1])
+def first_schedule(space: Space, sparsity: float = 1.0) -> tuple[str, int]:
+    """The schedule a start that removes ``sparsity`` takes (:func:`start_schedule`),
+    over the space's most epochs when it prunes while it trains."""
+    schedule = start_schedule(space, sparsity)
+    return schedule, 0 if schedule == "one_shot" else space.prune_epochs[1]
+
+
+def first_prune_lr(space: Space, sparsity: float = 1.0) -> float:
+    """The float32 learning rate such a start prunes at: the geometric mean of the range."""
+    return 0.0 if start_schedule(space, sparsity) == "one_shot" else math.sqrt(space.prune_lr[0] * space.prune_lr[1])
 
 
 def uniform(space: Space, ratio: float, bits: int, epochs: int, lr: float) -> TrialConfig:
@@ -368,7 +384,7 @@ def uniform(space: Space, ratio: float, bits: int, epochs: int, lr: float) -> Tr
     return TrialConfig({n: ratio for n in layers}, {n: bits for n in layers}, space.granularity[0],
                        space.criterion[0], epochs, lr, space.round_to[0] if space.granularity[0] == "structured" else 1,
                        space.drop_blocks[0], least_heads(space), first_encodings(space), space.kmeans_init[0],
-                       *first_schedule(space), space.share_biases[0], first_prune_lr(space))
+                       *first_schedule(space, ratio), space.share_biases[0], first_prune_lr(space, ratio))
 
 
 def first_encodings(space: Space) -> dict[str, str]:
@@ -400,8 +416,8 @@ def uniform_where_allowed(space: Space, ratio: float, bits: int, epochs: int, lr
     return TrialConfig(ratios, widths, space.granularity[0], space.criterion[0], epochs, lr,
                        space.round_to[0] if space.granularity[0] == "structured" else 1,
                        space.drop_blocks[0] if drop_blocks is None else drop_blocks, least_heads(space),
-                       first_encodings(space), space.kmeans_init[0], *first_schedule(space), space.share_biases[0],
-                       first_prune_lr(space))
+                       first_encodings(space), space.kmeans_init[0], *first_schedule(space, ratio),
+                       space.share_biases[0], first_prune_lr(space, ratio))
 
 
 def head_span(space: Space, name: str) -> tuple[int, int]:
