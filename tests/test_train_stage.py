@@ -248,6 +248,11 @@ def test_epoch_metrics_are_written_together_and_all_of_them_at_the_end(experimen
         logger.on_fit_end(None)
         history = sorted(client.get_metric_history(run.info.run_id, "val_accuracy"), key=lambda m: m.step)
         assert [(m.step, m.value) for m in history] == [(e, e / 10) for e in range(5)]
+        many = EpochLogger(every_s=3600)
+        for epoch in range(300):  # 1,200 metrics: more than MLflow takes in one call
+            many.on_epoch_end(None, epoch, {f"m{j}": float(j) for j in range(4)})
+        many.on_fit_end(None)
+        assert len(client.get_metric_history(run.info.run_id, "m3")) == 300
         eager = EpochLogger(every_s=0.0)
         eager.on_epoch_end(None, 7, {"lr": 0.5})  # past its interval: written at once
         assert [m.step for m in client.get_metric_history(run.info.run_id, "lr")] == [7]

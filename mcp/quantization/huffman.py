@@ -47,7 +47,8 @@ def code_lengths(symbols: Sequence[int] | np.ndarray) -> dict[int, int]:
 
 def _counts(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The distinct non-negative ``values``, sorted, and how often each occurs."""
-    if values.size and int(values.min()) >= 0 and int(values.max()) < 4 * values.size + 1024:  # small symbols: one counting pass
+    # small non-negative symbols (indices, gaps): one counting pass instead of a sort
+    if values.size and int(values.min()) >= 0 and int(values.max()) < 4 * values.size + 1024:
         counts = np.bincount(values)
         syms = np.flatnonzero(counts)
         return syms, counts[syms]

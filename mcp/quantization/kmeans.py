@@ -39,8 +39,8 @@ def lloyd_1d(values: np.ndarray, init: np.ndarray, max_iter: int = 100, tol: flo
     centroid and a difference of prefix sums, not a distance to every value. It stops,
     as scikit-learn's Lloyd does, when the labels no longer change or the centroids
     move by at most ``tol`` times the values' variance (summed squared shift); an
-    empty cluster takes the value farthest from its centroid. The labels are those of the final centroids
-    (nearest, the lower one on a tie)."""
+    empty cluster takes the value farthest from its centroid. The labels are those of
+    the final centroids (nearest, the lower one on a tie)."""
     x = np.sort(values.astype(np.float64))
     prefix = np.concatenate([[0.0], np.cumsum(x)])
     c = np.sort(np.asarray(init, dtype=np.float64))

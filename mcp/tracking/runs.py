@@ -347,6 +347,7 @@ class EpochLogger(Callback):
 
     @mlflow_write
     def flush(self) -> None:
-        if self._pending:
-            _mlflow().MlflowClient().log_batch(active_run_id(), metrics=self._pending)
+        client = _mlflow().MlflowClient()
+        for i in range(0, len(self._pending), 1000):  # MLflow takes at most 1,000 metrics a call
+            client.log_batch(active_run_id(), metrics=self._pending[i:i + 1000])
         self._pending, self._last = [], time.monotonic()
