@@ -3,7 +3,8 @@ uniform pruning with a uniform bit-width, the hand recipe and Deep Compression.
 
     python benchmarks/mnist_curve.py [--data-dir ../shared/data/mnist-t10k] [--seeds 3]
         [--budgets 0.01,0.02,0.05,0.1,0.2] [--trials 20] [--final-epochs 8]
-        [--dc-sparsities 0.94,0.96,0.97] [--out mnist_curve.json] [--plot mnist_curve.png]
+        [--dc-sparsities 0.94,0.965,0.97] [--dc-prune-epochs N] [--dc-bits B]
+        [--out mnist_curve.json] [--plot mnist_curve.png]
 
 The data is `--dataset idx` on the MNIST test files: a fixed stratified split of 6,800
 train, 1,200 validation and 2,000 test images (`--val-fraction 0.15`). Per seed:
@@ -19,8 +20,9 @@ train, 1,200 validation and 2,000 test images (`--val-fraction 0.15`). Per seed:
   best validation accuracy is kept;
 - hand recipe: `mcp prune` 90% (gradual, 30 epochs) then `mcp quantize --method qat
   --bits 4` (8 epochs);
-- Deep Compression: `mcp quantize --method deep_compression` with its defaults, at each
-  of `--dc-sparsities` (the first is its default, 94%), with the size after each stage.
+- Deep Compression: `mcp quantize --method deep_compression` with its defaults (or
+  `--dc-prune-epochs`, `--dc-bits`), at each of `--dc-sparsities` (its default is 96.5%),
+  with the size after each stage.
 
 Everything is scored on the test split; sizes are encoded bytes (`size_bytes_compressed`).
 Results go to `--out` after every step (JSON), so an interrupted run keeps what it did;
@@ -39,6 +41,7 @@ import time
 from pathlib import Path
 
 DATA = dict(dataset="idx", val_fraction=0.15)
+MODEL_NAMES = {"lenet300_100": "LeNet-300-100", "lenet5": "LeNet-5", "lenet5_caffe": "LeNet-5 (Caffe)"}
 
 
 def _uniform(base, splits, loaders, space, budget, epochs, lr, seed, device):
@@ -91,7 +94,7 @@ def run(args) -> dict:
     results["settings"] = {k: v for k, v in vars(args).items() if k not in ("report",)}
     mlflow.set_experiment("benchmark-mnist-curve")
     data = dict(DATA, data_dir=args.data_dir)
-    budgets = [float(b) for b in args.budgets.split(",")]
+    budgets = [float(b) for b in args.budgets.split(",") if b]
     with tempfile.TemporaryDirectory() as tmp:
         for seed in range(args.seed_start, args.seed_start + args.seeds):
             r = results["seeds"].setdefault(str(seed), {})
@@ -152,12 +155,13 @@ def run(args) -> dict:
             r.setdefault("dc", {})
             for sparsity in [float(s) for s in args.dc_sparsities.split(",") if s]:
                 for teacher in ("", "parent") if args.dc_distill else ("",):
-                    key = str(sparsity) + (" distilled" if teacher else "")
+                    extra = {k: v for k, v in (("prune_epochs", args.dc_prune_epochs), ("bits", args.dc_bits)) if v}
+                    key = _dc_key(sparsity, extra, teacher)
                     if key in r["dc"]:
                         continue
                     dc = run_quantize(QuantizeConfig(model=arch, model_uri=base.model_uri, method="deep_compression",
                                                      sparsity=sparsity, distill_from=teacher, seed=seed,
-                                                     register=False, **data), show_progress=False)
+                                                     register=False, **extra, **data), show_progress=False)
                     r["dc"][key] = {"test": dc.metrics["test_accuracy"], "pruned_test":
                                     dc.metrics.get("pruned_test_accuracy"), "size": dc.stages["huffman"],
                                     "stages": dc.stages, "bits": dc.tags.get("mcp.bits", "")}
@@ -166,6 +170,12 @@ def run(args) -> dict:
                           f"{dc.stages['huffman']:,} B", flush=True)
 
     return results
+
+
+def _dc_key(sparsity: float, options: dict, teacher: str) -> str:
+    """A Deep Compression row's key: its sparsity, then what differs from the recipe's defaults
+    (e.g. "0.97 160 prune_epochs 3 bits distilled")."""
+    return " ".join([str(sparsity)] + [f"{v} {k}" for k, v in options.items()] + (["distilled"] if teacher else []))
 
 
 def _codebooks(winner: dict) -> str:
@@ -191,16 +201,18 @@ def report(results: dict, plot: str) -> None:
         raise SystemExit("no finished seed in the results file")
     fp32 = seeds[0]["baseline"]["fp32"]
     s = results["settings"]
-    print(f"\nLeNet-300-100 on the MNIST test files (idx: 6,800 train / 1,200 val / 2,000 test), {len(seeds)} seeds, "
+    name = MODEL_NAMES.get(s.get("model", ""), s.get("model", ""))
+    print(f"\n{name} on the MNIST test files (idx: 6,800 train / 1,200 val / 2,000 test), {len(seeds)} seeds, "
           f"{s['trials']} trials, {s['final_epochs']} final epochs, torch {torch.__version__}, "
           f"{torch.get_num_threads()} CPU threads; mean ± sd of test accuracy (%)\n")
     print(f"baseline (float32, {int(fp32):,} B): {_ms([r['baseline']['test'] for r in seeds])}%\n")
     grid = any("grid" in x for r in seeds for x in r["budgets"].values())
+    budgets = sorted(seeds[0]["budgets"], key=float)
     print("| budget (of float32) | budget (B) | search | its size (B) | drop vs baseline (points, per seed) "
           + ("| grid-only search (--deployable int8) | its size (B) " if grid else "")
-          + "| uniform (best single ratio + bits) | its size (B) | search - uniform (points, per seed) |")
-    print("|---|---|---|---|---|" + ("---|---|" if grid else "") + "---|---|---|")
-    budgets = sorted(seeds[0]["budgets"], key=float)
+          + "| uniform (best single ratio + bits) | its size (B) | search - uniform (points, per seed) |"
+          if budgets else "")
+    print("|---|---|---|---|---|" + ("---|---|" if grid else "") + "---|---|---|" if budgets else "")
     for b in budgets:
         rows = [r["budgets"][b] for r in seeds if b in r["budgets"]]
         drops = ", ".join(f"{100 * (r['baseline']['test'] - r['budgets'][b]['search']):+.2f}" for r in seeds
@@ -228,19 +240,23 @@ def report(results: dict, plot: str) -> None:
           "| + Huffman (B) | ratio pruned | ratio k-means | ratio Huffman |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for sp in sorted(seeds[0]["dc"], key=lambda k: (float(k.split()[0]), k)):
+        if not all(sp in r["dc"] for r in seeds):
+            continue
         d = [r["dc"][sp] for r in seeds]
         drops = [r["baseline"]["test"] - r["dc"][sp]["test"] for r in seeds]
         st = {k: statistics.mean(x["stages"][k] for x in d) for k in ("fp32", "pruned", "kmeans", "huffman")}
-        print(f"| {float(sp.split()[0]):.0%}{' distilled' if ' ' in sp else ''} | {_ms([r['baseline']['test'] for r in seeds])} | {_ms([x['pruned_test'] for x in d])} "
+        options = sp[len(sp.split()[0]):].replace("_", " ").replace(" distilled", ", distilled")
+        label = f"{float(sp.split()[0]):.1%}{options}"
+        print(f"| {label} | {_ms([r['baseline']['test'] for r in seeds])} | {_ms([x['pruned_test'] for x in d])} "
               f"| {_ms([x['test'] for x in d])} | {_ms(drops)} (worst {100 * max(drops):.2f}) | {int(st['pruned']):,} | {int(st['kmeans']):,} "
               f"| {int(st['huffman']):,} | {st['fp32'] / st['pruned']:.1f}x | {st['fp32'] / st['kmeans']:.1f}x "
               f"| {st['fp32'] / st['huffman']:.1f}x |")
     if plot:
-        _plot(seeds, budgets, plot)
+        _plot(seeds, budgets, plot, name)
         print(f"\nplot: {plot}")
 
 
-def _plot(seeds: list[dict], budgets: list[str], path: str) -> None:
+def _plot(seeds: list[dict], budgets: list[str], path: str, name: str = "LeNet-300-100") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -261,9 +277,15 @@ def _plot(seeds: list[dict], budgets: list[str], path: str) -> None:
         pts = [p for p in pts if p]
         if pts:
             ax.errorbar(*line(pts), fmt=style, capsize=3, label=label)
-    dc = sorted((k for k in seeds[0]["dc"] if " " not in k), key=float)
-    ax.errorbar(*line([[(r["dc"][sp]["size"], r["dc"][sp]["test"]) for r in seeds] for sp in dc]), fmt="^:",
-                capsize=3, label="Deep Compression (94-97% pruned)")
+    variants: dict[str, list[str]] = {}  # Deep Compression: a line per setting other than the sparsity
+    for key in seeds[0]["dc"]:
+        if "distilled" not in key and all(key in r["dc"] for r in seeds):
+            variants.setdefault(key[len(key.split()[0]):].replace("_", " ").strip(), []).append(key)
+    for options, keys in variants.items():
+        keys.sort(key=lambda k: float(k.split()[0]))
+        span = "-".join(f"{100 * float(k.split()[0]):g}" for k in (keys[0], keys[-1])[:len(keys)])
+        ax.errorbar(*line([[(r["dc"][sp]["size"], r["dc"][sp]["test"]) for r in seeds] for sp in keys]),
+                    fmt="^:", capsize=3, label=f"Deep Compression ({span}% pruned{', ' + options if options else ''})")
     if all(r.get("hand") for r in seeds):
         ax.errorbar(*line([[(r["hand"]["size"], r["hand"]["test"]) for r in seeds]]), fmt="D", capsize=3,
                     label="hand recipe (90% + 4 bits)")
@@ -272,7 +294,7 @@ def _plot(seeds: list[dict], budgets: list[str], path: str) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("compressed size (bytes, log scale)")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"LeNet-300-100 on MNIST (2,000 test images), {len(seeds)} seeds, mean ± sd")
+    ax.set_title(f"{name} on MNIST (2,000 test images), {len(seeds)} seeds, mean ± sd")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -288,7 +310,7 @@ def main() -> None:
                                                                   "processes, each with its own --out)")
     parser.add_argument("--budgets", default="0.01,0.02,0.05,0.1,0.2")
     parser.add_argument("--trials", type=int, default=20)
-    parser.add_argument("--model", default="lenet300_100", help="lenet300_100 or lenet5")
+    parser.add_argument("--model", default="lenet300_100", help="lenet300_100, lenet5 or lenet5_caffe")
     parser.add_argument("--space", default="", help="the search space (default: the model's family space)")
     parser.add_argument("--final-epochs", type=int, default=8)
     parser.add_argument("--finalists", type=int, default=1,
@@ -296,7 +318,12 @@ def main() -> None:
     parser.add_argument("--final-prune-epochs", type=int, default=0,
                         help="a winner whose trial pruned gradually is pruned again over this many float32 epochs "
                              "(0: its trial's)")
-    parser.add_argument("--dc-sparsities", default="0.94,0.96,0.97")
+    parser.add_argument("--dc-sparsities", default="0.94,0.965,0.97")
+    parser.add_argument("--dc-prune-epochs", type=int, default=0,
+                        help="Deep Compression's --prune-epochs (0: the recipe's default)")
+    parser.add_argument("--dc-bits", type=int, default=0,
+                        help="Deep Compression's --bits in every layer (0: the recipe's default, 8 for convolutions "
+                             "and 4 for fully connected layers)")
     parser.add_argument("--dc-distill", action="store_true",
                         help="also run Deep Compression distilled from the baseline (--distill-from parent)")
     parser.add_argument("--grid-search", action="store_true",

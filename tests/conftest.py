@@ -16,6 +16,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("MCP_DEPLOY_TIMING_S", "0.02")  # each registered model's deployed latency: timed briefly
 os.environ.setdefault("MCP_CACHE_DIR", tempfile.mkdtemp(prefix="mcp-test-cache-"))  # kernel timings: not the user's
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest-xdist runs test files in parallel processes (addopts: -n 2): one thread each, and
+    # the same for the processes they start, or two multi-threaded torch processes thrash
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -13,7 +13,7 @@ SHAPES = [(1, 8, 8), (1, 28, 28), (3, 32, 32), (3, 64, 64)]
 
 
 def test_registry_has_the_product_models():
-    expected = {"lenet300_100", "lenet5", "resnet20", "resnet56", "resnet18", "resnet50", "vgg16", "vgg16_bn",
+    expected = {"lenet300_100", "lenet5", "lenet5_caffe", "resnet20", "resnet56", "resnet18", "resnet50", "vgg16", "vgg16_bn",
                 "mobilenet_v2", "alexnet"}
     assert expected <= set(model_names(include_tiny=False))
     assert {"tiny_mlp", "tiny_cnn", "tiny_resnet"} <= set(model_names()) - set(model_names(include_tiny=False))
@@ -31,6 +31,12 @@ def test_forward_backward(name, shape):
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert any(g.abs().sum() > 0 for g in grads)
+
+
+def test_lenet5_caffe_has_the_papers_size_on_mnist():
+    model = create_model("lenet5_caffe", 10, (1, 28, 28))
+    assert sum(p.numel() for p in model.parameters()) == 431_080  # Han et al.'s Table 1: 431K weights
+    assert model.classifier[1].in_features == 800  # 50 maps of 4x4
 
 
 def test_recipe_rebuilds_the_same_architecture():

@@ -5,8 +5,8 @@ from mcp.quantization.methods._grid import shared_remarks
 
 register_quant_method(QuantMethod(
     name="deep_compression",
-    summary="Han et al. in one command: the prune stage (nested run: `--sparsity` 0.94, `--prune-schedule "
-            "gradual`, `--prune-epochs` 80), then `kmeans` (without `--bits`: 8 bits for convolutions and 4 for "
+    summary="Han et al. in one command: the prune stage (nested run: `--sparsity` 0.965, `--prune-schedule "
+            "gradual`, `--prune-epochs` 160), then `kmeans` (without `--bits`: 8 bits for convolutions and 4 for "
             "fully connected layers; `--share-biases auto`; 30 `--epochs`), then Huffman, with the size after each stage",
     deployed_as="as `kmeans`",
     shares_weights=True, fine_tunes=True, coding="huffman", prunes_first=True, remarks=shared_remarks,
