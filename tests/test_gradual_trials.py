@@ -102,6 +102,27 @@ def test_a_trial_pruned_while_training_reaches_its_ratios_and_is_pruned_further_
             assert torch.equal(m.weight[kept], linears[name].weight[kept])
 
 
+def test_a_trial_prunes_while_training_with_the_prune_stages_weight_decay(monkeypatch):
+    """A trial prunes while it trains with the weight decay the prune stage (and so Deep
+    Compression's first stage) uses."""
+    from mcp.config import PruneConfig
+    from mcp.tuner import trial as trial_module
+
+    decays = []
+    real = trial_module.build_optimizer
+    monkeypatch.setattr(trial_module, "build_optimizer",
+                        lambda model, name, lr, momentum, nesterov, weight_decay: decays.append(weight_decay)
+                        or real(model, name, lr, momentum, nesterov, weight_decay))
+    torch.manual_seed(0)
+    base = create_model("tiny_mlp", 4, SHAPE)
+    space = build_space({**SPACE, "prune": {**SPACE["prune"], "schedule": ["gradual"]}},
+                        [n for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)], "s.yaml")
+    loaders = _data()
+    prune_while_training(base, SHAPE, uniform(space, 0.8, 3, 1, 0.05), loaders, [next(iter(loaders[0]))], "cpu",
+                         epochs=2)
+    assert decays == [PruneConfig.defaults()["weight_decay"]] and decays[0] > 0
+
+
 def test_a_search_over_schedules_prunes_gradually_within_the_budget_and_rebuilds_its_winner_so(experiment,
                                                                                                 tmp_path):
     run_train(TrainConfig(model="tiny_mlp", epochs=6, **TINY), show_progress=False)

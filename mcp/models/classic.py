@@ -67,10 +67,11 @@ class LeNet5Caffe(nn.Module):
         super().__init__()
         c, h, w = input_shape
         pad = 0 if min(h, w) >= 16 else 2  # 8x8 digits: padded so the second pool has a map left
-        # as Caffe's prototxt: no nonlinearity between the convolutions and pools, ReLU after ip1
+        # ReLU after each convolution, as the PyTorch versions of the papers that compress it
+        # (Caffe's prototxt has none there; without them SGD at training's default 0.05 diverges)
         self.features = nn.Sequential(
-            nn.Conv2d(c, 20, 5, padding=pad), nn.MaxPool2d(2, ceil_mode=True),
-            nn.Conv2d(20, 50, 5, padding=pad), nn.MaxPool2d(2, ceil_mode=True),
+            nn.Conv2d(c, 20, 5, padding=pad), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True),
+            nn.Conv2d(20, 50, 5, padding=pad), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True),
         )
         with torch.no_grad():
             flat = self.features(torch.zeros(1, *input_shape)).numel()
