@@ -24,6 +24,9 @@ train, 1,200 validation and 2,000 test images (`--val-fraction 0.15`). Per seed:
   `--dc-prune-epochs`, `--dc-bits`), at each of `--dc-sparsities` (its default is 96.5%),
   with the size after each stage.
 
+`--budgets ""` runs no search (Deep Compression alone). With `--grid-search`, a budget that
+uniform grids cannot reach (float32 biases and all) is recorded as refused.
+
 Everything is scored on the test split; sizes are encoded bytes (`size_bytes_compressed`).
 Results go to `--out` after every step (JSON), so an interrupted run keeps what it did;
 `--report` prints the tables and draws the plot from that file without training. The
@@ -82,6 +85,7 @@ def run(args) -> dict:
     import mlflow
 
     from mcp.config import PruneConfig, QuantizeConfig, SearchConfig, TrainConfig
+    from mcp.errors import ConfigError
     from mcp.tuner.study import load_space
     from mcp.stages.common import setup_data
     from mcp.stages.prune import run_prune
@@ -125,10 +129,14 @@ def run(args) -> dict:
                        "search_size": w["size_bytes_compressed"], "search_codebooks": _codebooks(w),
                        "uniform_warning": getattr(found, "uniform_warning", "")}
                 if args.grid_search:  # the same study on uniform grids only (what ONNX Runtime runs as INT8)
-                    grid = run_search(cfg.replace(deployable="int8", study_name=f"s{seed}-b{ratio}-int8"),
-                                      show_progress=False).winners[0]
-                    row.update(grid=grid["test_accuracy"], grid_val=grid["val_accuracy"],
-                               grid_size=grid["size_bytes_compressed"])
+                    try:
+                        grid = run_search(cfg.replace(deployable="int8", study_name=f"s{seed}-b{ratio}-int8"),
+                                          show_progress=False).winners[0]
+                    except ConfigError as e:  # a budget below what grids alone can reach: refused before any run
+                        row.update(grid_refused=str(e))
+                    else:
+                        row.update(grid=grid["test_accuracy"], grid_val=grid["val_accuracy"],
+                                   grid_size=grid["size_bytes_compressed"])
                 uni = _uniform(base.model, splits, loaders, space, found.budget_bytes, args.final_epochs,
                                (space.lr[0] * space.lr[1]) ** 0.5, seed, device) if args.uniform else None
                 row.update({"uniform": uni and uni["test"], "uniform_val": uni and uni["val"],
@@ -138,7 +146,8 @@ def run(args) -> dict:
                 r["budgets"][str(ratio)] = row
                 _save(results, out)
                 u = f"{100 * uni['test']:.2f}%" if uni else "none fits" if args.uniform else "not run"
-                g = f", grid search {100 * row['grid']:.2f}%" if "grid" in row else ""
+                g = (f", grid search {100 * row['grid']:.2f}%" if "grid" in row else
+                     ", grid search refused" if "grid_refused" in row else "")
                 print(f"seed {seed}: budget {ratio:.1%}: search {100 * w['test_accuracy']:.2f}%{g}, uniform {u} "
                       f"({time.perf_counter() - t1:.0f} s)", flush=True)
             if args.hand and not r.get("hand"):
@@ -196,7 +205,10 @@ def _ms(values: list[float]) -> str:
 def report(results: dict, plot: str) -> None:
     import torch
 
-    seeds = [results["seeds"][k] for k in sorted(results["seeds"]) if "dc" in results["seeds"][k]]
+    seeds = [results["seeds"][k] for k in sorted(results["seeds"]) if "baseline" in results["seeds"][k]]
+    for r in seeds:  # a run without Deep Compression (--dc-sparsities "") or a budget (--budgets "")
+        r.setdefault("dc", {})
+        r.setdefault("budgets", {})
     if not seeds:
         raise SystemExit("no finished seed in the results file")
     fp32 = seeds[0]["baseline"]["fp32"]
@@ -224,11 +236,12 @@ def report(results: dict, plot: str) -> None:
                "none fits" if any(x.get("uniform_ran", True) for x in rows) else "not run")
         grids = [x for x in rows if "grid" in x]
         grid_cells = (f"| {_ms([x['grid'] for x in grids])} | {int(statistics.mean(x['grid_size'] for x in grids)):,} "
-                      if grids else "| | ") if grid else ""
+                      if grids else "| out of reach (refused) | " if any("grid_refused" in x for x in rows)
+                      else "| | ") if grid else ""
         print(f"| {100 * float(b):g}% | {int(statistics.mean(x['budget'] for x in rows)):,} "
               f"| {_ms([x['search'] for x in rows])} | {int(statistics.mean(x['search_size'] for x in rows)):,} "
               f"| {drops} {grid_cells}| {uni} | {int(statistics.mean(x['uniform_size'] for x in ok)) if ok else 0:,} "
-              f"| {statistics.mean(gaps) if gaps else float('nan'):+.2f} ({', '.join(f'{g:+.2f}' for g in gaps)}) |")
+              + (f"| {statistics.mean(gaps):+.2f} ({', '.join(f'{g:+.2f}' for g in gaps)}) |" if gaps else "| - |"))
     hand = [r["hand"] for r in seeds if r.get("hand")]
     if hand:
         print(f"\nhand recipe (prune 90% gradual + QAT 4 bits): {_ms([h['test'] for h in hand])}% at "
