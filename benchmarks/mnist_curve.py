@@ -296,7 +296,7 @@ def _plot(seeds: list[dict], budgets: list[str], path: str, name: str = "LeNet-3
             variants.setdefault(key[len(key.split()[0]):].replace("_", " ").strip(), []).append(key)
     for options, keys in variants.items():
         keys.sort(key=lambda k: float(k.split()[0]))
-        span = "-".join(f"{100 * float(k.split()[0]):g}" for k in (keys[0], keys[-1])[:len(keys)])
+        span = "-".join(dict.fromkeys(f"{100 * float(k.split()[0]):g}" for k in (keys[0], keys[-1])))
         ax.errorbar(*line([[(r["dc"][sp]["size"], r["dc"][sp]["test"]) for r in seeds] for sp in keys]),
                     fmt="^:", capsize=3, label=f"Deep Compression ({span}% pruned{', ' + options if options else ''})")
     if all(r.get("hand") for r in seeds):
