@@ -331,10 +331,25 @@ def test_imagefolder_augment_none_gives_the_stored_pixels(tmp_path):
     assert all(torch.equal(d, s.train[0][0]) or torch.equal(d, s.train[0][0].flip(-1)) for d in draws)
 
 
+def _pixels(part) -> list[tuple[int, bytes]]:
+    """A split's (label, 0-255 pixels) pairs, sorted: its normalisation undone (MNIST's pixels
+    span 0-255 in every split), the order its loader gave it forgotten."""
+    if hasattr(part, "tensors"):
+        x, y = part.tensors
+    else:
+        items = [part[i] for i in range(len(part))]
+        x, y = torch.stack([item[0] for item in items]), [item[1] for item in items]
+    lo, hi = x.amin(), x.amax()
+    raw = ((x - lo) / (hi - lo) * 255).round().to(torch.uint8)
+    return sorted((int(label), raw[i].numpy().tobytes()) for i, label in enumerate(y))
+
+
 @pytest.mark.slow
 def test_mnist_as_png_folder_trains_as_well_as_through_idx(tmp_path, experiment):
-    """A new user's path: the MNIST files saved as PNG class folders (train/ and test/, the
-    same test images as `idx`) train LeNet-300-100 within 0.5 points of the IDX loader."""
+    """A new user's path: the MNIST files saved as PNG class folders (train/, val/ and test/,
+    the parts `idx` makes) load as the same images and labels, and train LeNet-300-100 as
+    well as the IDX loader does (within 1 point: the two loaders order the images
+    differently, so the two trainings differ as two seeds do, by about 0.35 points sd)."""
     from pathlib import Path
 
     from PIL import Image
@@ -346,15 +361,14 @@ def test_mnist_as_png_folder_trains_as_well_as_through_idx(tmp_path, experiment)
     if not folder.is_dir():
         pytest.skip(f"{folder} is not on this machine")
     idx = load_dataset("idx", data_dir=folder)
-    for split_name, parts in (("train", (idx.train, idx.val)), ("test", (idx.test,))):
-        for part in parts:
-            x, y = part.tensors
-            lo, hi = x.amin(), x.amax()  # undo the normalisation: MNIST's pixels span 0-255 in every split
-            raw = ((x - lo) / (hi - lo) * 255).round().to(torch.uint8)
-            for i in range(len(y)):
-                path = tmp_path / "png" / split_name / str(int(y[i]))
-                path.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(raw[i, 0].numpy()).save(path / f"{len(list(path.iterdir()))}.png")
+    for split_name in ("train", "val", "test"):
+        for i, (label, pixels) in enumerate(_pixels(getattr(idx, split_name))):
+            path = tmp_path / "png" / split_name / str(label)
+            path.mkdir(parents=True, exist_ok=True)
+            Image.frombytes("L", (28, 28), pixels).save(path / f"{i}.png")
+    png = load_dataset("imagefolder", data_dir=tmp_path / "png", input_shape="1x28x28")
+    for split_name in ("train", "val", "test"):
+        assert _pixels(getattr(png, split_name)) == _pixels(getattr(idx, split_name)), split_name
     common = dict(model="lenet300_100", epochs=15, register=False, checkpoint_dir=str(tmp_path / "ck"))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the sums' order, and so the last digits of training, depend on the thread count
@@ -369,7 +383,7 @@ def test_mnist_as_png_folder_trains_as_well_as_through_idx(tmp_path, experiment)
     params = mlflow.get_run(through_png.run_id).data.params
     assert params["data_augment"] == "none" and params["data_test_size"] == "2000"
     a, b = through_idx.metrics["test_accuracy"], through_png.metrics["test_accuracy"]
-    assert a > 0.95 and abs(a - b) <= 0.005, (a, b)
+    assert a > 0.95 and b > 0.95 and abs(a - b) <= 0.01, (a, b)
 
 
 @pytest.mark.parametrize("damage", ["empty", "truncated", "not_an_image"])

@@ -155,10 +155,11 @@ def test_a_space_may_start_from_deep_compressions_allocation_beside_the_uniform_
 
     class Study:  # what enqueue_uniform asks of an Optuna study
         def __init__(self):
-            self.queued = []
+            self.queued, self.kinds = [], []
 
-        def enqueue_trial(self, params, skip_if_exists=False):
+        def enqueue_trial(self, params, user_attrs=None, skip_if_exists=False):
             self.queued.append(params)
+            self.kinds.append(user_attrs["start"])
 
     torch.manual_seed(0)
     base = create_model("tiny_mlp", 4, SHAPE)
@@ -174,6 +175,7 @@ def test_a_space_may_start_from_deep_compressions_allocation_beside_the_uniform_
     start = enqueue_uniform(study, SearchProblem(space, base, SHAPE, None, "cpu", [], budget), True)
     assert len(study.queued) == 4 and len(start.queued) == 4  # uniform at 3 and 8 bits, then global at 3 and 8
     assert start.queued[2].startswith("global magnitude") and "and 3 bits" in start.queued[2]
+    assert study.kinds == ["uniform", "uniform", "global", "global"]  # what the finalists' rule looks for
     for params in study.queued[:2]:
         assert len({v for k, v in params.items() if k.startswith("ratio.")}) == 1
     for params in study.queued[2:]:
@@ -187,3 +189,43 @@ def test_a_space_may_start_from_deep_compressions_allocation_beside_the_uniform_
     with pytest.raises(ConfigError, match="a global start shares one magnitude threshold between layers' weights; "
                                           "it needs granularity unstructured first"):
         build_space({"starts": ["global"], "prune": {"granularity": ["structured"]}}, names, "s.yaml")
+
+
+def test_starts_run_to_the_end_and_the_best_of_each_kind_is_a_finalist(experiment, tmp_path, monkeypatch):
+    """A pruner that would stop every trial after its first epoch stops only the sampled
+    ones: the starts are what the search must beat. With two finalists, the best trial
+    and the best Deep Compression start are rebuilt (the best trial here a uniform start,
+    or the global one itself: then the next best)."""
+    import optuna
+
+    from mcp.tuner.objective import best_trials
+
+    run_train(TrainConfig(model="tiny_mlp", epochs=6, **TINY), show_progress=False)
+    always = optuna.pruners.ThresholdPruner(lower=2.0)  # no accuracy reaches 2: every trial it may stop, it stops
+    monkeypatch.setattr(optuna.pruners, "NopPruner", lambda: always)
+    space = tmp_path / "space.yaml"
+    space.write_text(json.dumps({"starts": ["uniform", "global"], "prune": {"ratio": [0.5, 0.9]},
+                                 "quantize": {"bits": [3], "encoding": ["codebook"]},
+                                 "finetune": {"epochs": [2, 2], "lr": [0.01, 0.01]}}))
+    cfg = SearchConfig(model="tiny_mlp", storage=f"sqlite:///{tmp_path / 'optuna.db'}", trials=4, pruner="none",
+                       budget_ratio=0.05, space=str(space), export=False, benchmark=False, finalists=2, **TINY)
+    result = run_search(cfg, show_progress=False)
+    kinds = [(t["start"], t["state"]) for t in result.trials]
+    assert kinds[:2] == [("uniform", "complete"), ("global", "complete")]
+    assert {state for start, state in kinds[2:]} == {"pruned"}  # the sampled trials, stopped after one epoch
+    assert sorted(w["trial"] for w in result.winners) == [0, 1]
+    import csv
+
+    from mcp.tuner.objective import write_trials_csv
+
+    with write_trials_csv(result.trials, tmp_path / "trials.csv").open() as fh:
+        assert [row["start"] for row in csv.DictReader(fh)][:3] == ["uniform", "global", ""]
+
+    rows = [{"number": n, "state": "complete", "feasible": True, "val_accuracy": v, "size_bytes": 1.0, "start": k}
+            for n, v, k in [(0, 0.95, "uniform"), (1, 0.94, "global"), (2, 0.96, ""), (3, 0.93, "global"),
+                            (4, 0.949, "uniform")]]
+    assert [t["number"] for t in best_trials(rows, 1)] == [2]
+    assert [t["number"] for t in best_trials(rows, 2)] == [2, 1]  # the best, then the best global start
+    assert [t["number"] for t in best_trials(rows, 3)] == [2, 0, 1]  # and the best uniform one, by accuracy
+    assert [t["number"] for t in best_trials(rows, 4)] == [2, 0, 4, 1]
+    assert [t["number"] for t in best_trials(rows[:1] + rows[2:3], 2)] == [2, 0]  # no global start: the next best

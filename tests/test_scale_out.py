@@ -194,6 +194,40 @@ def _running_trial(storage: str):
         else None
 
 
+def test_a_stop_signal_that_lands_in_a_database_call_waits_for_it_to_commit(tmp_path):
+    """Ctrl-C landing between a statement and its commit (Optuna's storage, the claims) must
+    not leave the SQLite file locked by a transaction nobody ends: the unwinding that fails
+    the trial and ends its runs KILLED would wait a minute on its own process's lock. The
+    stop waits until the database call returns, then acts."""
+    import sqlalchemy
+
+    from mcp.tracking import runs
+
+    engine = sqlalchemy.create_engine(f"sqlite:///{tmp_path / 'db.sqlite'}", connect_args={"timeout": 1})
+    with engine.begin() as conn:
+        conn.execute(sqlalchemy.text("CREATE TABLE t (x INTEGER)"))
+    # the signal arrives while SQLAlchemy runs the INSERT: the handler runs at once, inside its frames
+    sqlalchemy.event.listen(engine, "before_cursor_execute", lambda *a: os.kill(os.getpid(), signal.SIGINT))
+    old = signal.signal(signal.SIGINT, runs.on_stop_signal)
+    reached = []
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with engine.begin() as conn:
+                conn.execute(sqlalchemy.text("INSERT INTO t VALUES (1)"))
+            reached.append("committed")
+            time.sleep(5)  # the held stop raises here, within a few hundredths of a second
+    finally:
+        signal.signal(signal.SIGINT, old)
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        runs._STOPPED.clear()
+        engine.dispose()
+    assert reached == ["committed"]
+    other = sqlalchemy.create_engine(f"sqlite:///{tmp_path / 'db.sqlite'}", connect_args={"timeout": 1})
+    with other.begin() as conn:  # nothing holds the file's lock
+        conn.execute(sqlalchemy.text("INSERT INTO t VALUES (2)"))
+        assert [r[0] for r in conn.execute(sqlalchemy.text("SELECT x FROM t ORDER BY x"))] == [1, 2]
+
+
 @pytest.mark.slow  # two worker processes (~20 s each); test_untrusted_models has a fast SIGTERM test of a stage
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signalled_worker_ends_its_runs_killed_and_the_same_command_resumes(tmp_path, signum):

@@ -431,7 +431,7 @@ def test_a_space_every_layer_fits_starts_from_strictly_uniform_without_a_warning
         def __init__(self):
             self.queued = []
 
-        def enqueue_trial(self, params, skip_if_exists=False):
+        def enqueue_trial(self, params, user_attrs=None, skip_if_exists=False):
             self.queued.append(params)
 
     run_train(TrainConfig(model="tiny_mlp", epochs=1, **TINY), show_progress=False)

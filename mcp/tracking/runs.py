@@ -21,18 +21,51 @@ def _mlflow():
 
 _DEFERRED: list[int] = [0]  # depth of the MLflow writes under way
 _STOPPED: list[int] = []  # the stop signals received: once one arrives, the process is stopping
+# the code that talks to a database: a signal that lands in it waits until it returns
+_DATABASE_LAYERS = ("sqlalchemy", "sqlite3", "psycopg", "psycopg2", "alembic", "optuna.storages", "mlflow.store")
+RETRY_S = 0.02  # how soon a held signal looks again whether the database call has returned
 
 
 def on_stop_signal(signum: int, frame: Any) -> None:
     """SIGTERM (a scheduler, `docker stop`, `kill`) and SIGINT (Ctrl-C) unwind the stage as
     KeyboardInterrupt, so its runs end KILLED. One that arrives while MLflow writes to its
-    store waits for the write to end: interrupted inside a SQLite commit, the store stays
-    locked and the run could not be ended at all. The signal is also remembered: Python
-    drops an exception raised where the signal happened to land in a garbage-collection
-    callback, and the next write raises it again."""
+    store waits for the write to end, and so does one that lands inside any database call
+    (Optuna's storage, the study's claims, SQLAlchemy): interrupted between a statement and
+    its commit, a SQLite file stays locked, and the unwinding that must end the trial FAIL
+    and its runs KILLED waits a minute for a lock its own process holds. The signal is also
+    remembered: Python drops an exception raised where the signal happened to land in a
+    garbage-collection callback, and the next write raises it again."""
     _STOPPED.append(signum)
-    if not _DEFERRED[0]:
-        raise KeyboardInterrupt(f"signal {signum}")
+    if _DEFERRED[0] or (_in_database_call(frame) and _look_again()):
+        return
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _in_database_call(frame: Any) -> bool:
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "")
+        if any(module == layer or module.startswith(layer + ".") for layer in _DATABASE_LAYERS):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _look_again() -> bool:
+    """Arm a timer that raises the held stop once the database call has returned (False
+    where there are no interval timers: the stop then acts at once)."""
+    import signal
+
+    if not hasattr(signal, "setitimer"):
+        return False
+    signal.signal(signal.SIGALRM, _held_stop)
+    signal.setitimer(signal.ITIMER_REAL, RETRY_S)
+    return True
+
+
+def _held_stop(signum: int, frame: Any) -> None:
+    if _DEFERRED[0] or (_in_database_call(frame) and _look_again()):
+        return  # an MLflow write under way raises it at its end; a database call is looked at again
+    raise KeyboardInterrupt(f"signal {_STOPPED[0]}")
 
 
 @contextlib.contextmanager
