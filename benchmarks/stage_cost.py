@@ -11,7 +11,7 @@ median reported:
   of the pruned model, and the same quantize of the dense baseline (whose recipe needs no
   Torch-Pruning), each a new process (wall time);
 - the imports alone: a new process importing what those stages import (torch, mlflow,
-  torch_pruning, onnx, onnxruntime, scikit-learn's digits, matplotlib);
+  torch_pruning, onnx, onnxruntime, matplotlib, and the digits read from scikit-learn's file);
 - the same stages in one warm process (`mcp.stages.*.run_*`, imports and the store
   already open): what remains is the stage's own work and logging;
 - by hand: `torch.onnx.export` of the loaded model and ONNX Runtime's `quantize_static`
@@ -33,7 +33,7 @@ from pathlib import Path
 
 DATA = ["--dataset", "digits", "--input-shape", "1x32x32"]
 IMPORTS = ("import torch, mlflow, torch_pruning, onnx, onnxruntime, matplotlib.pyplot; "
-           "from sklearn.datasets import load_digits")
+           "from mcp.data.registry import digits_arrays; digits_arrays()")
 
 
 def _wall(cmd: list[str], env: dict) -> float:

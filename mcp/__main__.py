@@ -1,4 +1,4 @@
-from mcp.cli import main
+from mcp.cli import console
 
 if __name__ == "__main__":
-    main()
+    console()

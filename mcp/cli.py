@@ -145,6 +145,20 @@ def main() -> None:
     _one_line_warnings()
 
 
+def console() -> None:
+    """The ``mcp`` command and ``python -m mcp``: :func:`main`, then an exit that does not
+    walk every object the process made. Once torch, MLflow and ONNX are loaded, Python's
+    final garbage collections took 1.3 s of a 5.5 s process here, 0.2 s with the objects
+    frozen first (``gc.freeze``: atexit handlers and finalizers still run). Only the
+    process's own command: a host that calls :func:`main` in-process keeps collecting."""
+    import gc
+
+    try:
+        main()
+    finally:
+        gc.freeze()
+
+
 def _one_line_warnings() -> None:
     """mcp's own warnings (a model that deploys slower than its start, a layer structured
     pruning leaves alone) print as one line, ``warning: ...``, without a source line."""

@@ -696,8 +696,9 @@ class BenchmarkConfig(ModelSource):
     throughput_batch: int = option(64, "Batch size of the throughput measurement.")
     warmup: int = option(20, "Warm-up runs before timing.")
     iters: int = option(200, "Timed runs at batch 1, at least (p50/p95 come from these).")
-    seconds: float = option(2.0, "At least this long per timing (batch 1, then throughput): short runs on a "
-                                 "busy machine are noisy.")
+    seconds: float = option(2.0, "At most this long per timing (batch 1, then throughput); a timing stops "
+                                 "sooner once its times settle (interquartile range within 10% of the median "
+                                 "after 0.25 s).")
     opset: int = option(17, "ONNX opset of float models exported for the benchmark.")
     runtime: str = option("onnxruntime", "Runtime(s) the CPU figures are measured in: onnxruntime, openvino, "
                                          "openvino-bf16, a comma-separated list or all (a row per model and "
@@ -861,7 +862,7 @@ class PipelineConfig(ModelSource):
     finalists: int = option(1, "Search step: rebuild this many of the best trials and keep the one the validation "
                                "split then ranks first (see `mcp search --finalists`).")
     threads: int = option(1, "Benchmark step: ONNX Runtime threads for the CPU measurements.")
-    seconds: float = option(1.0, "Benchmark step: at least this long per timing.")
+    seconds: float = option(1.0, "Benchmark step: at most this long per timing (sooner once its times settle).")
     runtime: str = option("onnxruntime", "Search, export and benchmark steps: where models are timed and will run "
                                          "(see `mcp search --runtime`): onnxruntime, openvino, openvino-bf16, "
                                          "auto.")

@@ -135,3 +135,21 @@ def test_mlflow_run_export_and_benchmark(tmp_path):
     (bench,) = [r for r in runs if r.data.tags.get("mcp.stage") == "benchmark" and "mlflow.parentRunId" not in
                 r.data.tags]
     assert bench.info.status == "FINISHED" and bench.data.params["models_resolved"] == "models:/lenet300_100-digits/1"
+
+
+def test_a_timing_stops_once_its_times_settle_and_runs_to_its_limit_while_they_do_not():
+    """torch.utils.benchmark's adaptive rule: steady times stop after a quarter second
+    (not the two seconds a noisy machine may need); scattered ones run for all of
+    ``seconds``; the least number of runs is kept either way."""
+    import itertools
+    import time
+
+    from mcp.evaluation.ort_bench import SETTLE_SECONDS, spread, timed
+
+    steady, spent = timed(lambda x: time.sleep(0.002), None, 20, seconds=3.0)
+    assert SETTLE_SECONDS <= spent < 1.0 and spread(steady) <= 0.1
+    waits = itertools.cycle([0.0005, 0.004, 0.001, 0.003])
+    scattered, spent = timed(lambda x: time.sleep(next(waits)), None, 20, seconds=0.6)
+    assert spent >= 0.6 and spread(scattered) > 0.1
+    few, spent = timed(lambda x: time.sleep(0.002), None, 50, seconds=0.01)
+    assert len(few) == 50  # at least the runs asked for, however short the limit

@@ -36,6 +36,30 @@ def test_digits_splits_are_fixed_disjoint_stratified_and_normalised():
     assert abs(x.mean().item()) < 1e-4 and abs(x.std().item() - 1) < 0.05
 
 
+def test_digits_are_scikit_learns_read_without_importing_it(monkeypatch):
+    """The file scikit-learn ships, read as load_digits reads it (the same arrays, so the
+    same test-set fingerprint); load_digits itself where the file is not found."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    from mcp.data.registry import digits_arrays
+
+    bunch = load_digits()
+    images, target = digits_arrays()
+    assert images.dtype == bunch.images.dtype and np.array_equal(images, bunch.images)
+    assert np.array_equal(target, bunch.target)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # no file to be found: the loader
+    again, labels = digits_arrays()
+    assert np.array_equal(again, bunch.images) and np.array_equal(labels, bunch.target)
+    loaded = subprocess.run([sys.executable, "-c", "import sys; from mcp.data import load_dataset; "
+                             "load_dataset('digits'); print('sklearn' in sys.modules)"],
+                            capture_output=True, text=True, check=True)
+    assert loaded.stdout.split()[-1] == "False"
+
+
 def test_val_fraction_changes_only_the_val_split():
     small, large = load_dataset("digits", val_fraction=0.1), load_dataset("digits", val_fraction=0.3)
     assert torch.equal(small.test.tensors[1], large.test.tensors[1])

@@ -139,10 +139,48 @@ def compare_here(paths: list[str], shape: tuple[int, ...], threads: int = 1, sec
     return [float(np.median(t) * 1000) for t in times]
 
 
+SETTLED_SPREAD = 0.1  # times whose interquartile range is within 10% of their median have settled
+SETTLE_SECONDS = 0.25  # the least a timing lasts before it may stop because its times settled
+
+
+def spread(times: list[float]) -> float:
+    """Interquartile range over median: torch.utils.benchmark's ``adaptive_autorange``
+    stops when it falls below its threshold (0.1 by default)."""
+    import numpy as np
+
+    q1, q2, q3 = np.percentile(times, [25, 50, 75])
+    return float((q3 - q1) / q2) if q2 > 0 else float("inf")
+
+
+def timed(run, x, runs: int, seconds: float) -> tuple[list[float], float]:
+    """(the times of ``run(x)`` in seconds, the seconds spent): at least ``runs`` of them
+    and at most ``seconds``, stopping sooner once they have settled (:data:`SETTLED_SPREAD`)
+    after :data:`SETTLE_SECONDS`: a small model's p50 is as well known after a quarter of
+    a second as after two; a noisy one is timed for all of ``seconds``."""
+    times: list[float] = []
+    start = time.perf_counter()
+    look = max(runs, 8)
+    while True:
+        t0 = time.perf_counter()
+        run(x)
+        t1 = time.perf_counter()
+        times.append(t1 - t0)
+        if len(times) < runs:
+            continue
+        if t1 - start >= seconds:
+            break
+        if len(times) >= look:  # the spread is checked now and then, not after every run
+            look = int(look * 1.25) + 1
+            if t1 - start >= min(SETTLE_SECONDS, seconds) and spread(times) <= SETTLED_SPREAD:
+                break
+    return times, time.perf_counter() - start
+
+
 def measure(path: str, shape: tuple[int, ...], device: str = "cpu", threads: int = 1, batch: int = 64,
             warmup: int = 20, iters: int = 200, seconds: float = 2.0, runtime: str = "onnxruntime") -> dict:
-    """Batch 1: at least ``iters`` timed runs and at least ``seconds`` of them (short
-    runs on a shared machine are noisy); then the same budget at ``batch`` for throughput."""
+    """Batch 1: at least ``iters`` timed runs, for at most ``seconds`` (:func:`timed`:
+    sooner when the times settle); then the same at ``batch`` for throughput (at least 5
+    runs)."""
     import numpy as np
 
     providers = ["CPUExecutionProvider"]
@@ -160,25 +198,16 @@ def measure(path: str, shape: tuple[int, ...], device: str = "cpu", threads: int
     many = rng.standard_normal((batch, *shape), dtype=np.float32)
     for _ in range(warmup):
         run(one)
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < iters or time.perf_counter() - start < seconds:
-        t0 = time.perf_counter()
-        run(one)
-        times.append(time.perf_counter() - t0)
+    times, spent = timed(run, one, iters, seconds)
     for _ in range(max(2, warmup // 5)):
         run(many)
-    batch_times: list[float] = []
-    t0 = time.perf_counter()
-    while len(batch_times) < 5 or time.perf_counter() - t0 < seconds:
-        t1 = time.perf_counter()
-        run(many)
-        batch_times.append(time.perf_counter() - t1)
-    elapsed = time.perf_counter() - t0
+    batch_times, elapsed = timed(run, many, 5, seconds)
     ms = np.asarray(times) * 1000.0
     return {"p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)),
             "batch_p50_ms": float(np.median(batch_times) * 1000.0),
             "throughput_ips": batch * len(batch_times) / elapsed, "timed_runs": len(times),
+            "timed_seconds": round(spent, 3), "timed_batches": len(batch_times),
+            "spread": round(spread(times), 4),
             "runtime": runtime, "provider": session.get_providers()[0] if runtime == "onnxruntime"
             else "OpenVINO CPU " + session.settings()["precision"],
             "threads": threads, "batch": batch, "peak_rss_mb": _peak_rss_mb()}

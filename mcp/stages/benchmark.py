@@ -145,7 +145,8 @@ def _measure(cfg: BenchmarkConfig, row: dict[str, Any], splits, test_loader, gpu
                        cfg.seconds, row["runtime"])
     row.update(latency_ms_p50_cpu=cpu["p50_ms"], latency_ms_p95_cpu=cpu["p95_ms"],
                throughput_ips_cpu=cpu["throughput_ips"], batch_latency_ms_p50_cpu=cpu["batch_p50_ms"],
-               peak_memory_mb=cpu["peak_rss_mb"])
+               peak_memory_mb=cpu["peak_rss_mb"], timed_runs_cpu=cpu["timed_runs"],
+               timed_seconds_cpu=cpu["timed_seconds"], latency_spread_cpu=cpu["spread"])
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:

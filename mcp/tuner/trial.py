@@ -238,27 +238,51 @@ def finetune_quantized(model: nn.Module, input_shape: Sequence[int], tc: TrialCo
     return Finetuned(model, encode_model(model, entries, spec.codings(entries)), quantizer, entries, speed_calib)
 
 
+CLOSE_ENOUGH = 0.002  # a fit this close under the budget (a share of it) ends the search for the fit
+
+
+def least_fitting(value: Callable[[float], float], lo: float, hi: float, budget: float, over_lo: float,
+                  fits_hi: float, steps: int) -> float:
+    """The smallest ``x`` in [lo, hi] whose ``value(x)`` is within ``budget``, the value
+    falling as ``x`` grows, given ``value(lo) = over_lo > budget >= fits_hi = value(hi)``:
+    by false position with the Illinois step (the size against a ratio is nearly straight,
+    so a fit comes in three to five evaluations where halving the interval took ten), ending
+    once the fitting end is within :data:`CLOSE_ENOUGH` of the budget or after ``steps``
+    evaluations."""
+    f_lo, f_hi, kept = over_lo - budget, fits_hi - budget, 0
+    for _ in range(steps):
+        if -f_hi <= CLOSE_ENOUGH * budget:
+            break
+        span = hi - lo
+        x = min(max(hi - f_hi * span / (f_hi - f_lo), lo + span / 32), hi - span / 32)  # inside, not at an end
+        f = value(x) - budget
+        if f <= 0:
+            hi, f_hi = x, f
+            f_lo, kept = (f_lo / 2 if kept == 1 else f_lo), 1  # the same end kept twice: Illinois halves it
+        else:
+            lo, f_lo = x, f
+            f_hi, kept = (f_hi / 2 if kept == -1 else f_hi), -1
+    return hi
+
+
 def ratio_at_budget(base: nn.Module, input_shape: Sequence[int], config: Callable[[float], TrialConfig], lo: float,
                     hi: float, budget: float, calib, device: str, seed: int = 0, steps: int = 12,
                     on: str = "compressed", measure: Callable[[nn.Module], float] | None = None) -> float | None:
     """The smallest ratio ``r`` in [lo, hi] whose configuration ``config(r)`` fits
-    ``budget``, by bisection on encoded sizes, or on what ``measure(pruned model)`` says
-    (a latency): both fall as ``r`` grows. None when even ``hi`` is over."""
-    def fits(ratio: float) -> bool:
+    ``budget`` (:func:`least_fitting`), on encoded sizes, or on what ``measure(pruned
+    model)`` says (a latency): both fall as ``r`` grows. None when even ``hi`` is over."""
+    def value(ratio: float) -> float:
         tc = config(ratio)
         model = prune_candidate(base, input_shape, tc, calib, device)
-        if measure is not None:
-            return measure(model) <= budget
-        return compressed_size(model, input_shape, tc, seed, on) <= budget
+        return measure(model) if measure is not None else compressed_size(model, input_shape, tc, seed, on)
 
-    if not fits(hi):
+    at_hi = value(hi)
+    if at_hi > budget:
         return None
-    if fits(lo):
+    at_lo = value(lo)
+    if at_lo <= budget:
         return lo
-    for _ in range(steps):
-        mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
-    return hi
+    return least_fitting(value, lo, hi, budget, at_lo, at_hi, steps)
 
 
 def fill_budget(base: nn.Module, input_shape: Sequence[int], space, tc: TrialConfig, budget: float, calib,
@@ -283,18 +307,16 @@ def fill_budget(base: nn.Module, input_shape: Sequence[int], space, tc: TrialCon
         model = prune_candidate(base, input_shape, c, calib, device)
         return measure(model) if measure is not None else compressed_size(model, input_shape, c, seed, on)
 
-    if size(0.0) <= budget:
-        lo, hi = -1.0, 0.0  # fits: find the least pruning that still fits
-        if size(lo) <= budget:
-            return at(lo)
-    else:
-        lo, hi = 0.0, 1.0  # over: find the least extra pruning that fits
-        if size(hi) > budget:
-            return None
-    for _ in range(steps):
-        mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if size(mid) <= budget else (mid, hi)
-    return at(hi)
+    here = size(0.0)
+    if here <= budget:  # fits: find the least pruning that still fits
+        lowest = size(-1.0)
+        if lowest <= budget:
+            return at(-1.0)
+        return at(least_fitting(size, -1.0, 0.0, budget, lowest, here, steps))
+    highest = size(1.0)  # over: find the least extra pruning that fits
+    if highest > budget:
+        return None
+    return at(least_fitting(size, 0.0, 1.0, budget, here, highest, steps))
 
 
 def smallest_size(base: nn.Module, input_shape: Sequence[int], space, calib, device: str, seed: int = 0,
