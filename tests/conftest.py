@@ -69,6 +69,12 @@ def _empty_store() -> Path:
     return _EMPTY_STORE[0]
 
 
+def pytest_sessionfinish(session, exitstatus):
+    """The session's empty store goes with the session (one folder in /tmp per run otherwise)."""
+    for path in _EMPTY_STORE:
+        shutil.rmtree(path.parent, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def separate_store(path: Path, monkeypatch):
     """Switch MLflow to a fresh SQLite store at ``path`` (a model registry of its own),

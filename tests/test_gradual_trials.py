@@ -229,3 +229,24 @@ def test_starts_run_to_the_end_and_the_best_of_each_kind_is_a_finalist(experimen
     assert [t["number"] for t in best_trials(rows, 3)] == [2, 0, 1]  # and the best uniform one, by accuracy
     assert [t["number"] for t in best_trials(rows, 4)] == [2, 0, 4, 1]
     assert [t["number"] for t in best_trials(rows[:1] + rows[2:3], 2)] == [2, 0]  # no global start: the next best
+
+
+def test_a_fit_to_the_budget_comes_in_a_few_evaluations_and_is_close_under_it():
+    """False position (Illinois) on a straight size line and on a curved one: the result
+    fits, lies within CLOSE_ENOUGH under the budget, and takes fewer evaluations than the
+    ten halvings it replaced."""
+    import math
+
+    from mcp.tuner.trial import CLOSE_ENOUGH, least_fitting
+
+    for curve in (lambda x: 20000 - 15000 * x, lambda x: 20000 * math.exp(-3 * x), lambda x: 20000 / (1 + 9 * x**4)):
+        calls = []
+
+        def value(x, curve=curve):
+            calls.append(x)
+            return curve(x)
+
+        budget = 9000.0
+        x = least_fitting(value, 0.0, 1.0, budget, curve(0.0), curve(1.0), steps=10)
+        assert curve(x) <= budget and budget - curve(x) <= CLOSE_ENOUGH * budget, (x, curve(x))
+        assert len(calls) <= 7

@@ -378,7 +378,7 @@ def best_trials(rows: list[dict[str, Any]], count: int = 1, budget_ms: float = 0
     two or more, the best starting trial of each kind (Deep Compression's allocation,
     then the uniform recipes) takes a place when none of its kind is among the best: a
     few epochs rank trials within the validation split's noise (on MNIST's 1,200
-    validation images the best five trials of a study lay within 0.2 points), and the
+    validation images the best five trials of a study lay within a third of a point), and the
     starts are the recipes a full rebuild is known to do well on."""
     done = sorted((t for t in rows if t["state"] == "complete" and t["feasible"]),
                   key=lambda t: (-t["val_accuracy"], tie_break(t, budget_ms, budget_batch)))

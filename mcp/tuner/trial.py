@@ -249,15 +249,16 @@ def least_fitting(value: Callable[[float], float], lo: float, hi: float, budget:
     so a fit comes in three to five evaluations where halving the interval took ten), ending
     once the fitting end is within :data:`CLOSE_ENOUGH` of the budget or after ``steps``
     evaluations."""
-    f_lo, f_hi, kept = over_lo - budget, fits_hi - budget, 0
+    f_lo, f_hi, kept = over_lo - budget, fits_hi - budget, 0  # f_lo and f_hi as Illinois weighs them
+    under = budget - fits_hi  # how far under the budget the fitting end is (not weighed)
     for _ in range(steps):
-        if -f_hi <= CLOSE_ENOUGH * budget:
+        if under <= CLOSE_ENOUGH * budget:
             break
         span = hi - lo
         x = min(max(hi - f_hi * span / (f_hi - f_lo), lo + span / 32), hi - span / 32)  # inside, not at an end
         f = value(x) - budget
         if f <= 0:
-            hi, f_hi = x, f
+            hi, f_hi, under = x, f, -f
             f_lo, kept = (f_lo / 2 if kept == 1 else f_lo), 1  # the same end kept twice: Illinois halves it
         else:
             lo, f_lo = x, f
