@@ -82,6 +82,32 @@ def test_loaders_shuffle_reproducibly():
     assert not all(torch.equal(a, b) for a, b in zip(first, other))
 
 
+def test_in_memory_batches_are_gathered_at_once_and_equal_the_sample_by_sample_ones(monkeypatch):
+    """Digits, IDX and synthetic data fetch a batch in one indexing per tensor; the batches
+    are those DataLoader's sample-by-sample fetching and stacking gives, in the same order,
+    and a DataLoader with the default collation over the same dataset still works."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from mcp.data.registry import Gathered
+
+    s = load_dataset("digits")
+    train = s.train
+    plain = TensorDataset(*train.tensors)
+    fetched = []
+    real = type(train).__getitems__
+    monkeypatch.setattr(type(train), "__getitems__", lambda self, i: fetched.append(len(i)) or real(self, i))
+    ours = list(make_loaders(s, 32, seed=5)[0])
+    theirs = list(DataLoader(plain, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(5)))
+    assert len(ours) == len(theirs) == len(fetched) == -(-len(plain) // 32)  # one fetch per batch
+    for (x, y), (x0, y0) in zip(ours, theirs):
+        assert torch.equal(x, x0) and torch.equal(y, y0) and x.dtype == x0.dtype and y.dtype == y0.dtype
+    default = list(DataLoader(train, batch_size=32))  # the default collation, sample by sample
+    assert torch.equal(default[1][0], plain.tensors[0][32:64]) and torch.equal(default[1][1], plain.tensors[1][32:64])
+    gathered = train.__getitems__([3, 1])
+    assert isinstance(gathered, Gathered) and len(gathered) == 2
+    assert torch.equal(gathered[1][0], plain[1][0]) and list(gathered)[0][1] == plain[3][1]
+
+
 def _write_idx(root, folder: str, n_train: int = 50, n_test: int = 20) -> None:
     raw = root / folder / "raw"
     raw.mkdir(parents=True)

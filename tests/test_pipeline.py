@@ -11,6 +11,7 @@ from mlflow import MlflowClient
 
 from conftest import PYTHON, ROOT, runs_of
 from mcp.config import PipelineConfig
+from mcp.evaluation import ort_bench
 from mcp.stages.pipeline import run_pipeline
 
 TINY = dict(dataset="synthetic", input_shape="3x8x8", num_classes=4)
@@ -26,9 +27,14 @@ def _children(experiment, parent_id):
     return [r for r in runs_of(experiment) if r.data.tags.get("mlflow.parentRunId") == parent_id]
 
 
-def test_the_pipeline_runs_every_step_nested_and_promotes_the_best_model_within_the_budget(experiment, tmp_path):
+def test_the_pipeline_runs_every_step_nested_and_promotes_the_best_model_within_the_budget(experiment, tmp_path,
+                                                                                          monkeypatch):
+    timed = []  # what the stages time themselves: nothing, the benchmark step times every model once
+    real = ort_bench.compare
+    monkeypatch.setattr(ort_bench, "compare", lambda paths, *a, **k: timed.append(paths) or real(paths, *a, **k))
     cfg = PipelineConfig(model="tiny_mlp", storage=f"sqlite:///{tmp_path / 'optuna.db'}", **TINY, **SHORT)
     result = run_pipeline(cfg, show_progress=False)
+    assert timed == []
     client = MlflowClient()
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["mcp.stage"] == "pipeline"
@@ -62,6 +68,21 @@ def test_the_pipeline_runs_every_step_nested_and_promotes_the_best_model_within_
     assert "| ratio vs baseline | ratio vs parent | drop vs baseline (points) | drop vs parent (points) |" in (
         result.markdown)
     assert run.data.tags["mcp.baseline_model"] == base["uri"]
+    # each stage's run and registered version carry the benchmark's figures, as a stage alone logs its own
+    p50 = {r["uri"]: r["latency_ms_p50_cpu"] for r in result.rows}
+    parents = [None, base["uri"], pruned["uri"], base["uri"]]
+    for r, parent in zip(result.rows, parents):
+        name, version = r["uri"].removeprefix("models:/").split("/")
+        registered = client.get_model_version(name, version)
+        m = client.get_run(registered.run_id).data.metrics
+        assert m["latency_ms_p50_cpu"] == r["latency_ms_p50_cpu"] > 0
+        assert registered.tags["latency_ms_p50_cpu"] == f"{r['latency_ms_p50_cpu']:.6g}"
+        if parent is None:
+            assert "parent_latency_ms_p50_cpu" not in m
+            continue
+        assert m["parent_latency_ms_p50_cpu"] == p50[parent] and m["baseline_latency_ms_p50_cpu"] == p50[base["uri"]]
+        assert m["speedup_p50_cpu_vs_parent"] == pytest.approx(p50[parent] / r["latency_ms_p50_cpu"])
+        assert registered.tags["speedup_p50_cpu_vs_baseline"] == f"{m['speedup_p50_cpu_vs_baseline']:.6g}"
     (search,) = [r for r in children if r.data.tags["mcp.stage"] == "search"]
     # named after the baseline and the search problem (space, budget measure, budget ratio)
     assert search.data.params["study_name"] == "pipeline-tiny_mlp-synthetic-v1-default-compressed-0.1"

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import ROOT
+
 STUDY = "tiny_mlp-synthetic-max-accuracy"
 SPACE = """
 prune: {ratio: [0.3, 0.9]}
@@ -194,38 +196,49 @@ def _running_trial(storage: str):
         else None
 
 
+STOP_IN_A_DATABASE_CALL = """
+import os, signal, sys, time
+import sqlalchemy
+from mcp.tracking import runs
+
+engine = sqlalchemy.create_engine(f"sqlite:///{sys.argv[1]}", connect_args={"timeout": 1})
+with engine.begin() as conn:
+    conn.execute(sqlalchemy.text("CREATE TABLE t (x INTEGER)"))
+# the signal arrives while SQLAlchemy runs the INSERT: the handler runs at once, inside its frames
+sqlalchemy.event.listen(engine, "before_cursor_execute", lambda *a: os.kill(os.getpid(), signal.SIGINT))
+signal.signal(signal.SIGINT, runs.on_stop_signal)
+try:
+    with engine.begin() as conn:
+        conn.execute(sqlalchemy.text("INSERT INTO t VALUES (1)"))
+    print("committed", flush=True)
+    for _ in range(500):  # the held stop raises here, within a few hundredths of a second
+        time.sleep(0.01)
+    print("not stopped", flush=True)
+except KeyboardInterrupt:
+    print("stopped", flush=True)
+"""
+
+
 def test_a_stop_signal_that_lands_in_a_database_call_waits_for_it_to_commit(tmp_path):
     """Ctrl-C landing between a statement and its commit (Optuna's storage, the claims) must
     not leave the SQLite file locked by a transaction nobody ends: the unwinding that fails
     the trial and ends its runs KILLED would wait a minute on its own process's lock. The
-    stop waits until the database call returns, then acts."""
+    stop waits until the database call returns, then acts. In a process of its own: a
+    signal's handler runs on the process's alternate signal stack, which pytest's
+    faulthandler sets, and in a test process that had run OpenVINO's CPU plugin that stack
+    was no longer mapped (gdb: ``sigaltstack`` pointing at unmapped memory), so the signal
+    crashed the test process."""
     import sqlalchemy
 
-    from mcp.tracking import runs
-
-    engine = sqlalchemy.create_engine(f"sqlite:///{tmp_path / 'db.sqlite'}", connect_args={"timeout": 1})
-    with engine.begin() as conn:
-        conn.execute(sqlalchemy.text("CREATE TABLE t (x INTEGER)"))
-    # the signal arrives while SQLAlchemy runs the INSERT: the handler runs at once, inside its frames
-    sqlalchemy.event.listen(engine, "before_cursor_execute", lambda *a: os.kill(os.getpid(), signal.SIGINT))
-    old = signal.signal(signal.SIGINT, runs.on_stop_signal)
-    reached = []
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            with engine.begin() as conn:
-                conn.execute(sqlalchemy.text("INSERT INTO t VALUES (1)"))
-            reached.append("committed")
-            time.sleep(5)  # the held stop raises here, within a few hundredths of a second
-    finally:
-        signal.signal(signal.SIGINT, old)
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        runs._STOPPED.clear()
-        engine.dispose()
-    assert reached == ["committed"]
-    other = sqlalchemy.create_engine(f"sqlite:///{tmp_path / 'db.sqlite'}", connect_args={"timeout": 1})
+    db = tmp_path / "db.sqlite"
+    done = subprocess.run([sys.executable, "-c", STOP_IN_A_DATABASE_CALL, str(db)], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    assert done.stdout.split() == ["committed", "stopped"], done.stderr[-2000:]
+    other = sqlalchemy.create_engine(f"sqlite:///{db}", connect_args={"timeout": 1})
     with other.begin() as conn:  # nothing holds the file's lock
         conn.execute(sqlalchemy.text("INSERT INTO t VALUES (2)"))
         assert [r[0] for r in conn.execute(sqlalchemy.text("SELECT x FROM t ORDER BY x"))] == [1, 2]
+    other.dispose()
 
 
 @pytest.mark.slow  # two worker processes (~20 s each); test_untrusted_models has a fast SIGTERM test of a stage

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import json
 import os
@@ -151,6 +153,23 @@ def timing_seconds() -> float:
         raise McpError(f"MCP_DEPLOY_TIMING_S={os.environ['MCP_DEPLOY_TIMING_S']!r} is not a number of seconds") from None
 
 
+_TIMED_LATER: contextvars.ContextVar[bool] = contextvars.ContextVar("mcp_timed_later", default=False)
+
+
+@contextlib.contextmanager
+def timed_by_the_benchmark():
+    """Within it, a stage logs no deployment figures of its own (:func:`deployment_figures`
+    returns none, unless it must decide on them): the pipeline's benchmark step times every
+    model it made, each in a process of its own, and :func:`log_deployment_figures` gives
+    each stage's run and registered version the figures from those timings. The same file
+    is not timed twice in one command."""
+    token = _TIMED_LATER.set(True)
+    try:
+        yield
+    finally:
+        _TIMED_LATER.reset(token)
+
+
 def deployment_figures(model: nn.Module, shape: Sequence[int], deployed: Path | None, baseline: nn.Module | None,
                        parent: tuple[nn.Module, str] | None, what: str,
                        refuse: tuple[str, str] | None = None, runtime: str = "onnxruntime") -> dict[str, float]:
@@ -162,7 +181,11 @@ def deployment_figures(model: nn.Module, shape: Sequence[int], deployed: Path | 
     parent, and both figures are that one time. Says in one line (a
     :class:`DeploymentWarning`) when the model deploys slower than its starting model;
     with ``refuse`` (a prefix and a hint) raises that line as an :class:`McpError`
-    instead, for a model whose only purpose was speed."""
+    instead, for a model whose only purpose was speed. Within :func:`timed_by_the_benchmark`
+    it times nothing and returns no figures, unless ``refuse`` asks for a decision or the
+    model deploys in another runtime than ONNX Runtime."""
+    if _TIMED_LATER.get() and refuse is None and runtime == "onnxruntime":
+        return {}
     seconds = timing_seconds()
     same = baseline is not None and parent is not None and baseline is parent[0]  # one model, timed once
     with tempfile.TemporaryDirectory() as tmp:
@@ -173,20 +196,48 @@ def deployment_figures(model: nn.Module, shape: Sequence[int], deployed: Path | 
             found = deployable_of(parent[1], Path(tmp)) if parent[1] else None
             paths.append(found[0] if found else export_onnx(parent[0], shape, Path(tmp) / "parent.onnx"))
         times = ort_bench.compare([str(p) for p in paths], tuple(shape), 1, seconds, runtimes=[runtime] * len(paths))
-    figures = {"latency_ms_p50_cpu": times[0]}
-    if baseline is not None:
-        base = times[-1] if same else times[1]
-        figures.update(baseline_latency_ms_p50_cpu=base, speedup_p50_cpu_vs_baseline=base / times[0])
+    return _figures(times[0], (times[-1] if same else times[1]) if baseline is not None else None,
+                    times[-1] if parent is not None else None, what, refuse, runtime)
+
+
+def _figures(own: float, base: float | None, parent: float | None, what: str,
+             refuse: tuple[str, str] | None = None, runtime: str = "onnxruntime") -> dict[str, float]:
+    """The deployment figures (:data:`DEPLOY_KEYS`) of a model timed at ``own`` ms beside
+    its baseline's and its starting model's times (None: not compared); says (or with
+    ``refuse`` raises) that it deploys slower than its starting model."""
+    figures = {"latency_ms_p50_cpu": own}
+    if base is not None:
+        figures.update(baseline_latency_ms_p50_cpu=base, speedup_p50_cpu_vs_baseline=base / own)
     if parent is not None:
-        figures.update(parent_latency_ms_p50_cpu=times[-1], speedup_p50_cpu_vs_parent=times[-1] / times[0])
-        if times[0] > (1 + SLOWER_MARGIN) * times[-1]:
-            line = (f"{what} deploys slower than the model it started from: {times[0]:.3f} ms against "
-                    f"{times[-1]:.3f} ms in {'ONNX Runtime' if runtime == 'onnxruntime' else runtime} (CPU p50, "
+        figures.update(parent_latency_ms_p50_cpu=parent, speedup_p50_cpu_vs_parent=parent / own)
+        if own > (1 + SLOWER_MARGIN) * parent:
+            line = (f"{what} deploys slower than the model it started from: {own:.3f} ms against "
+                    f"{parent:.3f} ms in {'ONNX Runtime' if runtime == 'onnxruntime' else runtime} (CPU p50, "
                     f"batch 1, one thread)")
             if refuse:
                 raise McpError(f"{refuse[0]}: {line}; {refuse[1]}")
-            warnings.warn(line, DeploymentWarning, stacklevel=2)
+            warnings.warn(line, DeploymentWarning, stacklevel=3)
     return figures
+
+
+def log_deployment_figures(rows: Sequence[Mapping[str, Any]], parents: Mapping[str, str], baseline: str,
+                           what: Mapping[str, str]) -> None:
+    """Give each benchmarked model's stage run (and its registered version, as tags) the
+    deployment figures it did not time itself within :func:`timed_by_the_benchmark`:
+    its p50 from the benchmark's ``rows`` (batch 1, one thread, ONNX Runtime), beside the
+    baseline's (``baseline``: its URI) and its starting model's (``parents``: URI -> URI);
+    a model with none of them logged already. ``what``: how a warning names each model."""
+    by_uri = {r["uri"]: r for r in rows}
+    for row in rows:
+        run_id = tracking.models.source_run_id(row["uri"])
+        if not run_id or "latency_ms_p50_cpu" in tracking.runs.run_metrics(run_id):
+            continue
+        parent = by_uri.get(parents.get(row["uri"], ""))
+        base = by_uri.get(baseline) if parent is not None else None
+        figures = _figures(row["latency_ms_p50_cpu"], base["latency_ms_p50_cpu"] if base else None,
+                           parent["latency_ms_p50_cpu"] if parent else None, what.get(row["uri"], row["label"]))
+        tracking.runs.log_run_metrics(run_id, figures)
+        tracking.models.set_version_tags(row["uri"], {k: f"{v:.6g}" for k, v in figures.items()})
 
 
 def reference_uri(ref: str, dataset: str) -> str:

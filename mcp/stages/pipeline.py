@@ -16,6 +16,7 @@ pipeline's run starts.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import tempfile
 import time
@@ -26,7 +27,14 @@ from typing import Any
 from mcp import tracking
 from mcp.config import ExportConfig, ModelSource, PipelineConfig
 from mcp.stages.benchmark import run_benchmark
-from mcp.stages.common import find_base_model, lineage, setup_data, study_storage
+from mcp.stages.common import (
+    find_base_model,
+    lineage,
+    log_deployment_figures,
+    setup_data,
+    study_storage,
+    timed_by_the_benchmark,
+)
 from mcp.stages.export import run_export
 from mcp.stages.promote import run_promote
 from mcp.stages.prune import run_prune
@@ -107,26 +115,31 @@ def _compress(cfg: PipelineConfig, base_uri: str, checked, steps, bar, show_prog
         announce(name, show_progress)
         return name
 
-    step()
-    if not base_uri:
-        trained = run_train(cfg.stage_configs("models:/unknown/1")["train"], show_progress=show_progress)
-        base_uri = schema.version_uri(trained.registered_name, trained.registered_version)
-    base_uri = tracking.models.pin_version(base_uri)
-    tracking.runs.set_tag(schema.PARENT_MODEL, base_uri)
+    # the benchmark step times every model at batch 1 on one thread in ONNX Runtime: the
+    # stages' own deployment timings of the same files would repeat it (a latency budget
+    # keeps the search's, which decide)
+    later = cfg.runtime == "onnxruntime" and cfg.threads == 1 and not cfg.budget_ms
+    with timed_by_the_benchmark() if later else contextlib.nullcontext():
+        step()
+        if not base_uri:
+            trained = run_train(cfg.stage_configs("models:/unknown/1")["train"], show_progress=show_progress)
+            base_uri = schema.version_uri(trained.registered_name, trained.registered_version)
+        base_uri = tracking.models.pin_version(base_uri)
+        tracking.runs.set_tag(schema.PARENT_MODEL, base_uri)
 
-    step()
-    pruned = run_prune(cfg.stage_configs(base_uri)["prune"], show_progress=show_progress)
-    pruned_uri = schema.version_uri(pruned.registered_name, pruned.registered_version)
+        step()
+        pruned = run_prune(cfg.stage_configs(base_uri)["prune"], show_progress=show_progress)
+        pruned_uri = schema.version_uri(pruned.registered_name, pruned.registered_version)
 
-    step()
-    configs = cfg.stage_configs(base_uri, pruned_uri)
-    quantized = run_quantize(configs["quantize"], show_progress=show_progress)
-    quantized_uri = schema.version_uri(quantized.registered_name, quantized.registered_version)
+        step()
+        configs = cfg.stage_configs(base_uri, pruned_uri)
+        quantized = run_quantize(configs["quantize"], show_progress=show_progress)
+        quantized_uri = schema.version_uri(quantized.registered_name, quantized.registered_version)
 
-    step()
-    study = study_name(cfg, base_uri, checked, arch)
-    searched = run_search(configs["search"].replace(study_name=study), show_progress=show_progress)
-    winners = [schema.version_uri(w['registered_name'], w['version']) for w in searched.winners]
+        step()
+        study = study_name(cfg, base_uri, checked, arch)
+        searched = run_search(configs["search"].replace(study_name=study), show_progress=show_progress)
+        winners = [schema.version_uri(w['registered_name'], w['version']) for w in searched.winners]
 
     step()
     data = {k: getattr(cfg, k) for k in ModelSource.defaults()}  # the data options, and trust_pickled_model
@@ -146,6 +159,10 @@ def _compress(cfg: PipelineConfig, base_uri: str, checked, steps, bar, show_prog
     by_uri = {r["uri"]: r for r in bench.rows}
     parents = {pruned_uri: base_uri, quantized_uri: pruned_uri, **{uri: base_uri for uri in winners}}
     ref = pruned.baseline  # the baseline of the starting model's lineage, as the prune step found it
+    if later:
+        names = {base_uri: "the baseline", pruned_uri: "the pruned model", quantized_uri: "the quantized model",
+                 **{uri: f"search trial {w['trial']}'s model" for uri, w in zip(winners, searched.winners)}}
+        log_deployment_figures(bench.rows, parents, ref.uri, names)
     for key, value in ref.run_tags().items():
         tracking.runs.set_tag(key, value)
     if ref.uri in by_uri:  # measured like every other row: deployed, in ONNX Runtime

@@ -184,7 +184,7 @@ def _quantize(cfg: QuantizeConfig, layer_bits: dict[str, int], base: nn.Module, 
                     "runtime": runtime, "runtime_settings": runtimes.settings(runtime),
                     **({"distilled_from": teacher_uri} if teacher_uri else {}),
                     **{k: f"{metrics[k]:.6g}" for k in ("test_accuracy", "onnx_test_accuracy", "size_bytes_compressed",
-                                                         "size_bytes_onnx") + DEPLOY_KEYS},
+                                                         "size_bytes_onnx") + DEPLOY_KEYS if k in metrics},
                     **ref.version_tags(metrics)}
     _, version = log_and_register(model, next(iter(test_loader))[0][:4],
                                   {**data_recipe(splits),

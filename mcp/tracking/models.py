@@ -431,6 +431,21 @@ def version_info(uri: str) -> tuple[dict[str, str], list[str]] | None:
     return dict(v.tags), list(v.aliases)
 
 
+@mlflow_write
+def set_version_tags(uri: str, tags: Mapping[str, str]) -> None:
+    """Set ``tags`` on the registered version ``uri`` (``models:/<name>/<version>``); any
+    other URI names no version, and nothing is set."""
+    from mlflow import MlflowClient
+
+    name, _, version = pin_version(uri).removeprefix("models:/").partition("/") if uri.startswith("models:/") \
+        else ("", "", "")
+    if not version.isdigit():
+        return
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+
+
 def source_run_id(uri: str) -> str | None:
     """The run that logged the model ``uri`` names (``runs:/`` or ``models:/`` URIs)."""
     from mlflow import MlflowClient

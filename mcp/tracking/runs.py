@@ -287,6 +287,17 @@ def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
 
 
 @mlflow_write
+def log_run_metrics(run_id: str, metrics: Mapping[str, float]) -> None:
+    """Log ``metrics`` into the run ``run_id`` (finished or not), in one batch."""
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    _mlflow().MlflowClient().log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+
+
+@mlflow_write
 def set_tag(key: str, value: str) -> None:
     _mlflow().set_tag(key, value)
 
