@@ -196,6 +196,41 @@ def _running_trial(storage: str):
         else None
 
 
+def test_workers_sharing_a_study_sample_apart_and_a_lone_worker_keeps_the_seed(tmp_path):
+    """Workers whose samplers were seeded alike proposed the same parameters when they asked
+    together (CI: two of nine trials of three workers on PostgreSQL ran the same ones). The
+    first worker (slot 0) samples with the study's seed; a second one reseeds; a worker
+    alone again takes slot 0."""
+    import optuna
+
+    from mcp.tuner.worker import Plan, Quiet, StudyWorker
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    plan = Plan("shared", storage, trials=4, heartbeat=5.0)
+
+    def load():
+        return optuna.create_study(study_name="shared", storage=storage, load_if_exists=True,
+                                   sampler=optuna.samplers.TPESampler(seed=0))
+
+    def first_ratio(study) -> float:
+        return study.ask().suggest_float("ratio", 0.0, 1.0)
+
+    alone = first_ratio(optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0)))
+    first, second = StudyWorker(None, plan, load(), Quiet()), StudyWorker(None, plan, load(), Quiet())
+    try:
+        assert (first.slot, second.slot) == (0, 1)
+        assert first_ratio(first.study) == alone  # the seeded stream, as in a study of one worker
+        assert first_ratio(second.study) != alone  # without the reseed: the same value
+    finally:
+        second.close()
+        first.close()
+    again = StudyWorker(None, plan, load(), Quiet())
+    try:
+        assert again.slot == 0
+    finally:
+        again.close()
+
+
 STOP_IN_A_DATABASE_CALL = """
 import os, signal, sys, time
 import sqlalchemy
@@ -487,5 +522,6 @@ def test_a_claims_table_the_search_cannot_use_is_one_line_and_the_run_ends_faile
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == 2 and lines[-1].startswith("error: database: "), result.output[-2000:]
     assert "mcp_claims" in lines[-1]
+    # the worker meets the table when it takes its slot (mcp.tuner.worker.take_slot), before or after a run began
     runs = MlflowClient().search_runs([r.experiment_id for r in MlflowClient().search_experiments()])
-    assert runs and not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
+    assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]

@@ -5,6 +5,10 @@ search's coordination, apart from any tracking.
   ticket (``ticket-<i>``, i < the total) that one worker alone can claim.
 - Work done once per study (the uniform starting trials, the winners) is done by whichever
   worker asks first, and taken over when that worker's heartbeat stops.
+- Each worker holds a slot (``worker-<k>``) while it works. The first (k = 0) samples with
+  the study's seed, so a lone worker's study is reproducible; the others reseed their
+  sampler (Optuna's ``reseed_rng``, what it does for threads of one process): workers
+  seeded alike would propose the same parameters when they ask together.
 - Trials a dead worker left running are failed and queued once more; what it left for
   the outside world (an MLflow run, say) is ended by the :class:`Recorder`.
 - The winners (the best feasible trial, or the ``finalists`` best, or the feasible
@@ -156,8 +160,13 @@ class StudyWorker:
         self.problem, self.plan, self.study, self.recorder, self.show = problem, plan, study, recorder, show
         self.claims = Claims(plan.storage, plan.name, heartbeat=plan.heartbeat,
                              grace=STALE_HEARTBEATS * plan.heartbeat)
+        self.slot = take_slot(self.claims)
+        if self.slot:  # another worker holds slot 0 and samples with the study's seed
+            self.study.sampler.reseed_rng()
 
     def close(self) -> None:
+        with contextlib.suppress(Exception):  # a lost database: the slot goes stale and is taken over
+            self.claims.release(f"worker-{self.slot}")
         self.claims.close()
 
     def once(self, what: str, work: Callable[[], Any], doing: str) -> tuple[Any, bool]:
@@ -338,6 +347,20 @@ class StudyWorker:
             left = self.recorder.discard([w for w in winners if not w.get("reused")])
             raise McpError(f"{exc}; {left}") from None
         return winners
+
+
+def take_slot(claims: Claims) -> int:
+    """Claim the lowest free worker slot (``worker-<k>``; a dead worker's slot is free once
+    its heartbeat is stale) and return k: 0 for a worker alone on its study."""
+    k = 0
+    while True:
+        key = f"worker-{k}"
+        row = claims.get(key)
+        if row is None and claims.claim(key):
+            return k
+        if row is not None and claims.stale(row) and claims.take_over(row):
+            return k
+        k += 1 if claims.get(key) is not None else 0  # released just now: ask for the same slot again
 
 
 def take_ticket(claims: Claims, total: int) -> str | None:
