@@ -139,17 +139,15 @@ class Gathered(collections.abc.Sequence):
     def __len__(self) -> int:
         return len(self.tensors[0])
 
-    def __getitem__(self, k):
-        if isinstance(k, slice):
-            return [self[i] for i in range(*k.indices(len(self)))]
+    def __getitem__(self, k: int):
         return tuple(t[k] for t in self.tensors)
 
 
 class InMemory(TensorDataset):
     """A :class:`~torch.utils.data.TensorDataset` whose batches DataLoader fetches in one
     indexing per tensor (``__getitems__``) instead of sample by sample and stacked: the
-    same batches, in a fifth of the time (on 8x8 digits at batch 32, a quarter of the time
-    of a small model's training epoch went to fetching them)."""
+    same batches, in a quarter of the time (8x8 digits at batch 32: 1.4 ms an epoch against
+    5.8 ms; fetching had been a seventh of a LeNet-300-100 training epoch)."""
 
     def __getitems__(self, indices: list[int]) -> Gathered:
         index = torch.as_tensor(indices)

@@ -437,9 +437,10 @@ def set_version_tags(uri: str, tags: Mapping[str, str]) -> None:
     other URI names no version, and nothing is set."""
     from mlflow import MlflowClient
 
-    name, _, version = pin_version(uri).removeprefix("models:/").partition("/") if uri.startswith("models:/") \
-        else ("", "", "")
-    if not version.isdigit():
+    if not uri.startswith(schema.MODELS_SCHEME):
+        return
+    name, version, _ = schema.parse_models_uri(pin_version(uri))
+    if not (version or "").isdigit():
         return
     client = MlflowClient()
     for key, value in tags.items():

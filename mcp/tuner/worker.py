@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import itertools
 import time
 import warnings
 from dataclasses import dataclass
@@ -352,15 +353,10 @@ class StudyWorker:
 def take_slot(claims: Claims) -> int:
     """Claim the lowest free worker slot (``worker-<k>``; a dead worker's slot is free once
     its heartbeat is stale) and return k: 0 for a worker alone on its study."""
-    k = 0
-    while True:
-        key = f"worker-{k}"
-        row = claims.get(key)
-        if row is None and claims.claim(key):
+    for k in itertools.count():
+        row = claims.get(f"worker-{k}")
+        if (claims.claim(f"worker-{k}") if row is None else claims.stale(row) and claims.take_over(row)):
             return k
-        if row is not None and claims.stale(row) and claims.take_over(row):
-            return k
-        k += 1 if claims.get(key) is not None else 0  # released just now: ask for the same slot again
 
 
 def take_ticket(claims: Claims, total: int) -> str | None:
