@@ -205,6 +205,25 @@ def test_finalists_tied_on_validation_go_to_the_faster_under_a_latency_budget():
     assert order(budget_ms=0.0, budget_batch=1) == [0.06, None, 0.05, 0.04]  # no latency budget: the smaller
 
 
+def test_rebuilt_finalists_tied_on_validation_accuracy_go_to_the_lower_validation_loss():
+    from mcp.tuner.objective import finalist_rank
+
+    winners = [{"trial": 1, "val_accuracy": 0.955, "val_loss": 0.17, "size_bytes_compressed": 10_494.0,
+                "latency_ms_p50_cpu": 0.05},
+               {"trial": 2, "val_accuracy": 0.955, "val_loss": 0.15, "size_bytes_compressed": 10_517.0,
+                "latency_ms_p50_cpu": 0.06},
+               {"trial": 3, "val_accuracy": 0.950, "val_loss": 0.10, "size_bytes_compressed": 9_000.0,
+                "latency_ms_p50_cpu": 0.04},
+               {"trial": 4, "val_accuracy": 0.955, "size_bytes_compressed": 9_000.0,  # recorded before val_loss
+                "latency_ms_p50_cpu": 0.04}]
+
+    def order(budget_ms):
+        return [w["trial"] for w in sorted(winners, key=lambda w: finalist_rank(w, budget_ms))]
+
+    assert order(0.0) == [2, 1, 4, 3]  # accuracy first; then the loss, not the 23 bytes of size
+    assert order(0.07) == [4, 1, 2, 3]  # under a latency budget the faster, as before
+
+
 class _Res(nn.Module):
     def __init__(self, c):
         super().__init__()

@@ -41,12 +41,12 @@ from mcp.tuner.objective import (
     TrialLog,
     best_trials,
     enqueue_uniform,
+    finalist_rank,
     latency_key,
     make_objective,
     no_log,
     rebuild,
     start_note,
-    tie_break,
     trial_table,
 )
 from mcp.tuner.progress import TrialProgress
@@ -338,8 +338,7 @@ class StudyWorker:
                 winners.append(known.get(t["number"]) or self.recorder.winner(t, build(t)))
             if len(winners) > 1 and not self.plan.pareto:
                 problem = self.problem
-                winners.sort(key=lambda w: (-w["val_accuracy"], tie_break(w, problem.budget_ms,
-                                                                          problem.budget_batch)))
+                winners.sort(key=lambda w: finalist_rank(w, problem.budget_ms, problem.budget_batch))
             first = next((w for w in winners if w["within_budget"]), None)  # the most accurate that still fits
             if first is not None:
                 self.recorder.challenger(first)
