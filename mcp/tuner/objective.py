@@ -396,17 +396,17 @@ def best_trials(rows: list[dict[str, Any]], count: int = 1, budget_ms: float = 0
 def finalist_rank(winner: Mapping[str, Any], budget_ms: float = 0.0, budget_batch: int = 1) -> tuple:
     """The order of rebuilt finalists: the most accurate on the validation split; among
     equally accurate ones (1,200 images tie often: one image is 0.08 points), under a
-    latency budget the faster, else the lower validation loss, then the smaller. A winner
+    latency budget the faster, then the lower validation loss, then the smaller. A winner
     recorded before the loss was (no ``val_loss``) ranks after those with one."""
-    loss = winner.get("val_loss")
-    rest = tie_break(dict(winner), budget_ms, budget_batch)
-    loss_key = loss if loss is not None else float("inf")
-    return ((-winner["val_accuracy"], rest[0], loss_key) if budget_ms else (-winner["val_accuracy"], loss_key, rest[0]))
+    loss, (size, _) = winner.get("val_loss", float("inf")), tie_break(winner)
+    if budget_ms:
+        return -winner["val_accuracy"], tie_break(winner, budget_ms, budget_batch)[0], loss, size
+    return -winner["val_accuracy"], loss, size
 
 
-def tie_break(row: dict[str, Any], budget_ms: float = 0.0, budget_batch: int = 1) -> tuple[float, float]:
-    """Among trials or finalists equally accurate on the validation split: under a latency
-    budget the faster, else the smaller."""
+def tie_break(row: Mapping[str, Any], budget_ms: float = 0.0, budget_batch: int = 1) -> tuple[float, float]:
+    """Among trials equally accurate on the validation split: under a latency budget the
+    faster, else the smaller (rebuilt finalists: :func:`finalist_rank`)."""
     size = row.get("size_bytes", row.get("size_bytes_compressed")) or 0.0
     if budget_ms:
         latency = row.get(latency_key(budget_batch))
