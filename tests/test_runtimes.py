@@ -196,6 +196,11 @@ def test_a_latency_search_with_runtime_auto_times_every_runtime_and_its_winner_m
     from mcp.evaluation import ort_bench
 
     run_train(TrainConfig(model="tiny_cnn", epochs=2, **TINY), show_progress=False)
+    # The deploy check's accuracy rule is another test's (test_a_search_winner_that_fails_its_
+    # deploy_check_...). Here the model is near chance on 64 images, and OpenVINO's INT8
+    # kernels differ between CPUs (VNNI or not): one flipped image is 1.56 points, which
+    # failed this test on CI's machine (56.25% against PyTorch's 57.81%) and not on ours.
+    monkeypatch.setattr(search, "ParityRules", lambda: ParityRules(max_accuracy_drop=0.05, lossy_min_agreement=0.9))
     factor = {"onnxruntime": 1.0, "openvino": 0.5}
     monkeypatch.setattr(runtimes, "available", lambda: ["onnxruntime", "openvino"])
     timed = []
