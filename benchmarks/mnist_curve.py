@@ -28,6 +28,9 @@ train, 1,200 validation and 2,000 test images (`--val-fraction 0.15`). Per seed:
 uniform grids cannot reach (float32 biases and all) is recorded as refused.
 
 Everything is scored on the test split; sizes are encoded bytes (`size_bytes_compressed`).
+Where every seed ran a budget's search and a Deep Compression setting (from the same
+baseline), the report sets them side by side, seed by seed, with the mean difference and
+its standard error.
 Results go to `--out` after every step (JSON), so an interrupted run keeps what it did;
 `--report` prints the tables and draws the plot from that file without training. The
 JSON and the plot are logged as artifacts of a run "mnist-curve" in the experiment
@@ -271,9 +274,36 @@ def report(results: dict, plot: str) -> None:
               f"| {_ms([x['test'] for x in d])} | {_ms(drops)} (worst {100 * max(drops):.2f}) | {int(st['pruned']):,} | {int(st['kmeans']):,} "
               f"| {int(st['huffman']):,} | {st['fp32'] / st['pruned']:.1f}x | {st['fp32'] / st['kmeans']:.1f}x "
               f"| {st['fp32'] / st['huffman']:.1f}x |")
+    _paired({k: r for k, r in sorted(results["seeds"].items(), key=lambda kv: int(kv[0])) if "baseline" in r},
+            budgets)
     if plot:
         _plot(seeds, budgets, plot, name)
         print(f"\nplot: {plot}")
+
+
+def _paired(seeds: dict[str, dict], budgets: list[str], within: float = 0.005) -> None:
+    """Each budget's search beside each Deep Compression setting run on the same seeds (the
+    same baselines), seed by seed: the difference, its mean with the standard error of
+    that mean, and on how many seeds each is within ``within`` of its baseline."""
+    for b in budgets:
+        for sp in sorted(next(iter(seeds.values()))["dc"], key=lambda k: (float(k.split()[0]), k)):
+            if not all(b in r["budgets"] and sp in r["dc"] for r in seeds.values()):
+                continue
+            print(f"\nsearch at {100 * float(b):g}% against Deep Compression {sp}, seed by seed (test %)\n")
+            print("| seed | baseline | search | its size (B) | Deep Compression | its size (B) | search - DC (points) |")
+            print("|---|---|---|---|---|---|---|")
+            diffs, ok = [], {"search": 0, "DC": 0}
+            for seed, r in seeds.items():
+                base, x, d = r["baseline"]["test"], r["budgets"][b], r["dc"][sp]
+                diffs.append(100 * (x["search"] - d["test"]))
+                ok["search"] += base - x["search"] <= within + 1e-9
+                ok["DC"] += base - d["test"] <= within + 1e-9
+                print(f"| {seed} | {100 * base:.2f} | {100 * x['search']:.2f} | {int(x['search_size']):,} "
+                      f"| {100 * d['test']:.2f} | {int(d['size']):,} | {diffs[-1]:+.2f} |")
+            se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else 0.0
+            print(f"\nsearch - DC: {statistics.mean(diffs):+.2f} ± {se:.2f} points (mean ± its standard error, "
+                  f"{len(diffs)} seeds); within {100 * within:g} points of the baseline: the search on {ok['search']} "
+                  f"of {len(diffs)} seeds, Deep Compression on {ok['DC']}")
 
 
 def _plot(seeds: list[dict], budgets: list[str], path: str, name: str = "LeNet-300-100") -> None:

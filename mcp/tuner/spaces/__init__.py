@@ -4,7 +4,7 @@ may sample, installed with the package. Name one by its name (``--space structur
 
 - ``default``: any model; every prunable layer gets its own prune ratio and bit-width;
 - ``structured``: any model, channels removed (structured); for ``--budget-on onnx``;
-- ``lenet``: LeNet-300-100 and LeNet-5 (every layer any ratio up to 99.5% and any
+- ``lenet``: LeNet-300-100 and LeNet-5 (every layer any ratio up to 99.9% and any
   bit-width, so every uniform recipe is inside);
 - ``resnet``: CIFAR and torchvision ResNets, one ratio and bit-width per stage;
 - ``resnet_latency``: CIFAR ResNets under a latency budget (``--budget-ms``): channels and
