@@ -214,7 +214,8 @@ def _ms(values: list[float]) -> str:
 def report(results: dict, plot: str) -> None:
     import torch
 
-    seeds = [results["seeds"][k] for k in sorted(results["seeds"]) if "baseline" in results["seeds"][k]]
+    labelled = {k: r for k, r in sorted(results["seeds"].items(), key=lambda kv: int(kv[0])) if "baseline" in r}
+    seeds = list(labelled.values())
     for r in seeds:  # a run without Deep Compression (--dc-sparsities "") or a budget (--budgets "")
         r.setdefault("dc", {})
         r.setdefault("budgets", {})
@@ -274,8 +275,7 @@ def report(results: dict, plot: str) -> None:
               f"| {_ms([x['test'] for x in d])} | {_ms(drops)} (worst {100 * max(drops):.2f}) | {int(st['pruned']):,} | {int(st['kmeans']):,} "
               f"| {int(st['huffman']):,} | {st['fp32'] / st['pruned']:.1f}x | {st['fp32'] / st['kmeans']:.1f}x "
               f"| {st['fp32'] / st['huffman']:.1f}x |")
-    _paired({k: r for k, r in sorted(results["seeds"].items(), key=lambda kv: int(kv[0])) if "baseline" in r},
-            budgets)
+    _paired(labelled, budgets)
     if plot:
         _plot(seeds, budgets, plot, name)
         print(f"\nplot: {plot}")
